@@ -1,0 +1,130 @@
+"""Diff checkpoint folders (what `train` and `prune` write, `pack` reads): safetensors + JSON, no pickle.
+
+Layout (docs/CHECKPOINT.md):
+  diffprune.json      metadata: format, version, base reference and fingerprint, per-tensor entries,
+                      the finetuned model's config, task/metrics/hyperparameters
+  diff.safetensors    tensors: "sparse.indices/<name>" int64, "sparse.values/<name>" float32,
+                      "dense/<name>" float32 (dense δ), "extra/<name>" (full tensor, own dtype)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffcli import __version__
+from diffcli.diff import Diff, TensorDiff
+from diffcli.errors import FormatError, NotFoundError, UnsupportedVersionError
+from diffcli.outputs import atomic_dir
+
+META_FILE = "diffprune.json"
+TENSOR_FILE = "diff.safetensors"
+FORMAT_NAME = "diffprune-checkpoint"
+VERSION = 1
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def write_into(folder: Path, diff: Diff) -> None:
+    """Write `diff` as checkpoint files into an existing (temporary) folder."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    entries: dict[str, Any] = {}
+    for name, td in diff.tensors.items():
+        entry = {"base": td.base_name, "shape": list(td.shape), "dtype": td.dtype, "digest": td.digest}
+        if td.is_dense:
+            entry["storage"] = "dense"
+            tensors[f"dense/{name}"] = td.values.float().reshape(td.shape).contiguous()
+        else:
+            entry["storage"] = "sparse"
+            tensors[f"sparse.indices/{name}"] = td.indices.contiguous()
+            tensors[f"sparse.values/{name}"] = td.values.float().contiguous()
+        entries[name] = entry
+    extras = {}
+    for name, t in diff.extras.items():
+        extras[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        tensors[f"extra/{name}"] = t.contiguous()
+    meta = {
+        "format": FORMAT_NAME,
+        "version": VERSION,
+        "producer": f"diffprune {__version__}",
+        "base": {"ref": diff.base_ref, "fingerprint": diff.base_fingerprint},
+        "budget_numel": diff.budget_numel,
+        "nnz": diff.nnz,
+        "tensors": entries,
+        "extras": extras,
+        "config": diff.config,
+        "meta": diff.meta,
+    }
+    save_file(tensors, str(folder / TENSOR_FILE))
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save(diff: Diff, out: str | Path, force: bool = False) -> Path:
+    """Write a checkpoint folder atomically: an interrupted save leaves nothing at `out`."""
+    with atomic_dir(out, force) as tmp:
+        write_into(tmp, diff)
+    return Path(out)
+
+
+def load(path: str | Path) -> Diff:
+    """Read a checkpoint folder back into a Diff, rejecting anything malformed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path} does not exist")
+    if not path.is_dir() or not (path / META_FILE).is_file():
+        raise FormatError(f"{path} is not a diff checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path / META_FILE} is not valid JSON") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path} is not a diff checkpoint")
+    if meta.get("version") != VERSION:
+        raise UnsupportedVersionError(f"{path} has checkpoint version {meta.get('version')}; "
+                                      f"this diffprune reads version {VERSION}")
+    try:
+        tensors = load_file(str(path / TENSOR_FILE))
+    except FileNotFoundError as exc:
+        raise FormatError(f"{path} lacks {TENSOR_FILE}") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FormatError(f"{path / TENSOR_FILE} is corrupt: {exc}") from exc
+    try:
+        diffs: dict[str, TensorDiff] = {}
+        for name, e in meta["tensors"].items():
+            shape = tuple(int(d) for d in e["shape"])
+            if e["storage"] == "dense":
+                td = TensorDiff(e["base"], shape, e["dtype"], e["digest"], tensors[f"dense/{name}"])
+                if tuple(td.values.shape) != shape:
+                    raise FormatError(f"dense diff {name!r} has shape {tuple(td.values.shape)}, expected {shape}")
+            elif e["storage"] == "sparse":
+                idx, val = tensors[f"sparse.indices/{name}"], tensors[f"sparse.values/{name}"]
+                td = TensorDiff(e["base"], shape, e["dtype"], e["digest"], val, idx)
+                _check_sparse(name, td)
+            else:
+                raise FormatError(f"unknown storage {e['storage']!r} for {name!r}")
+            diffs[name] = td
+        extras = {name: tensors[f"extra/{name}"] for name in meta["extras"]}
+        return Diff(diffs, extras, meta["config"], meta["base"]["ref"], meta["base"]["fingerprint"],
+                    meta.get("meta", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{path} is inconsistent: missing or bad entry {exc}") from exc
+
+
+def _check_sparse(name: str, td: TensorDiff) -> None:
+    """Indices must be int64, strictly increasing, within the tensor, and match the values."""
+    import torch
+
+    idx = td.indices
+    if idx.dtype != torch.int64 or idx.dim() != 1 or td.values.shape != idx.shape:
+        raise FormatError(f"sparse diff {name!r} has malformed indices/values")
+    if idx.numel():
+        if int(idx[0]) < 0 or int(idx[-1]) >= td.numel or bool((idx[1:] <= idx[:-1]).any()):
+            raise FormatError(f"sparse diff {name!r} has unsorted or out-of-range positions")

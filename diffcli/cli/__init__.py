@@ -1,0 +1,1 @@
+"""Command-line layer: parse, call one library function, render the result."""

@@ -1,0 +1,88 @@
+"""The `diffprune` Typer app: global options, command registration and the error boundary."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from diffcli import __version__
+from diffcli.cli._errors import EXIT_USAGE, classify
+from diffcli.cli.output import Output
+
+app = typer.Typer(
+    name="diffprune",
+    help="Learn, prune, pack, apply and inspect sparse task diffs of a frozen pretrained model.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"diffprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """diffprune: parameter-efficient transfer learning with diff pruning."""
+
+
+def guarded(fn: Callable) -> Callable:
+    """Run a command so that any library error becomes one stderr line and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - this is the CLI's error boundary
+            if os.environ.get("DIFFPRUNE_DEBUG"):
+                raise
+            code, message, hint = classify(exc)
+            Output().error(message, hint)
+            raise typer.Exit(code) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    """Attach every subcommand; their modules import torch only inside the command bodies."""
+    from diffcli.cli import commands
+
+    for name, fn in commands.COMMANDS:
+        app.command(name)(guarded(fn))
+
+
+_register()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point that turns click usage errors into one line as well; returns the exit code."""
+    import click
+
+    try:
+        app(args=argv, prog_name="diffprune", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        Output().error(exc.format_message(), "see `diffprune --help`")
+        return exc.exit_code if exc.exit_code else EXIT_USAGE
+    except click.exceptions.Abort:
+        Output().error("aborted")
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

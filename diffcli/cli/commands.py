@@ -1,0 +1,7 @@
+"""Registry of subcommands, in the order `--help` lists them."""
+
+from diffcli.cli import cmd_prune
+
+COMMANDS = [
+    ("prune", cmd_prune.prune),
+]

@@ -1,0 +1,111 @@
+"""The in-memory diff: per-tensor sparse or dense δ against a base, plus dense extras and metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from diffcli.weights import is_float
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class TensorDiff:
+    """δ for one base tensor: sparse (sorted flat `indices` + `values`) or dense (`values` of `shape`).
+
+    `values` are float32 whatever the base dtype; the base tensor is named `base_name` in the base
+    folder and has content digest `digest`.
+    """
+
+    base_name: str
+    shape: tuple[int, ...]
+    dtype: str
+    digest: str
+    values: "torch.Tensor"
+    indices: "torch.Tensor | None" = None
+
+    @property
+    def is_dense(self) -> bool:
+        return self.indices is None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+    @property
+    def nnz(self) -> int:
+        if self.is_dense:
+            return int((self.values != 0).sum())
+        return int(self.indices.numel())
+
+    @property
+    def is_float(self) -> bool:
+        return is_float(self.dtype)
+
+    def dense(self) -> "torch.Tensor":
+        """δ as a float32 tensor of the base's shape."""
+        import torch
+
+        if self.is_dense:
+            return self.values.to(torch.float32).reshape(self.shape)
+        out = torch.zeros(self.numel, dtype=torch.float32)
+        out[self.indices] = self.values.to(torch.float32)
+        return out.reshape(self.shape)
+
+    def sparse(self) -> "TensorDiff":
+        """The same δ in sparse form (nonzero entries only, sorted positions)."""
+        import torch
+
+        if not self.is_dense:
+            return self
+        flat = self.values.reshape(-1).to(torch.float32)
+        idx = torch.nonzero(flat, as_tuple=True)[0].to(torch.int64)
+        return TensorDiff(self.base_name, self.shape, self.dtype, self.digest, flat[idx].clone(), idx)
+
+    @classmethod
+    def zeros(cls, base_name: str, shape: tuple[int, ...], dtype: str, digest: str) -> "TensorDiff":
+        import torch
+
+        return cls(base_name, tuple(shape), dtype, digest, torch.zeros(0, dtype=torch.float32),
+                   torch.zeros(0, dtype=torch.int64))
+
+
+@dataclass
+class Diff:
+    """A task diff: `tensors` (target name → δ, one per tensor shared with the base) and `extras`
+    (target name → full tensor the base lacks or whose shape changed, e.g. a new classifier head)."""
+
+    tensors: dict[str, TensorDiff]
+    extras: dict[str, "torch.Tensor"]
+    config: dict[str, Any]
+    base_ref: str
+    base_fingerprint: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budget_numel(self) -> int:
+        """N of the sparsity budget: entries of all floating-point shared tensors."""
+        return sum(t.numel for t in self.tensors.values() if t.is_float)
+
+    @property
+    def nnz(self) -> int:
+        return sum(t.nnz for t in self.tensors.values())
+
+    @property
+    def extras_numel(self) -> int:
+        return sum(int(t.numel()) for t in self.extras.values())
+
+    @property
+    def density(self) -> float:
+        n = self.budget_numel
+        return self.nnz / n if n else 0.0
+
+    @property
+    def base_digests(self) -> dict[str, str]:
+        """base tensor name → content digest, for every base tensor the diff builds on."""
+        return {t.base_name: t.digest for t in self.tensors.values()}

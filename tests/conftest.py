@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random BERT models saved as real Hugging Face folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue"
+
+
+def tiny_config(**kw):
+    from transformers import BertConfig
+
+    args = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    args.update(kw)
+    return BertConfig(**args)
+
+
+def write_vocab(folder: Path) -> None:
+    """A small WordPiece vocab so the folder also carries a working tokenizer."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words += ["the", "a", "is", "not", "good", "bad", "movie", "cat", "dog", "yes", "no", "##s", "##ing", ".", ","]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+
+
+def make_base(folder: Path, seed: int = 0, **kw) -> Path:
+    """A bare BertModel saved without the `bert.` prefix, like the bundled MiniLM."""
+    import torch
+    from transformers import BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel(tiny_config(**kw))
+    model.save_pretrained(folder)
+    write_vocab(folder)
+    return folder
+
+
+def make_finetune(base: Path, folder: Path, seed: int = 1, num_labels: int = 2, scale: float = 0.01) -> Path:
+    """A BertForSequenceClassification from `base` with every weight nudged: a 'full finetune'."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    model.save_pretrained(folder)
+    write_vocab(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_base(tmp_path: Path) -> Path:
+    return make_base(tmp_path / "base")
+
+
+@pytest.fixture
+def tiny_finetune(tiny_base: Path, tmp_path: Path) -> Path:
+    return make_finetune(tiny_base, tmp_path / "ft")
