@@ -68,20 +68,19 @@ _register()
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Entry point that turns click usage errors into one line as well; returns the exit code."""
-    import click
-
+    """Entry point that turns usage errors into one line as well; returns the exit code."""
     try:
-        app(args=argv, prog_name="diffprune", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        rv = app(args=argv, prog_name="diffprune", standalone_mode=False)
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        Output().error(exc.format_message(), "see `diffprune --help`")
-        return exc.exit_code if exc.exit_code else EXIT_USAGE
-    except click.exceptions.Abort:
+    except typer.Abort:
         Output().error("aborted")
         return 130
-    return 0
+    except typer.TyperException as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        Output().error(message, "see `diffprune --help`")
+        return getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE
+    return rv if isinstance(rv, int) else 0
 
 
 def main() -> None:

@@ -1,0 +1,115 @@
+"""`prune` end to end: extraction from a full finetune, checkpoint round trip, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffcli import checkpoint
+from diffcli.cli.app import app
+from diffcli.extract import extract_diff
+from diffcli.weights import WeightStore
+
+runner = CliRunner()
+
+
+def test_extract_matches_prefixed_names_and_keeps_head_dense(tiny_base, tiny_finetune):
+    diff = extract_diff(str(tiny_base), str(tiny_finetune))
+    base, ft = WeightStore(tiny_base), WeightStore(tiny_finetune)
+    assert set(diff.extras) == {"classifier.weight", "classifier.bias"}
+    assert all(name.startswith("bert.") for name in diff.tensors)
+    assert len(diff.tensors) == len(base.names())
+    for name, td in diff.tensors.items():
+        assert torch.allclose(base[td.base_name] + td.dense(), ft[name], atol=1e-6)
+    assert diff.budget_numel == sum(int(t.numel()) for _, t in base.items())
+    assert diff.config["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_checkpoint_round_trip(tiny_base, tiny_finetune, tmp_path):
+    diff = extract_diff(str(tiny_base), str(tiny_finetune))
+    diff.meta["task"] = "rte"
+    checkpoint.save(diff, tmp_path / "ck")
+    back = checkpoint.load(tmp_path / "ck")
+    assert back.base_fingerprint == diff.base_fingerprint and back.meta["task"] == "rte"
+    for name, td in diff.tensors.items():
+        assert torch.equal(back.tensors[name].dense(), td.dense())
+    for name, t in diff.extras.items():
+        assert torch.equal(back.extras[name], t)
+
+
+def test_prune_cli_from_full_finetune(tiny_base, tiny_finetune, tmp_path):
+    out = tmp_path / "ck"
+    res = runner.invoke(app, ["prune", str(tiny_finetune), "--base", str(tiny_base), "--sparsity", "1%", "-o", str(out),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    diff = checkpoint.load(out)
+    assert diff.nnz == report["kept"] == report["k"] == round(0.01 * diff.budget_numel)
+    assert {g["layer"] for g in report["layers"]} >= {"embeddings", "layer 00", "layer 01", "pooler"}
+    # re-projecting the checkpoint to a smaller budget works without --base
+    res = runner.invoke(app, ["prune", str(out), "--sparsity", "0.002", "-o", str(tmp_path / "ck2")])
+    assert res.exit_code == 0, res.output
+    assert checkpoint.load(tmp_path / "ck2").nnz == round(0.002 * diff.budget_numel)
+    assert "kept" in res.stdout
+
+
+def test_prune_cli_per_tensor_scope(tiny_base, tiny_finetune, tmp_path):
+    res = runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "5%", "--scope", "per-tensor",
+                              "-o", str(tmp_path / "ck"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["tensors"]
+    big = [r for r in rows if r["numel"] >= 1000]
+    assert all(abs(r["kept"] - 0.05 * r["numel"]) <= 1 for r in big)
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--sparsity", "150%"], 2, "sparsity"),
+    (["--sparsity", "abc"], 2, "sparsity"),
+    (["--sparsity", "1%", "--scope", "per-layer"], 2, "scope"),
+])
+def test_prune_cli_bad_values(tiny_base, tiny_finetune, tmp_path, args, code, needle):
+    out = tmp_path / "ck"
+    res = runner.invoke(app, ["prune", str(tiny_finetune), "--base", str(tiny_base), "-o", str(out), *args])
+    assert res.exit_code == code
+    assert needle in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_prune_cli_missing_and_existing(tiny_base, tiny_finetune, tmp_path):
+    res = runner.invoke(app, ["prune", str(tmp_path / "missing"), "-s", "1%", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 3 and "does not exist" in res.stderr
+    res = runner.invoke(app, ["prune", str(tiny_finetune), "-s", "1%", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--base" in res.stderr
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    res = runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "1%", "-o", str(existing)])
+    assert res.exit_code == 6 and "--force" in res.stderr
+    assert (existing / "keep.txt").read_text() == "mine"
+    res = runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "1%", "-o", str(existing), "--force"])
+    assert res.exit_code == 0 and checkpoint.is_checkpoint(existing) and not (existing / "keep.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+def test_prune_shape_change_becomes_extra(tiny_base, tmp_path):
+    from tests.conftest import make_base
+
+    other = make_base(tmp_path / "wide", vocab_size=130)  # resized embeddings
+    diff = extract_diff(str(tiny_base), str(other))
+    assert "embeddings.word_embeddings.weight" in diff.extras
+    assert "embeddings.word_embeddings.weight" not in diff.tensors
+
+
+def test_corrupt_checkpoint_is_a_format_error(tiny_base, tiny_finetune, tmp_path):
+    out = tmp_path / "ck"
+    assert runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "1%", "-o", str(out)]).exit_code == 0
+    data = (out / checkpoint.TENSOR_FILE).read_bytes()
+    (out / checkpoint.TENSOR_FILE).write_bytes(data[: len(data) // 2])
+    res = runner.invoke(app, ["prune", str(out), "-s", "0.5%", "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 4 and "corrupt" in res.stderr
+    (out / checkpoint.META_FILE).write_text("{not json")
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 4 and res.stderr.startswith("error:")
