@@ -1,0 +1,36 @@
+# One command sets up and runs the main job (`make demo`); one runs the tests (`make test`).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+GLUE_DIR ?= ../shared/glue
+DEMO := demo-out
+
+.PHONY: setup test demo bench completions clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# CPU torch first: a plain `torch` requirement would otherwise pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Main job: learn a 0.5% diff of the bundled MiniLM on RTE, pack it, rebuild the model, report.
+demo: setup
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/diffprune train --task rte --data-dir $(GLUE_DIR) --sparsity 0.5% --max-train-samples 512 \
+		--epochs 1 --fixmask-epochs 1 -o $(DEMO)/ckpt
+	$(BIN)/diffprune pack $(DEMO)/ckpt -o $(DEMO)/rte.diff
+	$(BIN)/diffprune verify $(DEMO)/rte.diff --base minilm
+	$(BIN)/diffprune apply minilm $(DEMO)/rte.diff -o $(DEMO)/merged
+	$(BIN)/diffprune inspect $(DEMO)/rte.diff
+
+completions: setup
+	$(BIN)/python completions/generate.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,1 @@
+complete --command diffprune --no-files --arguments "(env _DIFFPRUNE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) diffprune)" --condition "env _DIFFPRUNE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) diffprune"

@@ -1,0 +1,33 @@
+"""Shell completion scripts in completions/ are current, and completion reaches every command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_completion_scripts_are_not_stale():
+    res = subprocess.run([sys.executable, str(ROOT / "completions" / "generate.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def _complete(words: str, cword: int) -> list[str]:
+    env = {**os.environ, "_DIFFPRUNE_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    out = subprocess.run([sys.executable, "-c", "from diffcli.cli.app import run; run()"], env=env,
+                         capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_bash_completion_lists_every_command_and_options():
+    from diffcli.cli.commands import COMMANDS
+
+    assert set(_complete("diffprune ", 1)) == {name for name, _ in COMMANDS}
+    assert "--json" in _complete("diffprune inspect --", 2)
+    for shell_file, needle in (("diffprune.bash", "complete_bash"), ("_diffprune", "complete_zsh"),
+                               ("diffprune.fish", "complete_fish")):
+        assert needle in (ROOT / "completions" / shell_file).read_text()
