@@ -1,0 +1,656 @@
+"""GLUE and custom task specs, data loading (files, GLUE folders, hub) and batch encoding for train and eval."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
+
+from diffcli.errors import DataError, DiffpruneError, HubUnavailableError, InvalidValueError, NotFoundError
+
+if TYPE_CHECKING:
+    import torch
+
+HUB_DATASET = "nyu-mll/glue"
+FILE_FORMATS = ("csv", "tsv", "json", "jsonl")
+# Text column pairs tried, in order, when a custom file is given without --text-fields.
+_CUSTOM_TEXT_GUESSES = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
+                        ("question", "sentence"), ("sentence",), ("text",))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task reads (columns), predicts (labels) and is scored on (metrics).
+
+    Column names are those of the hub `nyu-mll/glue` dataset; the original GLUE TSV files are mapped onto them.
+    `main_metric` selects the best checkpoint: the single metric, or `combined_score` (the mean of the task's
+    metrics, as on the GLUE leaderboard) for MRPC, QQP and STS-B.
+    """
+
+    name: str
+    text_fields: tuple[str, ...]
+    label_field: str
+    labels: tuple[str, ...] | None
+    metrics: tuple[str, ...]
+    main_metric: str
+    eval_splits: tuple[str, ...] = ("validation",)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+class Example(NamedTuple):
+    """One row: its 1 or 2 texts and its label (class id, or a float for regression)."""
+
+    texts: tuple[str, ...]
+    label: int | float
+
+
+@dataclass
+class TaskData:
+    """A task's spec with its training examples (None when not needed) and its evaluation splits."""
+
+    spec: TaskSpec
+    train: list[Example] | None
+    eval: dict[str, list[Example]] = field(default_factory=dict)
+
+
+def _spec(name, text_fields, labels, metrics, main=None, eval_splits=("validation",)) -> TaskSpec:
+    return TaskSpec(name, tuple(text_fields), "label", labels, tuple(metrics), main or metrics[0], tuple(eval_splits))
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    "cola": _spec("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",)),
+    "sst2": _spec("sst2", ("sentence",), ("negative", "positive"), ("accuracy",)),
+    "mrpc": _spec("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"),
+                  "combined_score"),
+    "stsb": _spec("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), "combined_score"),
+    "qqp": _spec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"),
+                 "combined_score"),
+    "mnli": _spec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
+                  eval_splits=("validation_matched", "validation_mismatched")),
+    "qnli": _spec("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",)),
+    "rte": _spec("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",)),
+    "wnli": _spec("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",)),
+}
+
+
+@dataclass(frozen=True)
+class _GlueLayout:
+    """Where a task lives in the original GLUE folder and which TSV column feeds each spec field.
+
+    A column is a header name, or an index (negative counts from the end) for headerless files.
+    """
+
+    folder: str
+    columns: dict[str, str | int]
+    header: bool = True
+    num_columns: int | None = None  # headerless files only
+    files: dict[str, str] = field(default_factory=lambda: {"train": "train.tsv", "validation": "dev.tsv"})
+
+
+_PAIR = {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}
+_GLUE_LAYOUTS: dict[str, _GlueLayout] = {
+    "cola": _GlueLayout("CoLA", {"sentence": 3, "label": 1}, header=False, num_columns=4),
+    "sst2": _GlueLayout("SST-2", {"sentence": "sentence", "label": "label"}),
+    "mrpc": _GlueLayout("MRPC", {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
+    "stsb": _GlueLayout("STS-B", {"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}),
+    "qqp": _GlueLayout("QQP", {"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
+    "mnli": _GlueLayout("MNLI", {"premise": "sentence1", "hypothesis": "sentence2", "label": -1},
+                        files={"train": "train.tsv", "validation_matched": "dev_matched.tsv",
+                               "validation_mismatched": "dev_mismatched.tsv"}),
+    "qnli": _GlueLayout("QNLI", {"question": "question", "sentence": "sentence", "label": "label"}),
+    "rte": _GlueLayout("RTE", dict(_PAIR)),
+    "wnli": _GlueLayout("WNLI", dict(_PAIR)),
+}
+
+
+def _norm_name(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The spec of a GLUE task by name (case, '-' and '_' ignored: SST-2, sts_b)."""
+    key = _norm_name(task)
+    if key not in GLUE_TASKS:
+        raise InvalidValueError(f"unknown task '{task}'; known tasks: {', '.join(GLUE_TASKS)}, or custom",
+                                hint="use --train-file/--validation-file for your own data")
+    return GLUE_TASKS[key]
+
+
+# ---------------------------------------------------------------------------------------------- reading tables
+
+_MISSING = object()
+
+
+@dataclass
+class _Table:
+    """Rows of one file: column names and (location, values) pairs; values align with columns."""
+
+    source: str
+    columns: list[str]
+    rows: list[tuple[str, Sequence[Any]]]
+
+
+def _file_format(path: Path) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in FILE_FORMATS:
+        raise DataError(f"{path}: unsupported file type '.{ext}'; use one of: {', '.join('.' + f for f in FILE_FORMATS)}")
+    return ext
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise NotFoundError(f"data file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+
+
+def _read_tsv(path: Path, *, header: bool = True, num_columns: int | None = None) -> _Table:
+    """Tab-separated, no quoting at all (GLUE sentences contain stray quotes); blank lines skipped."""
+    lines = _read_text(path).split("\n")
+    rows: list[tuple[str, Sequence[Any]]] = []
+    columns: list[str] | None = None if header else [str(i) for i in range(num_columns or 0)]
+    seen_any = False
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        seen_any = True
+        values = line.split("\t")
+        if columns is None:
+            columns = [c.strip() for c in values]
+            continue
+        if not columns:  # headerless with unknown width: the first row sets it
+            columns = [str(i) for i in range(len(values))]
+        if len(values) != len(columns):
+            raise DataError(f"{path}:{lineno}: expected {len(columns)} tab-separated columns, found {len(values)}",
+                            hint="GLUE files are read without quoting; check for stray tabs in this row")
+        rows.append((f"{path}:{lineno}", values))
+    if not rows:
+        raise DataError(f"{path}: no data rows" if seen_any else f"{path}: file is empty")
+    return _Table(str(path), columns or [], rows)
+
+
+def _read_csv(path: Path) -> _Table:
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    columns: list[str] | None = None
+    rows: list[tuple[str, Sequence[Any]]] = []
+    try:
+        for values in reader:
+            if not values or values == [""]:
+                continue
+            if columns is None:
+                columns = [c.strip() for c in values]
+                continue
+            if len(values) != len(columns):
+                raise DataError(f"{path}:{reader.line_num}: expected {len(columns)} comma-separated columns, "
+                                f"found {len(values)}")
+            rows.append((f"{path}:{reader.line_num}", values))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    if not rows:
+        raise DataError(f"{path}: no data rows" if columns else f"{path}: file is empty")
+    return _Table(str(path), columns or [], rows)
+
+
+def _records_table(source: str, records: list[tuple[str, Any]]) -> _Table:
+    columns: list[str] = []
+    seen: set[str] = set()
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object per row, found {type(rec).__name__}")
+        for key in rec:
+            if key not in seen:
+                seen.add(key)
+                columns.append(key)
+    rows = [(where, [rec.get(c, _MISSING) for c in columns]) for where, rec in records]
+    return _Table(source, columns, rows)
+
+
+def _read_jsonl(path: Path, text: str | None = None) -> _Table:
+    text = _read_text(path) if text is None else text
+    records = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    if not records:
+        raise DataError(f"{path}: file is empty")
+    return _records_table(str(path), records)
+
+
+def _read_json(path: Path) -> _Table:
+    """A JSON list of row objects, an object holding such a list under "data", or JSON lines."""
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg.startswith("Extra data"):  # one object per line, as `datasets` writes .json files
+            return _read_jsonl(path, text)
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        doc = doc["data"]
+    if isinstance(doc, dict):
+        return _read_jsonl(path, text)  # a single object: a one-row JSON-lines file
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: expected a list of row objects, found {type(doc).__name__}")
+    if not doc:
+        raise DataError(f"{path}: no data rows")
+    return _records_table(str(path), [(f"{path}: row {i + 1}", rec) for i, rec in enumerate(doc)])
+
+
+def read_table(path: str | Path) -> _Table:
+    """Read a csv, tsv, json or jsonl data file into rows, with file:line locations for error messages."""
+    path = Path(path).expanduser()
+    fmt = _file_format(path)
+    if not path.exists():
+        raise NotFoundError(f"data file not found: {path}")
+    return {"csv": _read_csv, "tsv": _read_tsv, "json": _read_json, "jsonl": _read_jsonl}[fmt](path)
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+def _label_key(raw: Any) -> str:
+    """A canonical text for a label value: "1", 1, 1.0 and "1.0" all become "1"."""
+    if isinstance(raw, bool):
+        return str(int(raw))
+    if isinstance(raw, int):
+        return str(raw)
+    if isinstance(raw, float):
+        return str(int(raw)) if math.isfinite(raw) and raw.is_integer() else repr(raw)
+    text = str(raw).strip()
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if math.isfinite(number) and number.is_integer() else text
+
+
+def _as_int(key: str) -> int | None:
+    try:
+        return int(key)
+    except ValueError:
+        return None
+
+
+def _as_float(key: str) -> float | None:
+    try:
+        value = float(key)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def infer_labels(values: Sequence[Any]) -> tuple[str, ...] | None:
+    """Label names for a custom task: sorted distinct values (numerically when all are integers).
+
+    Returns None (regression) when every value is a number and at least one is not an integer.
+    """
+    keys = {_label_key(v) for v in values if v is not None and v is not _MISSING}
+    if not keys:
+        raise DataError("no label values found")
+    if all(_as_int(k) is not None for k in keys):
+        return tuple(sorted(keys, key=int))
+    if all(_as_float(k) is not None for k in keys):
+        return None
+    return tuple(sorted(keys))
+
+
+def _label_parser(spec: TaskSpec) -> Callable[[Any, str], int | float]:
+    """A function (raw value, location) -> class id or float score, raising DataError on bad values."""
+    if spec.is_regression:
+        def parse_score(raw: Any, where: str) -> float:
+            value = None if raw is None or isinstance(raw, bool) else _as_float(str(raw).strip())
+            if value is None:
+                raise DataError(f"{where}: label {raw!r} is not a number (task {spec.name} is a regression)")
+            return value
+        return parse_score
+
+    names = spec.labels or ()
+    ids = {_label_key(name): i for i, name in enumerate(names)}
+    ids.update({name: i for i, name in enumerate(names)})
+    for i in range(len(names)):  # class ids are accepted too (hub exports store 0..n-1)
+        ids.setdefault(str(i), i)
+
+    def parse_class(raw: Any, where: str) -> int:
+        key = _label_key(raw)
+        if key not in ids:
+            allowed = ", ".join(names)
+            raise DataError(f"{where}: unknown label {raw!r} for task {spec.name} (allowed: {allowed}"
+                            f"{' or 0..' + str(len(names) - 1) if names and not names[0].isdigit() else ''})")
+        return ids[key]
+    return parse_class
+
+
+# ---------------------------------------------------------------------------------------------- rows -> examples
+
+def _resolve(table: _Table, wanted: str | int, what: str) -> int:
+    if isinstance(wanted, int):
+        return wanted % len(table.columns)
+    try:
+        return table.columns.index(wanted)
+    except ValueError:
+        raise DataError(f"{table.source}: missing {what} column '{wanted}'; columns are: {', '.join(table.columns)}",
+                        hint="pass --text-fields/--label-field to name the columns") from None
+
+
+def _check_columns(table: _Table, text_cols: Sequence[str | int], label_col: str | int) -> None:
+    missing = [c for c in (*text_cols, label_col) if isinstance(c, str) and c not in table.columns]
+    if missing:
+        raise DataError(f"{table.source}: missing column{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(repr(m) for m in missing)}; columns are: {', '.join(table.columns)}",
+                        hint="pass --text-fields/--label-field to name the columns")
+
+
+def _examples(table: _Table, text_cols: Sequence[str | int], label_col: str | int,
+              parse: Callable[[Any, str], int | float], limit: int | None) -> list[Example]:
+    _check_columns(table, text_cols, label_col)
+    t_idx = [_resolve(table, c, "text") for c in text_cols]
+    l_idx = _resolve(table, label_col, "label")
+    out: list[Example] = []
+    rows = table.rows if limit is None else table.rows[:limit]
+    for where, values in rows:
+        texts = []
+        for i in t_idx:
+            value = values[i]
+            if value is _MISSING or value is None:
+                raise DataError(f"{where}: no value for text column '{table.columns[i]}'")
+            texts.append(value if isinstance(value, str) else str(value))
+        raw = values[l_idx]
+        if raw is _MISSING or raw is None:
+            raise DataError(f"{where}: no value for label column '{table.columns[l_idx]}'")
+        out.append(Example(tuple(texts), parse(raw, where)))
+    return out
+
+
+def _label_values(table: _Table, label_col: str) -> list[Any]:
+    _check_columns(table, (), label_col)
+    idx = table.columns.index(label_col)
+    return [values[idx] for _, values in table.rows]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def _check_limit(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise InvalidValueError(f"{name} must be at least 1, got {value}")
+
+
+def _find_task_dir(root: Path, spec: TaskSpec) -> Path | None:
+    layout = _GLUE_LAYOUTS[spec.name]
+    wanted = _norm_name(layout.folder)
+    if root.is_dir():
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and _norm_name(child.name) == wanted:
+                return child
+        if any((root / f).is_file() for f in layout.files.values()):  # the task folder itself
+            return root
+    return None
+
+
+def _read_glue_tsv(path: Path, layout: _GlueLayout) -> _Table:
+    return _read_tsv(path, header=layout.header, num_columns=layout.num_columns)
+
+
+def _fits_layout(table_columns: list[str], layout: _GlueLayout) -> bool:
+    return all(isinstance(c, int) or c in table_columns for c in layout.columns.values())
+
+
+def _load_from_glue_dir(spec: TaskSpec, root: Path, need_train: bool, max_train: int | None,
+                        max_eval: int | None, from_env: bool) -> TaskData:
+    layout = _GLUE_LAYOUTS[spec.name]
+    task_dir = _find_task_dir(root, spec)
+    where = "GLUE_DIR" if from_env else "--data-dir"
+    if not root.is_dir():
+        raise NotFoundError(f"GLUE data folder not found: {root} (from {where})")
+    if task_dir is None:
+        raise NotFoundError(f"no {layout.folder} folder in {root} (from {where})",
+                            hint=f"expected {root}/{layout.folder}/{'/'.join(layout.files.values())}")
+    text_cols = [layout.columns[f] for f in spec.text_fields]
+    label_col = layout.columns["label"]
+    parse = _label_parser(spec)
+
+    def load(split: str, limit: int | None) -> list[Example]:
+        path = task_dir / layout.files[split]
+        if not path.is_file():
+            raise NotFoundError(f"data file not found: {path}")
+        return _examples(_read_glue_tsv(path, layout), text_cols, label_col, parse, limit)
+
+    train = load("train", max_train) if need_train else None
+    evals = {split: load(split, max_eval) for split in spec.eval_splits}
+    return TaskData(spec, train, evals)
+
+
+def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_eval: int | None) -> TaskData:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(HUB_DATASET, spec.name)
+    except DiffpruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - offline, missing, or a hub error: all mean "no data"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HubUnavailableError(f"cannot load GLUE task {spec.name} from the hub ({HUB_DATASET}): {first[:200]}",
+                                  hint="pass --data-dir with a folder in the GLUE layout (or set GLUE_DIR), "
+                                       "or --train-file/--validation-file") from None
+    parse = _label_parser(spec)
+
+    def load(split: str, limit: int | None) -> list[Example]:
+        part = ds[split]
+        if limit is not None and limit < len(part):
+            part = part.select(range(limit))
+        cols = list(part.column_names)
+        data = [part[c] for c in cols]
+        table = _Table(f"{HUB_DATASET}/{spec.name}/{split}", cols,
+                       [(f"{HUB_DATASET}/{spec.name}/{split} row {i}", vals) for i, vals in enumerate(zip(*data))])
+        return _examples(table, spec.text_fields, spec.label_field, parse, None)
+
+    train = load("train", max_train) if need_train else None
+    return TaskData(spec, train, {split: load(split, max_eval) for split in spec.eval_splits})
+
+
+def _guess_text_fields(table: _Table) -> tuple[str, ...]:
+    for guess in _CUSTOM_TEXT_GUESSES:
+        if all(c in table.columns for c in guess):
+            return guess
+    raise DataError(f"{table.source}: cannot tell which columns hold the text; columns are: "
+                    f"{', '.join(table.columns)}", hint="pass --text-fields (one or two column names)")
+
+
+def _peek_header(path: Path) -> list[str]:
+    for line in _read_text(path).split("\n"):
+        if line.strip("\r"):
+            return [c.strip() for c in line.rstrip("\r").split("\t")]
+    return []
+
+
+def _read_for_task(path: str | Path, spec: TaskSpec | None, overridden: bool):
+    """Read one explicit file; a named task's original GLUE TSV (e.g. MRPC/train.tsv) is read in its GLUE layout.
+
+    Returns (table, text columns, label column), the columns None when the file uses the spec's own names.
+    """
+    p = Path(path).expanduser()
+    layout = _GLUE_LAYOUTS.get(spec.name) if spec is not None else None
+    if layout is not None and not overridden and _file_format(p) == "tsv" and p.is_file():
+        head = _peek_header(p)
+        if head and not all(c in head for c in (*spec.text_fields, spec.label_field)):
+            if (layout.header and _fits_layout(head, layout)) or (not layout.header and len(head) == layout.num_columns):
+                return (_read_glue_tsv(p, layout), [layout.columns[f] for f in spec.text_fields],
+                        layout.columns["label"])
+    return read_table(p), None, None
+
+
+def _load_from_files(spec: TaskSpec | None, train_file, validation_file, text_fields, label_field, labels,
+                     need_train: bool, max_train: int | None, max_eval: int | None) -> TaskData:
+    if need_train and train_file is None:
+        raise InvalidValueError("training needs --train-file (--validation-file alone only evaluates)")
+    if not need_train and validation_file is None:
+        raise InvalidValueError("nothing to evaluate: pass --validation-file")
+    if text_fields is not None:
+        text_fields = tuple(text_fields)
+        if not 1 <= len(text_fields) <= 2:
+            raise DataError(f"--text-fields takes one or two column names, got {len(text_fields)}: "
+                            f"{', '.join(text_fields) or '(none)'}")
+        if spec is not None and len(text_fields) != len(spec.text_fields):
+            raise DataError(f"task {spec.name} takes {len(spec.text_fields)} text field"
+                            f"{'s' if len(spec.text_fields) > 1 else ''} ({', '.join(spec.text_fields)}), "
+                            f"got {len(text_fields)}: {', '.join(text_fields)}")
+    overridden = text_fields is not None or label_field is not None
+    train_read = _read_for_task(train_file, spec, overridden) if train_file is not None else None
+    val_read = _read_for_task(validation_file, spec, overridden) if validation_file is not None else None
+    first = (train_read or val_read)[0]
+
+    label_field = label_field or (spec.label_field if spec is not None else "label")
+    if text_fields is None:
+        text_fields = spec.text_fields if spec is not None else _guess_text_fields(first)
+    if spec is None:
+        if labels is not None:
+            label_names: tuple[str, ...] | None = tuple(str(x) for x in labels) or None
+        else:
+            label_names = infer_labels(_label_values(first, label_field))
+        metrics = ("pearson", "spearmanr") if label_names is None else ("accuracy",)
+        spec = TaskSpec("custom", text_fields, label_field, label_names, metrics,
+                        "combined_score" if label_names is None else "accuracy")
+    else:
+        spec = replace(spec, text_fields=text_fields, label_field=label_field)
+    parse = _label_parser(spec)
+
+    def examples(read, limit):
+        table, t_cols, l_col = read
+        return _examples(table, t_cols or text_fields, l_col if l_col is not None else label_field,
+                         parse, limit)
+
+    train = examples(train_read, max_train) if need_train else None
+    evals = {"validation": examples(val_read, max_eval)} if val_read is not None else {}
+    return TaskData(spec, train, evals)
+
+
+def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
+              train_file: str | Path | None = None, validation_file: str | Path | None = None,
+              text_fields: Sequence[str] | None = None, label_field: str | None = None,
+              max_train_samples: int | None = None, max_eval_samples: int | None = None,
+              need_train: bool = True, labels: Sequence[str] | None = None) -> TaskData:
+    """Load a task's examples from explicit files, else a GLUE folder (data_dir or $GLUE_DIR), else the hub.
+
+    With explicit files and no GLUE task, the task is "custom": labels are the sorted distinct train labels
+    (or `labels`, e.g. a model's id2label, when given), and a numeric label column with non-integer values
+    makes it a regression. max_*_samples keep the first N rows of each split. With only a train file the
+    returned `eval` is empty.
+    """
+    _check_limit("max_train_samples", max_train_samples)
+    _check_limit("max_eval_samples", max_eval_samples)
+    spec = None if task is None or _norm_name(task) == "custom" else task_spec(task)
+    if train_file is not None or validation_file is not None:
+        return _load_from_files(spec, train_file, validation_file, text_fields, label_field, labels,
+                                need_train, max_train_samples, max_eval_samples)
+    if spec is None:
+        raise InvalidValueError("no data: name a GLUE task or pass --train-file/--validation-file",
+                                hint=f"GLUE tasks: {', '.join(GLUE_TASKS)}")
+    if text_fields is not None or label_field is not None:
+        raise InvalidValueError("--text-fields/--label-field apply only to --train-file/--validation-file")
+    root = data_dir if data_dir is not None else os.environ.get("GLUE_DIR") or None
+    if root is not None:
+        return _load_from_glue_dir(spec, Path(root).expanduser(), need_train, max_train_samples,
+                                   max_eval_samples, from_env=data_dir is None)
+    return _load_from_hub(spec, need_train, max_train_samples, max_eval_samples)
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+class EncodedDataset:
+    """Tokenized examples as a torch-style Dataset of dicts of 1-D tensors (no padding; see `collate`)."""
+
+    def __init__(self, features: dict[str, list], labels: list[int | float], pad_token_id: int = 0):
+        import torch
+
+        self.pad_token_id = pad_token_id
+        self.regression = any(isinstance(y, float) for y in labels)
+        self._keys = list(features)
+        self._columns = {k: [torch.tensor(v, dtype=torch.long) for v in vals] for k, vals in features.items()}
+        self._labels = torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, i: int) -> dict[str, "torch.Tensor"]:
+        item = {k: self._columns[k][i] for k in self._keys}
+        item["labels"] = self._labels[i]
+        return item
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every example (for length-sorted batching)."""
+        return [len(t) for t in self._columns["input_ids"]]
+
+    @property
+    def labels(self) -> "torch.Tensor":
+        return self._labels
+
+    def collate(self, batch: list[dict]) -> dict[str, "torch.Tensor"]:
+        """`collate` with this tokenizer's padding id."""
+        return collate(batch, pad_token_id=self.pad_token_id)
+
+
+def encode(examples: Sequence[Example], tokenizer, max_seq_length: int) -> EncodedDataset:
+    """Tokenize all examples in one batched call (fast tokenizers run it in Rust), truncating to max_seq_length."""
+    if max_seq_length < 8:
+        raise InvalidValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
+    arities = {len(e.texts) for e in examples}
+    if len(arities) > 1:
+        raise DataError("examples mix single texts and text pairs")
+    if not examples:
+        features: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    else:
+        first = [e.texts[0] for e in examples]
+        second = [e.texts[1] for e in examples] if arities == {2} else None
+        enc = tokenizer(first, second, truncation=True, max_length=max_seq_length, padding=False)
+        features = {k: list(v) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return EncodedDataset(features, [e.label for e in examples], 0 if pad is None else int(pad))
+
+
+def collate(batch: list[dict], pad_token_id: int = 0) -> dict[str, "torch.Tensor"]:
+    """Stack a batch, padding every sequence to the longest one IN THIS BATCH (not to max_seq_length).
+
+    input_ids are padded with pad_token_id (0 for BERT; use EncodedDataset.collate for other tokenizers),
+    attention_mask and token_type_ids with 0.
+    """
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    out: dict[str, torch.Tensor] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if key == "labels":
+            out[key] = torch.stack([torch.as_tensor(v) for v in values])
+        else:
+            seqs = [torch.as_tensor(v, dtype=torch.long) for v in values]
+            out[key] = pad_sequence(seqs, batch_first=True, padding_value=pad_token_id if key == "input_ids" else 0)
+    return out
+
+
+__all__ = ["TaskSpec", "Example", "TaskData", "GLUE_TASKS", "task_spec", "load_task", "read_table", "infer_labels",
+           "encode", "collate", "EncodedDataset"]
