@@ -199,6 +199,13 @@ class WeightStore:
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad data
             raise FormatError(f"cannot read tensor {name!r} from {self._file_of[name]}: {exc}") from exc
 
+    def release(self, file: str | Path | None = None) -> None:
+        """Close one shard's open handle (or all) so its memory-mapped pages leave this process."""
+        if file is None:
+            self._handles.clear()
+        else:
+            self._handles.pop(Path(file), None)
+
     def items(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         for _file, names in self.files():
             for name in names:
