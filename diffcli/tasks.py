@@ -406,7 +406,7 @@ def _find_task_dir(root: Path, spec: TaskSpec) -> Path | None:
         for child in sorted(root.iterdir()):
             if child.is_dir() and _norm_name(child.name) == wanted:
                 return child
-        if any((root / f).is_file() for f in layout.files.values()):  # the task folder itself
+        if _norm_name(root.name) == wanted:  # the task folder itself
             return root
     return None
 
