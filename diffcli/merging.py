@@ -1,0 +1,310 @@
+"""Compose diffs made on the same base without densifying them: weighted sum (task arithmetic) or TIES.
+
+For one base tensor, input i contributes the weighted entries v_i = w_i · δ_i at its positions.
+The union of positions is built by concatenating all inputs' flat indices and taking `torch.unique`
+(sorted, with the inverse map); per-position reductions are `scatter_add_` over that inverse.
+
+  sum   out[p] = Σ_i v_i[p]                                    (task arithmetic; exact zeros dropped)
+  ties  s[p]   = sign(Σ_i v_i[p])                              (elected sign; a zero sum elects nothing)
+        out[p] = mean of the v_i[p] with sign(v_i[p]) = s[p]   (disjoint mean over the agreeing inputs)
+
+With `density`, each input is first trimmed to that fraction of its own largest-|δ| entries (TIES'
+"trim" step, reusing the exact top-k of `projection.project`).
+
+Extras (heads and other whole tensors) cannot be summed across tasks meaningfully. Rule `first`
+(default): the merged diff takes the first input's extras and config, so it is a model for the first
+input's task; the other inputs' extras are reported as dropped. Rule `mean`: every input must have
+the same extras with the same shapes and dtypes (InvalidValueError otherwise); floating extras are
+averaged (plain mean), other extras must be equal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from diffcli.diff import Diff, TensorDiff
+from diffcli.errors import BaseMismatchError, InvalidValueError
+from diffcli.report import _layer_sort, layer_of
+
+if TYPE_CHECKING:
+    import torch
+
+METHODS = ("sum", "ties")
+EXTRAS_RULES = ("first", "mean")
+
+
+@dataclass
+class MergeResult:
+    """The merged diff and the overlap report (per tensor, per layer, totals) that `merge` prints."""
+
+    diff: Diff
+    report: dict[str, Any]
+
+
+def parse_weights(values: Sequence[str] | None, n: int) -> list[float] | None:
+    """'0.5,1' or repeated values → n finite floats; None when no weights were given."""
+    if not values:
+        return None
+    out: list[float] = []
+    for raw in values:
+        for part in str(raw).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                w = float(part)
+            except ValueError:
+                raise InvalidValueError(f"weight {part!r} is not a number") from None
+            if not math.isfinite(w):
+                raise InvalidValueError(f"weight {part!r} is not finite")
+            out.append(w)
+    if len(out) != n:
+        raise InvalidValueError(f"{len(out)} weights for {n} diffs; give one weight per input")
+    return out
+
+
+def _check_options(n: int, weights: Sequence[float] | None, method: str, extras: str,
+                   density: float | None) -> list[float]:
+    if n < 2:
+        raise InvalidValueError(f"merge needs at least two diffs, got {n}")
+    if method not in METHODS:
+        raise InvalidValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if extras not in EXTRAS_RULES:
+        raise InvalidValueError(f"extras rule {extras!r} is not one of {', '.join(EXTRAS_RULES)}")
+    if density is not None and not (0 < density <= 1):
+        raise InvalidValueError(f"density {density} must lie in (0, 1]")
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n:
+        raise InvalidValueError(f"{len(w)} weights for {n} diffs; give one weight per input")
+    if not all(math.isfinite(x) for x in w):
+        raise InvalidValueError("weights must be finite numbers")
+    return w
+
+
+def check_same_base(diffs: Sequence[Diff], names: Sequence[str]) -> None:
+    """Every input must name the same base: equal fingerprints, and equal shape/digest per base tensor."""
+    first = diffs[0]
+    for d, name in zip(diffs[1:], names[1:]):
+        if d.base_fingerprint != first.base_fingerprint:
+            raise BaseMismatchError(f"{name} was made on another base than {names[0]} "
+                                    f"({d.base_fingerprint[:19]}… vs {first.base_fingerprint[:19]}…)",
+                                    hint="merge only diffs made on the same base model")
+    seen: dict[str, tuple[tuple[int, ...], str, str]] = {}
+    for d, name in zip(diffs, names):
+        for td in d.tensors.values():
+            key = (tuple(td.shape), td.digest, name)
+            prev = seen.setdefault(td.base_name, key)
+            if prev[:2] != key[:2]:
+                raise BaseMismatchError(f"{name} and {prev[2]} disagree on base tensor {td.base_name!r} "
+                                        f"(shape or content differs)", hint="merge only diffs made on the same base model")
+
+
+def _trim(diff: Diff, density: float) -> Diff:
+    """Keep `density` of the diff's own nonzero entries (largest |δ|), via the exact projection."""
+    from diffcli.projection import project
+
+    nnz = sum(t.nnz for t in diff.tensors.values() if t.is_float)
+    n = diff.budget_numel
+    if not nnz or not n:
+        return diff
+    return project(diff, max(1, round(density * nnz)) / n).diff
+
+
+def _sparse_nonzero(td: TensorDiff) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(indices, float32 values) of the nonzero entries of one tensor diff."""
+    s = td.sparse()
+    idx, val = s.indices, s.values.float()
+    keep = val != 0
+    if not bool(keep.all()):
+        idx, val = idx[keep], val[keep]
+    return idx, val
+
+
+def _merge_tensor(parts: list[tuple[int, "torch.Tensor", "torch.Tensor"]], weights: list[float],
+                  method: str) -> tuple["torch.Tensor", "torch.Tensor", dict[str, int]]:
+    """Merge one base tensor's inputs [(input no, indices, values)] → (indices, values, counts)."""
+    import torch
+
+    stats = {"union": 0, "shared": 0, "conflicts": 0, "dropped": 0}
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32), stats
+    idx = torch.cat([p[1] for p in parts])
+    val = torch.cat([p[2].double() * weights[p[0]] for p in parts])
+    uniq, inv = torch.unique(idx, sorted=True, return_inverse=True)
+    m = uniq.numel()
+    count = torch.bincount(inv, minlength=m)
+    pos = torch.zeros(m, dtype=torch.int64).scatter_add_(0, inv, (val > 0).long())
+    neg = torch.zeros(m, dtype=torch.int64).scatter_add_(0, inv, (val < 0).long())
+    stats["union"] = int(m)
+    stats["shared"] = int((count > 1).sum())
+    stats["conflicts"] = int(((pos > 0) & (neg > 0)).sum())
+    total = torch.zeros(m, dtype=torch.float64).scatter_add_(0, inv, val)
+    if method == "sum":
+        out = total
+    else:
+        elected = torch.sign(total)
+        agree = (torch.sign(val) == elected[inv]) & (elected[inv] != 0)
+        num = torch.zeros(m, dtype=torch.float64).scatter_add_(0, inv, torch.where(agree, val, 0.0))
+        cnt = torch.zeros(m, dtype=torch.float64).scatter_add_(0, inv, agree.double())
+        out = torch.where(cnt > 0, num / cnt.clamp(min=1), 0.0)
+        stats["dropped"] = int((~agree).sum())
+    out = out.float()
+    keep = out != 0
+    return uniq[keep].contiguous(), out[keep].contiguous(), stats
+
+
+def _merge_extras(diffs: Sequence[Diff], names: Sequence[str], rule: str) -> tuple[dict, list[str]]:
+    """The merged diff's extras under `rule`, and the names of extras dropped from later inputs."""
+    import torch
+
+    first = diffs[0].extras
+    if rule == "first":
+        dropped = sorted({f"{names[i]}:{e}" for i, d in enumerate(diffs[1:], 1) for e in d.extras})
+        return dict(first), dropped
+    for d, name in zip(diffs[1:], names[1:]):
+        if set(d.extras) != set(first):
+            diff_names = sorted(set(d.extras) ^ set(first))
+            raise InvalidValueError(f"cannot average extras: {name} and {names[0]} differ in extra tensors "
+                                    f"({', '.join(diff_names[:3])})", hint="use --extras first")
+        for e, t in d.extras.items():
+            if tuple(t.shape) != tuple(first[e].shape) or t.dtype != first[e].dtype:
+                raise InvalidValueError(f"cannot average extra {e!r}: shape {tuple(t.shape)} in {name}, "
+                                        f"{tuple(first[e].shape)} in {names[0]} (heads with different labels?)",
+                                        hint="use --extras first")
+    out = {}
+    for e, t in first.items():
+        if t.is_floating_point():
+            acc = torch.stack([d.extras[e].double() for d in diffs]).mean(0)
+            out[e] = acc.to(t.dtype).contiguous()
+        else:
+            if not all(torch.equal(d.extras[e], t) for d in diffs[1:]):
+                raise InvalidValueError(f"cannot average non-float extra {e!r}: the inputs differ")
+            out[e] = t
+    return out, []
+
+
+def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, method: str = "sum",
+          extras: str = "first", density: float | None = None,
+          names: Sequence[str] | None = None) -> MergeResult:
+    """Merge diffs made on one base into one sparse diff (see the module docstring for the maths)."""
+    names = list(names) if names is not None else [f"input {i + 1}" for i in range(len(diffs))]
+    w = _check_options(len(diffs), weights, method, extras, density)
+    check_same_base(diffs, names)
+    if density is not None:
+        diffs = [_trim(d, density) for d in diffs]
+
+    # Group by base tensor: inputs may spell target names with or without the task model's prefix.
+    order: list[str] = []
+    first_td: dict[str, tuple[str, TensorDiff]] = {}
+    parts: dict[str, list] = {}
+    nnz_in: dict[str, list[int]] = {}
+    for i, d in enumerate(diffs):
+        for target, td in d.tensors.items():
+            b = td.base_name
+            if b not in first_td:
+                first_td[b] = (target, td)
+                order.append(b)
+                parts[b] = []
+                nnz_in[b] = [0] * len(diffs)
+            idx, val = _sparse_nonzero(td)
+            nnz_in[b][i] = int(idx.numel())
+            if idx.numel():
+                parts[b].append((i, idx, val))
+
+    tensors: dict[str, TensorDiff] = {}
+    rows: list[dict[str, Any]] = []
+    for b in order:
+        target, td = first_td[b]
+        idx, val, stats = _merge_tensor(parts[b], w, method)
+        tensors[target] = TensorDiff(b, td.shape, td.dtype, td.digest, val, idx)
+        rows.append({"tensor": target, "layer": layer_of(target), "numel": td.numel, "nnz_in": nnz_in[b],
+                     **stats, "nnz": int(idx.numel())})
+
+    merged_extras, dropped = _merge_extras(diffs, names, extras)
+    meta = {k: v for k, v in diffs[0].meta.items() if k not in ("metrics", "projection", "merge")}
+    if extras == "mean" and len({str(d.meta.get("task")) for d in diffs}) > 1:
+        meta.pop("task", None)
+    meta["merge"] = {"method": method, "weights": w, "extras": extras, "density": density, "inputs": names}
+    first = diffs[0]
+    out = Diff(tensors, merged_extras, dict(first.config), first.base_ref, first.base_fingerprint, meta)
+    return MergeResult(out, _report(rows, out, names, w, method, extras, density, dropped))
+
+
+def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequence[float] | None = None,
+                method: str = "sum", extras: str = "first", density: float | None = None, values: str = "fp32",
+                force: bool = False) -> dict[str, Any]:
+    """`diffprune merge`: load diffs (packed files or checkpoints), merge, write OUT; returns the report.
+
+    OUT ending in `.diff` is packed with `artifact.write` (values fp32 by default, so the merge is exact);
+    any other path becomes a checkpoint folder.
+    """
+    from diffcli import checkpoint
+    from diffcli.outputs import check_output
+    from diffcli.sources import load_diff
+
+    out = Path(out)
+    _check_options(len(paths), weights, method, extras, density)
+    check_output(out, force)
+    names = [str(p) for p in paths]
+    result = merge([load_diff(p) for p in paths], weights, method=method, extras=extras, density=density,
+                   names=names)
+    if out.suffix == ".diff":
+        from diffcli import artifact
+
+        artifact.write(result.diff, out, values=values, force=force)
+    else:
+        checkpoint.save(result.diff, out, force=force)
+    return {"output": str(out), **result.report}
+
+
+def _report(rows: list[dict[str, Any]], merged: Diff, names: list[str], weights: list[float], method: str,
+            extras: str, density: float | None, dropped: list[str]) -> dict[str, Any]:
+    keys = ("numel", "union", "shared", "conflicts", "dropped", "nnz")
+    layers: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        g = layers.setdefault(r["layer"], {"layer": r["layer"], "tensors": 0, **{k: 0 for k in keys},
+                                           "nnz_in": [0] * len(names)})
+        g["tensors"] += 1
+        for k in keys:
+            g[k] += r[k]
+        g["nnz_in"] = [a + b for a, b in zip(g["nnz_in"], r["nnz_in"])]
+    totals = {k: sum(r[k] for r in rows) for k in keys if k != "numel"}
+    totals["budget_numel"] = merged.budget_numel
+    totals["density"] = merged.density
+    totals["shared_fraction"] = totals["shared"] / totals["union"] if totals["union"] else 0.0
+    totals["conflict_fraction"] = totals["conflicts"] / totals["shared"] if totals["shared"] else 0.0
+    inputs = [{"name": n, "weight": wt, "nnz": sum(r["nnz_in"][i] for r in rows)}
+              for i, (n, wt) in enumerate(zip(names, weights))]
+    return {"method": method, "extras": extras, "density": density, "inputs": inputs,
+            "extras_kept": sorted(merged.extras), "extras_dropped": dropped, "totals": totals,
+            "layers": sorted(layers.values(), key=lambda g: _layer_sort(g["layer"])), "tensors": rows}
+
+
+def render_merge(console, report: dict[str, Any]) -> None:
+    """Human rendering of the overlap report, per layer like `inspect`."""
+    from rich.table import Table
+
+    t = report["totals"]
+    for inp in report["inputs"]:
+        console.print(f"input {inp['name']}: {inp['nnz']:,} entries, weight {inp['weight']:g}")
+    table = Table(title=f"overlap per layer ({report['method']})")
+    cols = ["layer", "union", "shared", "sign conflicts"] + (["dropped"] if report["method"] == "ties" else []) + ["kept"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for g in report["layers"]:
+        row = [g["layer"], f"{g['union']:,}", f"{g['shared']:,}", f"{g['conflicts']:,}"]
+        if report["method"] == "ties":
+            row.append(f"{g['dropped']:,}")
+        row.append(f"{g['nnz']:,}")
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"total: {t['union']:,} positions, {t['shared']:,} shared ({t['shared_fraction']:.1%}), "
+                  f"{t['conflicts']:,} with sign conflicts ({t['conflict_fraction']:.1%} of shared); "
+                  f"merged diff keeps {t['nnz']:,} of {t['budget_numel']:,} entries ({t['density']:.4%})")
+    if report["extras_kept"]:
+        console.print(f"extras ({report['extras']}): {', '.join(report['extras_kept'])}")
+    if report["extras_dropped"]:
+        console.print(f"extras dropped: {', '.join(report['extras_dropped'])}")
