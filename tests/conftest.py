@@ -29,7 +29,9 @@ def write_vocab(folder: Path) -> None:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
     words += ["the", "a", "is", "not", "good", "bad", "movie", "cat", "dog", "yes", "no", "##s", "##ing", ".", ","]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    # transformers 5 reads `vocab`, 4.x reads `vocab_file`; without the right one every word becomes [UNK].
+    vocab = str(folder / "vocab.txt")
+    BertTokenizerFast(vocab_file=vocab, vocab=vocab, do_lower_case=True).save_pretrained(folder)
 
 
 def make_base(folder: Path, seed: int = 0, **kw) -> Path:
