@@ -134,7 +134,7 @@ _MISSING = object()
 
 
 @dataclass
-class _Table:
+class Table:
     """Rows of one file: column names and (location, values) pairs; values align with columns."""
 
     source: str
@@ -158,7 +158,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
 
 
-def _read_tsv(path: Path, *, header: bool = True, num_columns: int | None = None) -> _Table:
+def _read_tsv(path: Path, *, header: bool = True, num_columns: int | None = None) -> Table:
     """Tab-separated, no quoting at all (GLUE sentences contain stray quotes); blank lines skipped."""
     lines = _read_text(path).split("\n")
     rows: list[tuple[str, Sequence[Any]]] = []
@@ -181,10 +181,10 @@ def _read_tsv(path: Path, *, header: bool = True, num_columns: int | None = None
         rows.append((f"{path}:{lineno}", values))
     if not rows:
         raise DataError(f"{path}: no data rows" if seen_any else f"{path}: file is empty")
-    return _Table(str(path), columns or [], rows)
+    return Table(str(path), columns or [], rows)
 
 
-def _read_csv(path: Path) -> _Table:
+def _read_csv(path: Path) -> Table:
     text = _read_text(path)
     reader = csv.reader(io.StringIO(text, newline=""))
     columns: list[str] | None = None
@@ -204,10 +204,10 @@ def _read_csv(path: Path) -> _Table:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     if not rows:
         raise DataError(f"{path}: no data rows" if columns else f"{path}: file is empty")
-    return _Table(str(path), columns or [], rows)
+    return Table(str(path), columns or [], rows)
 
 
-def _records_table(source: str, records: list[tuple[str, Any]]) -> _Table:
+def _records_table(source: str, records: list[tuple[str, Any]]) -> Table:
     columns: list[str] = []
     seen: set[str] = set()
     for where, rec in records:
@@ -218,10 +218,10 @@ def _records_table(source: str, records: list[tuple[str, Any]]) -> _Table:
                 seen.add(key)
                 columns.append(key)
     rows = [(where, [rec.get(c, _MISSING) for c in columns]) for where, rec in records]
-    return _Table(source, columns, rows)
+    return Table(source, columns, rows)
 
 
-def _read_jsonl(path: Path, text: str | None = None) -> _Table:
+def _read_jsonl(path: Path, text: str | None = None) -> Table:
     text = _read_text(path) if text is None else text
     records = []
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -236,7 +236,7 @@ def _read_jsonl(path: Path, text: str | None = None) -> _Table:
     return _records_table(str(path), records)
 
 
-def _read_json(path: Path) -> _Table:
+def _read_json(path: Path) -> Table:
     """A JSON list of row objects, an object holding such a list under "data", or JSON lines."""
     text = _read_text(path)
     if not text.strip():
@@ -258,7 +258,7 @@ def _read_json(path: Path) -> _Table:
     return _records_table(str(path), [(f"{path}: row {i + 1}", rec) for i, rec in enumerate(doc)])
 
 
-def read_table(path: str | Path) -> _Table:
+def read_table(path: str | Path) -> Table:
     """Read a csv, tsv, json or jsonl data file into rows, with file:line locations for error messages."""
     path = Path(path).expanduser()
     fmt = _file_format(path)
@@ -332,22 +332,23 @@ def _label_parser(spec: TaskSpec) -> Callable[[Any, str], int | float]:
     names = spec.labels or ()
     ids = {_label_key(name): i for i, name in enumerate(names)}
     ids.update({name: i for i, name in enumerate(names)})
-    for i in range(len(names)):  # class ids are accepted too (hub exports store 0..n-1)
-        ids.setdefault(str(i), i)
+    by_id = not any(_as_int(k) is not None for k in ids)  # numeric label names are values, never ids
+    if by_id:  # class ids are accepted too (hub exports store 0..n-1)
+        ids.update({str(i): i for i in range(len(names))})
 
     def parse_class(raw: Any, where: str) -> int:
         key = _label_key(raw)
         if key not in ids:
             allowed = ", ".join(names)
             raise DataError(f"{where}: unknown label {raw!r} for task {spec.name} (allowed: {allowed}"
-                            f"{' or 0..' + str(len(names) - 1) if names and not names[0].isdigit() else ''})")
+                            f"{' or 0..' + str(len(names) - 1) if by_id else ''})")
         return ids[key]
     return parse_class
 
 
 # ---------------------------------------------------------------------------------------------- rows -> examples
 
-def _resolve(table: _Table, wanted: str | int, what: str) -> int:
+def _resolve(table: Table, wanted: str | int, what: str) -> int:
     if isinstance(wanted, int):
         return wanted % len(table.columns)
     try:
@@ -357,7 +358,7 @@ def _resolve(table: _Table, wanted: str | int, what: str) -> int:
                         hint="pass --text-fields/--label-field to name the columns") from None
 
 
-def _check_columns(table: _Table, text_cols: Sequence[str | int], label_col: str | int) -> None:
+def _check_columns(table: Table, text_cols: Sequence[str | int], label_col: str | int) -> None:
     missing = [c for c in (*text_cols, label_col) if isinstance(c, str) and c not in table.columns]
     if missing:
         raise DataError(f"{table.source}: missing column{'s' if len(missing) > 1 else ''} "
@@ -365,7 +366,7 @@ def _check_columns(table: _Table, text_cols: Sequence[str | int], label_col: str
                         hint="pass --text-fields/--label-field to name the columns")
 
 
-def _examples(table: _Table, text_cols: Sequence[str | int], label_col: str | int,
+def _examples(table: Table, text_cols: Sequence[str | int], label_col: str | int,
               parse: Callable[[Any, str], int | float], limit: int | None) -> list[Example]:
     _check_columns(table, text_cols, label_col)
     t_idx = [_resolve(table, c, "text") for c in text_cols]
@@ -386,7 +387,7 @@ def _examples(table: _Table, text_cols: Sequence[str | int], label_col: str | in
     return out
 
 
-def _label_values(table: _Table, label_col: str) -> list[Any]:
+def _label_values(table: Table, label_col: str) -> list[Any]:
     _check_columns(table, (), label_col)
     idx = table.columns.index(label_col)
     return [values[idx] for _, values in table.rows]
@@ -411,7 +412,7 @@ def _find_task_dir(root: Path, spec: TaskSpec) -> Path | None:
     return None
 
 
-def _read_glue_tsv(path: Path, layout: _GlueLayout) -> _Table:
+def _read_glue_tsv(path: Path, layout: _GlueLayout) -> Table:
     return _read_tsv(path, header=layout.header, num_columns=layout.num_columns)
 
 
@@ -464,7 +465,7 @@ def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_
             part = part.select(range(limit))
         cols = list(part.column_names)
         data = [part[c] for c in cols]
-        table = _Table(f"{HUB_DATASET}/{spec.name}/{split}", cols,
+        table = Table(f"{HUB_DATASET}/{spec.name}/{split}", cols,
                        [(f"{HUB_DATASET}/{spec.name}/{split} row {i}", vals) for i, vals in enumerate(zip(*data))])
         return _examples(table, spec.text_fields, spec.label_field, parse, None)
 
@@ -472,7 +473,7 @@ def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_
     return TaskData(spec, train, {split: load(split, max_eval) for split in spec.eval_splits})
 
 
-def _guess_text_fields(table: _Table) -> tuple[str, ...]:
+def _guess_text_fields(table: Table) -> tuple[str, ...]:
     for guess in _CUSTOM_TEXT_GUESSES:
         if all(c in table.columns for c in guess):
             return guess
@@ -653,4 +654,4 @@ def collate(batch: list[dict], pad_token_id: int = 0) -> dict[str, "torch.Tensor
 
 
 __all__ = ["TaskSpec", "Example", "TaskData", "GLUE_TASKS", "task_spec", "load_task", "read_table", "infer_labels",
-           "encode", "collate", "EncodedDataset"]
+           "encode", "collate", "EncodedDataset", "Table"]

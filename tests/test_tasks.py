@@ -353,3 +353,16 @@ def test_real_glue_row_counts(task, n_train, n_dev, dev_counts):
         assert min(labels) >= 0.0 and max(labels) <= 5.0
     else:
         assert {k: labels.count(k) for k in dev_counts} == dev_counts
+
+
+def test_numeric_custom_labels_are_values_not_class_ids(tmp_path):
+    train = write(tmp_path / "t.csv", "text,label\na,2\nb,10\n")
+    dev = write(tmp_path / "d.csv", "text,label\nc,10\nd,0\n")
+    with pytest.raises(DataError, match=r"d.csv:3: unknown label '0'.*\(allowed: 2, 10\)"):
+        load_task(train_file=train, validation_file=dev)
+
+
+def test_model_label_names_accept_class_ids(tmp_path):
+    dev = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "LABEL_0"}\n')
+    data = load_task(validation_file=dev, need_train=False, labels=["LABEL_0", "LABEL_1"])
+    assert [e.label for e in data.eval["validation"]] == [1, 0]
