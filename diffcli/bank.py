@@ -1,0 +1,259 @@
+"""One base in memory, many tasks: switch a shared encoder between diffs in place, each task with its own head.
+
+`DiffBank` loads the base encoder once. Each added task gets a thin task model (e.g.
+BertForSequenceClassification) built on the meta device from the diff's config, whose encoder
+submodule is replaced by the shared encoder and whose head is materialised from the diff's extras:
+memory per task is the sparse diff plus the head, never a second encoder. `use(task)` reverts the
+active diff (if another) with `applying.revert_` — original values written back, bit for bit —
+and applies the new one with `applying.apply_`. A task stays applied after its `with` block, so
+using the same task again costs nothing; `reset()` returns the encoder to the base.
+
+    bank = DiffBank("minilm")
+    bank.add("rte", "rte.diff")
+    with bank.use("rte") as model:
+        logits = model(**batch).logits
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from diffcli.diff import Diff, TensorDiff
+from diffcli.errors import BaseMismatchError, InvalidValueError
+from diffcli.weights import match_names, resolve_model, tensor_digest
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class _Task:
+    name: str
+    model: "torch.nn.Module"
+    switch: Diff  # the diff's encoder part: sparse δ plus extras that land in the shared encoder
+    head_keys: list[str]
+    source: str
+    meta: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        """Tensor bytes this task holds: its sparse δ, encoder extras and its own head."""
+        n = 0
+        for td in self.switch.tensors.values():
+            n += td.values.numel() * td.values.element_size()
+            if td.indices is not None:
+                n += td.indices.numel() * td.indices.element_size()
+        n += sum(t.numel() * t.element_size() for t in self.switch.extras.values())
+        state = self.model.state_dict()
+        n += sum(state[k].numel() * state[k].element_size() for k in self.head_keys)
+        return n
+
+
+def task_config(diff: Diff):
+    """The finetuned model's transformers config, rebuilt from the diff's recorded config dict."""
+    from transformers import AutoConfig
+
+    cfg = dict(diff.config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise InvalidValueError("the diff's config has no model_type; cannot build its task model")
+    try:
+        return AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as exc:
+        raise InvalidValueError(f"cannot build a config for model type {model_type!r}: {exc}") from None
+
+
+class DiffBank:
+    """A base model loaded once, switched in place between task diffs (see the module docstring)."""
+
+    def __init__(self, base: str | Path, *, device: "str | torch.device | None" = None):
+        import torch
+        from transformers import AutoModel
+
+        self.base_ref = str(base)
+        self.folder = resolve_model(str(base))
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.encoder = AutoModel.from_pretrained(self.folder).to(self.device).eval()
+        self._tasks: dict[str, _Task] = {}
+        self._digests: dict[str, str] = {}
+        self._active: str | None = None
+        self._handle = None
+        self._depth = 0
+
+    # ------------------------------------------------------------------ adding tasks
+
+    def add(self, name: str, diff: Diff | str | Path) -> None:
+        """Register a task from a Diff or a path (`.diff` file or checkpoint); checks its base once, here."""
+        if not isinstance(name, str) or not name:
+            raise InvalidValueError("a task name must be a non-empty string")
+        if name in self._tasks:
+            raise InvalidValueError(f"task {name!r} is already in the bank", hint="pick another name")
+        if self._depth:
+            raise InvalidValueError(f"cannot add task {name!r} while task {self._active!r} is in use")
+        source = str(diff) if not isinstance(diff, Diff) else name
+        if not isinstance(diff, Diff):
+            from diffcli.sources import load_diff
+
+            diff = load_diff(diff)
+        self.reset()  # digests and the trial apply need the encoder as loaded
+        self._check_base(diff, source)
+        model, head_keys = self._task_model(diff, source)
+        switch = self._switch_diff(diff, model, head_keys)
+        task = _Task(name, model, switch, head_keys, source, dict(diff.meta))
+        self._trial(task)
+        self._tasks[name] = task
+
+    def _check_base(self, diff: Diff, source: str) -> None:
+        """Every base tensor the diff builds on must be in the loaded base with the same content."""
+        state = self.encoder.state_dict()
+        mapping = match_names(state.keys(), [td.base_name for td in diff.tensors.values()])
+        differ = []
+        for td in diff.tensors.values():
+            key = mapping.get(td.base_name)
+            if key is None:
+                if td.nnz == 0:  # e.g. a non-persistent buffer the checkpoint kept: nothing to apply
+                    continue
+                raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {td.base_name}")
+            if tuple(state[key].shape) != tuple(td.shape):
+                raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: {key} has shape "
+                                        f"{list(state[key].shape)}, diff expects {list(td.shape)}")
+            if key not in self._digests:
+                self._digests[key] = tensor_digest(state[key].detach().cpu())
+            if self._digests[key] != td.digest:
+                differ.append(key)
+        if differ:
+            raise BaseMismatchError(f"{source} was made on another base than {self.base_ref} "
+                                    f"({len(differ)} of {len(diff.tensors)} tensors differ, first {differ[0]})",
+                                    hint="add only diffs made on the bank's base")
+
+    def _task_model(self, diff: Diff, source: str) -> tuple["torch.nn.Module", list[str]]:
+        """A task model sharing the bank's encoder, with its own head loaded from the diff's extras."""
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        cfg = task_config(diff)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(cfg)
+        prefix = model.base_model_prefix
+        own = getattr(model, prefix, None)
+        if own is None:
+            raise InvalidValueError(f"{type(model).__name__} has no base model {prefix!r} to share")
+        want = {k: tuple(v.shape) for k, v in own.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
+        misfit = [k for k in want if k in have and want[k] != have[k]] + [k for k in want if k not in have]
+        if misfit:
+            k = misfit[0]
+            raise BaseMismatchError(f"{source}'s model does not fit base {self.base_ref}: {prefix}.{k} "
+                                    f"{'is missing' if k not in have else f'has shape {list(have[k])} in the base, {list(want[k])} in the diff config'}")
+        setattr(model, prefix, self.encoder)
+        head_keys = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
+        head_state = {}
+        for key in head_keys:
+            expect = tuple(model.state_dict()[key].shape)
+            t = diff.extras.get(key)
+            if t is None:
+                raise InvalidValueError(f"{source} has no task head: its extras lack {key}",
+                                        hint="diffs for the bank must carry their classifier head")
+            if tuple(t.shape) != expect:
+                raise BaseMismatchError(f"{source}'s head does not fit its config: {key} has shape {list(t.shape)}, "
+                                        f"num_labels={cfg.num_labels} needs {list(expect)}")
+            head_state[key] = t.detach().to(self.device).clone()
+        model.load_state_dict(head_state, strict=False, assign=True)
+        left = [k for k, v in model.state_dict().items() if v.is_meta]
+        if left:
+            raise InvalidValueError(f"{source}: cannot materialise {left[0]} of the task model")
+        return model.eval(), head_keys
+
+    def _switch_diff(self, diff: Diff, model, head_keys: list[str]) -> Diff:
+        """What a switch applies: sparse δ (dense δ made sparse once) and the non-head extras."""
+        tensors: dict[str, TensorDiff] = {}
+        for target, td in diff.tensors.items():
+            if td.nnz == 0:  # nothing to add; skipping also skips buffers the live model does not save
+                continue
+            s = td.sparse()
+            keep = s.values != 0
+            idx, val = (s.indices, s.values) if bool(keep.all()) else (s.indices[keep], s.values[keep])
+            tensors[target] = TensorDiff(td.base_name, td.shape, td.dtype, td.digest,
+                                         val.float().to(self.device).contiguous(), idx.to(self.device).contiguous())
+        heads = set(head_keys)
+        extras = {k: t.to(self.device) for k, t in diff.extras.items() if k not in heads}
+        return Diff(tensors, extras, diff.config, diff.base_ref, diff.base_fingerprint, {})
+
+    def _trial(self, task: _Task) -> None:
+        """Apply and revert once at `add`, so that every name, shape and value problem shows up there."""
+        from diffcli.applying import apply_, revert_
+
+        revert_(task.model, apply_(task.model, task.switch, check=False))
+
+    # ------------------------------------------------------------------ switching
+
+    @contextmanager
+    def use(self, name: str) -> Iterator["torch.nn.Module"]:
+        """Make `name` the active task and yield its model. Nesting the same task is fine; another is refused."""
+        if name not in self._tasks:
+            raise InvalidValueError(f"no task {name!r} in the bank; tasks: {', '.join(self._tasks) or 'none'}")
+        if self._depth and name != self._active:
+            raise InvalidValueError(f"cannot use task {name!r} inside `bank.use({self._active!r})`: "
+                                    "the encoder is shared, so only one task can be active",
+                                    hint="leave the outer `with` block first")
+        self._switch(name)
+        self._depth += 1
+        try:
+            yield self._tasks[name].model
+        finally:
+            self._depth -= 1
+
+    def _switch(self, name: str) -> None:
+        from diffcli.applying import apply_
+
+        if self._active == name:
+            return
+        self.reset()
+        task = self._tasks[name]
+        self._handle = apply_(task.model, task.switch, check=False)
+        self._active = name
+
+    def reset(self) -> None:
+        """Revert the active task, leaving the encoder bit for bit as loaded from the base."""
+        from diffcli.applying import revert_
+
+        if self._depth:
+            raise InvalidValueError(f"cannot reset the bank while task {self._active!r} is in use")
+        if self._active is not None:
+            revert_(self._tasks[self._active].model, self._handle)
+            self._active, self._handle = None, None
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def active(self) -> str | None:
+        return self._active
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def config(self, name: str):
+        """The task model's config (num_labels, id2label, ...)."""
+        return self._tasks[name].model.config
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The diff's metadata (task, metrics, hyperparameters) as recorded when it was made."""
+        return dict(self._tasks[name].meta)
+
+    def task_nbytes(self, name: str) -> int:
+        """Tensor bytes held for one task: sparse δ, encoder extras and its head."""
+        return self._tasks[name].nbytes
+
+    def encoder_nbytes(self) -> int:
+        """Tensor bytes of the shared encoder (held once, whatever the number of tasks)."""
+        return sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
