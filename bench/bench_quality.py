@@ -1,0 +1,456 @@
+"""Quality benchmark: diffprune vs full finetuning vs PEFT LoRA on real GLUE with the bundled MiniLM.
+
+Every (task, method) run is cached as JSON in bench/work/ under a hash of its settings, so reruns skip finished runs
+and several invocations (e.g. one per method, in parallel) can share the work; the table is always assembled from
+the cache. Examples:
+
+    python bench/bench_quality.py --tasks rte,mrpc --methods full,lora
+    python bench/bench_quality.py --methods diffprune
+    python bench/bench_quality.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+TASKS = ("rte", "mrpc", "stsb", "cola")
+METHODS = ("full", "lora", "diffprune", "diffprune-matched")
+# Train-sample caps (None = the whole train set); recorded in the results.
+DEFAULT_CAPS = {"rte": 2000, "mrpc": 2500, "stsb": 2000, "cola": 3000}
+SCORE_NAMES = {"rte": "accuracy", "mrpc": "mean(F1, accuracy)", "stsb": "mean(Pearson, Spearman)",
+               "cola": "Matthews corr."}
+TARGET_AVG_GAP = 1.0
+TARGET_TASK_GAP = 2.0
+
+
+def _glue_dir() -> str:
+    return os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "glue")
+
+
+def settings_key(settings: dict) -> str:
+    """A short stable hash of a run's settings: the cache key."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Suite:
+    """The benchmark's settings and its cache of finished runs."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(args.work_dir)
+        self.data_dir = args.data_dir or _glue_dir()
+        self.caps = dict(DEFAULT_CAPS)
+        for item in filter(None, (args.caps or "").split(",")):
+            task, _, n = item.partition("=")
+            self.caps[task.strip()] = None if n.strip() in ("", "none", "all") else int(n)
+
+    # ------------------------------------------------------------------ settings per run
+    def common(self, task: str) -> dict:
+        a = self.args
+        return {"task": task, "model": a.model, "seed": a.seed, "batch_size": 32, "max_seq_length": 128,
+                "max_train_samples": self.caps.get(task), "max_eval_samples": a.max_eval_samples}
+
+    def settings(self, task: str, method: str, sparsity: str | None = None) -> dict:
+        a = self.args
+        s = self.common(task)
+        s["method"] = method
+        if method in ("full", "lora"):
+            s.update(epochs=a.epochs, lr=a.full_lr if method == "full" else a.lora_lr, schedule="linear decay",
+                     warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0)
+            if method == "lora":
+                s.update(lora_r=8, lora_alpha=16, lora_dropout=0.1, lora_targets=["query", "value"],
+                         modules_to_save=["classifier"])
+        else:
+            s.update(epochs=a.dp_epochs, fixmask_epochs=a.dp_fixmask_epochs,
+                     sparsity=sparsity or a.sparsity, extra_args=a.dp_args or "", values="fp16")
+        return s
+
+    def cache_path(self, settings: dict) -> Path:
+        return self.work / f"{settings['task']}-{settings['method']}-{settings_key(settings)}.json"
+
+    def cached(self, settings: dict) -> dict | None:
+        p = self.cache_path(settings)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    # ------------------------------------------------------------------ runs
+    def run(self, task: str, method: str) -> dict | None:
+        if method == "diffprune-matched":
+            return self.run_matched(task)
+        settings = self.settings(task, method)
+        hit = self.cached(settings)
+        if hit is not None:
+            print(f"cached: {task} {method} ({self.cache_path(settings).name})", flush=True)
+            return hit
+        print(f"running: {task} {method}", flush=True)
+        run_dir = self.work / "runs" / f"{task}-{method}-{settings_key(settings)}"
+        if method in ("full", "lora"):
+            result = self._run_baseline(settings, run_dir)
+        else:
+            result = self._run_diffprune(settings, run_dir)
+        result["settings"] = settings
+        result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+        _write_json_atomic(self.cache_path(settings), result)
+        return result
+
+    def _run_baseline(self, s: dict, run_dir: Path) -> dict:
+        from baselines import BaselineConfig, run_baseline
+
+        cfg = BaselineConfig(s["method"], s["task"], model=s["model"], data_dir=self.data_dir, epochs=s["epochs"],
+                             seed=s["seed"], batch_size=s["batch_size"], max_seq_length=s["max_seq_length"],
+                             lr=s["lr"], weight_decay=s["weight_decay"], warmup_ratio=s["warmup_ratio"],
+                             grad_clip=s["grad_clip"], max_train_samples=s["max_train_samples"],
+                             max_eval_samples=s["max_eval_samples"])
+        log_path = run_dir.with_suffix(".log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as fh:
+            def log(line: str) -> None:
+                print(line, flush=True)
+                fh.write(line + "\n")
+                fh.flush()
+            result = run_baseline(cfg, run_dir, log=log)
+        result["command"] = self.command_line(s["task"], s["method"])
+        return result
+
+    def train_command(self, s: dict, ckpt: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "diffcli", "train", "--task", s["task"], "--data-dir", self.data_dir,
+               "--model", s["model"], "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
+               "--max-seq-length", str(s["max_seq_length"]), "--seed", str(s["seed"]), "--sparsity", s["sparsity"],
+               "-o", str(ckpt), "--json", "--force"]
+        if s["fixmask_epochs"] is not None:
+            cmd += ["--fixmask-epochs", str(s["fixmask_epochs"])]
+        if s["max_train_samples"]:
+            cmd += ["--max-train-samples", str(s["max_train_samples"])]
+        if s["max_eval_samples"]:
+            cmd += ["--max-eval-samples", str(s["max_eval_samples"])]
+        cmd += shlex.split(s["extra_args"])
+        return cmd
+
+    def _run_diffprune(self, s: dict, run_dir: Path) -> dict:
+        """`diffprune train` as a subprocess (--json), then pack to .diff (fp16) and re-score the packed artifact."""
+        from diffcli import artifact, checkpoint
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = run_dir / "ckpt"
+        cmd = self.train_command(s, ckpt)
+        log_path = run_dir.with_suffix(".log")
+        t0 = time.perf_counter()
+        with log_path.open("w") as err:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = log_path.read_text()[-2000:]
+            raise RuntimeError(f"diffprune train failed (exit {proc.returncode}): {tail}")
+        summary = json.loads(proc.stdout)
+        diff = checkpoint.load(ckpt)
+        packed = run_dir / f"{s['task']}.diff"
+        report = artifact.write(diff, packed, values=s["values"], force=True)
+        dev = score_artifact(packed, s, self.data_dir)
+        from diffcli import metrics, tasks
+
+        spec = tasks.task_spec(s["task"])
+        split = spec.eval_splits[0]
+        return {"method": s["method"], "task": s["task"], "score": 100 * metrics.main_score(spec, dev[split]),
+                "metrics": dev, "train_summary": summary, "artifact": str(packed),
+                "bytes": packed.stat().st_size, "nnz": diff.nnz, "density": diff.density,
+                "pack_report": _jsonable(report), "seconds": seconds,
+                "command": " ".join(shlex.quote(c) for c in cmd)}
+
+    def run_matched(self, task: str) -> dict | None:
+        """diffprune at the sparsity whose packed artifact is no larger than LoRA's adapter (when 0.5% is larger)."""
+        dp = self.cached(self.settings(task, "diffprune"))
+        lora = self.cached(self.settings(task, "lora"))
+        if dp is None or lora is None:
+            print(f"skip: {task} diffprune-matched needs the diffprune and lora runs first", flush=True)
+            return None
+        if dp["bytes"] <= lora["bytes"]:
+            print(f"skip: {task} diffprune at {self.args.sparsity} is already within LoRA's bytes", flush=True)
+            return None
+        sparsity = matched_sparsity(dp, lora["bytes"])
+        settings = self.settings(task, "diffprune", sparsity=sparsity)
+        settings["method"] = "diffprune-matched"
+        hit = self.cached(settings)
+        if hit is not None:
+            print(f"cached: {task} diffprune-matched ({sparsity})", flush=True)
+            return hit
+        print(f"running: {task} diffprune-matched at {sparsity} (LoRA adapter {lora['bytes']} B)", flush=True)
+        run_dir = self.work / "runs" / f"{task}-diffprune-matched-{settings_key(settings)}"
+        result = self._run_diffprune(settings, run_dir)
+        result["settings"] = settings
+        result["lora_bytes"] = lora["bytes"]
+        result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+        _write_json_atomic(self.cache_path(settings), result)
+        return result
+
+    def command_line(self, task: str, method: str) -> str:
+        argv = ["python", "bench/bench_quality.py", "--tasks", task, "--methods", method]
+        return " ".join(argv + self.args.passthrough)
+
+    # ------------------------------------------------------------------ report
+    def collect(self, tasks: list[str]) -> dict:
+        rows = {}
+        for task in tasks:
+            row = {m: self.cached(self.settings(task, m)) for m in ("full", "lora", "diffprune")}
+            dp, lora = row["diffprune"], row["lora"]
+            row["diffprune-matched"] = None
+            if dp is not None and lora is not None and dp["bytes"] > lora["bytes"]:
+                s = self.settings(task, "diffprune", sparsity=matched_sparsity(dp, lora["bytes"]))
+                s["method"] = "diffprune-matched"
+                row["diffprune-matched"] = self.cached(s)
+            rows[task] = row
+        return rows
+
+
+def _jsonable(obj):
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(obj):
+        obj = asdict(obj)
+    return json.loads(json.dumps(obj, default=str))
+
+
+def matched_sparsity(dp: dict, target_bytes: int) -> str:
+    """The density (as 'x.xxx%') whose artifact fits target_bytes, from the bytes per stored entry of the 0.5% run.
+
+    Bytes scale ~linearly with nnz at fixed value precision; the fixed part (header, dense head) is taken from the
+    0.5% artifact by assuming the entries cost the same per entry; 3% headroom keeps the result under the target.
+    """
+    nnz = dp["nnz"]
+    per_entry = dp["bytes"] / nnz
+    keep = int(nnz * (target_bytes / dp["bytes"]) * 0.97)
+    density = dp["density"] * keep / nnz if per_entry else dp["density"]
+    return f"{100 * density:.3f}%"
+
+
+def score_artifact(packed: Path, s: dict, data_dir: str) -> dict:
+    """Dev metrics of base + the packed .diff (fp16 values as shipped), via the shared evaluation code."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from baselines import load_model
+    from diffcli import applying, artifact, evaluation, tasks, weights
+
+    torch.manual_seed(s["seed"])
+    diff = artifact.load(packed)
+    base_dir = weights.resolve_model(s["model"])
+    data = tasks.load_task(s["task"], data_dir=data_dir, max_eval_samples=s["max_eval_samples"], need_train=False)
+    model = load_model(base_dir, data.spec)
+    applying.apply_(model, diff)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    return evaluation.evaluate(model, tokenizer, data, max_seq_length=s["max_seq_length"])
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, dict]:
+    """The markdown table and the JSON document of every cached result for `tasks`."""
+    rows = suite.collect(tasks)
+    a = suite.args
+    lines: list[str] = []
+    table_rows = []
+    gaps, full_scores, dp_scores, lora_scores = [], [], [], []
+    ahead = []  # (task, dp variant score, lora score, dp bytes, lora bytes)
+    for task in tasks:
+        r = rows[task]
+        f, l, d, m = (r[k] for k in ("full", "lora", "diffprune", "diffprune-matched"))
+        score = {k: (v["score"] if v else None) for k, v in r.items()}
+        gap = None if f is None or d is None else d["score"] - f["score"]
+        if gap is not None:
+            gaps.append(gap)
+        table_rows.append((task, f, l, d, m, gap))
+        if f and l and d:
+            full_scores.append(f["score"]); lora_scores.append(l["score"]); dp_scores.append(d["score"])
+        # The LoRA comparison is at equal or fewer bytes: the 0.5% diff if it fits, else the matched run.
+        cmp = d if d is not None and l is not None and d["bytes"] <= l["bytes"] else m
+        if cmp is not None and l is not None:
+            ahead.append((task, cmp["score"], l["score"], cmp["bytes"], l["bytes"], cmp["settings"]["sparsity"]))
+    today = _dt.date.today().isoformat()
+    lines += [f"# Quality: diffprune vs full finetuning vs PEFT LoRA (bundled MiniLM, GLUE dev)", "",
+              f"Date: {today}. Machine: CPU only ({os.cpu_count()} cores, shared with other jobs), torch threads 1 per run.",
+              "", "## Commands", "", "```", invocation, "```", "",
+              "Each (task, method) is cached in `bench/work/` (gitignored) under a hash of its settings; "
+              "the table is assembled from that cache (`python bench/bench_quality.py --report-only` with the same flags).", ""]
+    lines += ["## Settings", "",
+              f"- Model: `{a.model}` (all-MiniLM-L6-v2, bundled), seed {a.seed}, batch 32, max length 128, dynamic padding "
+              "(`tasks.collate`), same data loading/tokenisation/evaluation/metrics (`diffcli.tasks`, `diffcli.evaluation`, "
+              "`diffcli.metrics`) for every method; dev sets in full"
+              + (f" (capped at {a.max_eval_samples})" if a.max_eval_samples else "") + ".",
+              "- Train-sample caps (first N rows): " + ", ".join(
+                  f"{t}: {suite.caps.get(t) or 'all'}" for t in tasks) + ".",
+              f"- Full finetuning: {a.epochs} epochs, AdamW lr {a.full_lr}, linear decay, no warmup, no weight decay, "
+              "grad-norm clip 1; best dev epoch kept. Bytes: `model.safetensors` of `save_pretrained` (fp32).",
+              f"- LoRA (PEFT): r=8, alpha 16, dropout 0.1 on query and value, classifier head trained "
+              f"(`modules_to_save`), {a.epochs} epochs, AdamW lr {a.lora_lr}, otherwise as full finetuning. "
+              "Bytes: `adapter_model.safetensors`.",
+              f"- diffprune: `diffprune train` ({a.dp_epochs} L0 epochs + {a.dp_fixmask_epochs} fixed-mask epochs, "
+              f"sparsity {a.sparsity}, trainer defaults otherwise{'; extra: ' + a.dp_args if a.dp_args else ''}), "
+              "packed with `artifact.write` (fp16 values); the score is re-measured on base + the packed .diff. "
+              "Bytes: the `.diff` file.",
+              "- Score: GLUE metric ×100 (rte accuracy; mrpc mean of F1 and accuracy; stsb mean of Pearson and "
+              "Spearman; cola Matthews).", ""]
+    lines += ["## Results", "",
+              "| task | metric | full FT | LoRA | diffprune 0.5% | Δ vs full | diffprune @ LoRA bytes | bytes full | bytes LoRA | bytes diffprune 0.5% | bytes diffprune matched |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task, f, l, d, m, gap in table_rows:
+        mm = "—" if m is None else f"{m['score']:.2f} ({m['settings']['sparsity']})"
+        lines.append(f"| {task} | {SCORE_NAMES.get(task, '')} | {_fmt(f and f['score'])} | {_fmt(l and l['score'])} | "
+                     f"{_fmt(d and d['score'])} | {'—' if gap is None else f'{gap:+.2f}'} | {mm} | "
+                     f"{_fmt_bytes(f and f['bytes'])} | {_fmt_bytes(l and l['bytes'])} | {_fmt_bytes(d and d['bytes'])} | "
+                     f"{_fmt_bytes(m and m['bytes'])} |")
+    complete = len(full_scores) == len(tasks)
+    if full_scores:
+        n = len(full_scores)
+        lines.append(f"| **average** ({n} task{'s' if n > 1 else ''}) | | {sum(full_scores) / n:.2f} | "
+                     f"{sum(lora_scores) / n:.2f} | {sum(dp_scores) / n:.2f} | {sum(dp_scores) / n - sum(full_scores) / n:+.2f} | | | | | |")
+    lines.append("")
+    verdicts = {}
+    if gaps:
+        avg_gap = sum(gaps) / len(gaps)
+        worst = min(gaps)
+        verdicts["avg_within_1pt"] = avg_gap >= -TARGET_AVG_GAP
+        verdicts["no_task_below_2pt"] = worst >= -TARGET_TASK_GAP
+        verdicts["ahead_of_lora_at_le_bytes"] = bool(ahead) and all(s > ls and b <= lb for _, s, ls, b, lb, _ in ahead)
+        lines += ["## Targets", "",
+                  f"- Within {TARGET_AVG_GAP} point of full finetuning on average: Δ = {avg_gap:+.2f} → "
+                  f"**{'PASS' if verdicts['avg_within_1pt'] else 'FAIL'}**",
+                  f"- No task more than {TARGET_TASK_GAP} points below: worst Δ = {worst:+.2f} → "
+                  f"**{'PASS' if verdicts['no_task_below_2pt'] else 'FAIL'}**",
+                  "- Ahead of LoRA at equal or fewer stored bytes: " + "; ".join(
+                      f"{t}: {s:.2f} vs {ls:.2f} at {_fmt_bytes(b)} ({sp}) vs {_fmt_bytes(lb)}"
+                      for t, s, ls, b, lb, sp in ahead) + f" → **{'PASS' if verdicts['ahead_of_lora_at_le_bytes'] else 'FAIL'}**"]
+        if not complete:
+            lines.append(f"- (incomplete: {len(tasks) - len(full_scores)} task(s) lack a run; verdicts cover finished tasks)")
+        lines.append("")
+    diag = []
+    for task in tasks:
+        d = rows[task]["diffprune"]
+        if d is None:
+            continue
+        summ = d.get("train_summary", {})
+        diag.append(f"- {task}: nnz {d.get('nnz')}, density {100 * d.get('density', 0):.3f}%, train {d.get('seconds', 0) / 60:.1f} min; "
+                    f"trainer summary: {json.dumps(_brief_summary(summ), sort_keys=True)}")
+    if diag:
+        lines += ["## diffprune diagnostics (from `train --json`)", ""] + diag + [""]
+    doc = {"date": today, "invocation": invocation, "caps": {t: suite.caps.get(t) for t in tasks},
+           "targets": {"avg_gap_max": TARGET_AVG_GAP, "task_gap_max": TARGET_TASK_GAP}, "verdicts": verdicts,
+           "results": {t: {m: (_strip(v) if v else None) for m, v in rows[t].items()} for t in tasks}}
+    return "\n".join(lines), doc
+
+
+def _brief_summary(summary: dict) -> dict:
+    keep = {}
+    for k, v in summary.items():
+        if isinstance(v, (int, float, str)) or (isinstance(v, dict) and len(json.dumps(v)) < 400):
+            keep[k] = v
+    return keep
+
+
+def _strip(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in ("artifact",)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--methods", default="full,lora,diffprune,diffprune-matched")
+    ap.add_argument("--report-only", action="store_true", help="only assemble the table from the cache")
+    ap.add_argument("--no-report", action="store_true", help="run, but do not rewrite bench/results")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of full finetuning and LoRA")
+    ap.add_argument("--full-lr", type=float, default=5e-5)
+    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--dp-epochs", type=int, default=1, help="diffprune L0-phase epochs")
+    ap.add_argument("--dp-fixmask-epochs", type=int, default=1, help="diffprune fixed-mask epochs")
+    ap.add_argument("--dp-args", default="", help="extra `diffprune train` flags (quoted)")
+    ap.add_argument("--sparsity", default="0.5%")
+    ap.add_argument("--caps", help="train-sample caps, e.g. stsb=2500,cola=4000,rte=all")
+    ap.add_argument("--max-eval-samples", type=int)
+    ap.add_argument("--work-dir", default=str(REPO / "bench" / "work"))
+    ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Flags that change settings, for the per-run command lines (without --tasks/--methods).
+    skip = {"--tasks", "--methods", "--report-only", "--no-report", "--work-dir", "--results-dir"}
+    passthrough, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        name = tok.split("=", 1)[0]
+        takes_value = name not in ("--report-only", "--no-report") and "=" not in tok
+        if name not in skip:
+            passthrough.append(tok)
+            if takes_value and i + 1 < len(argv):
+                passthrough.append(shlex.quote(argv[i + 1]))
+        i += 2 if takes_value else 1
+    args.passthrough = passthrough
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = parse_args(argv)
+    suite = Suite(args)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            print(f"unknown method {m!r}; known: {', '.join(METHODS)}", file=sys.stderr)
+            return 2
+    failures = 0
+    if not args.report_only:
+        for task in tasks:
+            for method in methods:
+                try:
+                    suite.run(task, method)
+                except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
+                    failures += 1
+                    print(f"FAILED: {task} {method}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    if not args.no_report:
+        report_tasks = [t.strip() for t in (args.tasks if args.report_only else ",".join(TASKS)).split(",")]
+        invocation = "python bench/bench_quality.py " + " ".join(args.passthrough)
+        text, doc = build_report(suite, report_tasks, invocation.strip())
+        results = Path(args.results_dir)
+        _write_text_atomic(results / "quality.md", text + "\n")
+        _write_json_atomic(results / "quality.json", doc)
+        print(text)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

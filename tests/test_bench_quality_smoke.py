@@ -1,0 +1,92 @@
+"""Smoke test of bench/bench_quality.py: all three methods run on a tiny model and a tiny GLUE folder, and the table lands."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_base
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.integration
+
+
+def _load_bench():
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_rte(root: Path, n_train: int = 24, n_dev: int = 12) -> Path:
+    """A GLUE-layout RTE folder whose label follows a word the tiny vocab knows ('not')."""
+    words = ["the cat is good", "a dog is bad", "the movie is good", "a cat is not bad", "the dog is not good"]
+    folder = root / "RTE"
+    folder.mkdir(parents=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            s1 = words[i % len(words)]
+            label = "not_entailment" if "not" in s1 else "entailment"
+            lines.append(f"{i}\t{s1}\t{words[(i + 1) % len(words)]}\t{label}")
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_harness_runs_all_methods_and_writes_table(tmp_path: Path, monkeypatch):
+    pytest.importorskip("peft")
+    bench = _load_bench()
+    base = make_base(tmp_path / "base")
+    glue = _tiny_rte(tmp_path / "glue")
+    work, results = tmp_path / "work", tmp_path / "results"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--tasks", "rte", "--methods", "full,lora,diffprune,diffprune-matched", "--model", str(base),
+            "--data-dir", str(glue), "--caps", "rte=all", "--epochs", "1", "--dp-epochs", "1",
+            "--dp-fixmask-epochs", "1", "--work-dir", str(work), "--results-dir", str(results)]
+    assert bench.main(argv) == 0
+
+    doc = json.loads((results / "quality.json").read_text())
+    row = doc["results"]["rte"]
+    for method in ("full", "lora", "diffprune"):
+        assert row[method] is not None, method
+        assert 0.0 <= row[method]["score"] <= 100.0
+        assert row[method]["bytes"] > 0
+    # Full finetuning stores every weight; the 0.5% diff and the adapter are far smaller.
+    assert row["diffprune"]["bytes"] < row["full"]["bytes"]
+    assert row["lora"]["bytes"] < row["full"]["bytes"]
+    assert row["diffprune"]["density"] <= 0.005 + 1e-9
+    table = (results / "quality.md").read_text()
+    assert "| rte |" in table and "full FT" in table and "LoRA" in table and "diffprune" in table
+    assert "python bench/bench_quality.py" in table
+
+    # A rerun finds every run in the cache: nothing is retrained, the files are not touched.
+    cached = sorted(work.glob("rte-*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    assert bench.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps
+    assert sorted(work.glob("rte-*.json")) == cached
+
+
+def test_report_only_reads_cache_without_training(tmp_path: Path):
+    bench = _load_bench()
+    results = tmp_path / "results"
+    argv = ["--tasks", "rte", "--report-only", "--work-dir", str(tmp_path / "empty"), "--results-dir", str(results)]
+    assert bench.main(argv) == 0
+    doc = json.loads((results / "quality.json").read_text())
+    assert doc["results"]["rte"] == {"full": None, "lora": None, "diffprune": None, "diffprune-matched": None}
+    assert not (tmp_path / "empty").exists()
+
+
+def test_matched_sparsity_fits_the_byte_budget():
+    bench = _load_bench()
+    dp = {"nnz": 100_000, "bytes": 400_000, "density": 0.005}
+    text = bench.matched_sparsity(dp, 300_000)
+    density = float(text.rstrip("%")) / 100
+    assert density < 0.005 * 300_000 / 400_000
+    assert density > 0.005 * 0.7
