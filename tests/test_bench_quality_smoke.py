@@ -83,10 +83,20 @@ def test_report_only_reads_cache_without_training(tmp_path: Path):
     assert not (tmp_path / "empty").exists()
 
 
-def test_matched_sparsity_fits_the_byte_budget():
+def test_fit_bytes_finds_the_largest_diff_within_a_byte_budget(tiny_base: Path, tiny_finetune: Path, tmp_path: Path):
+    from diffcli import artifact, checkpoint, projection
+    from diffcli.extract import extract_diff
+
     bench = _load_bench()
-    dp = {"nnz": 100_000, "bytes": 400_000, "density": 0.005}
-    text = bench.matched_sparsity(dp, 300_000)
-    density = float(text.rstrip("%")) / 100
-    assert density < 0.005 * 300_000 / 400_000
-    assert density > 0.005 * 0.7
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.05).diff, ckpt)
+    full_bytes = len(artifact.pack(checkpoint.load(ckpt)))
+    target = full_bytes * 2 // 3
+    diff, density = bench.fit_bytes(ckpt, target)
+    size = len(artifact.pack(diff))
+    assert size <= target
+    assert 0.0 < density < 0.05
+    assert diff.nnz == projection.budget(density, diff.budget_numel)
+    # A little denser would not fit: the bisection found (nearly) the largest fitting density.
+    bigger = projection.project(checkpoint.load(ckpt), density * 1.05).diff
+    assert len(artifact.pack(bigger)) > target
