@@ -127,8 +127,10 @@ def run_baseline(cfg: BaselineConfig, out_dir: Path, log: Callable[[str], None] 
     n_total = sum(p.numel() for p in model.parameters())
 
     train_set = tasks.encode(data.train, tokenizer, cfg.max_seq_length)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+    # The same batches in the same order as `diffprune train` (a seeded DistributedSampler, reshuffled per epoch).
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed,
+                                                  drop_last=False)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
                                          collate_fn=train_set.collate)
     total_steps = cfg.epochs * len(loader)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -139,6 +141,7 @@ def run_baseline(cfg: BaselineConfig, out_dir: Path, log: Callable[[str], None] 
     t_start = time.perf_counter()
     step = 0
     for epoch in range(1, cfg.epochs + 1):
+        sampler.set_epoch(epoch - 1)
         model.train()
         running, t_epoch = 0.0, time.perf_counter()
         for batch in loader:

@@ -83,6 +83,7 @@ class Suite:
         s["method"] = method
         if method in ("full", "lora"):
             s.update(epochs=a.epochs, lr=a.full_lr if method == "full" else a.lora_lr, schedule="linear decay",
+                     sampler="DistributedSampler(seed), as train",
                      warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0)
             if method == "lora":
                 s.update(lora_r=8, lora_alpha=16, lora_dropout=0.1, lora_targets=["query", "value"],
