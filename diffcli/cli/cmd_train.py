@@ -1,0 +1,94 @@
+"""`diffprune train`: learn a sparse diff with L0 gates, project it to --sparsity, finetune the kept entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffcli.cli.output import ForceOpt, JsonOpt, Output, QuietOpt
+
+_M = "Method"
+
+
+def train(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output diff checkpoint folder.")],
+    task: Annotated[Optional[str], typer.Option("--task", "-t", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, "
+                                                "qnli, rte, wnli), or custom with --train-file.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub).")] = None,
+    train_file: Annotated[Optional[Path], typer.Option("--train-file", help="Training data: csv, tsv, json or jsonl.")] = None,
+    validation_file: Annotated[Optional[Path], typer.Option("--validation-file", help="Dev data for per-epoch metrics and the best checkpoint.")] = None,
+    text_fields: Annotated[Optional[str], typer.Option("--text-fields", help="Text column(s), comma-separated, e.g. sentence1,sentence2.")] = None,
+    label_field: Annotated[Optional[str], typer.Option("--label-field", help="Label column of the data files.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model: folder, alias or hub id.")] = "minilm",
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Train on the first N examples only.")] = None,
+    max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on the first N examples of each split.")] = None,
+    sparsity: Annotated[str, typer.Option("--sparsity", "-s", help="Fraction of shared entries the diff keeps: 0.5% or 0.005.")] = "0.5%",
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the L0 phase.")] = 3,
+    fixmask_epochs: Annotated[int, typer.Option("--fixmask-epochs", help="Epochs of finetuning the kept entries after the projection.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training examples per step (per process).")] = 32,
+    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Examples per evaluation forward pass.")] = 64,
+    max_seq_length: Annotated[int, typer.Option("--max-seq-length", help="Truncate inputs to this many tokens.")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of head init, data order, dropout and gate noise.")] = 42,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate of w (linear decay).", rich_help_panel=_M)] = 5e-5,
+    alpha_lr: Annotated[float, typer.Option("--alpha-lr", help="AdamW learning rate of log α (constant).", rich_help_panel=_M)] = 0.1,
+    fixmask_lr: Annotated[float, typer.Option("--fixmask-lr", help="Learning rate of the fixed-mask phase (linear decay).", rich_help_panel=_M)] = 5e-5,
+    head_lr: Annotated[Optional[float], typer.Option("--head-lr", help="Learning rate of the new head (default: the phase's).", rich_help_panel=_M)] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay of w and the head.", rich_help_panel=_M)] = 0.0,
+    l0_lambda: Annotated[float, typer.Option("--l0-lambda", help="Weight λ of the L0 penalty (the controller's starting point).", rich_help_panel=_M)] = 1.25e-7,
+    log_alpha_init: Annotated[float, typer.Option("--log-alpha-init", help="Initial log α of every gate.", rich_help_panel=_M)] = 5.0,
+    gate_l: Annotated[float, typer.Option("--gate-l", help="Hard-concrete stretch lower limit l (< 0).", rich_help_panel=_M)] = -1.5,
+    gate_r: Annotated[float, typer.Option("--gate-r", help="Hard-concrete stretch upper limit r (> 1).", rich_help_panel=_M)] = 1.5,
+    beta: Annotated[float, typer.Option("--beta", help="Hard-concrete temperature β.", rich_help_panel=_M)] = 1.0,
+    structured: Annotated[bool, typer.Option("--structured/--no-structured", help="One extra group gate per tensor (mask z·z_g).", rich_help_panel=_M)] = True,
+    controller: Annotated[bool, typer.Option("--controller/--no-controller", help="Adapt λ so the expected gate density reaches --sparsity in the L0 phase.", rich_help_panel=_M)] = True,
+    controller_rate: Annotated[float, typer.Option("--controller-rate", help="Step of the controller's log-λ integral per step.", rich_help_panel=_M)] = 0.1,
+    controller_warmup: Annotated[float, typer.Option("--controller-warmup", help="Fraction of L0 steps over which the density target falls to --sparsity.", rich_help_panel=_M)] = 0.6,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip each optimiser's gradients to this norm (0: off).", rich_help_panel=_M)] = 1.0,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <output>.partial/.")] = False,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Learn a diff: L0 phase (gated θ₀ + z⊙w), exact top-k projection, fixed-mask phase; keep the best dev epoch."""
+    from diffcli.projection import parse_sparsity
+    from diffcli.training import Reporter, TrainOptions, train as run_train
+
+    out = Output(json_, quiet)
+    options = TrainOptions(
+        sparsity=parse_sparsity(sparsity), epochs=epochs, fixmask_epochs=fixmask_epochs, batch_size=batch_size,
+        eval_batch_size=eval_batch_size, max_seq_length=max_seq_length, seed=seed, lr=lr, alpha_lr=alpha_lr,
+        fixmask_lr=fixmask_lr, head_lr=head_lr, weight_decay=weight_decay, l0_lambda=l0_lambda,
+        log_alpha_init=log_alpha_init, gate_l=gate_l, gate_r=gate_r, beta=beta, structured=structured,
+        controller=controller, controller_rate=controller_rate, controller_warmup=controller_warmup,
+        grad_clip=grad_clip)
+    fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields is not None else None
+    summary = run_train(task=task, data_dir=str(data_dir) if data_dir else None,
+                        train_file=str(train_file) if train_file else None,
+                        validation_file=str(validation_file) if validation_file else None, text_fields=fields,
+                        label_field=label_field, model=model, max_train_samples=max_train_samples,
+                        max_eval_samples=max_eval_samples, output=output, options=options, resume=resume,
+                        force=force, device=device, reporter=Reporter(out.progress, out.info, out.warn))
+    if summary:  # empty on ranks other than 0 under torchrun
+        out.result(summary, lambda console: _render(console, summary))
+
+
+def _render(console, s: dict) -> None:
+    def metrics(block) -> str:
+        if not block or "metrics" not in block:
+            return "-"
+        return " | ".join(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+                          for split, m in block["metrics"].items())
+
+    l0 = s.get("after_l0") or {}
+    console.print(f"task {s['task']} on {s['model']}", markup=False)
+    if l0:
+        console.print(f"after L0 (deterministic gates, density {l0.get('deterministic_density', 0):.3%}): "
+                      f"{metrics(l0)}", markup=False)
+    console.print(f"after projection: {metrics(s.get('after_projection'))}", markup=False)
+    best = s.get("after_fixmask") or {}
+    console.print(f"after fixed mask (best: epoch {best.get('epoch')}): {metrics(best)}", markup=False)
+    console.print(f"density {s['density']:.4%}, nnz {s['nnz']} of {s['budget_numel']}, dense head "
+                  f"{s['extras_numel']} values; checkpoint {s['output']}", markup=False)

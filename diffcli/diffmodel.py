@@ -1,0 +1,258 @@
+"""The reparameterised task model θ = θ₀ + δ over one flat buffer: gated (L0 phase) and masked (fixed-mask phase).
+
+Every gated model parameter becomes a view into one flat buffer `theta`, and its gradient a view into
+one flat buffer `grad`, so the model runs (and DistributedDataParallel reduces gradients) exactly as in
+full finetuning. Before each step the gate maths writes θ = θ₀ + z⊙z_g⊙w into `theta` with a few fused
+in-place passes; after the backward pass it turns dL/dθ into dL/dw and dL/dlog α by hand:
+
+    dL/dw_i      = g_i · z_i · z_g,k                       (g = dL/dθ, i in tensor k)
+    dL/dlog α_i  = g_i · w_i · z_g,k · (r−l)/β · s_i(1−s_i) · [0 < s_i(r−l)+l < 1]  +  λ·p_i(1−p_i)
+    dL/dz_g,k    = Σ_{i∈k} g_i · z_i · w_i
+
+with s the pre-stretch sample and p_i = σ(log α_i − β log(−l/r)) (the penalty's derivative). No per-step
+allocation of parameter-sized tensors happens on the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from diffcli.gates import HardConcrete
+
+if TYPE_CHECKING:
+    import torch
+
+
+class FlatParams:
+    """θ₀, θ and dL/dθ of the gated parameters as flat buffers; the model's parameters are views into them."""
+
+    def __init__(self, model, names: list[str], device: "torch.device"):
+        import torch
+
+        params = dict(model.named_parameters())
+        self.names = list(names)
+        self.shapes = [tuple(params[n].shape) for n in self.names]
+        self.sizes = [int(math.prod(s)) for s in self.shapes]
+        self.offsets = [0]
+        for s in self.sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self.numel = self.offsets[-1]
+        self.theta0 = torch.empty(self.numel, dtype=torch.float32, device=device)
+        for name, a, b in zip(self.names, self.offsets, self.offsets[1:]):
+            self.theta0[a:b].copy_(params[name].detach().reshape(-1))
+        self.theta = self.theta0.clone()
+        self.grad = torch.zeros_like(self.theta0)
+        for name, shape, a, b in zip(self.names, self.shapes, self.offsets, self.offsets[1:]):
+            p = params[name]
+            p.data = self.theta[a:b].view(shape)
+            p.requires_grad_(True)
+            p.grad = self.grad[a:b].view(shape)
+        self.params = [params[n] for n in self.names]
+
+    def segments(self, flat: "torch.Tensor") -> list["torch.Tensor"]:
+        return list(flat.split(self.sizes))
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+        for p, (a, b), shape in zip(self.params, zip(self.offsets, self.offsets[1:]), self.shapes):
+            if p.grad is None or p.grad.data_ptr() != self.grad[a:b].data_ptr():  # something replaced it
+                p.grad = self.grad[a:b].view(shape)
+
+    def locate(self, flat_index: "torch.Tensor") -> list[tuple[str, "torch.Tensor"]]:
+        """Split sorted flat positions into (name, positions within that tensor)."""
+        import torch
+
+        out = []
+        bounds = torch.tensor(self.offsets, dtype=torch.int64)
+        cuts = torch.searchsorted(flat_index.cpu(), bounds).tolist()
+        for name, a, lo, hi in zip(self.names, self.offsets, cuts, cuts[1:]):
+            out.append((name, flat_index[lo:hi].cpu() - a))
+        return out
+
+
+class GatedDiff:
+    """L0 phase state: w (zeros), log α per entry and, if structured, one group log α per tensor."""
+
+    def __init__(self, flat: FlatParams, gate: HardConcrete, *, log_alpha_init: float, structured: bool,
+                 generator: "torch.Generator"):
+        import torch
+
+        self.flat, self.gate, self.structured, self.generator = flat, gate, structured, generator
+        dev = flat.theta.device
+        n = flat.numel
+        self.w = torch.zeros(n, device=dev, requires_grad=True)
+        self.w.grad = torch.zeros(n, device=dev)
+        self.log_alpha = torch.full((n,), float(log_alpha_init), device=dev, requires_grad=True)
+        self.log_alpha.grad = torch.zeros(n, device=dev)
+        self.group_log_alpha = None
+        if structured:
+            t = len(flat.sizes)
+            self.group_log_alpha = torch.full((t,), float(log_alpha_init), device=dev, requires_grad=True)
+            self.group_log_alpha.grad = torch.zeros(t, device=dev)
+        self._s = torch.empty(n, device=dev)  # logistic noise, then the pre-stretch sample s
+        self._sg: "torch.Tensor | None" = None
+        self._zg: list[float] | None = None
+        # s lies strictly inside the stretch region (0 < s(r−l)+l < 1) iff lo < s < hi
+        span = gate.r - gate.l
+        self._lo, self._hi = -gate.l / span, (1.0 - gate.l) / span
+
+    # -- parameters for the optimisers -------------------------------------------------------------
+    def gate_params(self) -> list["torch.Tensor"]:
+        return [self.log_alpha] + ([self.group_log_alpha] if self.structured else [])
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _stretch_into(self, out: "torch.Tensor", s: "torch.Tensor") -> "torch.Tensor":
+        g = self.gate
+        return torch_mul_out(s, g.r - g.l, out).add_(g.l).clamp_(0.0, 1.0)
+
+    def sample_(self) -> None:
+        """Draw the gates and write θ = θ₀ + z⊙z_g⊙w into the model's parameters."""
+        import torch
+
+        g, s = self.gate, self._s
+        with torch.no_grad():
+            g.noise(s.shape, self.generator, out=s)
+            if self.structured:
+                gnoise = g.noise(self.group_log_alpha.shape, self.generator).to(s.device)
+                self._sg = torch.sigmoid((gnoise + self.group_log_alpha) / g.beta)
+                self._zg = ((self._sg * (g.r - g.l) + g.l).clamp(0.0, 1.0)).tolist()
+            s.add_(self.log_alpha)
+            if g.beta != 1.0:
+                s.div_(g.beta)
+            s.sigmoid_()
+            theta = self._stretch_into(self.flat.theta, s)
+            self._scale_groups(theta, self._zg)
+            theta.mul_(self.w).add_(self.flat.theta0)
+
+    def _scale_groups(self, flat: "torch.Tensor", factors: list[float] | None) -> None:
+        if factors is None:
+            return
+        for seg, f in zip(self.flat.segments(flat), factors):
+            if f != 1.0:
+                seg.mul_(f)
+
+    def deterministic_gates(self) -> tuple["torch.Tensor", list[float] | None]:
+        """ẑ (flat, new tensor) and the group ẑ_g as floats (None if not structured)."""
+        import torch
+
+        with torch.no_grad():
+            z = self.gate.deterministic(self.log_alpha.detach())
+            zg = self.gate.deterministic(self.group_log_alpha.detach()).tolist() if self.structured else None
+        return z, zg
+
+    def delta(self) -> "torch.Tensor":
+        """The deterministic δ = ẑ⊙ẑ_g⊙w as a new flat tensor."""
+        import torch
+
+        with torch.no_grad():
+            z, zg = self.deterministic_gates()
+            self._scale_groups(z, zg)
+            return z.mul_(self.w)
+
+    def set_deterministic_(self) -> None:
+        """Write the evaluation model θ = θ₀ + δ (deterministic gates) into the model's parameters."""
+        import torch
+
+        with torch.no_grad():
+            theta = self.flat.theta
+            torch.sigmoid(self.log_alpha.detach(), out=theta)
+            self._stretch_into(theta, theta)
+            if self.structured:
+                self._scale_groups(theta, self.gate.deterministic(self.group_log_alpha.detach()).tolist())
+            theta.mul_(self.w).add_(self.flat.theta0)
+
+    def deterministic_density(self) -> float:
+        """Fraction of entries whose deterministic mask ẑ⊙ẑ_g is nonzero (log α > logit(−l/(r−l)))."""
+        import torch
+
+        with torch.no_grad():
+            thr = math.log(self._lo / (1.0 - self._lo))
+            open_ = [int((seg > thr).sum()) for seg in self.flat.segments(self.log_alpha.detach())]
+            if self.structured:
+                zg = self.gate.deterministic(self.group_log_alpha.detach()).tolist()
+                open_ = [c if f > 0 else 0 for c, f in zip(open_, zg)]
+        return sum(open_) / max(self.flat.numel, 1)
+
+    # -- backward --------------------------------------------------------------------------------
+    def backward_(self, lam: float) -> dict[str, float]:
+        """Turn dL/dθ (in flat.grad) into the gradients of w, log α and group log α, adding λ·penalty'.
+
+        Returns the expected density of z⊙z_g and the penalty's value λ·(Σp + Σp_g).
+        """
+        import torch
+
+        g, gate, s = self.flat.grad, self.gate, self._s
+        w = self.w.detach()
+        span = gate.r - gate.l
+        with torch.no_grad():
+            gw = self.w.grad
+            self._stretch_into(gw, s)            # z
+            gw.mul_(g)                            # z·g
+            if self.structured:
+                gz_group = torch.stack([torch.dot(a, b) for a, b in zip(self.flat.segments(gw),
+                                                                         self.flat.segments(w))])
+                self._scale_groups(gw, self._zg)  # z·z_g·g
+            gla = self.log_alpha.grad
+            inside = s > self._lo
+            inside.logical_and_(s < self._hi).logical_not_()
+            s.sub_(0.5).square_().neg_().add_(0.25).masked_fill_(inside, 0.0)  # s(1−s)·[inside]
+            del inside
+            torch_mul_out(g, w, gla).mul_(s).mul_(span / gate.beta)
+            self._scale_groups(gla, self._zg)
+            # the penalty λ·Σ σ(log α − shift): value and derivative λ·p(1−p)
+            torch.sub(self.log_alpha.detach(), gate.shift, out=s).sigmoid_()
+            sums = torch.stack([seg.sum() for seg in self.flat.segments(s)])
+            s.sub_(0.5).square_().neg_().add_(0.25)
+            gla.add_(s, alpha=lam)
+            penalty_sum = float(sums.sum())
+            if self.structured:
+                gla_g = self.group_log_alpha.detach()
+                sg = self._sg
+                dzg = sg * (1 - sg) * (span / gate.beta) * ((sg > self._lo) & (sg < self._hi))
+                pg = gate.prob_nonzero(gla_g)
+                self.group_log_alpha.grad.copy_(gz_group * dzg + lam * pg * (1 - pg))
+                penalty_sum += float(pg.sum())
+                density = float((pg * sums).sum()) / max(self.flat.numel, 1)
+            else:
+                density = float(sums.sum()) / max(self.flat.numel, 1)
+        return {"expected_density": density, "penalty": lam * penalty_sum}
+
+
+def torch_mul_out(a: "torch.Tensor", b, out: "torch.Tensor") -> "torch.Tensor":
+    """out = a·b (out may alias a)."""
+    import torch
+
+    if out is a:
+        return out.mul_(b)
+    return torch.mul(a, b, out=out)
+
+
+class MaskedDiff:
+    """Fixed-mask phase state: δ lives only on sorted flat positions `index` with trainable `values`."""
+
+    def __init__(self, flat: FlatParams, index: "torch.Tensor", values: "torch.Tensor"):
+        import torch
+
+        self.flat = flat
+        dev = flat.theta.device
+        self.index = index.to(dev)
+        self.values = values.detach().to(dev, torch.float32).clone().requires_grad_(True)
+        self.values.grad = torch.zeros_like(self.values)
+        with torch.no_grad():
+            flat.theta.copy_(flat.theta0)
+        self.write_()
+
+    def write_(self) -> None:
+        """θ = θ₀ + δ on the kept positions (everything else stays exactly θ₀)."""
+        import torch
+
+        with torch.no_grad():
+            self.flat.theta.index_copy_(0, self.index, self.flat.theta0.index_select(0, self.index) + self.values)
+
+    def backward_(self) -> None:
+        """dL/dvalues = dL/dθ at the kept positions."""
+        import torch
+
+        with torch.no_grad():
+            torch.index_select(self.flat.grad, 0, self.index, out=self.values.grad)

@@ -1,0 +1,820 @@
+"""`diffprune train`: L0 diff learning with hard-concrete gates, a density controller, the magnitude
+projection to an exact budget, a fixed-mask finetuning phase, resumable state and DDP.
+
+Phases: (1) L0 — θ = θ₀ + z⊙z_g⊙w with w, log α trained by separate AdamW optimisers and the penalty
+weight λ steered by `DensityController` so that the expected density of the gates reaches the target;
+(2) projection — exact global top-k of the deterministic δ (`projection.project`); (3) fixed mask —
+only the kept entries (and the dense new head) are finetuned; the best dev epoch is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
+
+from diffcli.errors import DataError, InvalidValueError, OutputExistsError
+from diffcli.gates import HardConcrete
+
+if TYPE_CHECKING:
+    import torch
+
+PARTIAL_SUFFIX = ".partial"
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+@dataclass
+class TrainOptions:
+    """Every hyperparameter of the method; all are CLI flags and all are recorded in the checkpoint."""
+
+    sparsity: float = 0.005
+    epochs: int = 3
+    fixmask_epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_seq_length: int = 128
+    seed: int = 42
+    lr: float = 5e-5
+    alpha_lr: float = 0.1
+    fixmask_lr: float = 5e-5
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    l0_lambda: float = 1.25e-7
+    log_alpha_init: float = 5.0
+    gate_l: float = -1.5
+    gate_r: float = 1.5
+    beta: float = 1.0
+    structured: bool = True
+    controller: bool = True
+    controller_rate: float = 0.1
+    controller_warmup: float = 0.6
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if not 0 < self.sparsity <= 1:
+            raise InvalidValueError(f"sparsity must lie in (0, 100%], got {self.sparsity}")
+        for name in ("epochs", "fixmask_epochs"):
+            if getattr(self, name) < 0:
+                raise InvalidValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise InvalidValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_seq_length < 8:
+            raise InvalidValueError(f"--max-seq-length must be at least 8, got {self.max_seq_length}")
+        for name in ("lr", "alpha_lr", "fixmask_lr", "l0_lambda", "weight_decay", "controller_rate", "grad_clip"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise InvalidValueError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {v}")
+        if self.head_lr is not None and not (math.isfinite(self.head_lr) and self.head_lr >= 0):
+            raise InvalidValueError(f"--head-lr must be a finite number ≥ 0, got {self.head_lr}")
+        if not 0 <= self.controller_warmup <= 1:
+            raise InvalidValueError(f"--controller-warmup is a fraction of the L0 steps in [0, 1], "
+                                    f"got {self.controller_warmup}")
+        if not math.isfinite(self.log_alpha_init):
+            raise InvalidValueError("--log-alpha-init must be finite")
+        self.gate()  # checks l, r, beta
+
+    def gate(self) -> HardConcrete:
+        return HardConcrete(self.gate_l, self.gate_r, self.beta)
+
+
+@dataclass
+class DensityController:
+    """Adapts the penalty weight λ so that the expected gate density follows a schedule to the target.
+
+    The scheduled target falls geometrically from the initial expected density to `target` over the
+    first `warmup_steps` steps and then stays there. λ = λ₀·exp(c) with the integral term
+    c ← c + rate·clip(log(density / scheduled target), −1, 1): a Lagrangian-style multiplier on the
+    density constraint (Wang, Wohlwend & Lei 2020), in log space so it is independent of λ's scale.
+    """
+
+    target: float
+    lam0: float
+    rate: float
+    warmup_steps: int
+    start: float = 1.0
+    log_scale: float = 0.0
+    enabled: bool = True
+
+    def scheduled(self, step: int) -> float:
+        if self.warmup_steps <= 0 or step >= self.warmup_steps:
+            return self.target
+        f = step / self.warmup_steps
+        start = max(self.start, self.target)
+        return math.exp(math.log(start) + f * (math.log(self.target) - math.log(start)))
+
+    @property
+    def lam(self) -> float:
+        return self.lam0 * math.exp(self.log_scale) if self.enabled else self.lam0
+
+    def update(self, step: int, density: float) -> float:
+        """Feed the expected density measured at `step`; returns λ for the next step."""
+        if self.enabled and density > 0:
+            err = math.log(density / self.scheduled(step))
+            self.log_scale = min(60.0, max(-60.0, self.log_scale + self.rate * max(-1.0, min(1.0, err))))
+        return self.lam
+
+    def state(self) -> dict[str, float]:
+        return {"log_scale": self.log_scale, "start": self.start}
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+@dataclass
+class Dist:
+    """Process-group facts; world 1 when not launched by torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _init_dist(device_hint: str | None) -> tuple[Dist, "torch.device"]:
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and device_hint != "cpu"
+    if world > 1:
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        d = Dist(dist.get_rank(), dist.get_world_size(), local)
+        if use_cuda:
+            torch.cuda.set_device(local)
+            return d, torch.device("cuda", local)
+        return d, torch.device("cpu")
+    return Dist(), torch.device(device_hint) if device_hint else torch.device("cuda" if use_cuda else "cpu")
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+@dataclass
+class Reporter:
+    """How the library talks to the terminal: a progress-bar factory and an info-line sink."""
+
+    progress: Callable[[str, int | None], ContextManager[Any]] | None = None
+    info: Callable[[str], None] | None = None
+    warn: Callable[[str], None] | None = None
+
+    @contextmanager
+    def bar(self, description: str, total: int) -> Iterator[Any]:
+        if self.progress is None:
+            yield _NullBar()
+        else:
+            with self.progress(description, total) as handle:
+                yield handle
+
+    def line(self, text: str) -> None:
+        if self.info is not None:
+            self.info(text)
+
+    def warning(self, text: str) -> None:
+        if self.warn is not None:
+            self.warn(text)
+
+
+class _NullBar:
+    def advance(self, n: int = 1, status: str = "") -> None:
+        pass
+
+
+@dataclass
+class TaskModel:
+    """The task model with its tokenizer and how its tensors relate to the base."""
+
+    model: Any
+    tokenizer: Any
+    base_dir: Path
+    gated: list[str]                       # parameter names trained as θ₀ + δ
+    head: list[str]                        # parameter names trained densely (not in the base)
+    base_names: dict[str, str]             # target name → base name, for every shared tensor
+    base_info: dict[str, tuple[str, str]] = field(default_factory=dict)  # gated name → (dtype, digest)
+
+
+def build_task_model(base_dir: Path, spec, seed: int) -> TaskModel:
+    """AutoModelForSequenceClassification on the base, split into gated (shared) and dense (new) parameters."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from diffcli.weights import WeightStore, dtype_name, is_float, match_names, tensor_digest
+
+    torch.manual_seed(seed)
+    kw: dict[str, Any] = {"num_labels": spec.num_labels}
+    if spec.is_regression:
+        kw["problem_type"] = "regression"
+    else:
+        kw["problem_type"] = "single_label_classification"
+        kw["id2label"] = {i: str(n) for i, n in enumerate(spec.labels)}
+        kw["label2id"] = {str(n): i for i, n in enumerate(spec.labels)}
+    model = AutoModelForSequenceClassification.from_pretrained(str(base_dir), dtype=torch.float32, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    store = WeightStore(base_dir)
+    names = list(model.state_dict().keys())
+    mapping = match_names(store.names(), names)
+    params = dict(model.named_parameters())
+    gated, head, info = [], [], {}
+    for name, p in params.items():
+        bname = mapping.get(name)
+        if bname is not None and store.shape(bname) == tuple(p.shape) and is_float(store.dtype(bname)):
+            base_t = store[bname]
+            gated.append(name)
+            info[name] = (dtype_name(base_t.dtype), tensor_digest(base_t))
+            with torch.no_grad():  # θ₀ is the base exactly as stored (from_pretrained may have cast it)
+                p.copy_(base_t.to(torch.float32))
+        else:
+            head.append(name)
+    if not gated:
+        raise DataError(f"the task model shares no parameters with the base {base_dir}")
+    return TaskModel(model, tokenizer, base_dir, gated, head, mapping, info)
+
+
+def _loader(dataset, batch_size: int, seed: int, epoch: int, dist: Dist):
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed,
+                                 drop_last=False)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataset.collate, num_workers=0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    per_rank = math.ceil(n / world)
+    return math.ceil(per_rank / batch_size)
+
+
+def _adamw(params, lr: float, weight_decay: float, device: "torch.device"):
+    import torch
+
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # fused not available for this device/dtype
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _autocast(device: "torch.device"):
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _clip(tensors: list["torch.Tensor"], max_norm: float) -> None:
+    import torch
+
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(tensors, max_norm, foreach=True)
+
+
+class L0Trainer:
+    """One L0-phase optimisation step (also used by bench/bench_train_cost.py)."""
+
+    def __init__(self, model, gated: list[str], head: list[str], opts: TrainOptions, device: "torch.device",
+                 total_steps: int, ddp_model=None):
+        import torch
+
+        from diffcli.diffmodel import FlatParams, GatedDiff
+
+        self.model, self.opts, self.device = model, opts, device
+        self.forward_model = ddp_model if ddp_model is not None else model
+        self.flat = FlatParams(model, gated, device)
+        gen = torch.Generator(device=device).manual_seed(opts.seed)
+        self.gd = GatedDiff(self.flat, opts.gate(), log_alpha_init=opts.log_alpha_init, structured=opts.structured,
+                            generator=gen)
+        params = dict(model.named_parameters())
+        self.head = [params[n] for n in head]
+        groups = [{"params": [self.gd.w], "lr": opts.lr}]
+        if self.head:
+            groups.append({"params": self.head, "lr": opts.head_lr if opts.head_lr is not None else opts.lr})
+        self.opt_w = _adamw(groups, opts.lr, opts.weight_decay, device)
+        self.opt_a = _adamw([{"params": self.gd.gate_params(), "lr": opts.alpha_lr}], opts.alpha_lr, 0.0, device)
+        self.total_steps = max(1, total_steps)
+        self.step_count = 0
+        start = float(torch.sigmoid(torch.tensor(opts.log_alpha_init - opts.gate().shift)))
+        start = start * start if opts.structured else start
+        self.controller = DensityController(opts.sparsity, opts.l0_lambda, opts.controller_rate,
+                                            int(round(opts.controller_warmup * total_steps)), start=start,
+                                            enabled=opts.controller)
+        self.lam = self.controller.lam
+
+    def step(self, batch: dict) -> dict[str, float]:
+        """Sample gates, forward/backward, hand-made gate gradients, clip, two AdamW steps, controller."""
+        model, gd = self.model, self.gd
+        gd.sample_()
+        self.flat.zero_grad()
+        for p in self.head:
+            p.grad = None
+        with _autocast(self.device):
+            loss = self.forward_model(**batch).loss
+        loss.backward()
+        stats = gd.backward_(self.lam)
+        _clip([gd.w] + self.head, self.opts.grad_clip)
+        _clip(gd.gate_params(), self.opts.grad_clip)
+        decay = max(0.0, 1.0 - self.step_count / self.total_steps)
+        for group in self.opt_w.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * decay
+        self.opt_w.step()
+        self.opt_a.step()
+        self.lam = self.controller.update(self.step_count, stats["expected_density"])
+        self.step_count += 1
+        stats["loss"] = float(loss.detach())
+        stats["lambda"] = self.lam
+        return stats
+
+
+def _move(batch: dict, device: "torch.device") -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def partial_dir(output: Path) -> Path:
+    return output.with_name(output.name + PARTIAL_SUFFIX)
+
+
+def _opt_tensors(opt, prefix: str) -> dict[str, "torch.Tensor"]:
+    out = {}
+    for pid, st in opt.state_dict()["state"].items():
+        for key, val in st.items():
+            import torch
+
+            t = val if isinstance(val, torch.Tensor) else torch.tensor(float(val))
+            out[f"{prefix}/{pid}/{key}"] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _load_opt(opt, tensors: dict[str, "torch.Tensor"], prefix: str) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        if key.startswith(prefix + "/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(int(pid), {})[name] = val
+    dev = opt.param_groups[0]["params"][0].device
+    for st in state.values():
+        for name in list(st):
+            st[name] = st[name].to(dev) if name != "step" else st[name].to(dev if _fused(opt) else "cpu")
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def _fused(opt) -> bool:
+    return bool(opt.defaults.get("fused"))
+
+
+def _rng_tensors(device: "torch.device", gen: "torch.Generator | None") -> dict[str, "torch.Tensor"]:
+    import torch
+
+    out = {"rng/cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["rng/cuda"] = torch.cuda.get_rng_state(device)
+    if gen is not None:
+        out["rng/gate"] = gen.get_state()
+    return out
+
+
+def _restore_rng(tensors: dict, device: "torch.device", gen: "torch.Generator | None") -> None:
+    import torch
+
+    torch.set_rng_state(tensors["rng/cpu"])
+    if device.type == "cuda" and "rng/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+    if gen is not None and "rng/gate" in tensors:
+        gen.set_state(tensors["rng/gate"])
+
+
+def _save_partial(folder: Path, tensors: dict[str, "torch.Tensor"], state: dict) -> None:
+    """Replace the work folder atomically with the state after a finished epoch."""
+    from safetensors.torch import save_file
+
+    from diffcli.outputs import atomic_dir
+
+    with atomic_dir(folder, force=True) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _load_partial(folder: Path) -> tuple[dict[str, "torch.Tensor"], dict]:
+    from safetensors.torch import load_file
+
+    from diffcli.errors import FormatError
+
+    try:
+        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except Exception as exc:  # noqa: BLE001 - any unreadable work folder is the same failure
+        raise FormatError(f"cannot resume from {folder}: {exc}",
+                          hint="pass --force without --resume to start over") from exc
+    return tensors, state
+
+
+# options that do not change the result; a resumed run may differ in these
+_RESUME_FREE = {"eval_batch_size"}
+
+
+def _check_resume_options(saved: dict, now: dict) -> None:
+    diffs = [k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k]]
+    if diffs:
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in diffs[:4])
+        raise InvalidValueError(f"the interrupted run used other options: {shown}",
+                                hint="resume with the same options, or pass --force without --resume to start over")
+
+
+def _eval(tm: TaskModel, task_data, opts: TrainOptions, device) -> dict[str, dict[str, float]]:
+    from diffcli.evaluation import evaluate
+
+    return evaluate(tm.model, tm.tokenizer, task_data, max_seq_length=opts.max_seq_length,
+                    batch_size=opts.eval_batch_size, device=device)
+
+
+def _main_score(spec, results: dict[str, dict[str, float]]) -> float:
+    from diffcli.metrics import main_score
+
+    return main_score(spec, next(iter(results.values())))
+
+
+def _fmt_metrics(results: dict[str, dict[str, float]]) -> str:
+    parts = []
+    for split, ms in results.items():
+        parts.append(split + " " + " ".join(f"{k} {v:.4f}" for k, v in ms.items()))
+    return " | ".join(parts)
+
+
+def train(*, task: str | None = None, data_dir: str | None = None, train_file: str | None = None,
+          validation_file: str | None = None, text_fields: list[str] | None = None, label_field: str | None = None,
+          model: str = "minilm", max_train_samples: int | None = None, max_eval_samples: int | None = None,
+          output: str | Path, options: TrainOptions | None = None, resume: bool = False, force: bool = False,
+          reporter: Reporter | None = None, device: str | None = None,
+          on_epoch_end: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Run the three phases and write the best fixed-mask diff as a checkpoint at `output`; return a summary.
+
+    Resumable: after each epoch the state goes to `<output>.partial/`; `resume=True` continues from it.
+    Under torchrun every rank trains; rank 0 alone evaluates and writes.
+    """
+    import torch
+
+    from diffcli import checkpoint, tasks
+    from diffcli.outputs import check_output
+    from diffcli.weights import resolve_model
+
+    opts = options or TrainOptions()
+    opts.validate()
+    rep = reporter or Reporter()
+    output = Path(output)
+    check_output(output, force)
+    work = partial_dir(output)
+    resuming = resume and (work / STATE_JSON).is_file()
+    if resume and not resuming:
+        rep.warning(f"no interrupted run at {work}; starting from the beginning")
+    if not resume and work.exists():
+        if not force:
+            raise OutputExistsError(f"{work} holds an interrupted run",
+                                    hint="pass --resume to continue it, or --force to start over")
+    base_dir = resolve_model(model)
+    task_data = tasks.load_task(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
+                                text_fields=text_fields, label_field=label_field,
+                                max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+    if not task_data.train:
+        raise DataError("the training data is empty")
+    if not task_data.eval or not any(task_data.eval.values()):
+        raise DataError("training needs evaluation data to pick the best checkpoint",
+                        hint="pass --validation-file")
+
+    dist, dev = _init_dist(device)
+    if not dist.main:
+        rep = Reporter()
+    started = time.monotonic()
+    spec = task_data.spec
+    tm = build_task_model(base_dir, spec, opts.seed)
+    tm.model.to(dev)
+    train_set = tasks.encode(task_data.train, tm.tokenizer, opts.max_seq_length)
+    steps_l0 = opts.epochs * _steps_per_epoch(len(train_set), opts.batch_size, dist.world)
+    steps_fix = opts.fixmask_epochs * _steps_per_epoch(len(train_set), opts.batch_size, dist.world)
+
+    ddp = None
+    trainer = L0Trainer(tm.model, tm.gated, tm.head, opts, dev, steps_l0)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(tm.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        trainer.forward_model = ddp
+    torch.manual_seed(opts.seed + dist.rank)  # dropout streams
+    opt_dict = asdict(opts)
+    history: list[dict[str, Any]] = []
+    record: dict[str, Any] = {"history": history}
+    phase, done = "l0", 0
+    tensors: dict[str, torch.Tensor] = {}
+    if resuming:
+        tensors, saved = _load_partial(work)
+        _check_resume_options(saved["options"], opt_dict)
+        if saved.get("task") != spec.name or saved.get("model") != model:
+            raise InvalidValueError(f"the interrupted run at {work} trained {saved.get('task')} on "
+                                    f"{saved.get('model')}", hint="pass --force without --resume to start over")
+        phase, done = saved["phase"], int(saved["epochs_done"])
+        record = saved["record"]
+        history = record["history"]
+        if phase == "l0":
+            _restore_l0(trainer, tm, tensors, saved)
+            _restore_rng(tensors, dev, trainer.gd.generator)
+        rep.line(f"resuming {phase} phase after epoch {done}")
+
+    def save_state(extra_tensors: dict, state: dict) -> None:
+        if dist.main:
+            state.update({"options": opt_dict, "task": spec.name, "model": model, "record": record})
+            _save_partial(work, extra_tensors, state)
+        dist.barrier()
+
+    # ---- phase 1: L0
+    if phase == "l0":
+        for epoch in range(done, opts.epochs):
+            loader = _loader(train_set, opts.batch_size, opts.seed, epoch, dist)
+            tm.model.train()
+            losses, stats = [], {}
+            with rep.bar(f"L0 epoch {epoch + 1}/{opts.epochs}", len(loader)) as bar:
+                for batch in loader:
+                    stats = trainer.step(_move(batch, dev))
+                    losses.append(stats["loss"])
+                    bar.advance(1, f"loss {stats['loss']:.4f} density {stats['expected_density']:.2%} "
+                                   f"λ {stats['lambda']:.2e}")
+            entry = {"phase": "l0", "epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1),
+                     "expected_density": stats.get("expected_density"), "lambda": trainer.lam,
+                     "deterministic_density": trainer.gd.deterministic_density()}
+            if dist.main:
+                trainer.gd.set_deterministic_()
+                entry["metrics"] = _eval(tm, task_data, opts, dev)
+                rep.line(f"L0 epoch {entry['epoch']}/{opts.epochs}: loss {entry['loss']:.4f} expected density "
+                         f"{entry['expected_density']:.3%} deterministic density "
+                         f"{entry['deterministic_density']:.3%} | {_fmt_metrics(entry['metrics'])}")
+            history.append(entry)
+            state = {"phase": "l0", "epochs_done": epoch + 1, "step": trainer.step_count,
+                     "controller": trainer.controller.state(), "lam": trainer.lam}
+            save_state({**_l0_tensors(trainer), **_rng_tensors(dev, trainer.gd.generator)}, state)
+            if on_epoch_end:
+                on_epoch_end("l0", epoch + 1)
+
+        # ---- phase 2: projection
+        gd = trainer.gd
+        record["after_l0"] = {"expected_density": _expected(trainer), "deterministic_density":
+                              gd.deterministic_density(), "lambda": trainer.lam}
+        if dist.main:
+            gd.set_deterministic_()
+            record["after_l0"]["metrics"] = _eval(tm, task_data, opts, dev)
+        delta = gd.delta()
+        index, values, proj_info = _project(tm, trainer.flat, delta, opts.sparsity)
+        record["projection"] = proj_info
+        head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
+        del delta
+        flat = trainer.flat
+        trainer = None  # free w, log α and their optimiser states
+        phase, done = "fixmask", 0
+        tensors = {"mask/index": index.cpu(), "mask/values": values.cpu(),
+                   **{f"head/{n}": t for n, t in head_state.items()}}
+        state_fix = None
+    else:
+        flat = trainer.flat
+        trainer = None
+        state_fix = saved
+
+    # ---- phase 3: fixed mask
+    from diffcli.diffmodel import MaskedDiff
+
+    params = dict(tm.model.named_parameters())
+    head = [params[n] for n in tm.head]
+    index = tensors["mask/index"]
+    md = MaskedDiff(flat, index, tensors["mask/values"])
+    with torch.no_grad():
+        for n, p in zip(tm.head, head):
+            p.copy_(tensors[f"head/{n}"])
+    groups = [{"params": [md.values], "lr": opts.fixmask_lr}]
+    if head:
+        groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
+    opt_m = _adamw(groups, opts.fixmask_lr, opts.weight_decay, dev)
+    for g in opt_m.param_groups:
+        g["initial_lr"] = g["lr"]
+    step_m = 0
+    if state_fix is None:  # first entry into the phase: score the projection (epoch 0 candidate)
+        if dist.main:
+            record["projection"]["metrics"] = _eval(tm, task_data, opts, dev)
+            record["best"] = {"epoch": 0, "score": _main_score(spec, record["projection"]["metrics"]),
+                              "metrics": record["projection"]["metrics"]}
+            rep.line(f"projection to {opts.sparsity:.3%}: nnz {record['projection']['kept']} | "
+                     f"{_fmt_metrics(record['projection']['metrics'])}")
+        best_tensors = {"best/values": md.values.detach().clone(),
+                        **{f"best/head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
+        save_state({**tensors, **best_tensors, **_rng_tensors(dev, None)}, {"phase": "fixmask", "epochs_done": 0,
+                                                                           "step": 0})
+    else:
+        best_tensors = {k: v for k, v in tensors.items() if k.startswith("best/")}
+        step_m = int(state_fix["step"])
+        _load_opt(opt_m, tensors, "opt_m")
+        with torch.no_grad():
+            md.values.copy_(tensors["mask/values"])
+        md.write_()
+        _restore_rng(tensors, dev, None)
+    if dist.world > 1 and ddp is None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(tm.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    fwd = ddp if ddp is not None else tm.model
+    total_fix = max(1, steps_fix)
+    for epoch in range(done, opts.fixmask_epochs):
+        loader = _loader(train_set, opts.batch_size, opts.seed + 1, epoch, dist)
+        tm.model.train()
+        losses = []
+        with rep.bar(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}", len(loader)) as bar:
+            for batch in loader:
+                flat.zero_grad()
+                for p in head:
+                    p.grad = None
+                with _autocast(dev):
+                    loss = fwd(**_move(batch, dev)).loss
+                loss.backward()
+                md.backward_()
+                _clip([md.values] + head, opts.grad_clip)
+                decay = max(0.0, 1.0 - step_m / total_fix)
+                for g in opt_m.param_groups:
+                    g["lr"] = g["initial_lr"] * decay
+                opt_m.step()
+                md.write_()
+                step_m += 1
+                losses.append(float(loss.detach()))
+                bar.advance(1, f"loss {losses[-1]:.4f}")
+        entry = {"phase": "fixmask", "epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)}
+        if dist.main:
+            entry["metrics"] = _eval(tm, task_data, opts, dev)
+            score = _main_score(spec, entry["metrics"])
+            better = score > record["best"]["score"]
+            if better:
+                record["best"] = {"epoch": epoch + 1, "score": score, "metrics": entry["metrics"]}
+                best_tensors = {"best/values": md.values.detach().clone(),
+                                **{f"best/head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
+            rep.line(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}: loss {entry['loss']:.4f} | "
+                     f"{_fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
+        history.append(entry)
+        cur = {"mask/index": index, "mask/values": md.values.detach(),
+               **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}
+        save_state({**cur, **best_tensors, **_opt_tensors(opt_m, "opt_m"), **_rng_tensors(dev, None)},
+                   {"phase": "fixmask", "epochs_done": epoch + 1, "step": step_m})
+        if on_epoch_end:
+            on_epoch_end("fixmask", epoch + 1)
+
+    summary: dict[str, Any] = {}
+    if dist.main:
+        diff = _build_diff(tm, flat, index, best_tensors, model_ref=model, meta={
+            "method": "l0-diff-pruning", "task": spec.name, "hyperparameters": opt_dict,
+            "data": {"task": task, "train_file": str(train_file) if train_file else None,
+                     "validation_file": str(validation_file) if validation_file else None,
+                     "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
+                     "train_examples": len(task_data.train)},
+            "world_size": dist.world,
+            "results": {"after_l0": record.get("after_l0"), "projection": record.get("projection"),
+                        "best": record["best"]},
+            "history": history,
+        })
+        checkpoint.save(diff, output, force=force)
+        shutil.rmtree(work, ignore_errors=True)
+        summary = {
+            "output": str(output), "task": spec.name, "model": model,
+            "after_l0": record.get("after_l0"), "after_projection": record.get("projection"),
+            "after_fixmask": record["best"], "density": diff.density, "nnz": diff.nnz,
+            "budget_numel": diff.budget_numel, "extras_numel": diff.extras_numel,
+            "epochs": {"l0": opts.epochs, "fixmask": opts.fixmask_epochs}, "world_size": dist.world,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    dist.barrier()
+    return summary
+
+
+def _expected(trainer: L0Trainer) -> float:
+    from diffcli.gates import expected_density
+
+    gd = trainer.gd
+    return expected_density(gd.gate, gd.log_alpha, gd.group_log_alpha, trainer.flat.sizes)
+
+
+def _l0_tensors(trainer: L0Trainer) -> dict[str, "torch.Tensor"]:
+    gd = trainer.gd
+    out = {"l0/w": gd.w.detach(), "l0/log_alpha": gd.log_alpha.detach()}
+    if gd.structured:
+        out["l0/group_log_alpha"] = gd.group_log_alpha.detach()
+    for i, p in enumerate(trainer.head):
+        out[f"l0/head/{i}"] = p.detach()
+    out.update(_opt_tensors(trainer.opt_w, "opt_w"))
+    out.update(_opt_tensors(trainer.opt_a, "opt_a"))
+    return out
+
+
+def _restore_l0(trainer: L0Trainer, tm: TaskModel, tensors: dict, saved: dict) -> None:
+    import torch
+
+    gd = trainer.gd
+    with torch.no_grad():
+        gd.w.copy_(tensors["l0/w"])
+        gd.log_alpha.copy_(tensors["l0/log_alpha"])
+        if gd.structured:
+            gd.group_log_alpha.copy_(tensors["l0/group_log_alpha"])
+        for i, p in enumerate(trainer.head):
+            p.copy_(tensors[f"l0/head/{i}"])
+    _load_opt(trainer.opt_w, tensors, "opt_w")
+    _load_opt(trainer.opt_a, tensors, "opt_a")
+    for group in trainer.opt_w.param_groups:  # the schedule's base lr, lost with the state dict
+        group["initial_lr"] = group.get("initial_lr", group["lr"])
+    trainer.step_count = int(saved["step"])
+    trainer.controller.log_scale = float(saved["controller"]["log_scale"])
+    trainer.controller.start = float(saved["controller"]["start"])
+    trainer.lam = float(saved["lam"])
+
+
+def _dense_diff(tm: TaskModel, flat, delta: "torch.Tensor"):
+    """The deterministic δ as a Diff of dense per-tensor views (no copy), for `projection.project`."""
+    from diffcli.diff import Diff, TensorDiff
+
+    tensors = {}
+    for name, seg, shape in zip(flat.names, flat.segments(delta.cpu()), flat.shapes):
+        dtype, digest = tm.base_info[name]
+        tensors[name] = TensorDiff(tm.base_names[name], shape, dtype, digest, seg.view(shape))
+    return Diff(tensors, {}, {}, "", "")
+
+
+def _project(tm: TaskModel, flat, delta: "torch.Tensor", sparsity: float):
+    """Exact global top-k of |δ| → sorted flat positions and their values."""
+    import torch
+
+    from diffcli.projection import project
+
+    proj = project(_dense_diff(tm, flat, delta), sparsity)
+    idx, vals = [], []
+    for name, a in zip(flat.names, flat.offsets):
+        td = proj.diff.tensors[name]
+        idx.append(td.indices + a)
+        vals.append(td.values)
+    index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+    values = torch.cat(vals) if vals else torch.zeros(0)
+    info = {"sparsity": sparsity, "k": proj.k, "n": proj.n, "kept": proj.kept}
+    return index, values, info
+
+
+def _build_diff(tm: TaskModel, flat, index: "torch.Tensor", best: dict, *, model_ref: str, meta: dict):
+    """The shared Diff: sparse δ per gated tensor, zero δ for untouched shared tensors, the head as extras."""
+    import torch
+
+    from diffcli.diff import Diff, TensorDiff
+    from diffcli.weights import WeightStore, dtype_name, fingerprint_of, tensor_digest
+
+    values = best["best/values"].cpu()
+    tensors: dict[str, TensorDiff] = {}
+    cuts = torch.searchsorted(index.cpu(), torch.tensor(flat.offsets, dtype=torch.int64)).tolist()
+    for name, shape, a, lo, hi in zip(flat.names, flat.shapes, flat.offsets, cuts, cuts[1:]):
+        dtype, digest = tm.base_info[name]
+        v = values[lo:hi].clone()
+        i = index[lo:hi].cpu() - a
+        keep = v != 0
+        tensors[name] = TensorDiff(tm.base_names[name], shape, dtype, digest, v[keep].contiguous(),
+                                   i[keep].contiguous())
+    extras: dict[str, torch.Tensor] = {}
+    store = None
+    state = tm.model.state_dict()
+    gated = set(flat.names)
+    head = set(tm.head)
+    for name, t in state.items():
+        if name in gated:
+            continue
+        if name in head:
+            extras[name] = best[f"best/head/{name}"].detach().cpu().clone().contiguous()
+            continue
+        bname = tm.base_names.get(name)
+        t = t.detach().cpu()
+        if bname is not None:
+            store = store or WeightStore(tm.base_dir)
+            b = store[bname]
+            if tuple(b.shape) == tuple(t.shape) and torch.equal(b.to(t.dtype), t):
+                tensors[name] = TensorDiff.zeros(bname, tuple(b.shape), dtype_name(b.dtype), tensor_digest(b))
+                continue
+        extras[name] = t.clone().contiguous()
+    config = json.loads(tm.model.config.to_json_string(use_diff=False))
+    config["architectures"] = [type(tm.model).__name__]
+    fp = fingerprint_of({td.base_name: td.digest for td in tensors.values()})
+    return Diff(tensors, extras, config, model_ref, fp, meta)
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(TrainOptions)]
