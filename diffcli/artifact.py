@@ -262,6 +262,15 @@ def _encode(diff: Diff, values: str) -> tuple[bytes, dict[str, int | float]]:
     return b"".join(parts), stats
 
 
+def _umask_mode(path: Path) -> None:
+    """Give a temporary file the mode a plain open() would have (mkstemp makes it owner-only)."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def pack(diff: Diff, values: str = "fp16") -> bytes:
     """Serialise a Diff to the packed format; the same Diff always gives the same bytes."""
     return _encode(diff, values)[0]
@@ -279,6 +288,7 @@ def write(diff: Diff, out: str | Path, values: str = "fp16", force: bool = False
     else:
         with atomic_file(out, force) as tmp:
             tmp.write_bytes(data)
+            _umask_mode(tmp)
     extras_raw = sum(int(t.numel()) * t.element_size() for t in diff.extras.values())
     dense = 4 * diff.budget_numel + extras_raw
     budget = diff.budget_numel
@@ -507,6 +517,12 @@ def read_header(path: str | Path) -> dict:
     return _parse_front(front, size, str(path))[0]
 
 
+def loads_header(data: bytes) -> dict:
+    """The validated header of a packed file held in memory (payload checksums not checked)."""
+    view = memoryview(data)
+    return _parse_front(view, len(view), "<bytes>")[0]
+
+
 def _sections_of(header: dict) -> Iterator[tuple[str, str, dict]]:
     """(kind, name, header entry) for every section-bearing entry, in payload order."""
     for name in sorted(header["extras"]):
@@ -601,9 +617,11 @@ def verify(path: str | Path, base: str | None = None) -> VerifyReport:
     if differ:
         first, why = differ[0]
         raise BaseMismatchError(f"{len(differ)} of {len(header['tensors'])} base tensors differ from the base "
-                                f"the diff was made on; first: {first!r} ({why})")
+                                f"the diff was made on; first: {first!r} ({why})",
+                                hint="pass the base the diff was made on")
     if fingerprint(digests) != header["base"]["fingerprint"]:
-        raise BaseMismatchError("the base's fingerprint differs from the one the diff records")
+        raise BaseMismatchError("the base's fingerprint differs from the one the diff records",
+                                hint="pass the base the diff was made on")
     report.base = base
     report.base_tensors_checked = len(digests)
     report.checks.append(f"base {base}: {len(digests)} tensor digests and the fingerprint match")

@@ -133,7 +133,7 @@ def from_planes(data: bytes | memoryview, itemsize: int) -> np.ndarray:
     buf = np.frombuffer(data, dtype=np.uint8)
     if itemsize == 1:
         return buf.copy()
-    return np.ascontiguousarray(buf.reshape(itemsize, -1).T[:, ::-1]).reshape(-1)
+    return np.array(buf.reshape(itemsize, -1).T[:, ::-1], order="C", copy=True).reshape(-1)
 
 
 def compress(raw: bytes) -> tuple[str, bytes]:
