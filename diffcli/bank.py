@@ -66,6 +66,19 @@ def task_config(diff: Diff):
         raise InvalidValueError(f"cannot build a config for model type {model_type!r}: {exc}") from None
 
 
+def _quiet_load(auto_cls, folder: Path):
+    """from_pretrained without transformers' loading bar (stderr is for our own lines)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return auto_cls.from_pretrained(folder)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 class DiffBank:
     """A base model loaded once, switched in place between task diffs (see the module docstring)."""
 
@@ -76,7 +89,7 @@ class DiffBank:
         self.base_ref = str(base)
         self.folder = resolve_model(str(base))
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.encoder = AutoModel.from_pretrained(self.folder).to(self.device).eval()
+        self.encoder = _quiet_load(AutoModel, self.folder).to(self.device).eval()
         self._tasks: dict[str, _Task] = {}
         self._digests: dict[str, str] = {}
         self._active: str | None = None

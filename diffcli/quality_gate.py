@@ -1,0 +1,128 @@
+"""`diffprune eval`: score base + diff on a task's dev data in memory and check --min thresholds (a CI gate)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from diffcli.errors import InvalidValueError, ThresholdNotMetError
+from diffcli.metrics import COMBINED, METRIC_NAMES
+
+KNOWN_METRICS = (*METRIC_NAMES, COMBINED)
+
+
+def parse_thresholds(items: Sequence[str] | None) -> dict[str, float]:
+    """['accuracy=0.9', 'f1=0.85'] → {'accuracy': 0.9, 'f1': 0.85}; unknown names fail before any work."""
+    out: dict[str, float] = {}
+    for item in items or ():
+        name, sep, raw = str(item).partition("=")
+        name, raw = name.strip().lower(), raw.strip()
+        if not sep or not name or not raw:
+            raise InvalidValueError(f"threshold {item!r} is not METRIC=VALUE, e.g. accuracy=0.9")
+        if name not in KNOWN_METRICS:
+            raise InvalidValueError(f"unknown metric {name!r} in --min {item}; known: {', '.join(KNOWN_METRICS)}")
+        try:
+            value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+        except ValueError:
+            raise InvalidValueError(f"threshold value {raw!r} for {name} is not a number") from None
+        if not math.isfinite(value) or not -1 <= value <= 1:
+            hint = f"did you mean {value / 100:g}?" if 1 < value <= 100 else None
+            raise InvalidValueError(f"threshold {name}={raw} is outside [-1, 1]; metrics are fractions", hint=hint)
+        if name in out:
+            raise InvalidValueError(f"--min {name} given twice")
+        out[name] = value
+    return out
+
+
+def _task_from_meta(meta: Mapping[str, Any]) -> str | None:
+    task = meta.get("task")
+    if isinstance(task, dict):
+        task = task.get("name")
+    return str(task) if task else None
+
+
+def _label_names(config: Mapping[str, Any]) -> list[str] | None:
+    """The head's labels in class-id order, for custom tasks (so file labels map to the right logits)."""
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return None
+
+
+def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, data_dir: str | Path | None = None,
+                  validation_file: str | Path | None = None, text_fields: Sequence[str] | None = None,
+                  label_field: str | None = None, max_eval_samples: int | None = None, max_seq_length: int = 128,
+                  batch_size: int = 64, thresholds: Mapping[str, float] | None = None,
+                  device: str | None = None) -> dict[str, Any]:
+    """Metrics of base + diff on the task's evaluation splits, and which --min thresholds failed.
+
+    The task model is built in memory (`DiffBank`: base weights + `applying.apply_`), never written.
+    `task` defaults to the task recorded in the diff's metadata.
+    """
+    from diffcli.sources import load_diff
+    from diffcli.tasks import load_task
+
+    thresholds = dict(thresholds or {})
+    unknown = [m for m in thresholds if m not in KNOWN_METRICS]
+    if unknown:
+        raise InvalidValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(KNOWN_METRICS)}")
+    diff = load_diff(diff_path)
+    task = task or _task_from_meta(diff.meta)
+    if task is None and validation_file is None:
+        raise InvalidValueError(f"{diff_path} records no task; pass --task (or --validation-file)")
+    labels = _label_names(diff.config) if task is None or task.lower() == "custom" else None
+    data = load_task(task, data_dir=data_dir, validation_file=validation_file, text_fields=text_fields,
+                     label_field=label_field, max_eval_samples=max_eval_samples, need_train=False, labels=labels)
+    spec = data.spec
+    reported = (*spec.metrics, COMBINED) if len(spec.metrics) > 1 else spec.metrics
+    for name in thresholds:
+        if name not in reported:
+            raise InvalidValueError(f"task {spec.name} reports {', '.join(reported)}; it has no {name} to check")
+    from diffcli.bank import DiffBank, task_config
+
+    head = task_config(diff).num_labels  # config.json omits the default (2 labels)
+    if head != spec.num_labels:
+        raise InvalidValueError(f"the diff's head predicts {head} label{'s' if head != 1 else ''} but task "
+                                f"{spec.name} has {spec.num_labels}", hint="pass the --task the diff was trained on")
+    if not data.eval:
+        raise InvalidValueError("no evaluation data", hint="pass --validation-file")
+
+    from transformers import AutoTokenizer
+
+    from diffcli.evaluation import evaluate
+
+    bank = DiffBank(base, device=device)
+    bank.add(spec.name, diff)
+    tokenizer = AutoTokenizer.from_pretrained(bank.folder)
+    with bank.use(spec.name) as model:
+        results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)
+    failures = [{"split": split, "metric": m, "value": float(values[m]), "min": t}
+                for split, values in results.items() for m, t in thresholds.items() if float(values[m]) < t]
+    return {"base": str(base), "diff": str(diff_path), "task": spec.name,
+            "examples": {split: len(ex) for split, ex in data.eval.items()}, "metrics": results,
+            "thresholds": thresholds, "failures": failures, "passed": not failures}
+
+
+def enforce(report: Mapping[str, Any]) -> None:
+    """Raise ThresholdNotMetError (exit 8) naming every missed threshold of an `evaluate_diff` report."""
+    fails = report["failures"]
+    if fails:
+        parts = [f"{f['metric']} {f['value']:.4f} < {f['min']:g}" + (f" ({f['split']})" if len(report["metrics"]) > 1
+                                                                    else "") for f in fails]
+        raise ThresholdNotMetError(f"quality gate failed for {report['task']}: {'; '.join(parts)}")
+
+
+def render_eval(console, report: Mapping[str, Any]) -> None:
+    """Human rendering: one line per split with its metrics, and the gate's verdict."""
+    n = ", ".join(f"{split} {count:,}" for split, count in report["examples"].items())
+    console.print(f"{report['task']} ({n} examples)", markup=False)
+    for split, values in report["metrics"].items():
+        shown = "  ".join(f"{m}={v:.4f}" for m, v in values.items())
+        console.print(f"  {split}: {shown}", markup=False)
+    if report["thresholds"]:
+        wanted = ", ".join(f"{m}>={t:g}" for m, t in report["thresholds"].items())
+        console.print(f"gate {'passed' if report['passed'] else 'FAILED'} ({wanted})", markup=False)

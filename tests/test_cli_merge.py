@@ -1,0 +1,118 @@
+"""`diffprune merge`: the merged .diff packs, verifies and applies; overlap report; refusals with exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_base, make_finetune
+from diffcli import artifact, checkpoint
+from diffcli.cli.app import app
+from diffcli.extract import extract_diff
+from diffcli.projection import project
+from diffcli.weights import WeightStore
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    base = make_base(root / "base")
+    diffs = []
+    for seed, labels in ((1, 2), (2, 2), (3, 3)):
+        d = project(extract_diff(str(base), str(make_finetune(base, root / f"ft{seed}", seed=seed,
+                                                              num_labels=labels))), 0.2).diff
+        artifact.write(d, root / f"d{seed}.diff", values="fp32")
+        diffs.append(d)
+    other = make_base(root / "other", seed=9)
+    foreign = project(extract_diff(str(other), str(make_finetune(other, root / "fto"))), 0.2).diff
+    checkpoint.save(foreign, root / "foreign.ckpt")
+    return root, base, diffs
+
+
+def test_merged_diff_packs_verifies_and_applies(env, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    root, base, diffs = env
+    out = tmp_path / "m.diff"
+    res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "d2.diff"), "-o", str(out),
+                              "--weights", "0.5,0.25", "--values", "fp32", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["output"] == str(out) and report["method"] == "sum"
+    assert [i["weight"] for i in report["inputs"]] == [0.5, 0.25]
+    assert report["totals"]["shared"] > 0 and report["totals"]["union"] > report["totals"]["shared"]
+    assert {g["layer"] for g in report["layers"]} >= {"embeddings", "layer 00", "layer 01"}
+
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    merged = artifact.load(out)
+    assert merged.base_fingerprint == diffs[0].base_fingerprint
+    assert merged.nnz == report["totals"]["nnz"]
+
+    res = runner.invoke(app, ["apply", str(base), str(out), "-o", str(tmp_path / "model")])
+    assert res.exit_code == 0, res.output
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")  # loads cleanly
+    applied, b = WeightStore(tmp_path / "model"), WeightStore(base)
+    for name, td in diffs[0].tensors.items():
+        expect = b[td.base_name] + 0.5 * td.dense() + 0.25 * diffs[1].tensors[name].dense()
+        torch.testing.assert_close(applied[name], expect, rtol=0, atol=1e-6)
+    for name, t in diffs[0].extras.items():  # extras rule "first"
+        assert torch.equal(applied[name], t)
+
+
+def test_ties_to_a_checkpoint_folder_with_human_report(env, tmp_path):
+    root, _, _ = env
+    out = tmp_path / "ties.ckpt"
+    res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "d2.diff"), str(root / "d3.diff"),
+                              "-o", str(out), "--method", "ties"])
+    assert res.exit_code == 0, res.output
+    assert "sign conflicts" in res.stdout and "dropped" in res.stdout
+    merged = checkpoint.load(out)
+    assert merged.meta["merge"]["method"] == "ties"
+    assert merged.config.get("num_labels", 2) == 2  # first input's head
+
+
+def test_different_bases_are_refused(env, tmp_path):
+    root, _, _ = env
+    out = tmp_path / "x.diff"
+    res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "foreign.ckpt"), "-o", str(out)])
+    assert res.exit_code == 5
+    assert "another base" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["--weights", "1"], 2, "1 weights for 2 diffs"),
+    (["--method", "mean"], 2, "method 'mean'"),
+    (["--values", "fp8"], 2, "--values 'fp8'"),
+    (["--density", "1.5", "--method", "ties"], 2, "density"),
+])
+def test_bad_options(env, tmp_path, args, code, needle):
+    root, _, _ = env
+    res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "d2.diff"), "-o", str(tmp_path / "m.diff"),
+                              *args])
+    assert res.exit_code == code, res.output
+    assert needle in res.stderr
+    assert not (tmp_path / "m.diff").exists()
+
+
+def test_heads_of_different_shapes_cannot_be_averaged(env, tmp_path):
+    root, _, _ = env
+    res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "d3.diff"), "-o", str(tmp_path / "m.diff"),
+                              "--extras", "mean"])
+    assert res.exit_code == 2
+    assert "cannot average extra" in res.stderr
+
+
+def test_existing_output_and_single_input(env, tmp_path):
+    root, _, _ = env
+    out = tmp_path / "m.diff"
+    out.write_bytes(b"keep")
+    res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "d2.diff"), "-o", str(out)])
+    assert res.exit_code == 6 and out.read_bytes() == b"keep"
+    res = runner.invoke(app, ["merge", str(root / "d1.diff"), "-o", str(tmp_path / "n.diff")])
+    assert res.exit_code == 2 and "at least two" in res.stderr
