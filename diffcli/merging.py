@@ -234,12 +234,12 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
 
 
 def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequence[float] | None = None,
-                method: str = "sum", extras: str = "first", density: float | None = None, values: str = "fp32",
+                method: str = "sum", extras: str = "first", density: float | None = None, values: str = "fp16",
                 force: bool = False) -> dict[str, Any]:
     """`diffprune merge`: load diffs (packed files or checkpoints), merge, write OUT; returns the report.
 
-    OUT ending in `.diff` is packed with `artifact.write` (values fp32 by default, so the merge is exact);
-    any other path becomes a checkpoint folder.
+    OUT ending in `.diff` is packed with `artifact.write` (`values` as in `pack`; fp32 keeps the merge
+    exact); any other path becomes a checkpoint folder (float32 values).
     """
     from diffcli import checkpoint
     from diffcli.outputs import check_output
@@ -248,6 +248,11 @@ def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequen
     out = Path(out)
     _check_options(len(paths), weights, method, extras, density)
     check_output(out, force)
+    if out.suffix == ".diff":
+        from diffcli.artifact import VALUE_TYPES
+
+        if values not in VALUE_TYPES:
+            raise InvalidValueError(f"--values {values!r} is not one of {', '.join(VALUE_TYPES)}")
     names = [str(p) for p in paths]
     result = merge([load_diff(p) for p in paths], weights, method=method, extras=extras, density=density,
                    names=names)
