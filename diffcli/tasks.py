@@ -582,35 +582,74 @@ def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
 # ---------------------------------------------------------------------------------------------- encoding
 
 class EncodedDataset:
-    """Tokenized examples as a torch-style Dataset of dicts of 1-D tensors (no padding; see `collate`)."""
+    """Tokenized examples as a torch-style Dataset of dicts of 1-D tensors (no padding; see `collate`).
 
-    def __init__(self, features: dict[str, list], labels: list[int | float], pad_token_id: int = 0):
+    Each feature is kept as one flat tensor plus offsets (items are views), which is much cheaper to build than
+    one tensor per row; attention_mask is all ones before padding, so it is made on access.
+    """
+
+    def __init__(self, features: dict[str, list[list[int]]], labels: list[int | float], pad_token_id: int = 0):
+        import itertools
+
         import torch
 
         self.pad_token_id = pad_token_id
         self.regression = any(isinstance(y, float) for y in labels)
-        self._keys = list(features)
-        self._columns = {k: [torch.tensor(v, dtype=torch.long) for v in vals] for k, vals in features.items()}
+        ids = features.get("input_ids", [])
+        self._lengths = [len(row) for row in ids]
+        self._offsets = [0, *itertools.accumulate(self._lengths)]
+        self._flat = {k: torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+                      for k, rows in features.items() if k != "attention_mask"}
         self._labels = torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
 
     def __len__(self) -> int:
         return len(self._labels)
 
     def __getitem__(self, i: int) -> dict[str, "torch.Tensor"]:
-        item = {k: self._columns[k][i] for k in self._keys}
+        import torch
+
+        start, stop = self._offsets[i], self._offsets[i + 1]
+        item = {"input_ids": self._flat["input_ids"][start:stop],
+                "attention_mask": torch.ones(stop - start, dtype=torch.long)}
+        for key, flat in self._flat.items():
+            if key != "input_ids":
+                item[key] = flat[start:stop]
         item["labels"] = self._labels[i]
         return item
 
     @property
     def lengths(self) -> list[int]:
         """Token count of every example (for length-sorted batching)."""
-        return [len(t) for t in self._columns["input_ids"]]
+        return list(self._lengths)
 
     @property
     def labels(self) -> "torch.Tensor":
         return self._labels
 
     def collate(self, batch: list[dict]) -> dict[str, "torch.Tensor"]:
+        """`collate` with this tokenizer's padding id."""
+        return collate(batch, pad_token_id=self.pad_token_id)
+
+
+def encode(examples: Sequence[Example], tokenizer, max_seq_length: int) -> EncodedDataset:
+    """Tokenize all examples in one batched call (fast tokenizers run it in Rust), truncating to max_seq_length."""
+    if max_seq_length < 8:
+        raise InvalidValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
+    arities = {len(e.texts) for e in examples}
+    if len(arities) > 1:
+        raise DataError("examples mix single texts and text pairs")
+    features: dict[str, list[list[int]]] = {"input_ids": []}
+    if examples:
+        first = [e.texts[0] for e in examples]
+        second = [e.texts[1] for e in examples] if arities == {2} else None
+        enc = tokenizer(first, second, truncation=True, max_length=max_seq_length, padding=False,
+                        return_attention_mask=False)
+        features = {k: v for k, v in enc.items() if k in ("input_ids", "token_type_ids")}
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return EncodedDataset(features, [e.label for e in examples], 0 if pad is None else int(pad))
+
+
+def collate(self, batch: list[dict]) -> dict[str, "torch.Tensor"]:
         """`collate` with this tokenizer's padding id."""
         return collate(batch, pad_token_id=self.pad_token_id)
 
