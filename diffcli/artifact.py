@@ -339,6 +339,12 @@ def _str(v: Any, where: str, hi: int, lo: int = 0, pattern: re.Pattern | None = 
     return v
 
 
+def _choice(v: Any, allowed: Any, where: str) -> str:
+    if not isinstance(v, str) or v not in allowed:
+        raise _fail(f"{where} {v!r} is not one of {', '.join(allowed)}")
+    return v
+
+
 def _shape(v: Any, where: str) -> tuple[int, ...]:
     if not isinstance(v, list) or len(v) > MAX_NDIM:
         raise _fail(f"{where}.shape must be a list of at most {MAX_NDIM} sizes")
@@ -364,9 +370,7 @@ def _section(v: Any, where: str, kind: str, raw_lo: int, raw_hi: int) -> _Sectio
     sec = _Section(where, kind, _int(s["offset"], f"{where}.offset", 1 << 62),
                    _int(s["length"], f"{where}.length", 1 << 62),
                    _int(s["raw_length"], f"{where}.raw_length", 1 << 62),
-                   _str(s["sha256"], f"{where}.sha256", 64, 64, _SHA_RE), s["codec"])
-    if sec.codec not in CODECS:
-        raise _fail(f"{where}.codec must be one of {', '.join(CODECS)}")
+                   _str(s["sha256"], f"{where}.sha256", 64, 64, _SHA_RE), _choice(s["codec"], CODECS, f"{where}.codec"))
     if not raw_lo <= sec.raw_length <= raw_hi:
         raise _fail(f"{where}.raw_length {sec.raw_length} is not what its shape and nnz imply "
                     f"({raw_lo}..{raw_hi})" if raw_lo != raw_hi else
@@ -389,8 +393,7 @@ def validate_header(h: Any, payload_size: int) -> list[_Section]:
     base = _keys(h["base"], {"ref", "fingerprint"}, "base")
     _str(base["ref"], "base.ref", MAX_REF)
     _str(base["fingerprint"], "base.fingerprint", 71, 71, _FINGERPRINT_RE)
-    if h["values"] not in VALUE_TYPES:
-        raise _fail(f"values must be one of {', '.join(VALUE_TYPES)}")
+    _choice(h["values"], VALUE_TYPES, "values")
     vsize = DTYPE_SIZES[VALUE_TYPES[h["values"]]]
     err = h["max_abs_error"]
     if type(err) not in (int, float) or not math.isfinite(err) or err < 0 or (h["values"] == "fp32" and err != 0):
@@ -407,8 +410,7 @@ def validate_header(h: Any, payload_size: int) -> list[_Section]:
         _str(name, where, MAX_NAME, 1)
         e = _keys(h["extras"][name], _EXTRA_KEYS, where)
         shape = _shape(e["shape"], where)
-        if e["dtype"] not in DTYPE_SIZES:
-            raise _fail(f"{where}.dtype {e['dtype']!r} is not allowed")
+        _choice(e["dtype"], DTYPE_SIZES, f"{where}.dtype")
         raw = _numel(shape) * DTYPE_SIZES[e["dtype"]]
         sections.append(_section(e["data"], f"{where}.data", "extra", raw, raw))
     budget = nnz_total = 0
@@ -420,8 +422,7 @@ def validate_header(h: Any, payload_size: int) -> list[_Section]:
         t = _keys(h["tensors"][name], _TENSOR_KEYS, where)
         _str(t["base"], f"{where}.base", MAX_NAME, 1)
         shape = _shape(t["shape"], where)
-        if t["dtype"] not in DTYPE_SIZES:
-            raise _fail(f"{where}.dtype {t['dtype']!r} is not allowed")
+        _choice(t["dtype"], DTYPE_SIZES, f"{where}.dtype")
         _str(t["digest"], f"{where}.digest", 32, 32, _DIGEST_RE)
         numel = _numel(shape)
         nnz = _int(t["nnz"], f"{where}.nnz")
