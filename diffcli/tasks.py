@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -446,9 +447,13 @@ def _load_from_glue_dir(spec: TaskSpec, root: Path, need_train: bool, max_train:
 
 
 def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_eval: int | None) -> TaskData:
-    try:
-        import datasets
+    import datasets
 
+    quiet = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:  # their retry warnings would print around our one error line
+            log.setLevel(logging.ERROR)
         ds = datasets.load_dataset(HUB_DATASET, spec.name)
     except DiffpruneError:
         raise
@@ -457,6 +462,9 @@ def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_
         raise HubUnavailableError(f"cannot load GLUE task {spec.name} from the hub ({HUB_DATASET}): {first[:200]}",
                                   hint="pass --data-dir with a folder in the GLUE layout (or set GLUE_DIR), "
                                        "or --train-file/--validation-file") from None
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
     parse = _label_parser(spec)
 
     def load(split: str, limit: int | None) -> list[Example]:
