@@ -1,12 +1,20 @@
 """One base in memory, many tasks: switch a shared encoder between diffs in place, each task with its own head.
 
-`DiffBank` loads the base encoder once. Each added task gets a thin task model (e.g.
-BertForSequenceClassification) built on the meta device from the diff's config, whose encoder
-submodule is replaced by the shared encoder and whose head is materialised from the diff's extras:
-memory per task is the sparse diff plus the head, never a second encoder. `use(task)` reverts the
-active diff (if another) with `applying.revert_` — original values written back, bit for bit —
-and applies the new one with `applying.apply_`. A task stays applied after its `with` block, so
-using the same task again costs nothing; `reset()` returns the encoder to the base.
+`DiffBank` loads the base encoder once and moves its floating-point parameters into one flat
+buffer per dtype (the parameters become views of it). Each added task gets a thin task model
+(e.g. BertForSequenceClassification) built on the meta device from the diff's config, whose
+encoder submodule is the shared encoder and whose head is materialised from the diff's extras:
+memory per task is its positions and values plus the head, never a second encoder.
+
+At `add`, the diff is applied once with `applying.apply_` to the flat buffers (one sparse δ over
+global positions) and reverted with `applying.revert_`; the bank keeps, per task, the flat
+positions and the values there before (the base) and after (base + δ, computed by apply_ in fp32,
+cast once). A switch then writes cached values: `scatter_` the previous task's "before" values
+(restoring the base bit for bit, no subtraction) and the new task's "after" values — two indexed
+writes, no arithmetic. Anything the flat buffers do not hold (extras that land in the encoder,
+e.g. a pooler the base lacked) goes through apply_/revert_ on the task model at each switch.
+A task stays applied after its `with` block, so using it again costs nothing; `reset()` returns
+the encoder to the base.
 
     bank = DiffBank("minilm")
     bank.add("rte", "rte.diff")
@@ -33,23 +41,25 @@ if TYPE_CHECKING:
 class _Task:
     name: str
     model: "torch.nn.Module"
-    switch: Diff  # the diff's encoder part: sparse δ plus extras that land in the shared encoder
+    slices: list[tuple[int, "torch.Tensor", "torch.Tensor", "torch.Tensor"]]  # (flat no, positions, before, after)
+    rest: Diff | None  # what the flat buffers do not hold, applied with apply_ at each switch
     head_keys: list[str]
     source: str
     meta: dict[str, Any]
 
     @property
     def nbytes(self) -> int:
-        """Tensor bytes this task holds: its sparse δ, encoder extras and its own head."""
-        n = 0
-        for td in self.switch.tensors.values():
-            n += td.values.numel() * td.values.element_size()
-            if td.indices is not None:
-                n += td.indices.numel() * td.indices.element_size()
-        n += sum(t.numel() * t.element_size() for t in self.switch.extras.values())
+        """Tensor bytes this task holds: positions, before/after values, the rest diff and its own head."""
+        def size(t) -> int:
+            return t.numel() * t.element_size()
+
+        n = sum(size(i) + size(b) + size(a) for _, i, b, a in self.slices)
+        if self.rest is not None:
+            n += sum(size(td.values) + (size(td.indices) if td.indices is not None else 0)
+                     for td in self.rest.tensors.values())
+            n += sum(size(t) for t in self.rest.extras.values())
         state = self.model.state_dict()
-        n += sum(state[k].numel() * state[k].element_size() for k in self.head_keys)
-        return n
+        return n + sum(size(state[k]) for k in self.head_keys)
 
 
 def task_config(diff: Diff):
@@ -64,6 +74,44 @@ def task_config(diff: Diff):
         return AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as exc:
         raise InvalidValueError(f"cannot build a config for model type {model_type!r}: {exc}") from None
+
+
+def _flatten(encoder) -> tuple[list, dict[str, tuple[int, int, tuple[int, ...]]], "torch.nn.Module"]:
+    """Move the encoder's floating-point parameters into one flat buffer per dtype; they become views.
+
+    Returns the flat buffers, name → (buffer no, offset, shape), and a holder module whose parameters
+    `flat0`, `flat1`, ... are the buffers (so `applying.apply_` can address them by name).
+    """
+    import torch
+
+    groups: dict[tuple, list[tuple[str, torch.nn.Parameter]]] = {}
+    first_name: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in encoder.named_parameters(remove_duplicate=False):
+        if not p.is_floating_point():
+            continue
+        if id(p) in first_name:  # tied parameters share one slot
+            aliases[name] = first_name[id(p)]
+            continue
+        first_name[id(p)] = name
+        groups.setdefault((p.dtype, p.device), []).append((name, p))
+    flats, slots = [], {}
+    holder = torch.nn.Module()
+    with torch.no_grad():
+        for g, ((dtype, device), params) in enumerate(groups.items()):
+            flat = torch.empty(sum(p.numel() for _, p in params), dtype=dtype, device=device)
+            off = 0
+            for name, p in params:
+                n = p.numel()
+                flat[off:off + n].copy_(p.detach().reshape(-1))
+                p.data = flat[off:off + n].view(p.shape)
+                slots[name] = (g, off, tuple(p.shape))
+                off += n
+            flats.append(flat)
+            holder.register_parameter(f"flat{g}", torch.nn.Parameter(flat, requires_grad=False))
+    for name, target in aliases.items():
+        slots[name] = slots[target]
+    return flats, slots, holder
 
 
 def _quiet_load(auto_cls, folder: Path):
@@ -90,10 +138,11 @@ class DiffBank:
         self.folder = resolve_model(str(base))
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.encoder = _quiet_load(AutoModel, self.folder).to(self.device).eval()
+        self._flats, self._slots, self._holder = _flatten(self.encoder)
         self._tasks: dict[str, _Task] = {}
         self._digests: dict[str, str] = {}
         self._active: str | None = None
-        self._handle = None
+        self._rest_handle = None
         self._depth = 0
 
     # ------------------------------------------------------------------ adding tasks
@@ -114,10 +163,8 @@ class DiffBank:
         self.reset()  # digests and the trial apply need the encoder as loaded
         self._check_base(diff, source)
         model, head_keys = self._task_model(diff, source)
-        switch = self._switch_diff(diff, model, head_keys)
-        task = _Task(name, model, switch, head_keys, source, dict(diff.meta))
-        self._trial(task)
-        self._tasks[name] = task
+        slices, rest = self._prepare(diff, model, head_keys, source)
+        self._tasks[name] = _Task(name, model, slices, rest, head_keys, source, dict(diff.meta))
 
     def _check_base(self, diff: Diff, source: str) -> None:
         """Every base tensor the diff builds on must be in the loaded base with the same content."""
@@ -180,26 +227,62 @@ class DiffBank:
             raise InvalidValueError(f"{source}: cannot materialise {left[0]} of the task model")
         return model.eval(), head_keys
 
-    def _switch_diff(self, diff: Diff, model, head_keys: list[str]) -> Diff:
-        """What a switch applies: sparse δ (dense δ made sparse once) and the non-head extras."""
-        tensors: dict[str, TensorDiff] = {}
+    def _prepare(self, diff: Diff, model, head_keys: list[str], source: str):
+        """Apply the diff once (apply_ on the flat buffers), cache positions with before/after values, revert.
+
+        Returns the cached slices and the rest diff (tensors outside the flat buffers and encoder
+        extras), which is also tried once here so every name, shape and value problem shows up at `add`.
+        """
+        import torch
+
+        from diffcli.applying import apply_, revert_
+
+        prefix = model.base_model_prefix + "."
+        mapping = match_names(model.state_dict().keys(), list(diff.tensors))
+        parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        rest_tensors: dict[str, TensorDiff] = {}
         for target, td in diff.tensors.items():
-            if td.nnz == 0:  # nothing to add; skipping also skips buffers the live model does not save
+            if td.nnz == 0:  # nothing to add; also skips buffers the live model does not save
+                continue
+            key = mapping.get(target)
+            if key is None:
+                raise BaseMismatchError(f"{source} does not fit the task model: it has no tensor for {target}")
+            slot = self._slots.get(key[len(prefix):]) if key.startswith(prefix) else None
+            if slot is None or slot[2] != tuple(td.shape):
+                rest_tensors[target] = td
                 continue
             s = td.sparse()
             keep = s.values != 0
             idx, val = (s.indices, s.values) if bool(keep.all()) else (s.indices[keep], s.values[keep])
-            tensors[target] = TensorDiff(td.base_name, td.shape, td.dtype, td.digest,
-                                         val.float().to(self.device).contiguous(), idx.to(self.device).contiguous())
+            parts.setdefault(slot[0], []).append((idx.to(self.device) + slot[1], val.float().to(self.device)))
         heads = set(head_keys)
-        extras = {k: t.to(self.device) for k, t in diff.extras.items() if k not in heads}
-        return Diff(tensors, extras, diff.config, diff.base_ref, diff.base_fingerprint, {})
-
-    def _trial(self, task: _Task) -> None:
-        """Apply and revert once at `add`, so that every name, shape and value problem shows up there."""
-        from diffcli.applying import apply_, revert_
-
-        revert_(task.model, apply_(task.model, task.switch, check=False))
+        extras = {k: t for k, t in diff.extras.items() if k not in heads}
+        flat_tensors = {}
+        for g, chunks in parts.items():
+            idx = torch.cat([c[0] for c in chunks])
+            val = torch.cat([c[1] for c in chunks])
+            idx, order = torch.sort(idx)
+            if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
+                raise InvalidValueError(f"{source} changes one (tied) parameter under two names")
+            flat = self._flats[g]
+            flat_tensors[f"flat{g}"] = TensorDiff(f"flat{g}", (flat.numel(),), str(flat.dtype).removeprefix("torch."),
+                                                  "", val[order].contiguous(), idx.contiguous())
+        slices = []
+        flat_diff = Diff(flat_tensors, {}, {}, diff.base_ref, diff.base_fingerprint)
+        before = {name: self._flats[int(name[4:])].index_select(0, td.indices) for name, td in flat_tensors.items()}
+        handle = apply_(self._holder, flat_diff, check=False)
+        try:
+            for name, td in flat_tensors.items():
+                g = int(name[4:])
+                slices.append((g, td.indices, before[name], self._flats[g].index_select(0, td.indices)))
+        finally:
+            revert_(self._holder, handle)
+        rest = None
+        if rest_tensors or extras:
+            rest = Diff(rest_tensors, {k: t.to(self.device) for k, t in extras.items()}, diff.config, diff.base_ref,
+                        diff.base_fingerprint)
+            revert_(model, apply_(model, rest, check=False))
+        return slices, rest
 
     # ------------------------------------------------------------------ switching
 
@@ -220,13 +303,19 @@ class DiffBank:
             self._depth -= 1
 
     def _switch(self, name: str) -> None:
+        import torch
+
         from diffcli.applying import apply_
 
         if self._active == name:
             return
         self.reset()
         task = self._tasks[name]
-        self._handle = apply_(task.model, task.switch, check=False)
+        if task.rest is not None:
+            self._rest_handle = apply_(task.model, task.rest, check=False)
+        with torch.no_grad():
+            for g, idx, _before, after in task.slices:
+                self._flats[g].scatter_(0, idx, after)
         self._active = name
 
     def reset(self) -> None:
@@ -236,8 +325,15 @@ class DiffBank:
         if self._depth:
             raise InvalidValueError(f"cannot reset the bank while task {self._active!r} is in use")
         if self._active is not None:
-            revert_(self._tasks[self._active].model, self._handle)
-            self._active, self._handle = None, None
+            import torch
+
+            task = self._tasks[self._active]
+            with torch.no_grad():
+                for g, idx, before, _after in task.slices:
+                    self._flats[g].scatter_(0, idx, before)
+            if self._rest_handle is not None:
+                revert_(task.model, self._rest_handle)
+            self._active, self._rest_handle = None, None
 
     # ------------------------------------------------------------------ introspection
 

@@ -172,3 +172,29 @@ def test_bad_inputs(setup, tmp_path):
     with pytest.raises(InvalidValueError, match="no task head"):
         bank.add("headless", headless)
     assert bank.tasks == ["a"]
+
+
+def test_encoder_extras_go_through_apply_and_revert(tmp_path):
+    """A base saved without a pooler: the finetune's pooler is an extra that lands in the shared encoder."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertModel
+
+    from conftest import tiny_config, write_vocab
+    from diffcli.applying import apply_to_folder
+
+    torch.manual_seed(0)
+    base = tmp_path / "nopool"
+    BertModel(tiny_config(), add_pooling_layer=False).save_pretrained(base)
+    write_vocab(base)
+    diff = project(extract_diff(str(base), str(make_finetune(base, tmp_path / "ft"))), 0.05).diff
+    assert any("pooler" in k for k in diff.extras)
+    bank = DiffBank(str(base))
+    original = _snapshot(bank.encoder)
+    bank.add("t", diff)
+    apply_to_folder(str(base), diff, tmp_path / "merged")
+    ref = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    batch = _batch()
+    with bank.use("t") as model, torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, rtol=0, atol=1e-6)
+    bank.reset()
+    assert _bit_equal(_snapshot(bank.encoder), original)
