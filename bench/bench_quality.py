@@ -416,7 +416,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--data-dir")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--epochs", type=int, default=2, help="epochs of full finetuning and LoRA")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of full finetuning and LoRA")
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--lora-lr", type=float, default=5e-4)
     ap.add_argument("--dp-epochs", type=int, default=1, help="diffprune L0-phase epochs")
