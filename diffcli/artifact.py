@@ -190,8 +190,8 @@ def _encode(diff: Diff, values: str) -> tuple[bytes, dict[str, int | float]]:
 
     sections: list[tuple[dict[str, Any], bytes, str]] = []  # payload order: extras, then tensors
 
-    def section(raw: bytes, kind: str) -> dict[str, Any]:
-        name, stored = codec.compress(raw)
+    def section(raw: bytes, kind: str, planes: int = 1) -> dict[str, Any]:
+        name, stored = codec.compress(raw, planes)
         sec = {"offset": 0, "length": len(stored), "raw_length": len(raw),
                "sha256": hashlib.sha256(stored).hexdigest(), "codec": name}
         sections.append((sec, stored, kind))
@@ -205,7 +205,7 @@ def _encode(diff: Diff, values: str) -> tuple[bytes, dict[str, int | float]]:
         if dtype not in DTYPE_SIZES:
             raise InvalidValueError(f"extra {name!r} has dtype {dtype}, which the format cannot store")
         shape = _check_shape(t.shape, f"extra {name!r}")
-        data = section(codec.to_planes(_le_bytes(t), DTYPE_SIZES[dtype]), "extras")
+        data = section(codec.to_planes(_le_bytes(t), DTYPE_SIZES[dtype]), "extras", DTYPE_SIZES[dtype])
         extras[name] = {"shape": list(shape), "dtype": dtype, "data": data}
 
     tensors: dict[str, Any] = {}
@@ -233,7 +233,7 @@ def _encode(diff: Diff, values: str) -> tuple[bytes, dict[str, int | float]]:
                                         hint="pack with --values bf16 or fp32")
             max_err = max(max_err, err)
             entry["index"] = section(codec.encode_positions(idx.numpy()), "index")
-            entry["values"] = section(codec.to_planes(_le_bytes(cast), vsize), "values")
+            entry["values"] = section(codec.to_planes(_le_bytes(cast), vsize), "values", vsize)
         nnz_total += int(idx.numel())
         tensors[name] = entry
 
