@@ -278,8 +278,7 @@ def pack(diff: Diff, values: str = "fp16") -> bytes:
 
 def write(diff: Diff, out: str | Path, values: str = "fp16", force: bool = False) -> PackReport:
     """Pack `diff` into `out` atomically ("-" writes the bytes to stdout); nothing is left on failure."""
-    if str(out) != "-":
-        check_output(Path(out), force)
+    _check_destination(out, force)
     data, stats = _encode(diff, values)
     if str(out) == "-":
         sys.stdout.flush()
@@ -307,9 +306,17 @@ def pack_checkpoint(ckpt_path: str | Path, out: str | Path, values: str = "fp16"
 
     if values not in VALUE_TYPES:
         raise InvalidValueError(f"--values {values!r} is not one of {', '.join(VALUE_TYPES)}")
+    _check_destination(out, force)
+    return write(load_diff(ckpt_path), out, values=values, force=force)
+
+
+def _check_destination(out: str | Path, force: bool) -> None:
+    """Fail before any work: an existing file without force, a missing folder, or binary to a terminal."""
     if str(out) != "-":
         check_output(Path(out), force)
-    return write(load_diff(ckpt_path), out, values=values, force=force)
+    elif sys.stdout.isatty():
+        raise InvalidValueError("refusing to write a binary file to the terminal",
+                                hint="redirect stdout, or pass -o FILE")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -466,6 +473,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows a double")
+    return value
+
+
 def _parse_front(front: bytes, file_size: int, source: str) -> tuple[dict, list[_Section], int]:
     """Check preamble, header digest and header; `front` holds at least preamble+header+digest."""
     if file_size < PREAMBLE.size:
@@ -487,7 +501,7 @@ def _parse_front(front: bytes, file_size: int, source: str) -> tuple[dict, list[
         raise ChecksumError(f"{source}: header checksum mismatch")
     try:
         header = json.loads(bytes(text).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                            parse_constant=_reject_constant)
+                            parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"{source}: header is not valid JSON ({type(exc).__name__})") from None
     sections = validate_header(header, file_size - payload_start)

@@ -148,6 +148,15 @@ def test_write_read_header_and_report(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["g.diff"]
 
 
+def test_write_refuses_binary_to_a_terminal(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    with pytest.raises(InvalidValueError, match="terminal"):
+        artifact.write(golden_diff(), "-")
+    assert capsys.readouterr().out == ""
+
+
 def test_pack_rejects_unstorable_diffs():
     diff = golden_diff()
     diff.tensors["bert.encoder.w"].values = torch.tensor([0.5, -0.25, 1e-3, 1e6, 1 / 3])
@@ -215,6 +224,25 @@ def test_round_trip_property(diff, values):
     if values == "fp32":
         assert err == 0
     assert_same_diff(diff, back, atol=err)
+
+
+def test_size_beats_the_information_bound_on_a_pruned_tensor():
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    numel, k = 1 << 20, 5243  # 0.5%
+    idx = torch.sort(torch.randperm(numel, generator=gen)[:k]).values
+    vals = torch.randn(k, generator=gen) * 1e-3
+    vals = vals + vals.sign() * 3e-3  # kept entries of a magnitude projection are away from zero
+    td = TensorDiff("w", (1024, 1024), "float32", _digest("w"), vals, idx)
+    diff = Diff({"bert.w": td}, {}, {}, "b", fingerprint([td.digest]), {})
+    data = artifact.pack(diff, "fp16")
+    bound = (math.lgamma(numel + 1) - math.lgamma(k + 1) - math.lgamma(numel - k + 1)) / math.log(2) / 8 + 2 * k
+    assert len(data) <= 0.92 * bound
+    back = artifact.loads(data).tensors["bert.w"]
+    assert torch.equal(back.indices, idx)
+    assert float((back.values - vals).abs().max()) <= artifact.loads_header(data)["max_abs_error"]
+    assert artifact.loads_header(data)["tensors"]["bert.w"]["values"]["codec"] == "zstd"
 
 
 def test_verify_against_its_base_and_another(tiny_base, tmp_path):

@@ -223,6 +223,17 @@ def test_malformed_json_headers(text):
         artifact.loads(build({}, b"", text=text))
 
 
+def test_overflowing_numbers_in_free_form_meta():
+    header, payload = split(VALID)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    assert b'"meta":{' in text
+    with pytest.raises(FormatError, match="JSON"):
+        artifact.loads(build({}, payload, text=text.replace(b'"meta":{', b'"meta":{"x":1e400,')))
+    with pytest.raises(FormatError, match="JSON"):
+        artifact.loads(build({}, payload, text=text.replace(b'"meta":{', b'"meta":{"x":' + b"9" * 5000 + b",")))
+    assert artifact.loads(build({}, payload, text=text.replace(b'"meta":{', b'"meta":{"x":1e300,'))).meta["x"] == 1e300
+
+
 def test_positions_outside_a_shrunk_tensor():
     header, payload = split(VALID)
     t = header["tensors"]["bert.encoder.w"]  # its last position is 31

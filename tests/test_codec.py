@@ -187,3 +187,25 @@ def test_decompress_refuses_oversized_windows():
     assert zstandard.get_frame_parameters(frame).window_size > codec.ZSTD_MAX_WINDOW
     with pytest.raises(FormatError):
         codec.decompress("zstd", frame, (1 << 16) * 200)
+
+
+def test_plane_blocks_beat_one_stream_on_fp16_values():
+    import torch
+
+    rng = np.random.default_rng(3)
+    vals = torch.from_numpy(rng.standard_normal(200_000).astype(np.float32) * 1e-3)
+    vals = vals[vals.abs() > 2.5e-3]  # magnitude-pruned values: exponents cluster
+    raw = codec.to_planes(vals.half().view(torch.uint8).numpy(), 2)
+    name, split = codec.compress(raw, planes=2)
+    _, whole = codec.compress(raw, planes=1)
+    assert name == "zstd" and len(split) < 0.97 * len(whole) and len(split) < 0.75 * len(raw)
+    assert zstandard.get_frame_parameters(split).content_size == len(raw)
+    assert bytes(codec.decompress(name, split, len(raw))) == raw
+
+
+def test_large_streams_use_the_fast_level_and_round_trip():
+    raw = np.random.default_rng(4).integers(0, 16, codec.ZSTD_SLOW_LIMIT + 4096, dtype=np.uint8).tobytes()
+    name, stored = codec.compress(raw, planes=4)
+    assert name == "zstd" and len(stored) < 0.7 * len(raw)
+    assert zstandard.get_frame_parameters(stored).window_size <= codec.ZSTD_MAX_WINDOW
+    assert bytes(codec.decompress(name, stored, len(raw))) == raw
