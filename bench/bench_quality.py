@@ -326,7 +326,7 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
               "Each (task, method) is cached in `bench/work/` (gitignored) under a hash of its settings; "
               "the table is assembled from that cache (`python bench/bench_quality.py --report-only` with the same flags).", ""]
     lines += ["## Settings", "",
-              f"- Model: `{a.model}` (all-MiniLM-L6-v2, bundled), seed {a.seed}, batch 32, max length 128, dynamic padding "
+              f"- Model: `{a.model}`{' (all-MiniLM-L6-v2, bundled)' if a.model == 'minilm' else ''}, seed {a.seed}, batch 32, max length 128, dynamic padding "
               "(`tasks.collate`), same data loading/tokenisation/evaluation/metrics (`diffcli.tasks`, `diffcli.evaluation`, "
               "`diffcli.metrics`) for every method; dev sets in full"
               + (f" (capped at {a.max_eval_samples})" if a.max_eval_samples else "") + ".",
