@@ -161,6 +161,7 @@ class Suite:
         ckpt = run_dir / "ckpt"
         cmd = self.train_command(s, ckpt)
         log_path = run_dir.with_suffix(".log")
+        code = code_version()
         t0 = time.perf_counter()
         with log_path.open("w") as err:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
@@ -169,6 +170,7 @@ class Suite:
             tail = log_path.read_text()[-2000:]
             raise RuntimeError(f"diffprune train failed (exit {proc.returncode}): {tail}")
         summary = json.loads(proc.stdout)
+        summary["code"] = code
         diff = checkpoint.load(ckpt)
         packed = run_dir / f"{s['task']}.diff"
         report = artifact.write(diff, packed, values=s["values"], force=True)
@@ -238,6 +240,21 @@ class Suite:
                 row["diffprune-matched"] = self.cached(self.matched_settings(task, dp, lora))
             rows[task] = row
         return rows
+
+
+def code_version() -> dict:
+    """The commit and the trainer files' hashes a diffprune run used (the trainer may change between runs)."""
+    out = {}
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["commit"] = None
+    for name in ("training.py", "gates.py", "diffmodel.py"):
+        f = REPO / "diffcli" / name
+        if f.is_file():
+            out[name] = hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+    return out
 
 
 def _jsonable(obj):
