@@ -206,8 +206,9 @@ class DiffBank:
         misfit = [k for k in want if k in have and want[k] != have[k]] + [k for k in want if k not in have]
         if misfit:
             k = misfit[0]
-            raise BaseMismatchError(f"{source}'s model does not fit base {self.base_ref}: {prefix}.{k} "
-                                    f"{'is missing' if k not in have else f'has shape {list(have[k])} in the base, {list(want[k])} in the diff config'}")
+            what = ("is missing from the base" if k not in have
+                    else f"has shape {list(have[k])} in the base, {list(want[k])} in the diff's config")
+            raise BaseMismatchError(f"{source}'s model does not fit base {self.base_ref}: {prefix}.{k} {what}")
         setattr(model, prefix, self.encoder)
         head_keys = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
         head_state = {}

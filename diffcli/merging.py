@@ -99,7 +99,8 @@ def check_same_base(diffs: Sequence[Diff], names: Sequence[str]) -> None:
             prev = seen.setdefault(td.base_name, key)
             if prev[:2] != key[:2]:
                 raise BaseMismatchError(f"{name} and {prev[2]} disagree on base tensor {td.base_name!r} "
-                                        f"(shape or content differs)", hint="merge only diffs made on the same base model")
+                                        f"(shape or content differs)",
+                                        hint="merge only diffs made on the same base model")
 
 
 def _trim(diff: Diff, density: float) -> Diff:
@@ -296,7 +297,8 @@ def render_merge(console, report: dict[str, Any]) -> None:
     for inp in report["inputs"]:
         console.print(f"input {inp['name']}: {inp['nnz']:,} entries, weight {inp['weight']:g}")
     table = Table(title=f"overlap per layer ({report['method']})")
-    cols = ["layer", "union", "shared", "sign conflicts"] + (["dropped"] if report["method"] == "ties" else []) + ["kept"]
+    ties = report["method"] == "ties"
+    cols = ["layer", "union", "shared", "sign conflicts"] + (["dropped"] if ties else []) + ["kept"]
     for col in cols:
         table.add_column(col, justify="left" if col == "layer" else "right")
     for g in report["layers"]:

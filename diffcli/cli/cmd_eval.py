@@ -13,18 +13,23 @@ from diffcli.cli.output import JsonOpt, Output, QuietOpt
 def eval_(
     base: Annotated[str, typer.Argument(help="Base model the diff was made on: folder, alias or hub id.")],
     file: Annotated[Path, typer.Argument(help="A packed .diff file or a diff checkpoint folder.")],
-    task: Annotated[Optional[str], typer.Option("--task", "-t", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, "
-                                                "qnli, rte, wnli) or custom; default: the task the diff records.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub).")] = None,
-    validation_file: Annotated[Optional[Path], typer.Option("--validation-file", help="Evaluation data: csv, tsv, json or jsonl.")] = None,
-    text_fields: Annotated[Optional[str], typer.Option("--text-fields", help="Text column(s) of --validation-file, "
-                                                       "comma-separated, e.g. sentence1,sentence2.")] = None,
-    label_field: Annotated[Optional[str], typer.Option("--label-field", help="Label column of --validation-file.")] = None,
-    max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Score only the first N examples of each split.")] = None,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", "-t", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or custom; "
+                             "default: the task the diff records.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(
+        "--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub).")] = None,
+    validation_file: Annotated[Optional[Path], typer.Option(
+        "--validation-file", help="Evaluation data: csv, tsv, json or jsonl.")] = None,
+    text_fields: Annotated[Optional[str], typer.Option(
+        "--text-fields", help="Text column(s) of --validation-file, comma-separated: sentence1,sentence2.")] = None,
+    label_field: Annotated[Optional[str], typer.Option(
+        "--label-field", help="Label column of --validation-file.")] = None,
+    max_eval_samples: Annotated[Optional[int], typer.Option(
+        "--max-eval-samples", help="Score only the first N examples of each split.")] = None,
     max_seq_length: Annotated[int, typer.Option("--max-seq-length", help="Truncate inputs to this many tokens.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 64,
-    minimum: Annotated[Optional[list[str]], typer.Option("--min", help="Fail (exit 8) below METRIC=VALUE, e.g. "
-                                                         "accuracy=0.9; repeatable.")] = None,
+    minimum: Annotated[Optional[list[str]], typer.Option(
+        "--min", help="Fail (exit 8) below METRIC=VALUE, e.g. accuracy=0.9; repeatable.")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -12,10 +12,10 @@ from diffcli.cli.output import ForceOpt, JsonOpt, Output, QuietOpt
 
 def merge(
     files: Annotated[list[Path], typer.Argument(help="Two or more .diff files or diff checkpoint folders.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Merged diff: OUT.diff is packed, any other path "
-                                         "becomes a checkpoint folder.")],
-    weights: Annotated[Optional[list[str]], typer.Option("--weights", "-w", help="One weight per input, "
-                                                         "comma-separated (0.5,0.5) or repeated; default 1 each.")] = None,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Merged diff: OUT.diff is packed, any other path becomes a checkpoint folder.")],
+    weights: Annotated[Optional[list[str]], typer.Option(
+        "--weights", "-w", help="One weight per input, comma-separated (0.5,0.5) or repeated; default 1 each.")] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="sum (task arithmetic) or ties (sign election, "
                                         "disjoint mean).")] = "sum",
     extras: Annotated[str, typer.Option("--extras", help="Heads: first (take the first input's head and config) or "
