@@ -43,6 +43,7 @@ _ST_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
              "uint16": "U16", "uint32": "U32", "uint64": "U64",
              "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+_CHUNK_BYTES = 4 << 20  # per write: big enough for few syscalls, small enough to stay in cache
 _FIT_HINT = "pass the base the diff was made on (--force cannot fix a shape misfit)"
 
 
@@ -167,13 +168,11 @@ def _check_fit(store: WeightStore, diff: Diff, base_dir: Path) -> None:
 
 def _plan(store: WeightStore, diff: Diff, out_dtype: str | None) -> list[_Planned]:
     """Output tensors in streaming order: base shard by base shard, then the extras."""
-    import torch
-
     def nbytes(shape: tuple[int, ...], dt: str) -> int:
         n = 1
         for d in shape:
             n *= int(d)
-        return n * torch.empty(0, dtype=getattr(torch, dt)).element_size()
+        return n * _itemsize(dt)
 
     targets_of: dict[str, list[str]] = {}
     for name, td in diff.tensors.items():
@@ -189,12 +188,7 @@ def _plan(store: WeightStore, diff: Diff, out_dtype: str | None) -> list[_Planne
     for name, t in diff.extras.items():
         own = dtype_name(t.dtype)
         dt = out_dtype if out_dtype and t.is_floating_point() else own
-        if dt not in _ST_CODES:
-            raise FormatError(f"extra tensor {name!r} has dtype {own}, which safetensors cannot store")
         plan.append(_Planned(name, None, tuple(t.shape), dt, nbytes(tuple(t.shape), dt)))
-    for p in plan:
-        if p.dtype not in _ST_CODES:
-            raise FormatError(f"tensor {p.name!r} has dtype {p.dtype}, which safetensors cannot store")
     return plan
 
 
@@ -220,6 +214,8 @@ def _assign_shards(plan: list[_Planned], cap: int) -> list[list[_Planned]]:
 def _itemsize(dt: str) -> int:
     import torch
 
+    if dt not in _ST_CODES:
+        raise FormatError(f"dtype {dt} cannot be stored in safetensors")
     return torch.empty(0, dtype=getattr(torch, dt)).element_size()
 
 
@@ -256,23 +252,45 @@ def _pwrite_all(fd: int, buf: memoryview | bytes, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
-def _applied(base: "torch.Tensor", td: TensorDiff, dt: str) -> "torch.Tensor":
-    """(base.float() + δ).to(dt) as a new tensor; sparse δ touches only its positions."""
+def _apply_stream(fd: int, pos: int, base: "torch.Tensor", td: TensorDiff, dt: str, name: str) -> None:
+    """Write (base.float() + δ).to(dt) at fd:pos chunk by chunk through one reused buffer.
+
+    The buffer keeps memory flat and cache-warm; `base` (mapped from the file) is only read.
+    """
     import torch
 
+    flat = base.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return
     target = getattr(torch, dt)
-    if not base.is_floating_point():
-        return base.to(target, copy=True)
-    if td.is_dense:
-        r = base.to(torch.float32, copy=True)
-        r.add_(td.values.to(torch.float32).reshape(r.shape))
-        return r if target == torch.float32 else r.to(target)
-    r = base.to(target, copy=True)  # `base` maps the file: never modify it
-    if td.indices.numel():
-        idx = td.indices
-        new = (base.reshape(-1).index_select(0, idx).to(torch.float32) + td.values.to(torch.float32)).to(target)
-        r.view(-1).index_put_((idx,), new)
-    return r
+    step = max(1, _CHUNK_BYTES // max(base.element_size(), torch.empty(0, dtype=target).element_size()))
+    buf = torch.empty(min(step, n), dtype=target)
+    is_float = base.is_floating_point()
+    sparse = is_float and not td.is_dense and td.indices.numel() > 0
+    if sparse:
+        cuts = torch.searchsorted(td.indices, torch.arange(0, n + step, step, dtype=torch.int64)).tolist()
+        values = td.values.to(torch.float32)
+    dense = td.values.to(torch.float32).reshape(-1) if is_float and td.is_dense else None
+    for c, a in enumerate(range(0, n, step)):
+        b = min(a + step, n)
+        chunk = buf[:b - a]
+        if dense is not None:
+            if flat.dtype == torch.float32 and target == torch.float32:
+                torch.add(flat[a:b], dense[a:b], out=chunk)
+            else:
+                chunk.copy_(flat[a:b].to(torch.float32) + dense[a:b])
+            _finite(chunk, name)
+        else:
+            chunk.copy_(flat[a:b])
+            if is_float and target != flat.dtype:
+                _finite(chunk, name)  # a narrowing cast can overflow
+            if sparse and cuts[c + 1] > cuts[c]:
+                idx = td.indices[cuts[c]:cuts[c + 1]]
+                new = (flat.index_select(0, idx).to(torch.float32) + values[cuts[c]:cuts[c + 1]]).to(target)
+                _finite(new, name)
+                chunk.index_put_((idx - a,), new)
+        _write_tensor(fd, chunk, pos + a * chunk.element_size())
 
 
 def _finite(t: "torch.Tensor", name: str) -> None:
@@ -282,35 +300,55 @@ def _finite(t: "torch.Tensor", name: str) -> None:
         raise FormatError(f"applying the diff gives non-finite values (NaN or Inf) in {name!r}")
 
 
+def _hash_workers() -> int:
+    """Threads hashing base tensors beside the main thread (hashlib releases the GIL)."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
 def _stream(store: WeightStore, diff: Diff, plan: list[_Planned], shards: list[list[_Planned]], tmp: Path, *,
             stop_on_mismatch: bool, on_tensor: Callable[[str], None] | None) -> dict[str, str]:
     """Compute and write every planned tensor; return base name → digest of the base tensor read.
 
-    After a content mismatch with `stop_on_mismatch`, only hashing continues (to count mismatches).
+    Base tensors are hashed on worker threads while the main thread adds and writes; a base shard
+    is unmapped once its tensors are written and hashed. After a content mismatch with
+    `stop_on_mismatch`, writing stops and only hashing continues (to count the mismatches).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     import torch
 
-    remaining: dict[Path, int] = {}
     file_of = {n: f for f, names in store.files() for n in names}
+    remaining: dict[Path, int] = {}
     for p in plan:
         if p.base_name is not None:
             remaining[file_of[p.base_name]] = remaining.get(file_of[p.base_name], 0) + 1
+    expected = {td.base_name: td.digest for td in diff.tensors.values()}
+    hashing: dict[str, Future] = {}
     digests: dict[str, str] = {}
-    writing = True
+    state = {"writing": True}
+
+    def settle(names) -> None:
+        for bname in names:
+            fut = hashing.pop(bname, None)
+            if fut is not None:
+                digests[bname] = fut.result()
+                if stop_on_mismatch and digests[bname] != expected[bname]:
+                    state["writing"] = False
+
     fd: int | None = None
     current = -1
     data_start = 0
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffprune-hash") as pool:
+        with ThreadPoolExecutor(max_workers=_hash_workers(), thread_name_prefix="diffprune-hash") as pool:
             for p in plan:
+                settle([b for b, f in hashing.items() if f.done()])
+                writing = state["writing"]
                 if writing and p.shard != current:
                     if fd is not None:
                         os.close(fd)
                     current = p.shard
-                    path = tmp / shard_file_name(current, len(shards))
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    fd = os.open(tmp / shard_file_name(current, len(shards)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                 0o644)
                     head = _header(shards[current])
                     _pwrite_all(fd, head, 0)
                     data_start = len(head)
@@ -323,26 +361,20 @@ def _stream(store: WeightStore, diff: Diff, plan: list[_Planned], shards: list[l
                         if on_tensor:
                             on_tensor(p.name)
                     continue
-                td = diff.tensors[p.name]
                 base = store[p.base_name]
-                known = digests.get(p.base_name)
-                pending = pool.submit(tensor_digest, base) if known is None else None
+                if p.base_name not in digests and p.base_name not in hashing:
+                    hashing[p.base_name] = pool.submit(tensor_digest, base)
                 if writing:
-                    out = _applied(base, td, p.dtype)
-                    _finite(out, p.name)
-                    _write_tensor(fd, out, data_start + p.offset)
-                    del out
-                digest = pending.result() if pending is not None else known
-                digests[p.base_name] = digest
+                    _apply_stream(fd, data_start + p.offset, base, diff.tensors[p.name], p.dtype, p.name)
+                    if on_tensor:
+                        on_tensor(p.name)
                 del base
-                if digest != td.digest and stop_on_mismatch:
-                    writing = False
-                elif writing and on_tensor:
-                    on_tensor(p.name)
                 f = file_of[p.base_name]
                 remaining[f] -= 1
-                if remaining[f] == 0:
-                    store.release(f)  # unmap the finished base shard: memory follows the largest shard
+                if remaining[f] == 0:  # unmap the finished base shard: memory follows the largest shard
+                    settle([b for b in list(hashing) if file_of[b] == f])
+                    store.release(f)
+            settle(list(hashing))
     finally:
         if fd is not None:
             os.close(fd)
@@ -384,7 +416,8 @@ def _write_metadata(tmp: Path, diff: Diff, plan: list[_Planned], shards: list[li
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(p.nbytes for p in plan)},
-                 "weight_map": {p.name: shard_file_name(p.shard, len(shards)) for p in sorted(plan, key=lambda q: q.name)}}
+                 "weight_map": {p.name: shard_file_name(p.shard, len(shards))
+                                for p in sorted(plan, key=lambda q: q.name)}}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     for fname in TOKENIZER_FILES:
         src = base_dir / fname
@@ -449,7 +482,8 @@ def apply_(model: "torch.nn.Module", diff: Diff, *, check: bool = True, strict: 
     if mismatched:
         raise BaseMismatchError(f"diff does not fit model: {len(mismatched)} of {len(diff.tensors)} tensors differ "
                                 f"from the base the diff was made on, first {mismatched[0]}",
-                                hint="apply to the unmodified base (revert_ any applied diff first) or pass check=False")
+                                hint="apply to the unmodified base (revert_ any applied diff first), "
+                                     "or pass check=False")
     for name, t in diff.extras.items():
         key = mapping.get(name)
         if key is None:
