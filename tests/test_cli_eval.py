@@ -121,3 +121,36 @@ def test_no_task_recorded_and_none_given(env, tmp_path):
     res = runner.invoke(app, ["eval", str(base), str(tmp_path / "anon.diff")])
     assert res.exit_code == 2
     assert "records no task" in res.stderr
+
+
+@pytest.mark.integration
+def test_eval_on_minilm_and_glue_rte_matches_apply(tmp_path):
+    """Bundled MiniLM (bare names) + a random 0.5% diff, scored on real RTE dev rows, both ways."""
+    from conftest import GLUE_DIR
+
+    if not (GLUE_DIR / "RTE" / "dev.tsv").is_file():
+        pytest.skip("GLUE RTE data not present")
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from diffcli.applying import apply_to_folder
+    from diffcli.evaluation import evaluate
+    from diffcli.tasks import load_task
+    from diffcli.weights import resolve_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_bank import make_diff  # the benchmark's random-diff maker, on MiniLM
+
+    diff = make_diff(resolve_model("minilm"), 2, seed=0)
+    diff.meta["task"] = "rte"
+    artifact.write(diff, tmp_path / "rte.diff", values="fp32")
+    res = runner.invoke(app, ["eval", "minilm", str(tmp_path / "rte.diff"), "--data-dir", str(GLUE_DIR),
+                              "--max-eval-samples", "24", "--json"])
+    assert res.exit_code == 0, res.output
+    apply_to_folder("minilm", tmp_path / "rte.diff", tmp_path / "merged")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    want = evaluate(model, tok, load_task("rte", data_dir=GLUE_DIR, max_eval_samples=24, need_train=False))
+    assert json.loads(res.stdout)["metrics"] == want
