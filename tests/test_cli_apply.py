@@ -27,7 +27,12 @@ def setup(tmp_path_factory):
     nan = extract_diff(str(base), str(ft))
     nan.extras["classifier.bias"] = nan.extras["classifier.bias"].clone()
     nan.extras["classifier.bias"][0] = float("nan")
+    from diffcli import artifact
+
+    artifact.write(diff, root / "task.diff", values="fp32")
+    artifact.write(diff, root / "task16.diff")
     return {"base": base, "ft": ft, "ckpt": ckpt, "nan": checkpoint.save(nan, root / "nan_ckpt"),
+            "packed": root / "task.diff", "packed16": root / "task16.diff",
             "other": make_base(root / "other", seed=9), "misfit": make_base(root / "misfit", hidden_size=16)}
 
 
@@ -49,6 +54,22 @@ def test_apply_json_report_and_loadable_folder(setup, tmp_path):
     assert report["tensors"] == len(checkpoint.load(setup["ckpt"]).tensors) + 2
     _, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_packed_diff_gives_the_same_model(setup, tmp_path):
+    """A .diff packed with fp32 values rebuilds the very bytes; fp16 values only round the δ."""
+    import torch
+
+    from diffcli.weights import WeightStore
+
+    for name, src in (("ck", "ckpt"), ("p32", "packed"), ("p16", "packed16")):
+        res = runner.invoke(app, ["apply", str(setup["base"]), str(setup[src]), "-o", str(tmp_path / name), "-q"])
+        assert res.exit_code == 0, res.stderr
+    ck, p32, p16 = (WeightStore(tmp_path / n) for n in ("ck", "p32", "p16"))
+    assert set(ck.names()) == set(p32.names()) == set(p16.names())
+    for n in ck.names():
+        assert torch.equal(ck[n], p32[n]), n
+        torch.testing.assert_close(ck[n], p16[n], rtol=0, atol=1e-4)
 
 
 def test_apply_human_output_and_shards(setup, tmp_path):
