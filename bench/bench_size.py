@@ -80,10 +80,12 @@ def main() -> None:
     extras_bytes = sum(t.numel() * t.element_size() for t in diff.extras.values())
     bound = log2_binom(n, k) / 8 + 2 * k + extras_bytes
 
-    pack_s, blob = timed(lambda: artifact.pack(diff, "fp16"))
-    unpack_s, back = timed(lambda: artifact.loads(blob), repeat=2)
+    pack_s, blob = timed(lambda: artifact.pack(diff, "fp16"), repeat=2)
+    unpack_s, back = timed(lambda: artifact.loads(blob), repeat=3)
     assert back.nnz == k
     _data, stats = artifact._encode(diff, "fp16")
+
+    other_sizes = {v: len(artifact.pack(diff, v)) for v in ("bf16", "fp32")}
 
     coo = {}
     for name, td in diff.tensors.items():
@@ -104,7 +106,9 @@ def main() -> None:
     dense_mb = 4 * n / 1e6
     rows = {
         "bound_B": bound,
-        "artifact": len(blob),
+        "artifact (fp16)": len(blob),
+        "artifact_bf16": other_sizes["bf16"],
+        "artifact_fp32": other_sizes["fp32"],
         "coo_safetensors": len(coo_blob),
         "zstd_dense_fp16": dense_zstd_bytes,
     }
@@ -118,6 +122,7 @@ def main() -> None:
         "index_over_limit": stats["index_bytes"] / (log2_binom(n, k) / 8),
         "values_over_raw_fp16": stats["values_bytes"] / (2 * k),
         "bits_per_entry": 8 * len(blob) / k,
+        "artifact_bf16_bytes": other_sizes["bf16"], "artifact_fp32_bytes": other_sizes["fp32"],
         "coo_safetensors_bytes": len(coo_blob), "zstd_dense_fp16_bytes": dense_zstd_bytes,
         "zstd_dense_level": zstd_level,
         "max_abs_error": stats["max_abs_error"],

@@ -513,7 +513,8 @@ def _open_path(path: str | Path) -> Path:
     if not path.exists():
         raise NotFoundError(f"{path} does not exist")
     if path.is_dir():
-        raise FormatError(f"{path} is a folder, not a packed diff file")
+        raise FormatError(f"{path} is a folder, not a packed diff file",
+                          hint="pack a checkpoint folder first: diffprune pack FOLDER -o FILE.diff")
     return path
 
 
@@ -576,7 +577,7 @@ def _decode(data: bytes | memoryview, source: str) -> tuple[dict, Diff]:
         pos = codec.decode_positions(raw[("index", name)], t["nnz"], _numel(shape))
         vals = _from_le_bytes(codec.from_planes(raw[("values", name)], DTYPE_SIZES[vtype]), vtype, (t["nnz"],))
         vals = vals.to(torch.float32)
-        if not bool(torch.isfinite(vals).all()):
+        if not np.isfinite(vals.numpy()).all():
             raise FormatError(f"{source}: tensors[{name!r}] holds NaN or infinite values")
         tensors[name] = TensorDiff(t["base"], shape, t["dtype"], t["digest"], vals,
                                    torch.from_numpy(np.ascontiguousarray(pos, dtype=np.int64)))
