@@ -60,8 +60,8 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
                   device: str | None = None) -> dict[str, Any]:
     """Metrics of base + diff on the task's evaluation splits, and which --min thresholds failed.
 
-    The task model is built in memory (`DiffBank`: base weights + `applying.apply_`), never written.
-    `task` defaults to the task recorded in the diff's metadata.
+    The task model is built in memory (`DiffBank`: base weights + `applying.apply_`), never written,
+    on cuda when present. `task` defaults to the task recorded in the diff's metadata.
     """
     from diffcli.sources import load_diff
     from diffcli.tasks import load_task
@@ -93,9 +93,9 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
 
     from transformers import AutoTokenizer
 
-    from diffcli.evaluation import evaluate
+    from diffcli.evaluation import evaluate, pick_device
 
-    bank = DiffBank(base, device=device)
+    bank = DiffBank(base, device=device if device is not None else pick_device())
     bank.add(spec.name, diff)
     tokenizer = AutoTokenizer.from_pretrained(bank.folder)
     with bank.use(spec.name) as model:
