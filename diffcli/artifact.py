@@ -227,7 +227,7 @@ def _encode(diff: Diff, values: str) -> tuple[bytes, dict[str, int | float]]:
             if not bool(torch.isfinite(vals).all()):
                 raise InvalidValueError(f"diff {name!r} holds NaN or infinite values")
             cast = vals.to(vdtype)
-            err = float((vals.double() - cast.double()).abs().max())
+            err = float((vals - cast.to(torch.float32)).abs().max())  # exact: Sterbenz, |v − c| ≤ ulp
             if not math.isfinite(err):
                 raise InvalidValueError(f"diff {name!r} has values beyond the {values} range",
                                         hint="pack with --values bf16 or fp32")
@@ -256,7 +256,8 @@ def _encode(diff: Diff, values: str) -> tuple[bytes, dict[str, int | float]]:
     digest = hashlib.sha256(pre + text).digest()
     parts = [pre, text, digest] + [stored for _sec, stored, _kind in sections]
     stats = {"header_bytes": len(pre) + len(text) + DIGEST_LEN, "index_bytes": 0, "values_bytes": 0,
-             "extras_bytes": 0, "max_abs_error": max_err}
+             "extras_bytes": 0, "max_abs_error": max_err, "nnz": nnz_total,
+             "budget_numel": header["budget_numel"]}
     for sec, stored, kind in sections:
         stats[f"{kind}_bytes"] += len(stored)
     return b"".join(parts), stats
@@ -289,9 +290,8 @@ def write(diff: Diff, out: str | Path, values: str = "fp16", force: bool = False
             tmp.write_bytes(data)
             _umask_mode(tmp)
     extras_raw = sum(int(t.numel()) * t.element_size() for t in diff.extras.values())
-    dense = 4 * diff.budget_numel + extras_raw
-    budget = diff.budget_numel
-    nnz = sum(td.nnz for td in diff.tensors.values())
+    dense = 4 * int(stats["budget_numel"]) + extras_raw
+    budget, nnz = int(stats["budget_numel"]), int(stats["nnz"])
     return PackReport(path=str(out), bytes=len(data), values=values, tensors=len(diff.tensors),
                       extras=len(diff.extras), nnz=nnz, budget_numel=budget, density=nnz / budget if budget else 0.0,
                       max_abs_error=float(stats["max_abs_error"]), dense_fp32_bytes=dense,
