@@ -139,6 +139,10 @@ class DiffBank:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.encoder = _quiet_load(AutoModel, self.folder).to(self.device).eval()
         self._flats, self._slots, self._holder = _flatten(self.encoder)
+        # One parameter per flat buffer, to notice if someone moved or re-cast the encoder behind our back.
+        params = dict(self.encoder.named_parameters())
+        self._sentinels = [(params[n], g, off) for n, (g, off, _) in self._slots.items() if n in params]
+        self._sentinels = list({g: (p, g, off) for p, g, off in self._sentinels}.values())
         self._tasks: dict[str, _Task] = {}
         self._digests: dict[str, str] = {}
         self._active: str | None = None
@@ -303,6 +307,15 @@ class DiffBank:
         finally:
             self._depth -= 1
 
+    def _check_alias(self) -> None:
+        """The encoder's parameters must still be views of the flat buffers the switches write to."""
+        for p, g, off in self._sentinels:
+            flat = self._flats[g]
+            if p.data.data_ptr() != flat.data_ptr() + off * flat.element_size():
+                raise InvalidValueError("the bank's encoder was moved or re-cast (.to/.half/.cuda) after loading; "
+                                        "its task switches would be lost",
+                                        hint="create the bank with DiffBank(base, device=...) instead")
+
     def _switch(self, name: str) -> None:
         import torch
 
@@ -310,6 +323,7 @@ class DiffBank:
 
         if self._active == name:
             return
+        self._check_alias()
         self.reset()
         task = self._tasks[name]
         if task.rest is not None:

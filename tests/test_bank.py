@@ -198,3 +198,16 @@ def test_encoder_extras_go_through_apply_and_revert(tmp_path):
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, rtol=0, atol=1e-6)
     bank.reset()
     assert _bit_equal(_snapshot(bank.encoder), original)
+
+
+def test_moving_the_encoder_behind_the_banks_back_is_refused(setup):
+    root, base, diffs = setup
+    bank = DiffBank(str(base))
+    bank.add("a", diffs["a"])
+    bank.add("b", diffs["b"])
+    with bank.use("a"):
+        pass
+    bank.encoder.double()  # re-cast: parameters no longer alias the bank's flat buffers
+    with pytest.raises(InvalidValueError, match="moved or re-cast"):
+        with bank.use("b"):
+            pass
