@@ -22,6 +22,12 @@ def check_output(path: Path, force: bool) -> None:
         raise InvalidValueError(f"output folder {parent} does not exist")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(tmp: Path, path: Path) -> None:
     """Move tmp over path; an existing path is removed only after the new one is complete."""
     if path.exists() or path.is_symlink():
@@ -42,6 +48,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_output(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent if str(path.parent) else "."))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual mode
     try:
         yield tmp
         _replace(tmp, path)
@@ -60,6 +67,7 @@ def atomic_file(path: str | Path, force: bool = False) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         _replace(tmp, path)
