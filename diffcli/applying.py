@@ -208,7 +208,7 @@ def _assign_shards(plan: list[_Planned], cap: int) -> list[list[_Planned]]:
         for p in sorted(shard, key=lambda q: -_itemsize(q.dtype)):
             p.shard, p.offset = i, offset
             offset += p.nbytes
-    return shards
+    return shards or [[]]  # an empty diff still gives a (header-only) weights file
 
 
 def _itemsize(dt: str) -> int:
@@ -375,6 +375,9 @@ def _stream(store: WeightStore, diff: Diff, plan: list[_Planned], shards: list[l
                     settle([b for b in list(hashing) if file_of[b] == f])
                     store.release(f)
             settle(list(hashing))
+        for i, shard in enumerate(shards):
+            if not shard:
+                (tmp / shard_file_name(i, len(shards))).write_bytes(_header(shard))
     finally:
         if fd is not None:
             os.close(fd)

@@ -292,3 +292,16 @@ def test_chunked_streaming_is_exact(models, tmp_path, monkeypatch, dtype):
         want_dtype = getattr(torch, dtype) if dtype else None
         got, want = _weights(out), _expected(models["base"], diff, want_dtype)
         assert all(got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]) for n in want)
+
+
+def test_empty_diff_gives_a_valid_empty_weights_file(models, tmp_path):
+    from safetensors import safe_open
+
+    from diffcli.diff import Diff
+
+    d = models["pruned"]
+    report = apply_to_folder(models["base"], Diff({}, {}, d.config, d.base_ref, d.base_fingerprint), tmp_path / "o",
+                             force=True)
+    assert report.tensors == 0 and report.shards == 1
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as h:
+        assert list(h.keys()) == []
