@@ -4,7 +4,8 @@ Run: OMP_NUM_THREADS=1 python bench/bench_apply.py [--density 0.005] [--reps 3] 
 Baseline, measured in the same run: copy the base with safetensors load_file + save_file (target: apply
 <= 1.5x its time). Each measurement runs in a fresh subprocess that reports its wall time, CPU time
 (all threads) and peak RSS (VmHWM); a subprocess that only imports and loads the diff gives the
-interpreter's own footprint, and "hash" times SHA-256 digests of every base tensor alone. Files go to
+interpreter's own footprint, "hash" times SHA-256 digests of every base tensor alone, and "inplace"
+times one warm apply_ + revert_ (check=False) of the diff on a live BertModel. Files go to
 /dev/shm by default so disk writeback by other users of the machine does not swamp the comparison.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+INPLACE_REPS = 5  # warm apply_ + revert_ pairs timed per measurement (seconds reported per pair)
 SHARD_SIZE = "120MB"  # ~4 shards for the 440 MB base; also the output cap of the sharded run
 
 
@@ -66,6 +68,13 @@ def worker(mode: str, root: Path, out: Path) -> dict:
     from diffcli.applying import apply_to_folder
 
     diff = checkpoint.load(root / "diff")
+    if mode == "inplace":  # apply_ + revert_ on a live model (no digest check), model load not timed
+        from transformers import BertModel
+
+        from diffcli.applying import apply_, revert_
+
+        model = BertModel.from_pretrained(root / "single")
+        revert_(model, apply_(model, diff, check=False, strict=False))  # warm: first touch of the weights
     c0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if mode == "copy":
@@ -81,11 +90,15 @@ def worker(mode: str, root: Path, out: Path) -> dict:
 
         for _name, t in WeightStore(root / "single").items():
             tensor_digest(t)
+    elif mode == "inplace":
+        for _ in range(INPLACE_REPS):
+            revert_(model, apply_(model, diff, check=False, strict=False))
     elif mode != "idle":
         raise SystemExit(f"unknown mode {mode}")
-    seconds = time.perf_counter() - t0
+    per = INPLACE_REPS if mode == "inplace" else 1
+    seconds = (time.perf_counter() - t0) / per
     c1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    cpu = ((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)) / per
     return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": _vm_hwm()}
 
 
@@ -127,7 +140,8 @@ def main() -> None:
         model_bytes = (root / "single" / "model.safetensors").stat().st_size
         shard_bytes = max(f.stat().st_size for f in (root / "sharded").glob("*.safetensors"))
         n_shards = len(list((root / "sharded").glob("*.safetensors")))
-        runs: dict[str, list[dict]] = {m: [] for m in ("idle", "copy", "apply-single", "apply-sharded", "hash")}
+        modes = ("idle", "copy", "apply-single", "apply-sharded", "hash", "inplace")
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         measure("copy", root)  # warm the page cache for both bases before timing anything
         measure("apply-sharded", root)
         for _ in range(args.reps):  # interleaved so drifting machine load hits every mode alike
@@ -171,7 +185,7 @@ def main() -> None:
     mb = 1e6
     print(f"model {model_bytes / mb:.0f} MB; sharded base: {n_shards} shards, largest {shard_bytes / mb:.0f} MB")
     print(f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
-    for m in ("copy", "apply-single", "apply-sharded", "hash"):
+    for m in ("copy", "apply-single", "apply-sharded", "hash", "inplace"):
         print(f"{m:14s} {result['seconds'][m]:6.2f} s wall  {result['cpu_seconds'][m]:6.2f} s CPU   "
               f"peak RSS {result['peak_rss_bytes'][m] / mb:7.0f} MB")
     print(f"{'idle':14s} {'':6s}     peak RSS {idle / mb:7.0f} MB (interpreter + torch + diff)")

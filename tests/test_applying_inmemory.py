@@ -100,7 +100,7 @@ def test_random_apply_revert_sequences_restore_bits(env):
             snaps.pop()
             assert _bits_equal(model, snaps[-1])
         else:
-            diff = rng.choice(env["diffs"])
+            diff = rng.choice(env["diffs"] + [env["bare_diff"]])  # prefixed and bare target names mixed
             stack.append(apply_(model, diff, check=not stack))
             snaps.append(_snapshot(model))
     while stack:
