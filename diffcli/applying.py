@@ -2,10 +2,10 @@
 on a live torch model with an exact undo.
 
 Folder apply reads one base tensor at a time (memory-mapped through `WeightStore`), computes
-out = (base.float() + δ).to(dtype) — in fp32, cast once — hashes the base tensor on a second thread
-while the main thread adds and writes, and writes each result straight to its place in the output
-shard (the safetensors header is planned up front from the base's header, so nothing accumulates).
-Peak memory is bounded by the largest base shard's mapped pages plus a couple of tensors.
+out = (base.float() + δ).to(dtype) — in fp32, cast once — through one reused 4 MB chunk buffer and
+writes each chunk straight to its place in the output shard (the safetensors headers are planned up
+front from the base's header, so no shard accumulates in memory), while worker threads hash the base
+tensors. Peak memory: the largest base shard's mapped pages plus the chunk buffer.
 """
 
 from __future__ import annotations
