@@ -268,16 +268,22 @@ def match_names(base_names: Iterable[str], target_names: Iterable[str]) -> dict[
 
 
 def tensor_digest(t: "torch.Tensor") -> str:
-    """Content digest of one tensor: SHA-256 over dtype, shape and raw bytes (32 hex chars)."""
-    import torch
+    """Content digest of one tensor: XXH3-128 over dtype, shape and raw bytes (32 hex chars).
 
-    h = hashlib.sha256()
+    XXH3 hashes at memory speed (about 10x SHA-256 here), which keeps `apply`'s base check cheap;
+    it guards against the wrong base or revision, not against an adversary (section checksums and
+    the fingerprint over these digests are SHA-256).
+    """
+    import torch
+    import xxhash
+
+    h = xxhash.xxh3_128()
     h.update(f"{dtype_name(t.dtype)}:{list(t.shape)}:".encode())
     data = t.detach().contiguous().reshape(-1)
     if data.numel():
         h.update(data.view(torch.uint8).numpy().data if data.dtype != torch.bool
                  else data.to(torch.uint8).numpy().data)
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
 def fingerprint(digests: Iterable[str]) -> str:
