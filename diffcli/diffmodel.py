@@ -96,6 +96,16 @@ class GatedDiff:
         # s lies strictly inside the stretch region (0 < s(r−l)+l < 1) iff lo < s < hi
         span = gate.r - gate.l
         self._lo, self._hi = -gate.l / span, (1.0 - gate.l) / span
+        self._l = torch.tensor(float(gate.l), dtype=torch.float32)
+        small = [n for n in flat.sizes if n <= (1 << 22)]
+        self._ones = torch.ones(max(small, default=0), device=dev)
+        # z_g broadcast to entries with one gather: per-tensor loops of small elementwise ops are slow
+        # (each pays a thread-pool round trip), so the group factor is applied in whole-buffer passes
+        self._seg_ids = self._zg_full = None
+        if structured:
+            self._seg_ids = torch.repeat_interleave(torch.arange(len(flat.sizes), dtype=torch.int32, device=dev),
+                                                    torch.tensor(flat.sizes, device=dev), output_size=n)
+            self._zg_full = torch.empty(n, device=dev)
 
     # -- parameters for the optimisers -------------------------------------------------------------
     def gate_params(self) -> list["torch.Tensor"]:
@@ -103,8 +113,11 @@ class GatedDiff:
 
     # -- forward ---------------------------------------------------------------------------------
     def _stretch_into(self, out: "torch.Tensor", s: "torch.Tensor") -> "torch.Tensor":
+        """out = clamp(s·(r−l) + l, 0, 1) in two passes (out may alias s)."""
+        import torch
+
         g = self.gate
-        return torch_mul_out(s, g.r - g.l, out).add_(g.l).clamp_(0.0, 1.0)
+        return torch.add(self._l, s, alpha=g.r - g.l, out=out).clamp_(0.0, 1.0)
 
     def sample_(self) -> None:
         """Draw the gates and write θ = θ₀ + z⊙z_g⊙w into the model's parameters."""
@@ -116,14 +129,17 @@ class GatedDiff:
             if self.structured:
                 gnoise = g.noise(self.group_log_alpha.shape, self.generator).to(s.device)
                 self._sg = torch.sigmoid((gnoise + self.group_log_alpha) / g.beta)
-                self._zg = ((self._sg * (g.r - g.l) + g.l).clamp(0.0, 1.0)).tolist()
+                zg = (self._sg * (g.r - g.l) + g.l).clamp(0.0, 1.0)
+                self._zg = zg.tolist()
+                torch.index_select(zg, 0, self._seg_ids, out=self._zg_full)
             s.add_(self.log_alpha)
             if g.beta != 1.0:
                 s.div_(g.beta)
             s.sigmoid_()
-            theta = self._stretch_into(self.flat.theta, s)
-            self._scale_groups(theta, self._zg)
-            theta.mul_(self.w).add_(self.flat.theta0)
+            theta = self._stretch_into(self.flat.theta, s)  # z
+            if self.structured:
+                theta.mul_(self._zg_full)
+            torch.addcmul(self.flat.theta0, theta, self.w.detach(), out=theta)  # θ₀ + z·z_g·w
 
     def _scale_groups(self, flat: "torch.Tensor", factors: list[float] | None) -> None:
         if factors is None:
@@ -131,6 +147,16 @@ class GatedDiff:
         for seg, f in zip(self.flat.segments(flat), factors):
             if f != 1.0:
                 seg.mul_(f)
+
+    def _segment_sums(self, flat: "torch.Tensor") -> "torch.Tensor":
+        """Σ per tensor; BLAS dots against ones for the many small tensors (a reduction call each is slow)."""
+        import torch
+
+        out = []
+        for seg in self.flat.segments(flat):
+            n = seg.numel()
+            out.append(torch.dot(seg, self._ones[:n]) if n <= self._ones.numel() else seg.sum())
+        return torch.stack(out) if out else torch.zeros(0, device=flat.device)
 
     def deterministic_gates(self) -> tuple["torch.Tensor", list[float] | None]:
         """ẑ (flat, new tensor) and the group ẑ_g as floats (None if not structured)."""
@@ -182,29 +208,29 @@ class GatedDiff:
         """
         import torch
 
+        aten = torch.ops.aten
         g, gate, s = self.flat.grad, self.gate, self._s
         w = self.w.detach()
         span = gate.r - gate.l
+        zg = self._zg
         with torch.no_grad():
-            gw = self.w.grad
-            self._stretch_into(gw, s)            # z
-            gw.mul_(g)                            # z·g
+            gw, gla = self.w.grad, self.log_alpha.grad
+            self._stretch_into(gw, s).mul_(g)  # z·g
             if self.structured:
                 gz_group = torch.stack([torch.dot(a, b) for a, b in zip(self.flat.segments(gw),
                                                                          self.flat.segments(w))])
-                self._scale_groups(gw, self._zg)  # z·z_g·g
-            gla = self.log_alpha.grad
-            inside = s > self._lo
-            inside.logical_and_(s < self._hi).logical_not_()
-            s.sub_(0.5).square_().neg_().add_(0.25).masked_fill_(inside, 0.0)  # s(1−s)·[inside]
-            del inside
-            torch_mul_out(g, w, gla).mul_(s).mul_(span / gate.beta)
-            self._scale_groups(gla, self._zg)
-            # the penalty λ·Σ σ(log α − shift): value and derivative λ·p(1−p)
+                gw.mul_(self._zg_full)  # z·z_g·g
+            # dL/dlog α = g·w·z_g·(r−l)/β·s(1−s) where 0 < s(r−l)+l < 1, i.e. lo < s < hi
+            torch.mul(g, w, out=gla)
+            aten.hardtanh_backward.grad_input(gla, s, self._lo, self._hi, grad_input=gla)  # in place
+            aten.sigmoid_backward.grad_input(gla, s, grad_input=gla)
+            if self.structured:
+                gla.mul_(self._zg_full)
+            gla.mul_(span / gate.beta)
+            # the penalty λ·Σ σ(log α − shift): its value and its derivative λ·p(1−p) = λ·(p − p²)
             torch.sub(self.log_alpha.detach(), gate.shift, out=s).sigmoid_()
-            sums = torch.stack([seg.sum() for seg in self.flat.segments(s)])
-            s.sub_(0.5).square_().neg_().add_(0.25)
-            gla.add_(s, alpha=lam)
+            sums = self._segment_sums(s)
+            gla.add_(s, alpha=lam).addcmul_(s, s, value=-lam)
             penalty_sum = float(sums.sum())
             if self.structured:
                 gla_g = self.group_log_alpha.detach()

@@ -53,7 +53,7 @@ class TrainOptions:
     beta: float = 1.0
     structured: bool = True
     controller: bool = True
-    controller_rate: float = 0.1
+    controller_rate: float = 0.3
     controller_warmup: float = 0.6
     grad_clip: float = 1.0
 
@@ -87,12 +87,16 @@ class TrainOptions:
 
 @dataclass
 class DensityController:
-    """Adapts the penalty weight λ so that the expected gate density follows a schedule to the target.
+    """Adapts the penalty weight λ so that the expected gate density d follows a schedule to the target.
 
-    The scheduled target falls geometrically from the initial expected density to `target` over the
-    first `warmup_steps` steps and then stays there. λ = λ₀·exp(c) with the integral term
-    c ← c + rate·clip(log(density / scheduled target), −1, 1): a Lagrangian-style multiplier on the
-    density constraint (Wang, Wohlwend & Lei 2020), in log space so it is independent of λ's scale.
+    The scheduled target t(step) falls linearly in logit space from the initial expected density to `target`
+    over the first `warmup_steps` steps, then stays at `target`. The controller steers the velocity of
+    logit d (log α moves it almost linearly, even while σ(log α) is saturated near 1) toward
+    v* = (schedule's slope) − gain·(logit d − logit t): follow the schedule and close any gap. λ = λ₀·exp(c)
+    with the integral c ← c + rate·clip((v − v*)/speed, −1, 1), where v is the measured velocity and `speed`
+    the usual velocity scale (half the log α learning rate): a Lagrangian-style multiplier on the density
+    constraint (Wang, Wohlwend & Lei 2020), in log space so that it does not depend on λ's scale, and
+    rate-based so that it does not wind up while the gates, limited by their learning rate, catch up.
     """
 
     target: float
@@ -102,13 +106,15 @@ class DensityController:
     start: float = 1.0
     log_scale: float = 0.0
     enabled: bool = True
+    last: float | None = None  # density fed at the previous step
+    speed: float = 0.05
+    gain: float = 0.05
 
     def scheduled(self, step: int) -> float:
         if self.warmup_steps <= 0 or step >= self.warmup_steps:
             return self.target
-        f = step / self.warmup_steps
-        start = max(self.start, self.target)
-        return math.exp(math.log(start) + f * (math.log(self.target) - math.log(start)))
+        a, b = _logit(max(self.start, self.target)), _logit(self.target)
+        return _sigmoid(a + (b - a) * max(step, 0) / self.warmup_steps)
 
     @property
     def lam(self) -> float:
@@ -116,13 +122,26 @@ class DensityController:
 
     def update(self, step: int, density: float) -> float:
         """Feed the expected density measured at `step`; returns λ for the next step."""
-        if self.enabled and density > 0:
-            err = math.log(density / self.scheduled(step))
-            self.log_scale = min(60.0, max(-60.0, self.log_scale + self.rate * max(-1.0, min(1.0, err))))
+        if self.enabled and 0 < density < 1:
+            err = _logit(density) - _logit(self.scheduled(step))
+            moving = _logit(density) - _logit(self.last) if self.last is not None else 0.0
+            wanted = _logit(self.scheduled(step + 1)) - _logit(self.scheduled(step)) - self.gain * err
+            e = max(-1.0, min(1.0, (moving - wanted) / max(self.speed, 1e-12)))
+            self.log_scale = min(60.0, max(-60.0, self.log_scale + self.rate * e))
+            self.last = density
         return self.lam
 
-    def state(self) -> dict[str, float]:
-        return {"log_scale": self.log_scale, "start": self.start}
+    def state(self) -> dict[str, float | None]:
+        return {"log_scale": self.log_scale, "start": self.start, "last": self.last}
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -215,8 +234,12 @@ def build_task_model(base_dir: Path, spec, seed: int) -> TaskModel:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     from diffcli.weights import WeightStore, dtype_name, is_float, match_names, tensor_digest
 
+    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     kw: dict[str, Any] = {"num_labels": spec.num_labels}
     if spec.is_regression:
@@ -313,9 +336,11 @@ class L0Trainer:
         self.step_count = 0
         start = float(torch.sigmoid(torch.tensor(opts.log_alpha_init - opts.gate().shift)))
         start = start * start if opts.structured else start
-        self.controller = DensityController(opts.sparsity, opts.l0_lambda, opts.controller_rate,
-                                            int(round(opts.controller_warmup * total_steps)), start=start,
-                                            enabled=opts.controller)
+        # the schedule never asks log α to move faster than half its learning rate per step
+        span = math.log(start / (1 - start)) - math.log(opts.sparsity / (1 - opts.sparsity)) if opts.sparsity < 1 else 0
+        warmup = max(opts.controller_warmup * total_steps, span / (0.5 * opts.alpha_lr) if opts.alpha_lr > 0 else 0)
+        self.controller = DensityController(opts.sparsity, opts.l0_lambda, opts.controller_rate, int(round(warmup)),
+                                            start=start, enabled=opts.controller, speed=0.5 * opts.alpha_lr)
         self.lam = self.controller.lam
 
     def step(self, batch: dict) -> dict[str, float]:
@@ -741,6 +766,7 @@ def _restore_l0(trainer: L0Trainer, tm: TaskModel, tensors: dict, saved: dict) -
     trainer.step_count = int(saved["step"])
     trainer.controller.log_scale = float(saved["controller"]["log_scale"])
     trainer.controller.start = float(saved["controller"]["start"])
+    trainer.controller.last = saved["controller"].get("last")
     trainer.lam = float(saved["lam"])
 
 

@@ -43,7 +43,7 @@ def train(
     beta: Annotated[float, typer.Option("--beta", help="Hard-concrete temperature β.", rich_help_panel=_M)] = 1.0,
     structured: Annotated[bool, typer.Option("--structured/--no-structured", help="One extra group gate per tensor (mask z·z_g).", rich_help_panel=_M)] = True,
     controller: Annotated[bool, typer.Option("--controller/--no-controller", help="Adapt λ so the expected gate density reaches --sparsity in the L0 phase.", rich_help_panel=_M)] = True,
-    controller_rate: Annotated[float, typer.Option("--controller-rate", help="Step of the controller's log-λ integral per step.", rich_help_panel=_M)] = 0.1,
+    controller_rate: Annotated[float, typer.Option("--controller-rate", help="Step of the controller's log-λ integral per step.", rich_help_panel=_M)] = 0.3,
     controller_warmup: Annotated[float, typer.Option("--controller-warmup", help="Fraction of L0 steps over which the density target falls to --sparsity.", rich_help_panel=_M)] = 0.6,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip each optimiser's gradients to this norm (0: off).", rich_help_panel=_M)] = 1.0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,

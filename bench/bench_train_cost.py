@@ -1,0 +1,137 @@
+"""Cost of `train`'s L0 step vs plain full finetuning on the bundled MiniLM: step time and peak memory.
+
+Same model, batch (default 32) and padded sequence length (default 128); each mode runs in a fresh
+subprocess (so its peak RSS is its own): 2 warm-up steps, then N timed steps. Targets: step time ≤ 1.15x,
+peak RSS ≤ 1.6x of full finetuning. Writes bench/results/train_cost.json.
+
+    python bench/bench_train_cost.py [--steps 10] [--batch-size 32] [--seq-len 128] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_TIME, TARGET_MEM = 1.15, 1.6
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(mode: str, steps: int, warmup: int, batch_size: int, seq_len: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from diffcli.tasks import GLUE_TASKS
+    from diffcli.training import L0Trainer, TrainOptions, build_task_model
+    from diffcli.weights import resolve_model
+
+    tm = build_task_model(resolve_model("minilm"), GLUE_TASKS["mrpc"], seed=0)
+    model = tm.model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.zeros_like(ids), "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+    rss_loaded = _rss_mb()
+    parts: dict[str, list[float]] = {}
+    if mode == "full":
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
+
+        def step() -> None:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        trainer = L0Trainer(model, tm.gated, tm.head, TrainOptions(), torch.device("cpu"), total_steps=1000)
+
+        def timed(name, fn):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                out = fn(*a, **k)
+                parts.setdefault(name, []).append(time.perf_counter() - t0)
+                return out
+            return wrapper
+
+        trainer.gd.sample_ = timed("gate_forward", trainer.gd.sample_)
+        trainer.gd.backward_ = timed("gate_backward", trainer.gd.backward_)
+        trainer.opt_w.step = timed("adamw_w", trainer.opt_w.step)
+        trainer.opt_a.step = timed("adamw_alpha", trainer.opt_a.step)
+
+        def step() -> None:
+            trainer.step(batch)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    out = {"mode": mode, "step_s_median": statistics.median(times), "step_s_mean": statistics.mean(times),
+           "step_s_all": times, "peak_rss_mb": _rss_mb(), "rss_after_load_mb": rss_loaded}
+    if parts:
+        out["parts_s_median"] = {k: statistics.median(v[warmup:]) for k, v in parts.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate full/L0 subprocesses this many times")
+    ap.add_argument("--child", choices=["full", "l0"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_cost.json"))
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.steps, args.warmup, args.batch_size, args.seq_len, args.threads)))
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    runs: dict[str, list[dict]] = {"full": [], "l0": []}
+    for _ in range(args.rounds):
+        for mode in ("full", "l0"):
+            cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=True)
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[mode].append(res)
+            print(f"{mode:>4}: step {res['step_s_median'] * 1000:.0f} ms (median of {args.steps}), "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    full_t = statistics.median(r["step_s_median"] for r in runs["full"])
+    l0_t = statistics.median(r["step_s_median"] for r in runs["l0"])
+    full_m = max(r["peak_rss_mb"] for r in runs["full"])
+    l0_m = max(r["peak_rss_mb"] for r in runs["l0"])
+    doc = {
+        "model": "all-MiniLM-L6-v2 (bundled)", "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "rounds": args.rounds,
+        "device": "cpu", "full_step_s": full_t, "l0_step_s": l0_t, "step_time_ratio": l0_t / full_t,
+        "full_peak_rss_mb": full_m, "l0_peak_rss_mb": l0_m, "peak_memory_ratio": l0_m / full_m,
+        "targets": {"step_time_ratio": TARGET_TIME, "peak_memory_ratio": TARGET_MEM},
+        "l0_parts_s_median": runs["l0"][-1].get("parts_s_median"), "runs": runs,
+        "command": " ".join([Path(sys.executable).name, "bench/bench_train_cost.py"] + sys.argv[1:]),
+    }
+    doc["meets_targets"] = doc["step_time_ratio"] <= TARGET_TIME and doc["peak_memory_ratio"] <= TARGET_MEM
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"step time ratio L0/full: {doc['step_time_ratio']:.3f} (target ≤ {TARGET_TIME})")
+    print(f"peak RSS ratio L0/full:  {doc['peak_memory_ratio']:.3f} (target ≤ {TARGET_MEM})")
+    if doc["l0_parts_s_median"]:
+        print("L0 extra work per step (median): " + ", ".join(f"{k} {v * 1000:.0f} ms"
+                                                           for k, v in doc["l0_parts_s_median"].items()))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The train pipeline on tiny models: projection budget, fixed mask, checkpoint, reproducibility, resume, controller."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffcli import checkpoint
+from diffcli.errors import InvalidValueError, OutputExistsError
+from diffcli.training import (DensityController, L0Trainer, TrainOptions, _project, build_task_model, partial_dir,
+                              train)
+from diffcli.weights import WeightStore, tensor_digest
+from tests.training_data import write_task
+
+
+def _spec():
+    from diffcli.tasks import TaskSpec
+
+    return TaskSpec("custom", ("sentence",), "label", ("0", "1"), ("accuracy",), "accuracy")
+
+
+def _opts(**kw) -> TrainOptions:
+    base = dict(epochs=1, fixmask_epochs=1, batch_size=8, sparsity=0.02, lr=1e-3, fixmask_lr=1e-3, seed=5)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _run(tmp_path: Path, base: Path, out: str, **kw):
+    train_file, dev_file = write_task(tmp_path / "data")
+    cb = kw.pop("on_epoch_end", None)
+    resume = kw.pop("resume", False)
+    return train(train_file=str(train_file), validation_file=str(dev_file), model=str(base),
+                 output=tmp_path / out, options=_opts(**kw), resume=resume, on_epoch_end=cb)
+
+
+def _same_diff(a, b) -> bool:
+    if set(a.tensors) != set(b.tensors) or set(a.extras) != set(b.extras):
+        return False
+    for name, ta in a.tensors.items():
+        tb = b.tensors[name]
+        if not torch.equal(ta.values, tb.values) or ta.is_dense != tb.is_dense:
+            return False
+        if not ta.is_dense and not torch.equal(ta.indices, tb.indices):
+            return False
+    return all(torch.equal(a.extras[n], b.extras[n]) for n in a.extras)
+
+
+def test_projection_keeps_exactly_round_s_n_largest_entries(tiny_base):
+    from diffcli.diffmodel import FlatParams
+
+    tm = build_task_model(tiny_base, _spec(), seed=0)
+    flat = FlatParams(tm.model, tm.gated, torch.device("cpu"))
+    delta = torch.randn(flat.numel, generator=torch.Generator().manual_seed(0))
+    index, values, info = _project(tm, flat, delta, 0.013)
+    k = round(0.013 * flat.numel)
+    assert index.numel() == k == info["kept"] == info["k"]
+    assert bool((index[1:] > index[:-1]).all())
+    assert torch.equal(values, delta[index])
+    threshold = delta.abs()[index].min()
+    outside = torch.ones(flat.numel, dtype=torch.bool)
+    outside[index] = False
+    assert float(delta.abs()[outside].max()) <= float(threshold)
+
+
+def test_fixed_mask_phase_changes_only_the_kept_entries(tiny_base):
+    from diffcli.diffmodel import FlatParams, MaskedDiff
+
+    tm = build_task_model(tiny_base, _spec(), seed=0)
+    flat = FlatParams(tm.model, tm.gated, torch.device("cpu"))
+    index = torch.sort(torch.randperm(flat.numel, generator=torch.Generator().manual_seed(1))[:300]).values
+    md = MaskedDiff(flat, index, torch.zeros(300))
+    opt = torch.optim.AdamW([md.values], lr=1e-2)
+    ids = torch.randint(5, 40, (6, 10), generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        flat.zero_grad()
+        tm.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1] * 3)).loss.backward()
+        md.backward_()
+        assert torch.equal(md.values.grad, flat.grad[index])
+        opt.step()
+        md.write_()
+    changed = (flat.theta != flat.theta0).nonzero().flatten()
+    assert changed.numel() > 0 and set(changed.tolist()) <= set(index.tolist())
+    assert torch.equal(flat.theta[index], flat.theta0[index] + md.values.detach())
+
+
+def test_one_epoch_train_writes_a_complete_checkpoint(tmp_path, tiny_base):
+    summary = _run(tmp_path, tiny_base, "out")
+    diff = checkpoint.load(tmp_path / "out")
+    assert diff.nnz == round(0.02 * diff.budget_numel) == summary["nnz"]
+    assert all(not t.is_dense for t in diff.tensors.values())
+    assert sorted(diff.extras) == ["classifier.bias", "classifier.weight"]  # the new head, dense
+    store = WeightStore(tiny_base)
+    for td in diff.tensors.values():
+        assert td.digest == tensor_digest(store[td.base_name])
+    hp = diff.meta["hyperparameters"]
+    assert set(hp) == {f.name for f in fields(TrainOptions)}
+    assert hp["sparsity"] == 0.02 and hp["structured"] is True and hp["l0_lambda"] == 1.25e-7
+    assert diff.config["architectures"] == ["BertForSequenceClassification"]
+    assert diff.config["num_labels"] == 2 if "num_labels" in diff.config else len(diff.config["id2label"]) == 2
+    for key in ("after_l0", "after_projection", "after_fixmask"):
+        assert "accuracy" in summary[key]["metrics"]["validation"]
+    assert summary["after_projection"]["kept"] == diff.nnz
+    assert not partial_dir(tmp_path / "out").exists()
+
+
+def test_training_is_reproducible_on_cpu(tmp_path, tiny_base):
+    _run(tmp_path, tiny_base, "a")
+    _run(tmp_path, tiny_base, "b")
+    assert _same_diff(checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b"))
+    _run(tmp_path, tiny_base, "c", seed=6)
+    assert not _same_diff(checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("stop_at", [("l0", 1), ("fixmask", 1)])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_base, stop_at):
+    kw = dict(epochs=2, fixmask_epochs=2)
+    _run(tmp_path, tiny_base, "full", **kw)
+
+    def interrupt(phase, epoch):
+        if (phase, epoch) == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_base, "cut", on_epoch_end=interrupt, **kw)
+    assert not (tmp_path / "cut").exists()  # nothing that looks complete
+    assert (partial_dir(tmp_path / "cut") / "state.json").is_file()
+    state = json.loads((partial_dir(tmp_path / "cut") / "state.json").read_text())
+    assert (state["phase"], state["epochs_done"]) == stop_at
+    with pytest.raises(OutputExistsError):  # a fresh start would silently discard it
+        _run(tmp_path, tiny_base, "cut", **kw)
+    with pytest.raises(InvalidValueError):  # other options than the interrupted run
+        _run(tmp_path, tiny_base, "cut", resume=True, **{**kw, "lr": 2e-3})
+    _run(tmp_path, tiny_base, "cut", resume=True, **kw)
+    assert _same_diff(checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "cut"))
+    assert not partial_dir(tmp_path / "cut").exists()
+
+
+def test_density_controller_schedule_and_direction():
+    c = DensityController(target=0.01, lam0=1e-7, rate=0.1, warmup_steps=100, start=0.9)
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    assert c.scheduled(0) == pytest.approx(0.9)
+    assert logit(c.scheduled(50)) == pytest.approx((logit(0.9) + logit(0.01)) / 2)
+    assert c.scheduled(100) == c.scheduled(1000) == pytest.approx(0.01)
+    c.update(100, 0.5)
+    lam = c.lam
+    assert c.update(101, 0.5) > lam  # too dense and not falling → push harder
+    lam = c.lam
+    assert c.update(102, 0.05) < lam  # falling much faster than needed → ease off
+    c.update(103, 0.001)
+    lam = c.lam
+    assert c.update(104, 0.001) < lam  # too sparse and not rising → ease off
+    off = DensityController(target=0.01, lam0=1e-7, rate=0.1, warmup_steps=0, enabled=False)
+    assert off.update(0, 0.9) == 1e-7
+
+
+def _l0_density(tiny_base, controller: bool, steps: int = 120) -> tuple[float, float]:
+    tm = build_task_model(tiny_base, _spec(), seed=0)
+    opts = _opts(sparsity=0.05, controller=controller, lr=1e-3, alpha_lr=0.2)
+    trainer = L0Trainer(tm.model, tm.gated, tm.head, opts, torch.device("cpu"), total_steps=steps)
+    g = torch.Generator().manual_seed(0)
+    tm.model.train()
+    for _ in range(steps):
+        ids = torch.randint(5, 45, (8, 12), generator=g)
+        labels = (ids == 36).any(1).long()
+        stats = trainer.step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return stats["expected_density"], trainer.gd.deterministic_density()
+
+
+def test_controller_drives_expected_density_to_the_target(tiny_base):
+    expected, deterministic = _l0_density(tiny_base, controller=True)
+    assert 0.05 / 2 <= expected <= 0.05 * 1.5
+    assert 0.05 / 2 <= deterministic <= 0.05 * 1.5
+    expected_off, _ = _l0_density(tiny_base, controller=False)
+    assert expected_off > 0.3  # the paper's fixed λ leaves the gates far denser
