@@ -109,12 +109,19 @@ class Suite:
         if hit is not None:
             print(f"cached: {task} {method} ({self.cache_path(settings).name})", flush=True)
             return hit
+        lock = claim(self.cache_path(settings))
+        if lock is None:
+            print(f"skip: {task} {method} is being run by another process", flush=True)
+            return None
         print(f"running: {task} {method}", flush=True)
         run_dir = self.work / "runs" / f"{task}-{method}-{settings_key(settings)}"
-        if method in ("full", "lora"):
-            result = self._run_baseline(settings, run_dir)
-        else:
-            result = self._run_diffprune(settings, run_dir)
+        try:
+            if method in ("full", "lora"):
+                result = self._run_baseline(settings, run_dir)
+            else:
+                result = self._run_diffprune(settings, run_dir)
+        finally:
+            lock.unlink(missing_ok=True)
         result["settings"] = settings
         result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
         _write_json_atomic(self.cache_path(settings), result)
@@ -240,6 +247,32 @@ class Suite:
                 row["diffprune-matched"] = self.cached(self.matched_settings(task, dp, lora))
             rows[task] = row
         return rows
+
+
+def claim(cache: Path) -> Path | None:
+    """A lock file next to a run's cache entry, so parallel invocations never train the same run twice.
+
+    Returns the lock path, or None when a live process holds it (a stale lock of a dead process is taken over).
+    """
+    lock = cache.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return None
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return lock
+    return None
 
 
 def code_version() -> dict:
