@@ -59,6 +59,17 @@ class FlatParams:
             if p.grad is None or p.grad.data_ptr() != self.grad[a:b].data_ptr():  # something replaced it
                 p.grad = self.grad[a:b].view(shape)
 
+    def collect_grads_(self) -> None:
+        """Make sure dL/dθ sits in `grad`: copy back any gradient that a wrapper stored elsewhere."""
+        for p, (a, b), shape in zip(self.params, zip(self.offsets, self.offsets[1:]), self.shapes):
+            view = self.grad[a:b]
+            if p.grad is None:
+                view.zero_()
+                p.grad = view.view(shape)
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad.reshape(-1))
+                p.grad = view.view(shape)
+
     def locate(self, flat_index: "torch.Tensor") -> list[tuple[str, "torch.Tensor"]]:
         """Split sorted flat positions into (name, positions within that tensor)."""
         import torch
@@ -209,6 +220,7 @@ class GatedDiff:
         import torch
 
         aten = torch.ops.aten
+        self.flat.collect_grads_()
         g, gate, s = self.flat.grad, self.gate, self._s
         w = self.w.detach()
         span = gate.r - gate.l
@@ -280,5 +292,6 @@ class MaskedDiff:
         """dL/dvalues = dL/dθ at the kept positions."""
         import torch
 
+        self.flat.collect_grads_()
         with torch.no_grad():
             torch.index_select(self.flat.grad, 0, self.index, out=self.values.grad)

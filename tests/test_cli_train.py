@@ -1,0 +1,116 @@
+"""`diffprune train` through the CLI: a real run with --json, and every documented error exit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from diffcli import checkpoint
+from diffcli.cli.app import app
+from tests.training_data import write_task
+
+FAST = ["--epochs", "1", "--fixmask-epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, ["train", *args])
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_task(tmp_path / "data")
+
+
+def test_train_json_summary_and_checkpoint(tmp_path, tiny_base, data):
+    train, dev = data
+    out = tmp_path / "ckpt"
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--sparsity", "2%", "--no-structured", "--l0-lambda", "1e-6", *FAST, "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    diff = checkpoint.load(out)
+    assert summary["nnz"] == diff.nnz == round(0.02 * diff.budget_numel)
+    assert summary["output"] == str(out)
+    for key in ("after_l0", "after_projection", "after_fixmask"):
+        assert "validation" in summary[key]["metrics"]
+    hp = diff.meta["hyperparameters"]
+    assert hp["structured"] is False and hp["l0_lambda"] == 1e-6 and hp["sparsity"] == 0.02
+
+
+def test_train_human_output_has_epoch_lines(tmp_path, tiny_base, data):
+    train, dev = data
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--sparsity", "0.02", *FAST, "-o", str(tmp_path / "ckpt"))
+    assert result.exit_code == 0, result.output
+    assert "L0 epoch 1/1" in result.stderr and "fixed-mask epoch 1/1" in result.stderr
+    diff = checkpoint.load(tmp_path / "ckpt")
+    assert "after projection" in result.stdout and "after fixed mask" in result.stdout
+    assert f"nnz {diff.nnz} of {diff.budget_numel}" in result.stdout
+
+
+@pytest.mark.parametrize("sparsity", ["150%", "0", "abc", "-1%"])
+def test_bad_sparsity_exits_2(tmp_path, tiny_base, data, sparsity):
+    train, dev = data
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--sparsity", sparsity, "-o", str(tmp_path / "ckpt"))
+    assert result.exit_code == 2
+    assert "sparsity" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_unknown_task_exits_2(tmp_path, tiny_base):
+    result = _invoke("--task", "glu", "--data-dir", str(tmp_path), "--model", str(tiny_base), "-o", str(tmp_path / "c"))
+    assert result.exit_code == 2
+    assert "unknown task" in result.stderr
+
+
+def test_missing_data_folder_exits_3(tmp_path, tiny_base):
+    result = _invoke("--task", "mrpc", "--data-dir", str(tmp_path / "nowhere"), "--model", str(tiny_base),
+                     "-o", str(tmp_path / "c"))
+    assert result.exit_code == 3
+    assert "not found" in result.stderr
+
+
+def test_missing_column_exits_7(tmp_path, tiny_base, data):
+    train, dev = data
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--label-field", "nope", "-o", str(tmp_path / "c"))
+    assert result.exit_code == 7
+    assert "nope" in result.stderr
+
+
+def test_bad_option_value_exits_2(tmp_path, tiny_base, data):
+    train, dev = data
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--gate-l", "0.5", "-o", str(tmp_path / "c"))
+    assert result.exit_code == 2
+    assert "l < 0" in result.stderr
+
+
+def test_existing_output_exits_6_before_any_work(tmp_path, tiny_base, data):
+    train, dev = data
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "-o", str(out))
+    assert result.exit_code == 6
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_leftover_partial_run_needs_resume_or_force(tmp_path, tiny_base, data):
+    train, dev = data
+    out = tmp_path / "ckpt"
+    (tmp_path / "ckpt.partial").mkdir()
+    (tmp_path / "ckpt.partial" / "state.json").write_text("{}")
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "-o", str(out))
+    assert result.exit_code == 6
+    assert "--resume" in result.stderr
+    broken = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "-o", str(out), "--resume")
+    assert broken.exit_code == 4  # an unreadable work folder is reported, not trusted
+    assert not out.exists()
