@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from diffcli.gates import HardConcrete
+from diffcli.gates import U_EPS, HardConcrete
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +117,8 @@ class GatedDiff:
             self._seg_ids = torch.repeat_interleave(torch.arange(len(flat.sizes), dtype=torch.int32, device=dev),
                                                     torch.tensor(flat.sizes, device=dev), output_size=n)
             self._zg_full = torch.empty(n, device=dev)
+        self._kernels = fused_kernels(n, dev)
+        self._lam_t = torch.zeros((), device=dev)
 
     # -- parameters for the optimisers -------------------------------------------------------------
     def gate_params(self) -> list["torch.Tensor"]:
@@ -136,13 +138,25 @@ class GatedDiff:
 
         g, s = self.gate, self._s
         with torch.no_grad():
-            g.noise(s.shape, self.generator, out=s)
+            if self._kernels is not None:
+                s.uniform_(U_EPS, 1.0 - U_EPS, generator=self.generator)
+            else:
+                g.noise(s.shape, self.generator, out=s)
             if self.structured:
                 gnoise = g.noise(self.group_log_alpha.shape, self.generator).to(s.device)
                 self._sg = torch.sigmoid((gnoise + self.group_log_alpha) / g.beta)
                 zg = (self._sg * (g.r - g.l) + g.l).clamp(0.0, 1.0)
                 self._zg = zg.tolist()
                 torch.index_select(zg, 0, self._seg_ids, out=self._zg_full)
+            if self._kernels is not None:
+                zg_full = self._zg_full if self.structured else self._l.new_ones(())
+                try:
+                    self._kernels[0](s, self.log_alpha.detach(), self.w.detach(), self.flat.theta0, zg_full,
+                                     self.flat.theta, g.beta, g.r - g.l, g.l)
+                    return
+                except Exception:  # noqa: BLE001 - compilation failed (before any write): go eager
+                    self._kernels = None
+                    s.logit_()
             s.add_(self.log_alpha)
             if g.beta != 1.0:
                 s.div_(g.beta)
@@ -227,22 +241,37 @@ class GatedDiff:
         zg = self._zg
         with torch.no_grad():
             gw, gla = self.w.grad, self.log_alpha.grad
-            self._stretch_into(gw, s).mul_(g)  # z·g
-            if self.structured:
-                gz_group = torch.stack([torch.dot(a, b) for a, b in zip(self.flat.segments(gw),
-                                                                         self.flat.segments(w))])
-                gw.mul_(self._zg_full)  # z·z_g·g
-            # dL/dlog α = g·w·z_g·(r−l)/β·s(1−s) where 0 < s(r−l)+l < 1, i.e. lo < s < hi
-            torch.mul(g, w, out=gla)
-            aten.hardtanh_backward.grad_input(gla, s, self._lo, self._hi, grad_input=gla)  # in place
-            aten.sigmoid_backward.grad_input(gla, s, grad_input=gla)
-            if self.structured:
-                gla.mul_(self._zg_full)
-            gla.mul_(span / gate.beta)
-            # the penalty λ·Σ σ(log α − shift): its value and its derivative λ·p(1−p) = λ·(p − p²)
-            torch.sub(self.log_alpha.detach(), gate.shift, out=s).sigmoid_()
-            sums = self._segment_sums(s)
-            gla.add_(s, alpha=lam).addcmul_(s, s, value=-lam)
+            if self._kernels is not None:  # one fused pass: gw = z·z_g·g, gla incl. the penalty, s ← p
+                self._lam_t.fill_(lam)
+                zg_full = self._zg_full if self.structured else self._l.new_ones(())
+                try:
+                    self._kernels[1](g, w, s, self.log_alpha.detach(), zg_full, self._lam_t, gw, gla, self._lo,
+                                     self._hi, span / gate.beta, span, gate.l, gate.shift)
+                except Exception:  # noqa: BLE001 - compilation failed (before any write): go eager
+                    self._kernels = None
+                    return self.backward_(lam)
+                if self.structured:  # Σ z·g·w per tensor; not needed where z_g = 0 (then dz_g/dlog α_g = 0)
+                    gz_group = torch.stack([torch.dot(a, b) / f if f > 0 else a.new_zeros(())
+                                            for a, b, f in zip(self.flat.segments(gw), self.flat.segments(w),
+                                                               zg)])
+                sums = self._segment_sums(s)
+            else:
+                self._stretch_into(gw, s).mul_(g)  # z·g
+                if self.structured:
+                    gz_group = torch.stack([torch.dot(a, b) for a, b in zip(self.flat.segments(gw),
+                                                                             self.flat.segments(w))])
+                    gw.mul_(self._zg_full)  # z·z_g·g
+                # dL/dlog α = g·w·z_g·(r−l)/β·s(1−s) where 0 < s(r−l)+l < 1, i.e. lo < s < hi
+                torch.mul(g, w, out=gla)
+                aten.hardtanh_backward.grad_input(gla, s, self._lo, self._hi, grad_input=gla)  # in place
+                aten.sigmoid_backward.grad_input(gla, s, grad_input=gla)
+                if self.structured:
+                    gla.mul_(self._zg_full)
+                gla.mul_(span / gate.beta)
+                # the penalty λ·Σ σ(log α − shift): its value and its derivative λ·p(1−p) = λ·(p − p²)
+                torch.sub(self.log_alpha.detach(), gate.shift, out=s).sigmoid_()
+                sums = self._segment_sums(s)
+                gla.add_(s, alpha=lam).addcmul_(s, s, value=-lam)
             penalty_sum = float(sums.sum())
             if self.structured:
                 gla_g = self.group_log_alpha.detach()
@@ -295,3 +324,54 @@ class MaskedDiff:
         self.flat.collect_grads_()
         with torch.no_grad():
             torch.index_select(self.flat.grad, 0, self.index, out=self.values.grad)
+
+
+# ------------------------------------------------------------------------------------------ fused kernels
+
+COMPILE_MIN_NUMEL = 1 << 20
+_KERNELS: dict = {}
+
+
+def _fwd_math(u, la, w, theta0, zg, theta, beta: float, span: float, l: float):
+    """u ← s = σ((logit u + log α)/β);  θ ← θ₀ + clamp(s·span + l, 0, 1)·z_g·w."""
+    import torch
+
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / beta)
+    theta.copy_(theta0 + (s * span + l).clamp(0.0, 1.0) * zg * w)
+    u.copy_(s)
+
+
+def _bwd_math(g, w, s, la, zg, lam, gw, gla, lo: float, hi: float, span_beta: float, span: float, l: float,
+              shift: float):
+    """gw ← z·z_g·g;  gla ← g·w·z_g·span/β·s(1−s)·[lo<s<hi] + λ·p(1−p);  s ← p = σ(log α − shift)."""
+    import torch
+
+    gw.copy_((s * span + l).clamp(0.0, 1.0) * zg * g)
+    inside = (s > lo) & (s < hi)
+    p = torch.sigmoid(la - shift)
+    gla.copy_(torch.where(inside, g * w * zg * (s * (1.0 - s)) * span_beta, 0.0) + lam * (p - p * p))
+    s.copy_(p)
+
+
+def fused_kernels(numel: int, device: "torch.device"):
+    """torch.compile'd forward/backward gate passes for big models (one memory pass each), or None.
+
+    DIFFPRUNE_COMPILE=0 turns them off, =1 forces them on whatever the size; any compile failure
+    falls back to the eager passes (same maths, more memory passes).
+    """
+    import os
+
+    import torch
+
+    mode = os.environ.get("DIFFPRUNE_COMPILE", "auto")
+    if mode == "0" or (mode != "1" and numel < COMPILE_MIN_NUMEL):
+        return None
+    key = device.type
+    if key in _KERNELS:
+        return _KERNELS[key]
+    try:
+        _KERNELS[key] = (torch.compile(_fwd_math, dynamic=False, fullgraph=True),
+                         torch.compile(_bwd_math, dynamic=False, fullgraph=True))
+    except Exception:  # noqa: BLE001 - no compiler, unsupported device...: the eager passes are exact too
+        _KERNELS[key] = None
+    return _KERNELS[key]

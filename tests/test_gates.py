@@ -99,9 +99,11 @@ def test_reparameterised_forward_equals_base_when_w_is_zero(tiny_base):
     assert torch.equal(flat.theta, flat.theta0)
 
 
-@pytest.mark.parametrize("structured", [True, False])
-def test_fused_gate_gradients_match_autograd(tiny_base, structured):
-    """dL/dw, dL/dlog α and dL/dlog α_g from the hand-written flat pass equal autograd on the plain formulas."""
+@pytest.mark.parametrize("structured,compiled", [(True, False), (False, False), (True, True)])
+def test_fused_gate_gradients_match_autograd(tiny_base, structured, compiled, monkeypatch):
+    """dL/dw, dL/dlog α and dL/dlog α_g from the hand-written flat passes (eager, or the torch.compile'd
+    kernels used for big models) equal autograd on the plain formulas."""
+    monkeypatch.setenv("DIFFPRUNE_COMPILE", "1" if compiled else "0")
     model = _tiny_model(tiny_base)
     flat, gd, names = _gated(model, structured)
     gate, lam = gd.gate, 3e-3
@@ -116,6 +118,7 @@ def test_fused_gate_gradients_match_autograd(tiny_base, structured):
     flat.zero_grad()
     model(**_batch()).loss.backward()
     stats = gd.backward_(lam)
+    assert (gd._kernels is not None) == compiled
 
     gen = torch.Generator().manual_seed(0)
     gen.set_state(state)
