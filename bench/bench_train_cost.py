@@ -5,6 +5,12 @@ subprocess (so its peak RSS is its own): 2 warm-up steps, then N timed steps. Ta
 peak RSS ≤ 1.6x of full finetuning. Writes bench/results/train_cost.json.
 
     python bench/bench_train_cost.py [--steps 10] [--batch-size 32] [--seq-len 128] [--threads 2]
+
+--density runs the L0 phase instead on MRPC (GLUE_DIR or /work/shared/glue) with and without the density
+controller and reports the expected and deterministic gate density it ends at, and how much of |δ| the
+projection to --sparsity then keeps; writes bench/results/train_density.json.
+
+    python bench/bench_train_cost.py --density [--density-steps 240] [--batch-size 8] [--seq-len 64]
 """
 
 from __future__ import annotations
@@ -84,6 +90,66 @@ def _child(mode: str, steps: int, warmup: int, batch_size: int, seq_len: int, th
     return out
 
 
+def _density_child(controller: bool, steps: int, batch_size: int, seq_len: int, threads: int,
+                   sparsity: float) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from diffcli import tasks
+    from diffcli.training import Dist, L0Trainer, TrainOptions, _loader, build_task_model
+    from diffcli.weights import resolve_model
+
+    data_dir = os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "glue")
+    data = tasks.load_task("mrpc", data_dir=data_dir, max_eval_samples=1)
+    tm = build_task_model(resolve_model("minilm"), data.spec, seed=0)
+    train_set = tasks.encode(data.train, tm.tokenizer, seq_len)
+    opts = TrainOptions(sparsity=sparsity, controller=controller, batch_size=batch_size, max_seq_length=seq_len)
+    trainer = L0Trainer(tm.model, tm.gated, tm.head, opts, torch.device("cpu"), total_steps=steps)
+    tm.model.train()
+    trace, step, epoch, t0 = [], 0, 0, time.perf_counter()
+    while step < steps:
+        for batch in _loader(train_set, batch_size, opts.seed, epoch, Dist()):
+            stats = trainer.step(batch)
+            step += 1
+            if step % max(1, steps // 12) == 0 or step == steps:
+                trace.append({"step": step, "expected_density": stats["expected_density"], "lambda": stats["lambda"],
+                              "scheduled": trainer.controller.scheduled(step), "loss": stats["loss"]})
+            if step >= steps:
+                break
+        epoch += 1
+    delta = trainer.gd.delta().abs()
+    k = max(1, round(sparsity * delta.numel()))
+    kept_mass = float(torch.topk(delta, k, sorted=False).values.sum() / delta.sum().clamp_min(1e-30))
+    return {"controller": controller, "steps": steps, "expected_density": trace[-1]["expected_density"],
+            "deterministic_density": trainer.gd.deterministic_density(), "lambda": trainer.lam,
+            "projection_keeps_abs_delta_fraction": kept_mass, "seconds": time.perf_counter() - t0, "trace": trace}
+
+
+def density_main(args) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    arms = []
+    for controller in (True, False):
+        cmd = [sys.executable, __file__, "--density-child", "on" if controller else "off", "--density-steps",
+               str(args.density_steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--threads", str(args.threads), "--sparsity", str(args.sparsity)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=True)
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        arms.append(res)
+        print(f"controller {'on ' if controller else 'off'}: after {res['steps']} L0 steps expected density "
+              f"{res['expected_density']:.3%}, deterministic {res['deterministic_density']:.3%} "
+              f"(target {args.sparsity:.3%}); top-k projection keeps {res['projection_keeps_abs_delta_fraction']:.1%} "
+              f"of |δ| ({res['seconds']:.0f} s)", flush=True)
+    doc = {"task": "mrpc", "model": "all-MiniLM-L6-v2 (bundled)", "sparsity": args.sparsity,
+           "steps": args.density_steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "arms": arms,
+           "command": " ".join([Path(sys.executable).name, "bench/bench_train_cost.py"] + sys.argv[1:])}
+    out = Path(args.out).with_name("train_density.json")
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
@@ -93,10 +159,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="alternate full/L0 subprocesses this many times")
     ap.add_argument("--child", choices=["full", "l0"], help=argparse.SUPPRESS)
+    ap.add_argument("--density", action="store_true", help="density-controller demo instead of the cost run")
+    ap.add_argument("--density-steps", type=int, default=240)
+    ap.add_argument("--sparsity", type=float, default=0.005)
+    ap.add_argument("--density-child", choices=["on", "off"], help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_cost.json"))
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.steps, args.warmup, args.batch_size, args.seq_len, args.threads)))
+        return
+    if args.density_child:
+        print(json.dumps(_density_child(args.density_child == "on", args.density_steps, args.batch_size,
+                                        args.seq_len, args.threads, args.sparsity)))
+        return
+    if args.density:
+        density_main(args)
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     runs: dict[str, list[dict]] = {"full": [], "l0": []}

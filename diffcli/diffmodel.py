@@ -119,6 +119,7 @@ class GatedDiff:
             self._zg_full = torch.empty(n, device=dev)
         self._kernels = fused_kernels(n, dev)
         self._lam_t = torch.zeros((), device=dev)
+        self._one = torch.ones((), device=dev)
 
     # -- parameters for the optimisers -------------------------------------------------------------
     def gate_params(self) -> list["torch.Tensor"]:
@@ -149,7 +150,7 @@ class GatedDiff:
                 self._zg = zg.tolist()
                 torch.index_select(zg, 0, self._seg_ids, out=self._zg_full)
             if self._kernels is not None:
-                zg_full = self._zg_full if self.structured else self._l.new_ones(())
+                zg_full = self._zg_full if self.structured else self._one
                 try:
                     self._kernels[0](s, self.log_alpha.detach(), self.w.detach(), self.flat.theta0, zg_full,
                                      self.flat.theta, g.beta, g.r - g.l, g.l)
@@ -243,7 +244,7 @@ class GatedDiff:
             gw, gla = self.w.grad, self.log_alpha.grad
             if self._kernels is not None:  # one fused pass: gw = z·z_g·g, gla incl. the penalty, s ← p
                 self._lam_t.fill_(lam)
-                zg_full = self._zg_full if self.structured else self._l.new_ones(())
+                zg_full = self._zg_full if self.structured else self._one
                 try:
                     self._kernels[1](g, w, s, self.log_alpha.detach(), zg_full, self._lam_t, gw, gla, self._lo,
                                      self._hi, span / gate.beta, span, gate.l, gate.shift)

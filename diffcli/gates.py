@@ -47,7 +47,7 @@ class HardConcrete:
         """Logistic noise log u − log(1−u), the only random part of a sample."""
         import torch
 
-        u = torch.empty(shape) if out is None else out
+        u = torch.empty(shape, device=generator.device if generator is not None else None) if out is None else out
         u.uniform_(U_EPS, 1.0 - U_EPS, generator=generator)
         return u.logit_()
 

@@ -165,7 +165,23 @@ class Dist:
             dist.barrier()
 
 
+def check_device(device_hint: str | None) -> None:
+    """Reject a --device that is not cpu/cuda, or cuda without a GPU, before any work."""
+    import torch
+
+    if device_hint is not None:
+        try:
+            kind = torch.device(device_hint).type
+        except (RuntimeError, ValueError):
+            raise InvalidValueError(f"unknown device {device_hint!r}; use cpu or cuda") from None
+        if kind not in ("cpu", "cuda"):
+            raise InvalidValueError(f"unsupported device {device_hint!r}; use cpu or cuda")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise InvalidValueError("--device cuda was asked for but no CUDA GPU is visible")
+
+
 def _init_dist(device_hint: str | None) -> tuple[Dist, "torch.device"]:
+    """Join the torchrun process group when launched by it (gloo on CPU, nccl on GPU); pick the device."""
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -503,6 +519,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
 
     opts = options or TrainOptions()
     opts.validate()
+    check_device(device)
     rep = reporter or Reporter()
     output = Path(output)
     check_output(output, force)

@@ -89,6 +89,14 @@ def test_bad_option_value_exits_2(tmp_path, tiny_base, data):
     assert "l < 0" in result.stderr
 
 
+def test_bad_device_exits_2(tmp_path, tiny_base, data):
+    train, dev = data
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--device", "tpu", "-o", str(tmp_path / "c"))
+    assert result.exit_code == 2
+    assert "device" in result.stderr
+
+
 def test_existing_output_exits_6_before_any_work(tmp_path, tiny_base, data):
     train, dev = data
     out = tmp_path / "ckpt"
