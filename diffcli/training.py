@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from diffcli.errors import DataError, InvalidValueError, OutputExistsError
 from diffcli.gates import HardConcrete
+from diffcli.train_state import (STATE_JSON, check_resume_options, load_optimizer, load_state, optimizer_tensors,
+                                 partial_dir, restore_rng, rng_tensors, save_state)
 
 if TYPE_CHECKING:
     import torch
 
-PARTIAL_SUFFIX = ".partial"
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
 
 
 @dataclass
@@ -388,98 +387,6 @@ def _move(batch: dict, device: "torch.device") -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def partial_dir(output: Path) -> Path:
-    return output.with_name(output.name + PARTIAL_SUFFIX)
-
-
-def _opt_tensors(opt, prefix: str) -> dict[str, "torch.Tensor"]:
-    out = {}
-    for pid, st in opt.state_dict()["state"].items():
-        for key, val in st.items():
-            import torch
-
-            t = val if isinstance(val, torch.Tensor) else torch.tensor(float(val))
-            out[f"{prefix}/{pid}/{key}"] = t.detach().to("cpu").contiguous()
-    return out
-
-
-def _load_opt(opt, tensors: dict[str, "torch.Tensor"], prefix: str) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict[str, Any]] = {}
-    for key, val in tensors.items():
-        if key.startswith(prefix + "/"):
-            _, pid, name = key.split("/", 2)
-            state.setdefault(int(pid), {})[name] = val
-    dev = opt.param_groups[0]["params"][0].device
-    for st in state.values():
-        for name in list(st):
-            st[name] = st[name].to(dev) if name != "step" else st[name].to(dev if _fused(opt) else "cpu")
-    sd["state"] = state
-    opt.load_state_dict(sd)
-
-
-def _fused(opt) -> bool:
-    return bool(opt.defaults.get("fused"))
-
-
-def _rng_tensors(device: "torch.device", gen: "torch.Generator | None") -> dict[str, "torch.Tensor"]:
-    import torch
-
-    out = {"rng/cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        out["rng/cuda"] = torch.cuda.get_rng_state(device)
-    if gen is not None:
-        out["rng/gate"] = gen.get_state()
-    return out
-
-
-def _restore_rng(tensors: dict, device: "torch.device", gen: "torch.Generator | None") -> None:
-    import torch
-
-    torch.set_rng_state(tensors["rng/cpu"])
-    if device.type == "cuda" and "rng/cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
-    if gen is not None and "rng/gate" in tensors:
-        gen.set_state(tensors["rng/gate"])
-
-
-def _save_partial(folder: Path, tensors: dict[str, "torch.Tensor"], state: dict) -> None:
-    """Replace the work folder atomically with the state after a finished epoch."""
-    from safetensors.torch import save_file
-
-    from diffcli.outputs import atomic_dir
-
-    with atomic_dir(folder, force=True) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
-        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _load_partial(folder: Path) -> tuple[dict[str, "torch.Tensor"], dict]:
-    from safetensors.torch import load_file
-
-    from diffcli.errors import FormatError
-
-    try:
-        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / STATE_TENSORS))
-    except Exception as exc:  # noqa: BLE001 - any unreadable work folder is the same failure
-        raise FormatError(f"cannot resume from {folder}: {exc}",
-                          hint="pass --force without --resume to start over") from exc
-    return tensors, state
-
-
-# options that do not change the result; a resumed run may differ in these
-_RESUME_FREE = {"eval_batch_size"}
-
-
-def _check_resume_options(saved: dict, now: dict) -> None:
-    diffs = [k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k]]
-    if diffs:
-        shown = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in diffs[:4])
-        raise InvalidValueError(f"the interrupted run used other options: {shown}",
-                                hint="resume with the same options, or pass --force without --resume to start over")
-
-
 def _eval(tm: TaskModel, task_data, opts: TrainOptions, device) -> dict[str, dict[str, float]]:
     from diffcli.evaluation import evaluate
 
@@ -566,8 +473,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     phase, done = "l0", 0
     tensors: dict[str, torch.Tensor] = {}
     if resuming:
-        tensors, saved = _load_partial(work)
-        _check_resume_options(saved["options"], opt_dict)
+        tensors, saved = load_state(work)
+        check_resume_options(saved["options"], opt_dict)
         if saved.get("task") != spec.name or saved.get("model") != model:
             raise InvalidValueError(f"the interrupted run at {work} trained {saved.get('task')} on "
                                     f"{saved.get('model')}", hint="pass --force without --resume to start over")
@@ -576,13 +483,13 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         history = record["history"]
         if phase == "l0":
             _restore_l0(trainer, tm, tensors, saved)
-            _restore_rng(tensors, dev, trainer.gd.generator)
+            restore_rng(tensors, dev, trainer.gd.generator)
         rep.line(f"resuming {phase} phase after epoch {done}")
 
-    def save_state(extra_tensors: dict, state: dict) -> None:
+    def checkpoint_epoch(extra_tensors: dict, state: dict) -> None:
         if dist.main:
             state.update({"options": opt_dict, "task": spec.name, "model": model, "record": record})
-            _save_partial(work, extra_tensors, state)
+            save_state(work, extra_tensors, state)
         dist.barrier()
 
     # ---- phase 1: L0
@@ -609,7 +516,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
             history.append(entry)
             state = {"phase": "l0", "epochs_done": epoch + 1, "step": trainer.step_count,
                      "controller": trainer.controller.state(), "lam": trainer.lam}
-            save_state({**_l0_tensors(trainer), **_rng_tensors(dev, trainer.gd.generator)}, state)
+            checkpoint_epoch({**_l0_tensors(trainer), **rng_tensors(dev, trainer.gd.generator)}, state)
             if on_epoch_end:
                 on_epoch_end("l0", epoch + 1)
 
@@ -662,16 +569,16 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
                      f"{_fmt_metrics(record['projection']['metrics'])}")
         best_tensors = {"best/values": md.values.detach().clone(),
                         **{f"best/head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
-        save_state({**tensors, **best_tensors, **_rng_tensors(dev, None)}, {"phase": "fixmask", "epochs_done": 0,
+        checkpoint_epoch({**tensors, **best_tensors, **rng_tensors(dev, None)}, {"phase": "fixmask", "epochs_done": 0,
                                                                            "step": 0})
     else:
         best_tensors = {k: v for k, v in tensors.items() if k.startswith("best/")}
         step_m = int(state_fix["step"])
-        _load_opt(opt_m, tensors, "opt_m")
+        load_optimizer(opt_m, tensors, "opt_m")
         with torch.no_grad():
             md.values.copy_(tensors["mask/values"])
         md.write_()
-        _restore_rng(tensors, dev, None)
+        restore_rng(tensors, dev, None)
     if dist.world > 1 and ddp is None:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -714,7 +621,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         history.append(entry)
         cur = {"mask/index": index, "mask/values": md.values.detach(),
                **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}
-        save_state({**cur, **best_tensors, **_opt_tensors(opt_m, "opt_m"), **_rng_tensors(dev, None)},
+        checkpoint_epoch({**cur, **best_tensors, **optimizer_tensors(opt_m, "opt_m"), **rng_tensors(dev, None)},
                    {"phase": "fixmask", "epochs_done": epoch + 1, "step": step_m})
         if on_epoch_end:
             on_epoch_end("fixmask", epoch + 1)
@@ -760,8 +667,8 @@ def _l0_tensors(trainer: L0Trainer) -> dict[str, "torch.Tensor"]:
         out["l0/group_log_alpha"] = gd.group_log_alpha.detach()
     for i, p in enumerate(trainer.head):
         out[f"l0/head/{i}"] = p.detach()
-    out.update(_opt_tensors(trainer.opt_w, "opt_w"))
-    out.update(_opt_tensors(trainer.opt_a, "opt_a"))
+    out.update(optimizer_tensors(trainer.opt_w, "opt_w"))
+    out.update(optimizer_tensors(trainer.opt_a, "opt_a"))
     return out
 
 
@@ -776,8 +683,8 @@ def _restore_l0(trainer: L0Trainer, tm: TaskModel, tensors: dict, saved: dict) -
             gd.group_log_alpha.copy_(tensors["l0/group_log_alpha"])
         for i, p in enumerate(trainer.head):
             p.copy_(tensors[f"l0/head/{i}"])
-    _load_opt(trainer.opt_w, tensors, "opt_w")
-    _load_opt(trainer.opt_a, tensors, "opt_a")
+    load_optimizer(trainer.opt_w, tensors, "opt_w")
+    load_optimizer(trainer.opt_a, tensors, "opt_a")
     for group in trainer.opt_w.param_groups:  # the schedule's base lr, lost with the state dict
         group["initial_lr"] = group.get("initial_lr", group["lr"])
     trainer.step_count = int(saved["step"])
