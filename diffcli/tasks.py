@@ -657,29 +657,6 @@ def encode(examples: Sequence[Example], tokenizer, max_seq_length: int) -> Encod
     return EncodedDataset(features, [e.label for e in examples], 0 if pad is None else int(pad))
 
 
-def collate(self, batch: list[dict]) -> dict[str, "torch.Tensor"]:
-        """`collate` with this tokenizer's padding id."""
-        return collate(batch, pad_token_id=self.pad_token_id)
-
-
-def encode(examples: Sequence[Example], tokenizer, max_seq_length: int) -> EncodedDataset:
-    """Tokenize all examples in one batched call (fast tokenizers run it in Rust), truncating to max_seq_length."""
-    if max_seq_length < 8:
-        raise InvalidValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
-    arities = {len(e.texts) for e in examples}
-    if len(arities) > 1:
-        raise DataError("examples mix single texts and text pairs")
-    if not examples:
-        features: dict[str, list] = {"input_ids": [], "attention_mask": []}
-    else:
-        first = [e.texts[0] for e in examples]
-        second = [e.texts[1] for e in examples] if arities == {2} else None
-        enc = tokenizer(first, second, truncation=True, max_length=max_seq_length, padding=False)
-        features = {k: list(v) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return EncodedDataset(features, [e.label for e in examples], 0 if pad is None else int(pad))
-
-
 def collate(batch: list[dict], pad_token_id: int = 0) -> dict[str, "torch.Tensor"]:
     """Stack a batch, padding every sequence to the longest one IN THIS BATCH (not to max_seq_length).
 
