@@ -336,6 +336,29 @@ def score_artifact(packed: Path, s: dict, data_dir: str) -> dict:
     return evaluation.evaluate(model, tokenizer, data, max_seq_length=s["max_seq_length"])
 
 
+def majority_score(task: str, data_dir: str, max_train_samples: int | None, max_eval_samples: int | None) -> float:
+    """The dev score of always predicting the most frequent train label (regression: the mean), ×100.
+
+    The floor a model that learned nothing reaches; a score at this value means the run did not learn the task.
+    """
+    import numpy as np
+
+    from diffcli import metrics, tasks
+
+    data = tasks.load_task(task, data_dir=data_dir, max_train_samples=max_train_samples,
+                           max_eval_samples=max_eval_samples)
+    spec = data.spec
+    dev = data.eval[spec.eval_splits[0]]
+    labels = np.array([e.label for e in dev])
+    train = np.array([e.label for e in data.train])
+    if spec.is_regression:
+        preds = np.full((len(dev), 1), float(train.mean()))
+    else:
+        preds = np.zeros((len(dev), spec.num_labels))
+        preds[:, int(np.bincount(train.astype(int), minlength=spec.num_labels).argmax())] = 1.0
+    return 100 * metrics.main_score(spec, metrics.compute(spec, preds, labels))
+
+
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "—"
@@ -373,6 +396,9 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
     lines += [f"# Quality: diffprune vs full finetuning vs PEFT LoRA (bundled MiniLM, GLUE dev)", "",
               f"Date: {today}. Machine: CPU only ({os.cpu_count()} cores, shared with other jobs), torch threads 1 per run.",
               "", "## Commands", "", "```", invocation, "```", "",
+              "Run here as parallel lanes (`OMP_NUM_THREADS=1 nice -n 10`, one invocation per method with "
+              "`--methods full`, `--methods lora`, `--methods diffprune` and `--no-report`, the same other flags), "
+              "then the same command with `--report-only`. "
               "Each (task, method) is cached in `bench/work/` (gitignored) under a hash of its settings; "
               "the table is assembled from that cache (`python bench/bench_quality.py --report-only` with the same flags).", ""]
     lines += ["## Settings", "",
@@ -397,19 +423,27 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
               "- Score: GLUE metric ×100 (rte accuracy; mrpc mean of F1 and accuracy; stsb mean of Pearson and "
               "Spearman; cola Matthews).", ""]
     lines += ["## Results", "",
-              "| task | metric | full FT | LoRA | diffprune 0.5% | Δ vs full | diffprune @ LoRA bytes | bytes full | bytes LoRA | bytes diffprune 0.5% | bytes diffprune matched |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| task | metric | majority | full FT | LoRA | diffprune 0.5% | Δ vs full | diffprune @ LoRA bytes | bytes full | bytes LoRA | bytes diffprune 0.5% | bytes diffprune matched |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    majority: dict[str, float | None] = {}
     for task, f, l, d, m, gap in table_rows:
         mm = "—" if m is None else f"{m['score']:.2f} ({m['sparsity']})"
-        lines.append(f"| {task} | {SCORE_NAMES.get(task, '')} | {_fmt(f and f['score'])} | {_fmt(l and l['score'])} | "
+        try:
+            floor = majority_score(task, suite.data_dir, suite.caps.get(task), a.max_eval_samples)
+        except Exception:  # noqa: BLE001 - the floor is informative only
+            floor = None
+        majority[task] = floor
+        lines.append(f"| {task} | {SCORE_NAMES.get(task, '')} | {_fmt(floor)} | {_fmt(f and f['score'])} | {_fmt(l and l['score'])} | "
                      f"{_fmt(d and d['score'])} | {'—' if gap is None else f'{gap:+.2f}'} | {mm} | "
                      f"{_fmt_bytes(f and f['bytes'])} | {_fmt_bytes(l and l['bytes'])} | {_fmt_bytes(d and d['bytes'])} | "
                      f"{_fmt_bytes(m and m['bytes'])} |")
     complete = len(full_scores) == len(tasks)
     if full_scores:
         n = len(full_scores)
-        lines.append(f"| **average** ({n} task{'s' if n > 1 else ''}) | | {sum(full_scores) / n:.2f} | "
+        lines.append(f"| **average** ({n} task{'s' if n > 1 else ''}) | | | {sum(full_scores) / n:.2f} | "
                      f"{sum(lora_scores) / n:.2f} | {sum(dp_scores) / n:.2f} | {sum(dp_scores) / n - sum(full_scores) / n:+.2f} | | | | | |")
+    lines += ["", "`majority`: the score of always predicting the most frequent train label (stsb: the mean); "
+              "a run at this value has not learned the task."]
     lines.append("")
     verdicts = {}
     if gaps:
@@ -434,15 +468,38 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
         d = rows[task]["diffprune"]
         if d is None:
             continue
-        summ = d.get("train_summary", {})
-        diag.append(f"- {task}: nnz {d.get('nnz')}, density {100 * d.get('density', 0):.3f}%, train {d.get('seconds', 0) / 60:.1f} min; "
-                    f"trainer summary: {json.dumps(_brief_summary(summ), sort_keys=True)}")
+        diag.append(f"- {task}: " + _diagnostics(d))
     if diag:
         lines += ["## diffprune diagnostics (from `train --json`)", ""] + diag + [""]
     doc = {"date": today, "invocation": invocation, "caps": {t: suite.caps.get(t) for t in tasks},
            "targets": {"avg_gap_max": TARGET_AVG_GAP, "task_gap_max": TARGET_TASK_GAP}, "verdicts": verdicts,
            "results": {t: {m: (_strip(v) if v else None) for m, v in rows[t].items()} for t in tasks}}
     return "\n".join(lines), doc
+
+
+def _diagnostics(d: dict) -> str:
+    """One line: density after the L0 phase, score after L0 / projection / fixed mask, time, trainer version."""
+    from diffcli import metrics, tasks
+
+    summ = d.get("train_summary", {})
+    spec = tasks.task_spec(d["task"])
+    split = spec.eval_splits[0]
+
+    def score(entry) -> str:
+        try:
+            return f"{100 * metrics.main_score(spec, entry['metrics'][split]):.2f}"
+        except (KeyError, TypeError):
+            return "?"
+
+    l0 = summ.get("after_l0") or {}
+    fix = summ.get("after_fixmask") or {}
+    code = summ.get("code") or {}
+    return (f"after L0: deterministic-gate density {100 * l0.get('deterministic_density', float('nan')):.3f}%, "
+            f"expected density {100 * l0.get('expected_density', float('nan')):.2f}%, λ {l0.get('lambda', float('nan')):.3g}, "
+            f"score {score(l0)}; after projection to {100 * d.get('density', 0):.3f}% (nnz {d.get('nnz')}): "
+            f"{score(summ.get('after_projection'))}; after fixed mask (best epoch {fix.get('epoch')}): {score(fix)}; "
+            f"packed .diff re-scored: {d['score']:.2f}; {d.get('seconds', 0) / 60:.1f} min; "
+            f"trainer commit {code.get('commit')} training.py {code.get('training.py')}")
 
 
 def _brief_summary(summary: dict) -> dict:
@@ -475,12 +532,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sparsity", default="0.5%")
     ap.add_argument("--caps", help="train-sample caps, e.g. stsb=2500,cola=4000,rte=all")
     ap.add_argument("--max-eval-samples", type=int)
+    ap.add_argument("--label", help="write bench/results/quality-LABEL.md/json (an extra configuration)")
     ap.add_argument("--work-dir", default=str(REPO / "bench" / "work"))
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     # Flags that change settings, for the per-run command lines (without --tasks/--methods).
-    skip = {"--tasks", "--methods", "--report-only", "--no-report", "--work-dir", "--results-dir"}
+    skip = {"--tasks", "--methods", "--report-only", "--no-report", "--work-dir", "--results-dir", "--label"}
     passthrough, i = [], 0
     while i < len(argv):
         tok = argv[i]
@@ -516,12 +574,17 @@ def main(argv: list[str] | None = None) -> int:
                     failures += 1
                     print(f"FAILED: {task} {method}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if not args.no_report:
-        report_tasks = [t.strip() for t in (args.tasks if args.report_only else ",".join(TASKS)).split(",")]
+        report_tasks = tasks
         invocation = "python bench/bench_quality.py " + " ".join(args.passthrough)
         text, doc = build_report(suite, report_tasks, invocation.strip())
         results = Path(args.results_dir)
-        _write_text_atomic(results / "quality.md", text + "\n")
-        _write_json_atomic(results / "quality.json", doc)
+        stem = f"quality-{args.label}" if args.label else "quality"
+        if not args.label:
+            extra = sorted(p.name for p in results.glob("quality-*.md"))
+            if extra:
+                text += "\n## Other configurations\n\n" + "".join(f"- [{n}]({n})\n" for n in extra)
+        _write_text_atomic(results / f"{stem}.md", text + "\n")
+        _write_json_atomic(results / f"{stem}.json", doc)
         print(text)
     return 1 if failures else 0
 
