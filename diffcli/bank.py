@@ -36,9 +36,8 @@ from diffcli.weights import match_names, resolve_model, tensor_digest
 if TYPE_CHECKING:
     import torch
 
-
-
 _NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
+
 
 @dataclass
 class _Task:
