@@ -530,6 +530,9 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         delta = gd.delta()
         index, values, proj_info = _project(tm, trainer.flat, delta, opts.sparsity)
         record["projection"] = proj_info
+        if proj_info["kept"] < proj_info["k"]:
+            rep.warning(f"the learned δ has only {proj_info['kept']} nonzero entries, fewer than the budget "
+                        f"{proj_info['k']}; the diff keeps them all (train longer or lower --sparsity)")
         head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
         del delta
         flat = trainer.flat

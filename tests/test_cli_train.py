@@ -122,3 +122,12 @@ def test_leftover_partial_run_needs_resume_or_force(tmp_path, tiny_base, data):
                      "-o", str(out), "--resume")
     assert broken.exit_code == 4  # an unreadable work folder is reported, not trusted
     assert not out.exists()
+
+
+def test_no_l0_epochs_warns_that_the_budget_is_not_filled(tmp_path, tiny_base, data):
+    train, dev = data
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--epochs", "0", "--fixmask-epochs", "0", "-o", str(tmp_path / "c"))
+    assert result.exit_code == 0, result.output
+    assert "fewer than the budget" in result.stderr
+    assert checkpoint.load(tmp_path / "c").nnz == 0
