@@ -532,13 +532,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sparsity", default="0.5%")
     ap.add_argument("--caps", help="train-sample caps, e.g. stsb=2500,cola=4000,rte=all")
     ap.add_argument("--max-eval-samples", type=int)
+    ap.add_argument("--notes", help="a markdown file whose text is added to the report under 'Notes'")
     ap.add_argument("--label", help="write bench/results/quality-LABEL.md/json (an extra configuration)")
     ap.add_argument("--work-dir", default=str(REPO / "bench" / "work"))
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     # Flags that change settings, for the per-run command lines (without --tasks/--methods).
-    skip = {"--tasks", "--methods", "--report-only", "--no-report", "--work-dir", "--results-dir", "--label"}
+    skip = {"--tasks", "--methods", "--report-only", "--no-report", "--work-dir", "--results-dir", "--label",
+            "--notes"}
     passthrough, i = [], 0
     while i < len(argv):
         tok = argv[i]
@@ -579,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         text, doc = build_report(suite, report_tasks, invocation.strip())
         results = Path(args.results_dir)
         stem = f"quality-{args.label}" if args.label else "quality"
+        if args.notes:
+            text += "\n## Notes\n\n" + Path(args.notes).read_text().strip() + "\n"
         if not args.label:
             extra = sorted(p.name for p in results.glob("quality-*.md"))
             if extra:
