@@ -108,8 +108,7 @@ class GatedDiff:
         span = gate.r - gate.l
         self._lo, self._hi = -gate.l / span, (1.0 - gate.l) / span
         self._l = torch.tensor(float(gate.l), dtype=torch.float32)
-        small = [n for n in flat.sizes if n <= (1 << 22)]
-        self._ones = torch.ones(max(small, default=0), device=dev)
+        self._lengths = torch.tensor(flat.sizes, device=dev)
         # z_g broadcast to entries with one gather: per-tensor loops of small elementwise ops are slow
         # (each pays a thread-pool round trip), so the group factor is applied in whole-buffer passes
         self._seg_ids = self._zg_full = None
@@ -175,14 +174,10 @@ class GatedDiff:
                 seg.mul_(f)
 
     def _segment_sums(self, flat: "torch.Tensor") -> "torch.Tensor":
-        """Σ per tensor; BLAS dots against ones for the many small tensors (a reduction call each is slow)."""
+        """Σ per tensor in one op (a reduction call per small tensor is slow on a busy CPU)."""
         import torch
 
-        out = []
-        for seg in self.flat.segments(flat):
-            n = seg.numel()
-            out.append(torch.dot(seg, self._ones[:n]) if n <= self._ones.numel() else seg.sum())
-        return torch.stack(out) if out else torch.zeros(0, device=flat.device)
+        return torch.segment_reduce(flat, "sum", lengths=self._lengths)
 
     def deterministic_gates(self) -> tuple["torch.Tensor", list[float] | None]:
         """ẑ (flat, new tensor) and the group ẑ_g as floats (None if not structured)."""
@@ -251,16 +246,9 @@ class GatedDiff:
                 except Exception:  # noqa: BLE001 - compilation failed (before any write): go eager
                     self._kernels = None
                     return self.backward_(lam)
-                if self.structured:  # Σ z·g·w per tensor; not needed where z_g = 0 (then dz_g/dlog α_g = 0)
-                    gz_group = torch.stack([torch.dot(a, b) / f if f > 0 else a.new_zeros(())
-                                            for a, b, f in zip(self.flat.segments(gw), self.flat.segments(w),
-                                                               zg)])
-                sums = self._segment_sums(s)
             else:
                 self._stretch_into(gw, s).mul_(g)  # z·g
                 if self.structured:
-                    gz_group = torch.stack([torch.dot(a, b) for a, b in zip(self.flat.segments(gw),
-                                                                             self.flat.segments(w))])
                     gw.mul_(self._zg_full)  # z·z_g·g
                 # dL/dlog α = g·w·z_g·(r−l)/β·s(1−s) where 0 < s(r−l)+l < 1, i.e. lo < s < hi
                 torch.mul(g, w, out=gla)
@@ -271,8 +259,13 @@ class GatedDiff:
                 gla.mul_(span / gate.beta)
                 # the penalty λ·Σ σ(log α − shift): its value and its derivative λ·p(1−p) = λ·(p − p²)
                 torch.sub(self.log_alpha.detach(), gate.shift, out=s).sigmoid_()
-                sums = self._segment_sums(s)
                 gla.add_(s, alpha=lam).addcmul_(s, s, value=-lam)
+            sums = self._segment_sums(s)  # Σ p per tensor
+            if self.structured:
+                # dL/dz_g,k = Σ_k z·g·w = Σ_k gw·w / z_g,k; not needed where z_g = 0 (dz_g/dlog α_g = 0 there)
+                torch.mul(gw, w, out=s)
+                zg_t = torch.tensor(zg, device=s.device)
+                gz_group = torch.where(zg_t > 0, self._segment_sums(s) / zg_t.clamp_min(1e-30), 0.0)
             penalty_sum = float(sums.sum())
             if self.structured:
                 gla_g = self.group_log_alpha.detach()
