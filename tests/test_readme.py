@@ -1,0 +1,45 @@
+"""The README's library example runs as written (on the bundled MiniLM with two random diffs)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _random_task_diff(num_labels: int, seed: int):
+    import torch
+
+    from diffcli.extract import diff_between
+    from diffcli.projection import project
+    from diffcli.weights import WeightStore, load_config, resolve_model
+
+    folder = resolve_model("minilm")
+    store = WeightStore(folder)
+    g = torch.Generator().manual_seed(seed)
+    target = {f"bert.{n}": t + torch.randn(t.shape, generator=g) * 0.01 for n, t in store.items()
+              if t.is_floating_point()}
+    hidden = load_config(folder)["hidden_size"]
+    target["classifier.weight"] = torch.randn(num_labels, hidden, generator=g) * 0.02
+    target["classifier.bias"] = torch.zeros(num_labels)
+    config = {**load_config(folder), "architectures": ["BertForSequenceClassification"],
+              "id2label": {str(i): f"L{i}" for i in range(num_labels)},
+              "label2id": {f"L{i}": i for i in range(num_labels)}}
+    return project(diff_between(store, target, config=config, base_ref="minilm"), 0.005).diff
+
+
+@pytest.mark.integration
+def test_readme_bank_example_runs(tmp_path, monkeypatch, capsys):
+    from diffcli import artifact
+
+    artifact.write(_random_task_diff(2, 0), tmp_path / "rte.diff")
+    artifact.write(_random_task_diff(3, 1), tmp_path / "mnli.diff")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(b for b in blocks if "DiffBank" in b)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed] == ["rte", "mnli", "rte"]
