@@ -530,9 +530,12 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         delta = gd.delta()
         index, values, proj_info = _project(tm, trainer.flat, delta, opts.sparsity)
         record["projection"] = proj_info
-        if proj_info["kept"] < proj_info["k"]:
-            rep.warning(f"the learned δ has only {proj_info['kept']} nonzero entries, fewer than the budget "
-                        f"{proj_info['k']}; the diff keeps them all (train longer or lower --sparsity)")
+        if proj_info["kept"] < proj_info["k"]:  # the gates closed below the budget: fill it for the fixed mask
+            index, values, filled = _fill_budget(gd, index, values, proj_info["k"] - proj_info["kept"])
+            proj_info["filled"] = filled
+            if proj_info["kept"] + filled < proj_info["k"]:
+                rep.warning(f"the learned δ has only {proj_info['kept'] + filled} usable entries, fewer than the "
+                            f"budget {proj_info['k']}; the diff keeps them all (train longer or lower --sparsity)")
         head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
         del delta
         flat = trainer.flat
@@ -724,6 +727,26 @@ def _project(tm: TaskModel, flat, delta: "torch.Tensor", sparsity: float):
     values = torch.cat(vals) if vals else torch.zeros(0)
     info = {"sparsity": sparsity, "k": proj.k, "n": proj.n, "kept": proj.kept}
     return index, values, info
+
+
+def _fill_budget(gd, index: "torch.Tensor", values: "torch.Tensor", need: int):
+    """Add the `need` closed-gate entries with the largest |P(z≠0)·w| to the mask, starting at δ = 0.
+
+    When the L0 phase ends below the target density, δ has fewer than k nonzeros; the fixed-mask phase then
+    also trains the entries the gates ranked next, so that the diff uses its whole budget.
+    """
+    import torch
+
+    with torch.no_grad():
+        score = gd.gate.prob_nonzero(gd.log_alpha.detach()).mul_(gd.w.detach()).abs_()
+        score[index.to(score.device)] = 0
+        top = torch.topk(score, min(need, score.numel()), sorted=False)
+        extra = top.indices[top.values > 0].cpu()
+    del score
+    merged = torch.cat([index.cpu(), extra])
+    order = torch.argsort(merged)
+    vals = torch.cat([values.cpu(), torch.zeros(extra.numel(), dtype=values.dtype)])
+    return merged[order].contiguous(), vals[order].contiguous(), int(extra.numel())
 
 
 def _build_diff(tm: TaskModel, flat, index: "torch.Tensor", best: dict, *, model_ref: str, meta: dict):

@@ -12,8 +12,8 @@ import torch
 
 from diffcli import checkpoint
 from diffcli.errors import InvalidValueError, OutputExistsError
-from diffcli.training import (DensityController, L0Trainer, TrainOptions, _project, build_task_model, partial_dir,
-                              train)
+from diffcli.training import (DensityController, L0Trainer, TrainOptions, _fill_budget, _project, build_task_model,
+                              partial_dir, train)
 from diffcli.weights import WeightStore, tensor_digest
 from tests.training_data import write_task
 
@@ -65,6 +65,28 @@ def test_projection_keeps_exactly_round_s_n_largest_entries(tiny_base):
     outside = torch.ones(flat.numel, dtype=torch.bool)
     outside[index] = False
     assert float(delta.abs()[outside].max()) <= float(threshold)
+
+
+def test_budget_is_filled_when_the_gates_closed_below_it(tiny_base):
+    tm = build_task_model(tiny_base, _spec(), seed=0)
+    trainer = L0Trainer(tm.model, tm.gated, tm.head, _opts(structured=False), torch.device("cpu"), total_steps=1)
+    gd, n = trainer.gd, trainer.flat.numel
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        gd.w.copy_(torch.randn(n, generator=g))
+        gd.log_alpha.copy_(torch.randn(n, generator=g) - 6.0)  # nearly all gates closed
+    delta = gd.delta()
+    index, values, info = _project(tm, trainer.flat, delta, 0.05)
+    assert info["kept"] == int((delta != 0).sum()) < info["k"]
+    full, vals, filled = _fill_budget(gd, index, values, info["k"] - info["kept"])
+    assert filled == info["k"] - info["kept"] and full.numel() == info["k"]
+    assert bool((full[1:] > full[:-1]).all())
+    assert torch.equal(vals, delta[full])  # projected values kept, new entries start at 0
+    score = (torch.sigmoid(gd.log_alpha.detach()) * gd.w.detach()).abs()
+    new = full[delta[full] == 0]
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[full] = False
+    assert float(score[new].min()) >= float(score[rest].max())
 
 
 def test_fixed_mask_phase_changes_only_the_kept_entries(tiny_base):
