@@ -168,16 +168,23 @@ class Suite:
         ckpt = run_dir / "ckpt"
         cmd = self.train_command(s, ckpt)
         log_path = run_dir.with_suffix(".log")
-        code = code_version()
-        t0 = time.perf_counter()
-        with log_path.open("w") as err:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            tail = log_path.read_text()[-2000:]
-            raise RuntimeError(f"diffprune train failed (exit {proc.returncode}): {tail}")
-        summary = json.loads(proc.stdout)
-        summary["code"] = code
+        summary_path = run_dir / "train_summary.json"
+        if checkpoint.is_checkpoint(ckpt) and not (run_dir / "ckpt.partial").exists():
+            # Training finished earlier (e.g. a later step failed): reuse it, no retraining.
+            summary = _summary_from_checkpoint(ckpt, summary_path)
+            seconds = summary.get("seconds", 0.0)
+        else:
+            code = code_version()
+            t0 = time.perf_counter()
+            with log_path.open("w") as err:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+            seconds = time.perf_counter() - t0
+            if proc.returncode != 0:
+                tail = log_path.read_text()[-2000:]
+                raise RuntimeError(f"diffprune train failed (exit {proc.returncode}): {tail}")
+            summary = json.loads(proc.stdout)
+            summary["code"] = code
+            _write_json_atomic(summary_path, summary)
         diff = checkpoint.load(ckpt)
         packed = run_dir / f"{s['task']}.diff"
         report = artifact.write(diff, packed, values=s["values"], force=True)
@@ -247,6 +254,19 @@ class Suite:
                 row["diffprune-matched"] = self.cached(self.matched_settings(task, dp, lora))
             rows[task] = row
         return rows
+
+
+def _summary_from_checkpoint(ckpt: Path, saved: Path) -> dict:
+    """The train summary of a finished run: the saved `--json` output, else rebuilt from the checkpoint's meta."""
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    from diffcli import checkpoint
+
+    meta = checkpoint.load(ckpt).meta
+    res = meta.get("results") or {}
+    return {"after_l0": res.get("after_l0"), "after_projection": res.get("projection"),
+            "after_fixmask": res.get("best"), "rebuilt_from_checkpoint_meta": True,
+            "code": {"commit": None, "note": "rebuilt from the checkpoint meta; trainer version not recorded"}}
 
 
 def claim(cache: Path) -> Path | None:
