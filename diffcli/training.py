@@ -539,7 +539,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
         del delta
         flat = trainer.flat
-        trainer = None  # free w, log α and their optimiser states
+        trainer = gd = None  # free w, log α, their gradients and optimiser states
         phase, done = "fixmask", 0
         tensors = {"mask/index": index.cpu(), "mask/values": values.cpu(),
                    **{f"head/{n}": t for n, t in head_state.items()}}
