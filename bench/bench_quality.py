@@ -599,7 +599,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"FAILED: {task} {method}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if not args.no_report:
         report_tasks = tasks
-        invocation = "python bench/bench_quality.py " + " ".join(args.passthrough)
+        head = []
+        if tasks != list(TASKS):
+            head += ["--tasks", ",".join(tasks)]
+        if args.label:
+            head += ["--label", args.label]
+        invocation = "python bench/bench_quality.py " + " ".join(head + args.passthrough)
         text, doc = build_report(suite, report_tasks, invocation.strip())
         results = Path(args.results_dir)
         stem = f"quality-{args.label}" if args.label else "quality"
