@@ -17,6 +17,7 @@ from diffcli.diff import Diff, TensorDiff
 from diffcli.errors import (BaseMismatchError, ChecksumError, FormatError, InvalidValueError, NotFoundError,
                             UnsupportedVersionError)
 from diffcli.outputs import atomic_file, check_output
+from diffcli.weights import DIGEST_ALGORITHM
 
 MAGIC = b"DIFFPRUN"
 VERSION = 1
@@ -242,7 +243,8 @@ def _encode(diff: Diff, values: str) -> tuple[bytes, dict[str, int | float]]:
         sec["offset"] = offset
         offset += len(stored)
     header = {"format": FORMAT_NAME, "version": VERSION, "producer": PRODUCER,
-              "base": {"ref": diff.base_ref, "fingerprint": diff.base_fingerprint}, "values": values,
+              "base": {"ref": diff.base_ref, "fingerprint": diff.base_fingerprint, "digest": DIGEST_ALGORITHM},
+              "values": values,
               "budget_numel": sum(_numel(tuple(e["shape"])) for e in tensors.values() if e["dtype"] in FLOAT_DTYPES),
               "nnz": nnz_total, "max_abs_error": max_err, "tensors": tensors, "extras": extras,
               "config": diff.config, "meta": diff.meta}
@@ -397,7 +399,10 @@ def validate_header(h: Any, payload_size: int) -> list[_Section]:
     if h["version"] != VERSION or type(h["version"]) is not int:
         raise _fail(f"version {h['version']!r} disagrees with the preamble's {VERSION}")
     _str(h["producer"], "producer", 256)
-    base = _keys(h["base"], {"ref", "fingerprint"}, "base")
+    base = _keys(h["base"], {"ref", "fingerprint", "digest"}, "base")
+    if base["digest"] != DIGEST_ALGORITHM:
+        raise UnsupportedVersionError(f"tensor digests use {str(base['digest'])[:40]!r}; this diffprune knows "
+                                      f"{DIGEST_ALGORITHM!r}")
     _str(base["ref"], "base.ref", MAX_REF)
     _str(base["fingerprint"], "base.fingerprint", 71, 71, _FINGERPRINT_RE)
     _choice(h["values"], VALUE_TYPES, "values")

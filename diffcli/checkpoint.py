@@ -17,6 +17,7 @@ from diffcli import __version__
 from diffcli.diff import Diff, TensorDiff
 from diffcli.errors import FormatError, NotFoundError, UnsupportedVersionError
 from diffcli.outputs import atomic_dir
+from diffcli.weights import DIGEST_ALGORITHM
 
 META_FILE = "diffprune.json"
 TENSOR_FILE = "diff.safetensors"
@@ -52,7 +53,7 @@ def write_into(folder: Path, diff: Diff) -> None:
         "format": FORMAT_NAME,
         "version": VERSION,
         "producer": f"diffprune {__version__}",
-        "base": {"ref": diff.base_ref, "fingerprint": diff.base_fingerprint},
+        "base": {"ref": diff.base_ref, "fingerprint": diff.base_fingerprint, "digest": DIGEST_ALGORITHM},
         "budget_numel": diff.budget_numel,
         "nnz": diff.nnz,
         "tensors": entries,
@@ -90,6 +91,10 @@ def load(path: str | Path) -> Diff:
     if meta.get("version") != VERSION:
         raise UnsupportedVersionError(f"{path} has checkpoint version {meta.get('version')}; "
                                       f"this diffprune reads version {VERSION}")
+    algorithm = meta.get("base", {}).get("digest") if isinstance(meta.get("base"), dict) else None
+    if algorithm != DIGEST_ALGORITHM:
+        raise UnsupportedVersionError(f"{path} records tensor digests as {algorithm!r}; this diffprune uses "
+                                      f"{DIGEST_ALGORITHM!r}", hint="re-run prune or train to rewrite it")
     try:
         tensors = load_file(str(path / TENSOR_FILE))
     except FileNotFoundError as exc:

@@ -267,6 +267,9 @@ def match_names(base_names: Iterable[str], target_names: Iterable[str]) -> dict[
     return {t: mapping[t] for t in targets if t in mapping}
 
 
+DIGEST_ALGORITHM = "xxh3-128"  # recorded in every checkpoint and .diff beside the digests
+
+
 def tensor_digest(t: "torch.Tensor") -> str:
     """Content digest of one tensor: XXH3-128 over dtype, shape and raw bytes (32 hex chars).
 

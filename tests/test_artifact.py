@@ -17,7 +17,7 @@ from diffcli.weights import fingerprint
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden_v1.diff"
-GOLDEN_SHA256 = "699ad669d12f5ada3938d78d5347173ca9ba87320f73f71e57828c747d1e914d"
+GOLDEN_SHA256 = "5cdeb112972d11c75417da748e279c16ce95a55a7b3b3893c885b6772985f1f2"
 SCHEMA = Path(artifact.__file__).parent / "schema" / "header.schema.json"
 
 

@@ -169,6 +169,8 @@ def _mutated(mutate) -> bytes:
     (lambda h: h.update(max_abs_error="small"), "max_abs_error"),
     (lambda h: h.update(config=[]), "config"),
     (lambda h: h["base"].update(fingerprint="md5:00"), "fingerprint"),
+    (lambda h: h["base"].update(digest="sha256"), "tensor digests use 'sha256'"),
+    (lambda h: h["base"].pop("digest"), "lacks"),
     (lambda h: h["tensors"]["bert.encoder.w"].update(digest="XYZ"), "digest"),
     (lambda h: h["tensors"]["bert.encoder.w"].update(dtype="complex64"), "dtype"),
     (lambda h: h["extras"]["flags"].update(dtype="float8"), "dtype"),

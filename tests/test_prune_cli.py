@@ -113,3 +113,13 @@ def test_corrupt_checkpoint_is_a_format_error(tiny_base, tiny_finetune, tmp_path
     (out / checkpoint.META_FILE).write_text("{not json")
     res = runner.invoke(app, ["inspect", str(out)])
     assert res.exit_code == 4 and res.stderr.startswith("error:")
+
+
+def test_checkpoint_with_another_digest_algorithm_is_unsupported(tiny_base, tiny_finetune, tmp_path):
+    out = tmp_path / "ck"
+    assert runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "1%", "-o", str(out)]).exit_code == 0
+    meta = json.loads((out / checkpoint.META_FILE).read_text())
+    meta["base"]["digest"] = "sha256"
+    (out / checkpoint.META_FILE).write_text(json.dumps(meta))
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 4 and "'sha256'" in res.stderr
