@@ -9,7 +9,7 @@ from typing import Callable
 
 from diffcli import checkpoint
 from diffcli.diff import Diff, TensorDiff
-from diffcli.errors import InvalidValueError
+from diffcli.errors import InvalidValueError, NotFoundError
 from diffcli.outputs import check_output
 
 SCOPES = ("global", "per-tensor")
@@ -45,6 +45,11 @@ class Projection:
     k: int
     kept: int
     allocation: list[Allocation] = field(default_factory=list)
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise InvalidValueError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
 
 
 def budget(sparsity: float, n: int) -> int:
@@ -89,8 +94,7 @@ def project(diff: Diff, sparsity: float, scope: str = "global") -> Projection:
     """Project `diff` to exactly k nonzero entries (fewer only if δ has fewer nonzeros)."""
     import torch
 
-    if scope not in SCOPES:
-        raise InvalidValueError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
+    _check_scope(scope)
     names = sorted(n for n, t in diff.tensors.items() if t.is_float)  # canonical order for ties
     sparse = {n: diff.tensors[n].sparse() for n in names}
     for s in sparse.values():  # zeros in δ are never kept
@@ -133,8 +137,7 @@ def prune(source: str | Path, sparsity: float, out: str | Path, *, base: str | N
     """`diffprune prune`: read a checkpoint (or a full finetune with `base`), project, save."""
     from diffcli.extract import extract_diff
 
-    if scope not in SCOPES:
-        raise InvalidValueError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
+    _check_scope(scope)
     check_output(Path(out), force)
     if checkpoint.is_checkpoint(source):
         if base is not None:
@@ -143,8 +146,6 @@ def prune(source: str | Path, sparsity: float, out: str | Path, *, base: str | N
     else:
         if base is None:
             if not Path(source).exists():
-                from diffcli.errors import NotFoundError
-
                 raise NotFoundError(f"{source} does not exist")
             raise InvalidValueError(f"{source} is not a diff checkpoint; pass --base to extract a diff "
                                     "from a full finetuned model")

@@ -52,7 +52,7 @@ def bundled_minilm_path() -> Path:
 
 
 def _looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or ref.endswith("/") or ref.count("/") > 1 or os.sep != "/" and os.sep in ref
+    return ref.startswith((".", "/", "~")) or ref.endswith("/") or ref.count("/") > 1 or (os.sep != "/" and os.sep in ref)
 
 
 def resolve_model(ref: str) -> Path:
@@ -185,7 +185,8 @@ class WeightStore:
         """Dtype name as torch spells it without the prefix: 'float32', 'bfloat16', 'int64'."""
         if self._pickled is not None:
             return dtype_name(self[name].dtype)
-        return _ST_DTYPES.get(self._slice(name).get_dtype(), self._slice(name).get_dtype().lower())
+        raw = self._slice(name).get_dtype()
+        return _ST_DTYPES.get(raw, raw.lower())
 
     def __getitem__(self, name: str) -> "torch.Tensor":
         if self._pickled is not None:
