@@ -1,8 +1,11 @@
 """DiffBank on the bundled MiniLM: task switching in place vs loading the finetuned model with from_pretrained.
 
 Run: OMP_NUM_THREADS=1 python bench/bench_bank.py [--switches 200] [--loads 5] [--out bench/results/bank.json]
+         [--diffs TASK_A.diff TASK_B.diff]
 Two (four for memory) random 0.5% diffs are made without training: a dense Gaussian perturbation of every
-float base tensor projected to 0.5%, and classifier heads with 2 and 3 labels; packed as .diff files.
+float base tensor projected to 0.5%, and classifier heads with 2 and 3 labels; packed as .diff files. These are
+the worst case for a switch (every entry its own cache line). With --diffs, the switch speed is measured on two
+real trained task diffs instead (e.g. the MRPC and STS-B diffs of bench_quality.py); memory still uses random ones.
 Speed: median time of `bank.use` alternating A→B→A… vs median `AutoModelForSequenceClassification.from_pretrained`
 of the `apply` output folder, same process, same threads. Target: ratio >= 50x.
 Memory (in a fresh subprocess): tensor bytes the bank holds per task vs one model's parameter bytes, and RSS
@@ -51,6 +54,19 @@ def make_diff(base_dir: Path, num_labels: int, seed: int):
     target["classifier.bias"] = torch.zeros(num_labels)
     diff = diff_between(store, target, config=cfg.to_dict(), base_ref="minilm", meta={"task": f"random{seed}"})
     return project(diff, DENSITY).diff
+
+
+def cache_lines(path: Path) -> tuple[int, int]:
+    """Entries of a diff and the 64-byte fp32 cache lines they fall on (what a switch writes), per tensor."""
+    from diffcli.sources import load_diff
+
+    nnz = lines = 0
+    for td in load_diff(path).tensors.values():
+        if td.nnz:
+            idx = td.sparse().indices
+            nnz += idx.numel()
+            lines += int(idx.div(16, rounding_mode="floor").unique().numel())
+    return nnz, lines
 
 
 def rss_bytes() -> int:
@@ -110,6 +126,7 @@ def main() -> None:
     ap.add_argument("--switches", type=int, default=200)
     ap.add_argument("--loads", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bank.json")
+    ap.add_argument("--diffs", type=Path, nargs=2, metavar="DIFF", help="two trained .diff files of MiniLM")
     ap.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -138,15 +155,24 @@ def main() -> None:
             apply_to_folder("minilm", work / f"t{i}.diff", work / f"merged_t{i}")
             del diff
         print(f"made {len(LABELS)} diffs at {DENSITY:.1%} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        pair = [work / "t0.diff", work / "t1.diff"]
+        merged = [work / "merged_t0", work / "merged_t1"]
+        if args.diffs:
+            pair = list(args.diffs)
+            merged = [work / "merged_A", work / "merged_B"]
+            for diff_path, folder in zip(pair, merged):
+                apply_to_folder("minilm", diff_path, folder)
+        sources = [str(p) if args.diffs else f"random {DENSITY:.1%} diff (seed {i})" for i, p in enumerate(pair)]
+        lines = [cache_lines(p) for p in pair]
 
         bank = DiffBank("minilm")
-        bank.add("A", work / "t0.diff")
-        bank.add("B", work / "t1.diff")
+        bank.add("A", pair[0])
+        bank.add("B", pair[1])
         # correctness on the way: the bank's model gives the from_pretrained model's logits
         batch = {"input_ids": torch.randint(1000, 2000, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
         max_err = 0.0
-        for name, folder in (("A", "merged_t0"), ("B", "merged_t1")):
-            ref = AutoModelForSequenceClassification.from_pretrained(work / folder).eval()
+        for name, folder in (("A", merged[0]), ("B", merged[1])):
+            ref = AutoModelForSequenceClassification.from_pretrained(folder).eval()
             with bank.use(name) as m, torch.no_grad():
                 max_err = max(max_err, float((m(**batch).logits - ref(**batch).logits).abs().max()))
             del ref
@@ -161,7 +187,7 @@ def main() -> None:
             switch_cpu.append(time.process_time() - c0)
         load_s, load_cpu = [], []
         for i in range(args.loads):
-            folder = work / ("merged_t0" if i % 2 == 0 else "merged_t1")
+            folder = merged[i % 2]
             t0, c0 = time.perf_counter(), time.process_time()
             AutoModelForSequenceClassification.from_pretrained(folder)
             load_s.append(time.perf_counter() - t0)
@@ -179,6 +205,7 @@ def main() -> None:
     per_task = statistics.mean(mem["bank_tensor_bytes_per_task"])
     result = {
         "model": "all-MiniLM-L6-v2 (bundled)", "density": DENSITY, "torch_threads": 1,
+        "switch_diffs": sources, "switch_diff_nnz_and_cache_lines": lines,
         "diff_file_bytes": sizes,
         "switch_median_s": sw, "switch_p90_s": sorted(switch_s)[int(0.9 * len(switch_s)) - 1],
         "switches": len(switch_s),
@@ -195,6 +222,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     mb = 1 / 2**20
+    print("switching between: " + " and ".join(
+        f"{s} ({n:,} entries on {c:,} cache lines)" for s, (n, c) in zip(sources, lines)))
     print(f"switch (bank.use, A<->B): median {sw * 1e3:.2f} ms over {len(switch_s)}")
     print(f"from_pretrained(merged):  median {ld * 1e3:.1f} ms over {len(load_s)}")
     print(f"speedup: {ld / sw:.0f}x wall (target >= 50x: {'ok' if ld / sw >= 50 else 'MISSED'}); "
