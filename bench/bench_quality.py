@@ -77,12 +77,16 @@ class Suite:
         return {"task": task, "model": a.model, "seed": a.seed, "batch_size": 32, "max_seq_length": 128,
                 "max_train_samples": self.caps.get(task), "max_eval_samples": a.max_eval_samples}
 
-    def settings(self, task: str, method: str, sparsity: str | None = None) -> dict:
+    def lrs(self, method: str) -> list[float]:
+        """The learning rates tried for a baseline (the best dev score among them is reported)."""
+        return self.args.full_lr if method == "full" else self.args.lora_lr
+
+    def settings(self, task: str, method: str, sparsity: str | None = None, lr: float | None = None) -> dict:
         a = self.args
         s = self.common(task)
         s["method"] = method
         if method in ("full", "lora"):
-            s.update(epochs=a.epochs, lr=a.full_lr if method == "full" else a.lora_lr, schedule="linear decay",
+            s.update(epochs=a.epochs, lr=self.lrs(method)[0] if lr is None else lr, schedule="linear decay",
                      sampler="DistributedSampler(seed), as train",
                      warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0)
             if method == "lora":
@@ -104,7 +108,23 @@ class Suite:
     def run(self, task: str, method: str) -> dict | None:
         if method == "diffprune-matched":
             return self.run_matched(task)
-        settings = self.settings(task, method)
+        if method in ("full", "lora"):
+            done = [self.run_one(task, method, self.settings(task, method, lr=lr)) for lr in self.lrs(method)]
+            return self.best(task, method) if any(done) else None
+        return self.run_one(task, method, self.settings(task, method))
+
+    def best(self, task: str, method: str) -> dict | None:
+        """A baseline's cached run with the best dev score over the learning rates tried, with every lr's score."""
+        runs = [r for r in (self.cached(self.settings(task, method, lr=lr)) for lr in self.lrs(method)) if r]
+        if not runs:
+            return None
+        top = dict(max(runs, key=lambda r: r["score"]))
+        top["lr_scores"] = {str(r["settings"]["lr"]): r["score"] for r in runs}
+        top["lrs_missing"] = [lr for lr in self.lrs(method)
+                              if self.cached(self.settings(task, method, lr=lr)) is None]
+        return top
+
+    def run_one(self, task: str, method: str, settings: dict) -> dict | None:
         hit = self.cached(settings)
         if hit is not None:
             print(f"cached: {task} {method} ({self.cache_path(settings).name})", flush=True)
@@ -247,13 +267,20 @@ class Suite:
     def collect(self, tasks: list[str]) -> dict:
         rows = {}
         for task in tasks:
-            row = {m: self.cached(self.settings(task, m)) for m in ("full", "lora", "diffprune")}
+            row = {m: self.best(task, m) for m in ("full", "lora")}
+            row["diffprune"] = self.cached(self.settings(task, "diffprune"))
             dp, lora = row["diffprune"], row["lora"]
             row["diffprune-matched"] = None
             if dp is not None and lora is not None and dp["bytes"] > lora["bytes"]:
                 row["diffprune-matched"] = self.cached(self.matched_settings(task, dp, lora))
             rows[task] = row
         return rows
+
+
+def _lr_text(lrs: list[float]) -> str:
+    if len(lrs) == 1:
+        return f"{lrs[0]:g}"
+    return "each of " + ", ".join(f"{x:g}" for x in lrs) + " (the best dev score per task is reported; see 'lr')"
 
 
 def _summary_from_checkpoint(ckpt: Path, saved: Path) -> dict:
@@ -430,10 +457,10 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
               + (f" (capped at {a.max_eval_samples})" if a.max_eval_samples else "") + ".",
               "- Train-sample caps (first N rows): " + ", ".join(
                   f"{t}: {suite.caps.get(t) or 'all'}" for t in tasks) + ".",
-              f"- Full finetuning: {a.epochs} epochs, AdamW lr {a.full_lr}, linear decay, no warmup, no weight decay, "
+              f"- Full finetuning: {a.epochs} epochs, AdamW lr {_lr_text(a.full_lr)}, linear decay, no warmup, no weight decay, "
               "grad-norm clip 1; best dev epoch kept. Bytes: `model.safetensors` of `save_pretrained` (fp32).",
               f"- LoRA (PEFT): r=8, alpha 16, dropout 0.1 on query and value, classifier head trained "
-              f"(`modules_to_save`), {a.epochs} epochs, AdamW lr {a.lora_lr}, otherwise as full finetuning. "
+              f"(`modules_to_save`), {a.epochs} epochs, AdamW lr {_lr_text(a.lora_lr)}, otherwise as full finetuning. "
               "Bytes: `adapter_model.safetensors`.",
               f"- diffprune: `diffprune train` ({a.dp_epochs} L0 epochs + {a.dp_fixmask_epochs} fixed-mask epochs, "
               f"sparsity {a.sparsity}, trainer defaults otherwise{'; extra: ' + a.dp_args if a.dp_args else ''}), "
@@ -466,6 +493,15 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
                      f"{sum(lora_scores) / n:.2f} | {sum(dp_scores) / n:.2f} | {sum(dp_scores) / n - sum(full_scores) / n:+.2f} | | | | | |")
     lines += ["", "`majority`: the score of always predicting the most frequent train label (stsb: the mean); "
               "a run at this value has not learned the task."]
+    if len(a.full_lr) > 1 or len(a.lora_lr) > 1:
+        lines += ["", "Baselines' learning rates (dev score per lr; the table shows the best):", ""]
+        for task, f, l, _d, _m, _gap in table_rows:
+            for label, r in (("full FT", f), ("LoRA", l)):
+                if r is None:
+                    continue
+                tried = ", ".join(f"{float(k):g} → {v:.2f}" for k, v in r["lr_scores"].items())
+                missing = f" (not run: {', '.join(f'{x:g}' for x in r['lrs_missing'])})" if r["lrs_missing"] else ""
+                lines.append(f"- {task} {label}: {tried}{missing}")
     lines.append("")
     verdicts = {}
     if gaps:
@@ -546,8 +582,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-dir")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--epochs", type=int, default=1, help="epochs of full finetuning and LoRA")
-    ap.add_argument("--full-lr", type=float, default=5e-5)
-    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--full-lr", type=_floats, default=[5e-5],
+                    help="learning rate(s) of full finetuning, comma-separated; the best dev score is reported")
+    ap.add_argument("--lora-lr", type=_floats, default=[5e-4], help="learning rate(s) of LoRA, as --full-lr")
     ap.add_argument("--dp-epochs", type=int, default=1, help="diffprune L0-phase epochs")
     ap.add_argument("--dp-fixmask-epochs", type=int, default=1, help="diffprune fixed-mask epochs")
     ap.add_argument("--dp-args", default="", help="extra `diffprune train` flags (quoted)")
@@ -575,6 +612,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         i += 2 if takes_value else 1
     args.passthrough = passthrough
     return args
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,3 +101,23 @@ def test_fit_bytes_finds_the_largest_diff_within_a_byte_budget(tiny_base: Path, 
     # A little denser would not fit: the bisection found (nearly) the largest fitting density.
     bigger = projection.project(checkpoint.load(ckpt), density * 1.05).diff
     assert len(artifact.pack(bigger)) > target
+
+
+def test_baseline_lr_grid_reports_the_best_dev_score_and_what_was_not_run(tmp_path: Path):
+    bench = _load_bench()
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = ["--tasks", "rte", "--full-lr", "5e-5,1e-4,2e-4", "--work-dir", str(work), "--results-dir", str(results)]
+    suite = bench.Suite(bench.parse_args(argv + ["--report-only"]))
+    work.mkdir()
+    for lr, score in ((5e-5, 55.0), (1e-4, 61.5)):  # 2e-4 not run
+        s = suite.settings("rte", "full", lr=lr)
+        suite.cache_path(s).write_text(json.dumps({"score": score, "bytes": 100, "settings": s}))
+    best = suite.best("rte", "full")
+    assert best["score"] == 61.5 and best["settings"]["lr"] == 1e-4
+    assert best["lr_scores"] == {"5e-05": 55.0, "0.0001": 61.5}
+    assert best["lrs_missing"] == [2e-4]
+    assert suite.best("rte", "lora") is None
+    assert bench.main(argv + ["--report-only"]) == 0
+    table = (results / "quality.md").read_text()
+    assert "| rte | accuracy |" in table and "61.50" in table and "55.00 |" not in table
+    assert "- rte full FT: 5e-05 → 55.00, 0.0001 → 61.50 (not run: 0.0002)" in table
