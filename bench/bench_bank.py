@@ -1,13 +1,13 @@
 """DiffBank on the bundled MiniLM: task switching in place vs loading the finetuned model with from_pretrained.
 
-Run: OMP_NUM_THREADS=1 python bench/bench_bank.py [--switches 200] [--loads 5] [--out bench/results/bank.json]
+Run: OMP_NUM_THREADS=1 python bench/bench_bank.py [--switches 400] [--loads 20] [--rounds 10] [--out bench/results/bank.json]
          [--diffs TASK_A.diff TASK_B.diff]
 Two (four for memory) random 0.5% diffs are made without training: a dense Gaussian perturbation of every
 float base tensor projected to 0.5%, and classifier heads with 2 and 3 labels; packed as .diff files. These are
 the worst case for a switch (every entry its own cache line). With --diffs, the switch speed is measured on two
 real trained task diffs instead (e.g. the MRPC and STS-B diffs of bench_quality.py); memory still uses random ones.
 Speed: median time of `bank.use` alternating A→B→A… vs median `AutoModelForSequenceClassification.from_pretrained`
-of the `apply` output folder, same process, same threads. Target: ratio >= 50x.
+of the `apply` output folders, same process, same threads, in interleaved rounds. Target: ratio >= 50x.
 Memory (in a fresh subprocess): tensor bytes the bank holds per task vs one model's parameter bytes, and RSS
 growth when adding N=4 tasks vs loading the same 4 finetuned models.
 """
@@ -123,8 +123,9 @@ def memory_child(work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--switches", type=int, default=200)
-    ap.add_argument("--loads", type=int, default=5)
+    ap.add_argument("--switches", type=int, default=400)
+    ap.add_argument("--loads", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds of switches and loads")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bank.json")
     ap.add_argument("--diffs", type=Path, nargs=2, metavar="DIFF", help="two trained .diff files of MiniLM")
     ap.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
@@ -177,21 +178,23 @@ def main() -> None:
                 max_err = max(max_err, float((m(**batch).logits - ref(**batch).logits).abs().max()))
             del ref
 
-        switch_s, switch_cpu = [], []
-        for i in range(args.switches):
-            name = "A" if i % 2 == 0 else "B"
-            t0, c0 = time.perf_counter(), time.process_time()
-            with bank.use(name):
-                pass
-            switch_s.append(time.perf_counter() - t0)
-            switch_cpu.append(time.process_time() - c0)
-        load_s, load_cpu = [], []
-        for i in range(args.loads):
-            folder = merged[i % 2]
-            t0, c0 = time.perf_counter(), time.process_time()
-            AutoModelForSequenceClassification.from_pretrained(folder)
-            load_s.append(time.perf_counter() - t0)
-            load_cpu.append(time.process_time() - c0)
+        # Interleaved rounds, so that both sides see the same machine (load on a shared box drifts).
+        switch_s, switch_cpu, load_s, load_cpu = [], [], [], []
+        rounds = max(1, min(args.rounds, args.loads))
+        for r in range(rounds):
+            for i in range(args.switches // rounds):
+                name = "A" if len(switch_s) % 2 == 0 else "B"
+                t0, c0 = time.perf_counter(), time.process_time()
+                with bank.use(name):
+                    pass
+                switch_s.append(time.perf_counter() - t0)
+                switch_cpu.append(time.process_time() - c0)
+            for i in range(args.loads // rounds):
+                folder = merged[len(load_s) % 2]
+                t0, c0 = time.perf_counter(), time.process_time()
+                AutoModelForSequenceClassification.from_pretrained(folder)
+                load_s.append(time.perf_counter() - t0)
+                load_cpu.append(time.process_time() - c0)
         bank.reset()
         del bank
         gc.collect()
