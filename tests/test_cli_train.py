@@ -131,3 +131,24 @@ def test_no_l0_epochs_warns_that_the_budget_is_not_filled(tmp_path, tiny_base, d
     assert result.exit_code == 0, result.output
     assert "fewer than the budget" in result.stderr
     assert checkpoint.load(tmp_path / "c").nnz == 0
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """Every `train` flag that maps to a TrainOptions field defaults to the same value (no drift between the two)."""
+    import dataclasses
+    import inspect
+
+    from diffcli.cli.cmd_train import train
+    from diffcli.training import TrainOptions
+
+    cli = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    checked = 0
+    for f in dataclasses.fields(TrainOptions):
+        if f.name not in cli:
+            continue
+        want, got = f.default, cli[f.name]
+        if f.name == "sparsity":  # the CLI takes "0.5%"
+            got = float(got.rstrip("%")) / 100
+        assert got == want, f"--{f.name.replace('_', '-')}: CLI default {got!r}, TrainOptions default {want!r}"
+        checked += 1
+    assert checked >= 20
