@@ -452,211 +452,241 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if not dist.main:
         rep = Reporter()
     started = time.monotonic()
-    spec = task_data.spec
-    tm = build_task_model(base_dir, spec, opts.seed)
+    tm = build_task_model(base_dir, task_data.spec, opts.seed)
     tm.model.to(dev)
     train_set = tasks.encode(task_data.train, tm.tokenizer, opts.max_seq_length)
-    steps_l0 = opts.epochs * _steps_per_epoch(len(train_set), opts.batch_size, dist.world)
-    steps_fix = opts.fixmask_epochs * _steps_per_epoch(len(train_set), opts.batch_size, dist.world)
+    run = _Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end)
 
-    ddp = None
-    trainer = L0Trainer(tm.model, tm.gated, tm.head, opts, dev, steps_l0)
+    trainer = L0Trainer(tm.model, tm.gated, tm.head, opts, dev, run.steps_per_epoch * opts.epochs)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(tm.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        trainer.forward_model = ddp
+        run.ddp = DistributedDataParallel(tm.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        trainer.forward_model = run.ddp
     torch.manual_seed(opts.seed + dist.rank)  # dropout streams
-    opt_dict = asdict(opts)
-    history: list[dict[str, Any]] = []
-    record: dict[str, Any] = {"history": history}
-    phase, done = "l0", 0
-    tensors: dict[str, torch.Tensor] = {}
+    phase, done, tensors, saved = "l0", 0, {}, None
     if resuming:
         tensors, saved = load_state(work)
-        check_resume_options(saved["options"], opt_dict)
-        if saved.get("task") != spec.name or saved.get("model") != model:
+        check_resume_options(saved["options"], run.opt_dict)
+        if saved.get("task") != task_data.spec.name or saved.get("model") != model:
             raise InvalidValueError(f"the interrupted run at {work} trained {saved.get('task')} on "
                                     f"{saved.get('model')}", hint="pass --force without --resume to start over")
         phase, done = saved["phase"], int(saved["epochs_done"])
-        record = saved["record"]
-        history = record["history"]
+        run.record = saved["record"]
         if phase == "l0":
             _restore_l0(trainer, tm, tensors, saved)
             restore_rng(tensors, dev, trainer.gd.generator)
         rep.line(f"resuming {phase} phase after epoch {done}")
 
-    def checkpoint_epoch(extra_tensors: dict, state: dict) -> None:
-        if dist.main:
-            state.update({"options": opt_dict, "task": spec.name, "model": model, "record": record})
-            save_state(work, extra_tensors, state)
-        dist.barrier()
-
-    # ---- phase 1: L0
+    flat = trainer.flat
     if phase == "l0":
-        for epoch in range(done, opts.epochs):
-            loader = _loader(train_set, opts.batch_size, opts.seed, epoch, dist)
-            tm.model.train()
-            losses, stats = [], {}
-            with rep.bar(f"L0 epoch {epoch + 1}/{opts.epochs}", len(loader)) as bar:
-                for batch in loader:
-                    stats = trainer.step(_move(batch, dev))
-                    losses.append(stats["loss"])
-                    bar.advance(1, f"loss {stats['loss']:.4f} density {stats['expected_density']:.2%} "
-                                   f"λ {stats['lambda']:.2e}")
-            entry = {"phase": "l0", "epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1),
-                     "expected_density": stats.get("expected_density"), "lambda": trainer.lam,
-                     "deterministic_density": trainer.gd.deterministic_density()}
-            if dist.main:
-                trainer.gd.set_deterministic_()
-                entry["metrics"] = _eval(tm, task_data, opts, dev)
-                rep.line(f"L0 epoch {entry['epoch']}/{opts.epochs}: loss {entry['loss']:.4f} expected density "
-                         f"{entry['expected_density']:.3%} deterministic density "
-                         f"{entry['deterministic_density']:.3%} | {_fmt_metrics(entry['metrics'])}")
-            history.append(entry)
-            state = {"phase": "l0", "epochs_done": epoch + 1, "step": trainer.step_count,
-                     "controller": trainer.controller.state(), "lam": trainer.lam}
-            checkpoint_epoch({**_l0_tensors(trainer), **rng_tensors(dev, trainer.gd.generator)}, state)
-            if on_epoch_end:
-                on_epoch_end("l0", epoch + 1)
-
-        # ---- phase 2: projection
-        gd = trainer.gd
-        record["after_l0"] = {"expected_density": _expected(trainer), "deterministic_density":
-                              gd.deterministic_density(), "lambda": trainer.lam}
-        if dist.main:
-            gd.set_deterministic_()
-            record["after_l0"]["metrics"] = _eval(tm, task_data, opts, dev)
-        delta = gd.delta()
-        index, values, proj_info = _project(tm, trainer.flat, delta, opts.sparsity)
-        record["projection"] = proj_info
-        if proj_info["kept"] < proj_info["k"]:  # the gates closed below the budget: fill it for the fixed mask
-            index, values, filled = _fill_budget(gd, index, values, proj_info["k"] - proj_info["kept"])
-            proj_info["filled"] = filled
-            if proj_info["kept"] + filled < proj_info["k"]:
-                rep.warning(f"the learned δ has only {proj_info['kept'] + filled} usable entries, fewer than the "
-                            f"budget {proj_info['k']}; the diff keeps them all (train longer or lower --sparsity)")
-        head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
-        del delta
-        flat = trainer.flat
-        trainer = gd = None  # free w, log α, their gradients and optimiser states
-        phase, done = "fixmask", 0
-        tensors = {"mask/index": index.cpu(), "mask/values": values.cpu(),
-                   **{f"head/{n}": t for n, t in head_state.items()}}
-        state_fix = None
+        run.l0_phase(trainer, done)
+        tensors = run.project(trainer)
+        trainer = None  # free w, log α, their gradients and optimiser states
+        done, saved = 0, None
     else:
-        flat = trainer.flat
         trainer = None
-        state_fix = saved
-
-    # ---- phase 3: fixed mask
-    from diffcli.diffmodel import MaskedDiff
-
-    params = dict(tm.model.named_parameters())
-    head = [params[n] for n in tm.head]
-    index = tensors["mask/index"]
-    md = MaskedDiff(flat, index, tensors["mask/values"])
-    with torch.no_grad():
-        for n, p in zip(tm.head, head):
-            p.copy_(tensors[f"head/{n}"])
-    groups = [{"params": [md.values], "lr": opts.fixmask_lr}]
-    if head:
-        groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
-    opt_m = _adamw(groups, opts.fixmask_lr, opts.weight_decay, dev)
-    for g in opt_m.param_groups:
-        g["initial_lr"] = g["lr"]
-    step_m = 0
-    if state_fix is None:  # first entry into the phase: score the projection (epoch 0 candidate)
-        if dist.main:
-            record["projection"]["metrics"] = _eval(tm, task_data, opts, dev)
-            record["best"] = {"epoch": 0, "score": _main_score(spec, record["projection"]["metrics"]),
-                              "metrics": record["projection"]["metrics"]}
-            rep.line(f"projection to {opts.sparsity:.3%}: nnz {record['projection']['kept']} | "
-                     f"{_fmt_metrics(record['projection']['metrics'])}")
-        best_tensors = {"best/values": md.values.detach().clone(),
-                        **{f"best/head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
-        checkpoint_epoch({**tensors, **best_tensors, **rng_tensors(dev, None)}, {"phase": "fixmask", "epochs_done": 0,
-                                                                           "step": 0})
-    else:
-        best_tensors = {k: v for k, v in tensors.items() if k.startswith("best/")}
-        step_m = int(state_fix["step"])
-        load_optimizer(opt_m, tensors, "opt_m")
-        with torch.no_grad():
-            md.values.copy_(tensors["mask/values"])
-        md.write_()
-        restore_rng(tensors, dev, None)
-    if dist.world > 1 and ddp is None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(tm.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    fwd = ddp if ddp is not None else tm.model
-    total_fix = max(1, steps_fix)
-    for epoch in range(done, opts.fixmask_epochs):
-        loader = _loader(train_set, opts.batch_size, opts.seed + 1, epoch, dist)
-        tm.model.train()
-        losses = []
-        with rep.bar(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}", len(loader)) as bar:
-            for batch in loader:
-                flat.zero_grad()
-                for p in head:
-                    p.grad = None
-                with _autocast(dev):
-                    loss = fwd(**_move(batch, dev)).loss
-                loss.backward()
-                md.backward_()
-                _clip([md.values] + head, opts.grad_clip)
-                decay = max(0.0, 1.0 - step_m / total_fix)
-                for g in opt_m.param_groups:
-                    g["lr"] = g["initial_lr"] * decay
-                opt_m.step()
-                md.write_()
-                step_m += 1
-                losses.append(float(loss.detach()))
-                bar.advance(1, f"loss {losses[-1]:.4f}")
-        entry = {"phase": "fixmask", "epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)}
-        if dist.main:
-            entry["metrics"] = _eval(tm, task_data, opts, dev)
-            score = _main_score(spec, entry["metrics"])
-            better = score > record["best"]["score"]
-            if better:
-                record["best"] = {"epoch": epoch + 1, "score": score, "metrics": entry["metrics"]}
-                best_tensors = {"best/values": md.values.detach().clone(),
-                                **{f"best/head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
-            rep.line(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}: loss {entry['loss']:.4f} | "
-                     f"{_fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
-        history.append(entry)
-        cur = {"mask/index": index, "mask/values": md.values.detach(),
-               **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}
-        checkpoint_epoch({**cur, **best_tensors, **optimizer_tensors(opt_m, "opt_m"), **rng_tensors(dev, None)},
-                   {"phase": "fixmask", "epochs_done": epoch + 1, "step": step_m})
-        if on_epoch_end:
-            on_epoch_end("fixmask", epoch + 1)
+    index, best_tensors = run.fixmask_phase(flat, tensors, saved, done)
 
     summary: dict[str, Any] = {}
     if dist.main:
         diff = _build_diff(tm, flat, index, best_tensors, model_ref=model, meta={
-            "method": "l0-diff-pruning", "task": spec.name, "hyperparameters": opt_dict,
+            "method": "l0-diff-pruning", "task": task_data.spec.name, "hyperparameters": run.opt_dict,
             "data": {"task": task, "train_file": str(train_file) if train_file else None,
                      "validation_file": str(validation_file) if validation_file else None,
                      "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
                      "train_examples": len(task_data.train)},
             "world_size": dist.world,
-            "results": {"after_l0": record.get("after_l0"), "projection": record.get("projection"),
-                        "best": record["best"]},
-            "history": history,
+            "results": {"after_l0": run.record.get("after_l0"), "projection": run.record.get("projection"),
+                        "best": run.record["best"]},
+            "history": run.history,
         })
         checkpoint.save(diff, output, force=force)
         shutil.rmtree(work, ignore_errors=True)
         summary = {
-            "output": str(output), "task": spec.name, "model": model,
-            "after_l0": record.get("after_l0"), "after_projection": record.get("projection"),
-            "after_fixmask": record["best"], "density": diff.density, "nnz": diff.nnz,
+            "output": str(output), "task": task_data.spec.name, "model": model,
+            "after_l0": run.record.get("after_l0"), "after_projection": run.record.get("projection"),
+            "after_fixmask": run.record["best"], "density": diff.density, "nnz": diff.nnz,
             "budget_numel": diff.budget_numel, "extras_numel": diff.extras_numel,
             "epochs": {"l0": opts.epochs, "fixmask": opts.fixmask_epochs}, "world_size": dist.world,
             "seconds": round(time.monotonic() - started, 1),
         }
     dist.barrier()
     return summary
+
+
+class _Run:
+    """One `train` call's shared state, and its phases: L0 epochs, the projection, fixed-mask epochs."""
+
+    def __init__(self, opts: TrainOptions, rep: Reporter, dist: Dist, dev, tm: TaskModel, task_data, train_set,
+                 work: Path, model_ref: str, on_epoch_end: Callable[[str, int], None] | None):
+        self.opts, self.rep, self.dist, self.dev, self.tm = opts, rep, dist, dev, tm
+        self.task_data, self.spec, self.train_set = task_data, task_data.spec, train_set
+        self.work, self.model_ref, self.on_epoch_end = work, model_ref, on_epoch_end
+        self.opt_dict = asdict(opts)
+        self.record: dict[str, Any] = {"history": []}
+        self.ddp = None
+        self.steps_per_epoch = _steps_per_epoch(len(train_set), opts.batch_size, dist.world)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.record["history"]
+
+    def save(self, tensors: dict, state: dict) -> None:
+        """The resumable state after an epoch (rank 0 writes; every rank waits for it)."""
+        if self.dist.main:
+            state.update({"options": self.opt_dict, "task": self.spec.name, "model": self.model_ref,
+                          "record": self.record})
+            save_state(self.work, tensors, state)
+        self.dist.barrier()
+
+    def epoch_done(self, phase: str, epoch: int) -> None:
+        if self.on_epoch_end:
+            self.on_epoch_end(phase, epoch)
+
+    def l0_phase(self, trainer: L0Trainer, done: int) -> None:
+        """Epochs `done+1..epochs` of gated training, evaluating the deterministic gates after each."""
+        opts, rep, tm = self.opts, self.rep, self.tm
+        for epoch in range(done, opts.epochs):
+            loader = _loader(self.train_set, opts.batch_size, opts.seed, epoch, self.dist)
+            tm.model.train()
+            losses, stats = [], {}
+            with rep.bar(f"L0 epoch {epoch + 1}/{opts.epochs}", len(loader)) as bar:
+                for batch in loader:
+                    stats = trainer.step(_move(batch, self.dev))
+                    losses.append(stats["loss"])
+                    bar.advance(1, f"loss {stats['loss']:.4f} density {stats['expected_density']:.2%} "
+                                   f"λ {stats['lambda']:.2e}")
+            entry = {"phase": "l0", "epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1),
+                     "expected_density": stats.get("expected_density"), "lambda": trainer.lam,
+                     "deterministic_density": trainer.gd.deterministic_density()}
+            if self.dist.main:
+                trainer.gd.set_deterministic_()
+                entry["metrics"] = _eval(tm, self.task_data, opts, self.dev)
+                rep.line(f"L0 epoch {entry['epoch']}/{opts.epochs}: loss {entry['loss']:.4f} expected density "
+                         f"{entry['expected_density']:.3%} deterministic density "
+                         f"{entry['deterministic_density']:.3%} | {_fmt_metrics(entry['metrics'])}")
+            self.history.append(entry)
+            state = {"phase": "l0", "epochs_done": epoch + 1, "step": trainer.step_count,
+                     "controller": trainer.controller.state(), "lam": trainer.lam}
+            self.save({**_l0_tensors(trainer), **rng_tensors(self.dev, trainer.gd.generator)}, state)
+            self.epoch_done("l0", epoch + 1)
+
+    def project(self, trainer: L0Trainer) -> dict[str, "torch.Tensor"]:
+        """Project the deterministic δ to exactly the budget (filling it if the gates closed below); the mask."""
+        gd, tm = trainer.gd, self.tm
+        record = self.record
+        record["after_l0"] = {"expected_density": _expected(trainer), "deterministic_density":
+                              gd.deterministic_density(), "lambda": trainer.lam}
+        if self.dist.main:
+            gd.set_deterministic_()
+            record["after_l0"]["metrics"] = _eval(tm, self.task_data, self.opts, self.dev)
+        delta = gd.delta()
+        index, values, info = _project(tm, trainer.flat, delta, self.opts.sparsity)
+        del delta
+        record["projection"] = info
+        if info["kept"] < info["k"]:  # the gates closed below the budget: fill it for the fixed mask
+            index, values, filled = _fill_budget(gd, index, values, info["k"] - info["kept"])
+            info["filled"] = filled
+            if info["kept"] + filled < info["k"]:
+                self.rep.warning(f"the learned δ has only {info['kept'] + filled} usable entries, fewer than the "
+                                 f"budget {info['k']}; the diff keeps them all (train longer or lower --sparsity)")
+        head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
+        return {"mask/index": index.cpu(), "mask/values": values.cpu(),
+                **{f"head/{n}": t for n, t in head_state.items()}}
+
+    def fixmask_phase(self, flat, tensors: dict, resumed: dict | None, done: int):
+        """Finetune the kept entries and the head with the mask fixed; keep the best dev epoch (0 = projection).
+
+        Returns the mask's flat positions and the best epoch's tensors (`best/values`, `best/head/...`).
+        """
+        import torch
+
+        from diffcli.diffmodel import MaskedDiff
+
+        opts, rep, tm, dev, record = self.opts, self.rep, self.tm, self.dev, self.record
+        params = dict(tm.model.named_parameters())
+        head = [params[n] for n in tm.head]
+        index = tensors["mask/index"]
+        md = MaskedDiff(flat, index, tensors["mask/values"])
+        with torch.no_grad():
+            for n, p in zip(tm.head, head):
+                p.copy_(tensors[f"head/{n}"])
+        groups = [{"params": [md.values], "lr": opts.fixmask_lr}]
+        if head:
+            groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
+        opt_m = _adamw(groups, opts.fixmask_lr, opts.weight_decay, dev)
+        for g in opt_m.param_groups:
+            g["initial_lr"] = g["lr"]
+
+        def snapshot() -> dict[str, "torch.Tensor"]:
+            return {"best/values": md.values.detach().clone(),
+                    **{f"best/head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
+
+        step_m = 0
+        if resumed is None:  # first entry into the phase: score the projection (epoch 0 candidate)
+            if self.dist.main:
+                record["projection"]["metrics"] = _eval(tm, self.task_data, opts, dev)
+                record["best"] = {"epoch": 0, "score": _main_score(self.spec, record["projection"]["metrics"]),
+                                  "metrics": record["projection"]["metrics"]}
+                rep.line(f"projection to {opts.sparsity:.3%}: nnz {record['projection']['kept']} | "
+                         f"{_fmt_metrics(record['projection']['metrics'])}")
+            best_tensors = snapshot()
+            self.save({**tensors, **best_tensors, **rng_tensors(dev, None)},
+                      {"phase": "fixmask", "epochs_done": 0, "step": 0})
+        else:
+            best_tensors = {k: v for k, v in tensors.items() if k.startswith("best/")}
+            step_m = int(resumed["step"])
+            load_optimizer(opt_m, tensors, "opt_m")
+            with torch.no_grad():
+                md.values.copy_(tensors["mask/values"])
+            md.write_()
+            restore_rng(tensors, dev, None)
+        if self.dist.world > 1 and self.ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(tm.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        fwd = self.ddp if self.ddp is not None else tm.model
+        total_fix = max(1, opts.fixmask_epochs * self.steps_per_epoch)
+        for epoch in range(done, opts.fixmask_epochs):
+            loader = _loader(self.train_set, opts.batch_size, opts.seed + 1, epoch, self.dist)
+            tm.model.train()
+            losses = []
+            with rep.bar(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}", len(loader)) as bar:
+                for batch in loader:
+                    flat.zero_grad()
+                    for p in head:
+                        p.grad = None
+                    with _autocast(dev):
+                        loss = fwd(**_move(batch, dev)).loss
+                    loss.backward()
+                    md.backward_()
+                    _clip([md.values] + head, opts.grad_clip)
+                    decay = max(0.0, 1.0 - step_m / total_fix)
+                    for g in opt_m.param_groups:
+                        g["lr"] = g["initial_lr"] * decay
+                    opt_m.step()
+                    md.write_()
+                    step_m += 1
+                    losses.append(float(loss.detach()))
+                    bar.advance(1, f"loss {losses[-1]:.4f}")
+            entry = {"phase": "fixmask", "epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)}
+            if self.dist.main:
+                entry["metrics"] = _eval(tm, self.task_data, opts, dev)
+                score = _main_score(self.spec, entry["metrics"])
+                better = score > record["best"]["score"]
+                if better:
+                    record["best"] = {"epoch": epoch + 1, "score": score, "metrics": entry["metrics"]}
+                    best_tensors = snapshot()
+                rep.line(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}: loss {entry['loss']:.4f} | "
+                         f"{_fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
+            self.history.append(entry)
+            cur = {"mask/index": index, "mask/values": md.values.detach(),
+                   **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}
+            self.save({**cur, **best_tensors, **optimizer_tensors(opt_m, "opt_m"), **rng_tensors(dev, None)},
+                      {"phase": "fixmask", "epochs_done": epoch + 1, "step": step_m})
+            self.epoch_done("fixmask", epoch + 1)
+        return index, best_tensors
 
 
 def _expected(trainer: L0Trainer) -> float:
