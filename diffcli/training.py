@@ -353,7 +353,8 @@ class L0Trainer:
         start = start * start if opts.structured else start
         # the schedule never asks log α to move faster than half its learning rate per step
         span = math.log(start / (1 - start)) - math.log(opts.sparsity / (1 - opts.sparsity)) if opts.sparsity < 1 else 0
-        warmup = max(opts.controller_warmup * total_steps, span / (0.5 * opts.alpha_lr) if opts.alpha_lr > 0 else 0)
+        self.schedule_steps = math.ceil(span / (0.5 * opts.alpha_lr)) if opts.alpha_lr > 0 else 0
+        warmup = max(opts.controller_warmup * total_steps, self.schedule_steps)
         self.controller = DensityController(opts.sparsity, opts.l0_lambda, opts.controller_rate, int(round(warmup)),
                                             start=start, enabled=opts.controller, speed=0.5 * opts.alpha_lr)
         self.lam = self.controller.lam
@@ -463,6 +464,11 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
 
         run.ddp = DistributedDataParallel(tm.model, device_ids=[dev.index] if dev.type == "cuda" else None)
         trainer.forward_model = run.ddp
+    if opts.controller and opts.epochs and trainer.schedule_steps > trainer.total_steps:
+        need = math.ceil(trainer.schedule_steps / run.steps_per_epoch)
+        rep.warning(f"the L0 phase has {trainer.total_steps} steps, but the gates need about "
+                    f"{trainer.schedule_steps} at --alpha-lr {opts.alpha_lr:g} to reach {opts.sparsity:.3%}; "
+                    f"the projection will cut more (pass --epochs {need} or more)")
     torch.manual_seed(opts.seed + dist.rank)  # dropout streams
     phase, done, tensors, saved = "l0", 0, {}, None
     if resuming:

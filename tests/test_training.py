@@ -199,3 +199,21 @@ def test_controller_drives_expected_density_to_the_target(tiny_base):
     assert 0.05 / 2 <= deterministic <= 0.05 * 1.5
     expected_off, _ = _l0_density(tiny_base, controller=False)
     assert expected_off > 0.3  # the paper's fixed λ leaves the gates far denser
+
+
+def test_too_few_l0_steps_for_the_schedule_warns_with_the_epochs_needed(tmp_path, tiny_base):
+    from diffcli.training import Reporter
+
+    train_file, dev_file = write_task(tmp_path / "data")
+    warnings: list[str] = []
+    rep = Reporter(warn=warnings.append)
+    common = dict(train_file=str(train_file), validation_file=str(dev_file), model=str(tiny_base), reporter=rep)
+    # alpha_lr 0.1: log α must travel ~10 in logit space at 0.05 per step, ~190 steps; one tiny epoch has far fewer.
+    train(output=tmp_path / "a", options=_opts(), **common)
+    assert len(warnings) == 1 and "the gates need about" in warnings[0] and "--epochs" in warnings[0]
+    need = int(warnings[0].split("--epochs ")[1].split()[0])
+    assert need > 1
+    warnings.clear()
+    # A fast enough log α learning rate fits the schedule into the same steps: no warning.
+    train(output=tmp_path / "b", options=_opts(alpha_lr=50.0), **common)
+    assert warnings == []
