@@ -40,9 +40,9 @@ class TrainOptions:
     eval_batch_size: int = 64
     max_seq_length: int = 128
     seed: int = 42
-    lr: float = 5e-5
+    lr: float = 5e-4
     alpha_lr: float = 0.1
-    fixmask_lr: float = 5e-5
+    fixmask_lr: float = 1e-3
     head_lr: float | None = None
     weight_decay: float = 0.0
     l0_lambda: float = 1.25e-7
