@@ -138,7 +138,9 @@ class DiffBank:
 
         self.base_ref = str(base)
         self.folder = resolve_model(str(base))
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        from diffcli.evaluation import pick_device
+
+        self.device = torch.device(device) if device is not None else pick_device()  # cuda when present
         self.encoder = _quiet_load(AutoModel, self.folder).to(self.device).eval()
         self._flats, self._slots, self._holder = _flatten(self.encoder)
         # One parameter per flat buffer, to notice if someone moved or re-cast the encoder behind our back.

@@ -211,3 +211,20 @@ def test_moving_the_encoder_behind_the_banks_back_is_refused(setup):
     with pytest.raises(InvalidValueError, match="moved or re-cast"):
         with bank.use("b"):
             pass
+
+
+def test_default_device_is_the_shared_pick_cuda_when_present(setup, monkeypatch):
+    import diffcli.evaluation as evaluation
+
+    _root, base, _diffs = setup
+    calls = []
+
+    def spy():
+        calls.append(1)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(evaluation, "pick_device", spy)
+    bank = DiffBank(str(base))
+    assert calls == [1] and bank.device == torch.device("cpu")
+    assert all(p.device == bank.device for p in bank.encoder.parameters())
+    assert DiffBank(str(base), device="cpu").device == torch.device("cpu") and calls == [1]
