@@ -54,7 +54,6 @@ class TrainOptions:
     controller: bool = True
     controller_rate: float = 0.3
     controller_warmup: float = 0.6
-    density_floor: bool = True
     grad_clip: float = 1.0
 
     def validate(self) -> None:
@@ -350,7 +349,6 @@ class L0Trainer:
         self.opt_a = _adamw([{"params": self.gd.gate_params(), "lr": opts.alpha_lr}], opts.alpha_lr, 0.0, device)
         self.total_steps = max(1, total_steps)
         self.step_count = 0
-        self.floor_steps = 0  # steps on which the density floor held log α from falling
         start = float(torch.sigmoid(torch.tensor(opts.log_alpha_init - opts.gate().shift)))
         start = start * start if opts.structured else start
         # the schedule never asks log α to move faster than half its learning rate per step
@@ -363,8 +361,6 @@ class L0Trainer:
 
     def step(self, batch: dict) -> dict[str, float]:
         """Sample gates, forward/backward, hand-made gate gradients, clip, two AdamW steps, controller."""
-        import torch
-
         model, gd = self.model, self.gd
         gd.sample_()
         self.flat.zero_grad()
@@ -380,18 +376,7 @@ class L0Trainer:
         for group in self.opt_w.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * decay
         self.opt_w.step()
-        # Density floor: below the scheduled density, a step may open gates but not close them (log α only
-        # rises). λ ≥ 0 cannot push closed gates open again, so without it the task gradient alone can carry
-        # the density far below the target once λ has dropped (seen on MRPC and CoLA).
-        floor = (self.opts.density_floor and self.controller.enabled
-                 and stats["expected_density"] < self.controller.scheduled(self.step_count))
-        before = [p.detach().clone() for p in gd.gate_params()] if floor else None
         self.opt_a.step()
-        if before is not None:
-            with torch.no_grad():
-                for p, b in zip(gd.gate_params(), before):
-                    torch.maximum(p, b, out=p)
-        self.floor_steps += int(floor)
         self.lam = self.controller.update(self.step_count, stats["expected_density"])
         self.step_count += 1
         stats["loss"] = float(loss.detach())
@@ -580,8 +565,7 @@ class _Run:
                                    f"λ {stats['lambda']:.2e}")
             entry = {"phase": "l0", "epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1),
                      "expected_density": stats.get("expected_density"), "lambda": trainer.lam,
-                     "deterministic_density": trainer.gd.deterministic_density(),
-                     "floor_steps": trainer.floor_steps}
+                     "deterministic_density": trainer.gd.deterministic_density()}
             if self.dist.main:
                 trainer.gd.set_deterministic_()
                 entry["metrics"] = _eval(tm, self.task_data, opts, self.dev)
@@ -590,8 +574,7 @@ class _Run:
                          f"{entry['deterministic_density']:.3%} | {_fmt_metrics(entry['metrics'])}")
             self.history.append(entry)
             state = {"phase": "l0", "epochs_done": epoch + 1, "step": trainer.step_count,
-                     "controller": trainer.controller.state(), "lam": trainer.lam,
-                     "floor_steps": trainer.floor_steps}
+                     "controller": trainer.controller.state(), "lam": trainer.lam}
             self.save({**_l0_tensors(trainer), **rng_tensors(self.dev, trainer.gd.generator)}, state)
             self.epoch_done("l0", epoch + 1)
 
@@ -600,8 +583,7 @@ class _Run:
         gd, tm = trainer.gd, self.tm
         record = self.record
         record["after_l0"] = {"expected_density": _expected(trainer), "deterministic_density":
-                              gd.deterministic_density(), "lambda": trainer.lam,
-                              "floor_steps": trainer.floor_steps, "steps": trainer.step_count}
+                              gd.deterministic_density(), "lambda": trainer.lam}
         if self.dist.main:
             gd.set_deterministic_()
             record["after_l0"]["metrics"] = _eval(tm, self.task_data, self.opts, self.dev)
@@ -752,7 +734,6 @@ def _restore_l0(trainer: L0Trainer, tm: TaskModel, tensors: dict, saved: dict) -
     trainer.controller.start = float(saved["controller"]["start"])
     trainer.controller.last = saved["controller"].get("last")
     trainer.lam = float(saved["lam"])
-    trainer.floor_steps = int(saved.get("floor_steps", 0))
 
 
 def _dense_diff(tm: TaskModel, flat, delta: "torch.Tensor"):

@@ -45,7 +45,6 @@ def train(
     controller: Annotated[bool, typer.Option("--controller/--no-controller", help="Adapt λ so the expected gate density reaches --sparsity in the L0 phase.", rich_help_panel=_M)] = True,
     controller_rate: Annotated[float, typer.Option("--controller-rate", help="Step of the controller's log-λ integral per step.", rich_help_panel=_M)] = 0.3,
     controller_warmup: Annotated[float, typer.Option("--controller-warmup", help="Fraction of L0 steps over which the density target falls to --sparsity.", rich_help_panel=_M)] = 0.6,
-    density_floor: Annotated[bool, typer.Option("--density-floor/--no-density-floor", help="Below the scheduled density, let gates open but not close.", rich_help_panel=_M)] = True,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip each optimiser's gradients to this norm (0: off).", rich_help_panel=_M)] = 1.0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <output>.partial/.")] = False,
@@ -64,7 +63,6 @@ def train(
         fixmask_lr=fixmask_lr, head_lr=head_lr, weight_decay=weight_decay, l0_lambda=l0_lambda,
         log_alpha_init=log_alpha_init, gate_l=gate_l, gate_r=gate_r, beta=beta, structured=structured,
         controller=controller, controller_rate=controller_rate, controller_warmup=controller_warmup,
-        density_floor=density_floor,
         grad_clip=grad_clip)
     fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields is not None else None
     summary = run_train(task=task, data_dir=str(data_dir) if data_dir else None,
