@@ -224,7 +224,7 @@ class Suite:
         artifact is no larger than LoRA's adapter; only when the 0.5% artifact is larger. A lower bound on what a
         run trained at that density would give."""
         dp = self.cached(self.settings(task, "diffprune"))
-        lora = self.cached(self.settings(task, "lora"))
+        lora = self.best(task, "lora")  # the adapter the table compares against
         if dp is None or lora is None:
             print(f"skip: {task} diffprune-matched needs the diffprune and lora runs first", flush=True)
             return None
