@@ -115,13 +115,13 @@ class Suite:
 
     def best(self, task: str, method: str) -> dict | None:
         """A baseline's cached run with the best dev score over the learning rates tried, with every lr's score."""
-        runs = [r for r in (self.cached(self.settings(task, method, lr=lr)) for lr in self.lrs(method)) if r]
+        found = {lr: self.cached(self.settings(task, method, lr=lr)) for lr in self.lrs(method)}
+        runs = [r for r in found.values() if r]
         if not runs:
             return None
         top = dict(max(runs, key=lambda r: r["score"]))
         top["lr_scores"] = {str(r["settings"]["lr"]): r["score"] for r in runs}
-        top["lrs_missing"] = [lr for lr in self.lrs(method)
-                              if self.cached(self.settings(task, method, lr=lr)) is None]
+        top["lrs_missing"] = [lr for lr, r in found.items() if r is None]
         return top
 
     def run_one(self, task: str, method: str, settings: dict) -> dict | None:
@@ -429,7 +429,6 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
     for task in tasks:
         r = rows[task]
         f, l, d, m = (r[k] for k in ("full", "lora", "diffprune", "diffprune-matched"))
-        score = {k: (v["score"] if v else None) for k, v in r.items()}
         gap = None if f is None or d is None else d["score"] - f["score"]
         if gap is not None:
             gaps.append(gap)
@@ -442,7 +441,7 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
             ahead.append((task, cmp["score"], l["score"], cmp["bytes"], l["bytes"],
                           cmp.get("sparsity") or cmp["settings"]["sparsity"]))
     today = _dt.date.today().isoformat()
-    lines += [f"# Quality: diffprune vs full finetuning vs PEFT LoRA (bundled MiniLM, GLUE dev)", "",
+    lines += ["# Quality: diffprune vs full finetuning vs PEFT LoRA (bundled MiniLM, GLUE dev)", "",
               f"Date: {today}. Machine: CPU only ({os.cpu_count()} cores, shared with other jobs), torch threads 1 per run.",
               "", "## Commands", "", "```", invocation, "```", "",
               "Run here as parallel lanes (`OMP_NUM_THREADS=1 nice -n 10`, one invocation per method with "

@@ -361,7 +361,7 @@ class L0Trainer:
 
     def step(self, batch: dict) -> dict[str, float]:
         """Sample gates, forward/backward, hand-made gate gradients, clip, two AdamW steps, controller."""
-        model, gd = self.model, self.gd
+        gd = self.gd
         gd.sample_()
         self.flat.zero_grad()
         for p in self.head:
