@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 
 
+# Where the fixed-mask phase starts the kept entries: the projected δ = ẑ⊙w (entries added by the budget fill
+# at 0), or the raw learned w at every kept position (θ = θ₀ + m⊙w, as the original code restarts).
+FIXMASK_STARTS = ("delta", "w")
+
+
 @dataclass
 class TrainOptions:
     """Every hyperparameter of the method; all are CLI flags and all are recorded in the checkpoint."""
@@ -43,6 +48,7 @@ class TrainOptions:
     lr: float = 5e-4
     alpha_lr: float = 0.1
     fixmask_lr: float = 1e-3
+    fixmask_start: str = "delta"
     head_lr: float | None = None
     weight_decay: float = 0.0
     l0_lambda: float = 1.25e-7
@@ -76,6 +82,9 @@ class TrainOptions:
         if not 0 <= self.controller_warmup <= 1:
             raise InvalidValueError(f"--controller-warmup is a fraction of the L0 steps in [0, 1], "
                                     f"got {self.controller_warmup}")
+        if self.fixmask_start not in FIXMASK_STARTS:
+            raise InvalidValueError(f"--fixmask-start must be one of {', '.join(FIXMASK_STARTS)}, "
+                                    f"got {self.fixmask_start!r}")
         if not math.isfinite(self.log_alpha_init):
             raise InvalidValueError("--log-alpha-init must be finite")
         self.gate()  # checks l, r, beta
@@ -597,6 +606,9 @@ class _Run:
             if info["kept"] + filled < info["k"]:
                 self.rep.warning(f"the learned δ has only {info['kept'] + filled} usable entries, fewer than the "
                                  f"budget {info['k']}; the diff keeps them all (train longer or lower --sparsity)")
+        if self.opts.fixmask_start == "w":
+            values = gd.w.detach()[index.to(gd.w.device)].cpu()
+        info["start"] = self.opts.fixmask_start
         head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
         return {"mask/index": index.cpu(), "mask/values": values.cpu(),
                 **{f"head/{n}": t for n, t in head_state.items()}}

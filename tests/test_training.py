@@ -130,6 +130,27 @@ def test_one_epoch_train_writes_a_complete_checkpoint(tmp_path, tiny_base):
     assert not partial_dir(tmp_path / "out").exists()
 
 
+def test_fixmask_start_w_restarts_kept_entries_from_the_raw_learned_w(tmp_path, tiny_base):
+    # gates started near the stretch's zero (σ(0.5)·3 − 1.5 ≈ 0.37) so that ẑ < 1 after a short run
+    _run(tmp_path, tiny_base, "d", fixmask_epochs=0, log_alpha_init=0.5)
+    _run(tmp_path, tiny_base, "w", fixmask_epochs=0, log_alpha_init=0.5, fixmask_start="w")
+    d, w = checkpoint.load(tmp_path / "d"), checkpoint.load(tmp_path / "w")
+    assert d.meta["hyperparameters"]["fixmask_start"] == "delta"
+    assert w.meta["hyperparameters"]["fixmask_start"] == "w"
+    assert w.meta["results"]["projection"]["start"] == "w"
+    changed = 0
+    for name, td in d.tensors.items():
+        tw = w.tensors[name]
+        assert torch.equal(td.indices, tw.indices)  # the same mask
+        # δ = ẑ·ẑ_g·w with gates in [0, 1]: same sign, never larger, 0 where the budget fill added the entry
+        assert torch.all(td.values.abs() <= tw.values.abs() * (1 + 1e-6))
+        assert torch.all(td.values * tw.values >= 0)
+        changed += int((td.values != tw.values).sum())
+    assert changed > 0
+    with pytest.raises(InvalidValueError, match="--fixmask-start"):
+        _opts(fixmask_start="zero").validate()
+
+
 def test_training_is_reproducible_on_cpu(tmp_path, tiny_base):
     _run(tmp_path, tiny_base, "a")
     _run(tmp_path, tiny_base, "b")
