@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
 
 from diffcli.errors import DataError, InvalidValueError, OutputExistsError
 from diffcli.gates import HardConcrete
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 # Where the fixed-mask phase starts the kept entries: the projected δ = ẑ⊙w (entries added by the budget fill
 # at 0), or the raw learned w at every kept position (θ = θ₀ + m⊙w, as the original code restarts).
 FIXMASK_STARTS = ("delta", "w")
+# How the budget fill ranks the entries the gates closed: P(z≠0)·|w| from the L0 phase, or the diagonal of the
+# empirical Fisher Σ(dL/dθ)² at the L0 model over --fill-samples training examples (Sung et al. 2021).
+FILLS = ("gates", "fisher")
 
 
 @dataclass
@@ -49,6 +52,8 @@ class TrainOptions:
     alpha_lr: float = 0.1
     fixmask_lr: float = 1e-3
     fixmask_start: str = "delta"
+    fill: str = "gates"
+    fill_samples: int = 1024
     head_lr: float | None = None
     weight_decay: float = 0.0
     l0_lambda: float = 1.25e-7
@@ -85,6 +90,10 @@ class TrainOptions:
         if self.fixmask_start not in FIXMASK_STARTS:
             raise InvalidValueError(f"--fixmask-start must be one of {', '.join(FIXMASK_STARTS)}, "
                                     f"got {self.fixmask_start!r}")
+        if self.fill not in FILLS:
+            raise InvalidValueError(f"--fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
+        if self.fill_samples < 1:
+            raise InvalidValueError(f"--fill-samples must be at least 1, got {self.fill_samples}")
         if not math.isfinite(self.log_alpha_init):
             raise InvalidValueError("--log-alpha-init must be finite")
         self.gate()  # checks l, r, beta
@@ -601,8 +610,10 @@ class _Run:
         del delta
         record["projection"] = info
         if info["kept"] < info["k"]:  # the gates closed below the budget: fill it for the fixed mask
-            index, values, filled = _fill_budget(gd, index, values, info["k"] - info["kept"])
-            info["filled"] = filled
+            score = self._fill_score(trainer)
+            index, values, filled = _fill_budget(score, index, values, info["k"] - info["kept"])
+            del score
+            info["filled"], info["fill"] = filled, self.opts.fill
             if info["kept"] + filled < info["k"]:
                 self.rep.warning(f"the learned δ has only {info['kept'] + filled} usable entries, fewer than the "
                                  f"budget {info['k']}; the diff keeps them all (train longer or lower --sparsity)")
@@ -612,6 +623,21 @@ class _Run:
         head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
         return {"mask/index": index.cpu(), "mask/values": values.cpu(),
                 **{f"head/{n}": t for n, t in head_state.items()}}
+
+    def _fill_score(self, trainer: L0Trainer) -> "torch.Tensor":
+        """The budget fill's ranking of every flat entry (`--fill`); higher is added first."""
+        import torch
+
+        gd, opts = trainer.gd, self.opts
+        if opts.fill == "gates":
+            with torch.no_grad():
+                return gd.gate.prob_nonzero(gd.log_alpha.detach()).mul_(gd.w.detach()).abs_()
+        gd.set_deterministic_()  # every rank: the Fisher is taken at the deterministic L0 model
+        loader = _loader(self.train_set, opts.batch_size, opts.seed + 2, 0, self.dist)
+        n = max(1, math.ceil(opts.fill_samples / (opts.batch_size * self.dist.world)))
+        batches = (_move(b, self.dev) for _, b in zip(range(n), loader))
+        return fisher_diagonal(self.ddp if self.ddp is not None else self.tm.model, trainer.flat, trainer.head,
+                               batches, self.dev)
 
     def fixmask_phase(self, flat, tensors: dict, resumed: dict | None, done: int):
         """Finetune the kept entries and the head with the mask fixed; keep the best dev epoch (0 = projection).
@@ -777,16 +803,45 @@ def _project(tm: TaskModel, flat, delta: "torch.Tensor", sparsity: float):
     return index, values, info
 
 
-def _fill_budget(gd, index: "torch.Tensor", values: "torch.Tensor", need: int):
-    """Add the `need` closed-gate entries with the largest |P(z≠0)·w| to the mask, starting at δ = 0.
+def fisher_diagonal(model, flat, head: list, batches: Iterable[dict], device) -> "torch.Tensor":
+    """Σ over batches of (dL/dθ)² for the flat parameters (dropout off): the empirical Fisher's diagonal.
+
+    Batch-mean gradients, squared and summed: the ranking FISH masks use (Sung et al. 2021, eq. 2), with a
+    batch in place of one example. Under DDP `model` is the wrapper, so every rank sums the same averaged
+    gradients and gets the same scores.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    score = torch.zeros_like(flat.grad)
+    try:
+        for batch in batches:
+            flat.zero_grad()
+            for p in head:
+                p.grad = None
+            with _autocast(device):
+                loss = model(**batch).loss
+            loss.backward()
+            flat.collect_grads_()
+            score.addcmul_(flat.grad, flat.grad)
+    finally:
+        flat.zero_grad()
+        for p in head:
+            p.grad = None
+        model.train(was_training)
+    return score
+
+
+def _fill_budget(score: "torch.Tensor", index: "torch.Tensor", values: "torch.Tensor", need: int):
+    """Add the `need` entries outside the mask with the largest positive `score` to it, starting at δ = 0.
 
     When the L0 phase ends below the target density, δ has fewer than k nonzeros; the fixed-mask phase then
-    also trains the entries the gates ranked next, so that the diff uses its whole budget.
+    also trains the entries ranked next (`--fill`), so that the diff uses its whole budget. `score` is consumed.
     """
     import torch
 
     with torch.no_grad():
-        score = gd.gate.prob_nonzero(gd.log_alpha.detach()).mul_(gd.w.detach()).abs_()
         score[index.to(score.device)] = 0
         top = torch.topk(score, min(need, score.numel()), sorted=False)
         extra = top.indices[top.values > 0].cpu()

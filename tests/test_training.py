@@ -13,7 +13,7 @@ import torch
 from diffcli import checkpoint
 from diffcli.errors import InvalidValueError, OutputExistsError
 from diffcli.training import (DensityController, L0Trainer, TrainOptions, _fill_budget, _project, build_task_model,
-                              partial_dir, train)
+                              fisher_diagonal, partial_dir, train)
 from diffcli.weights import WeightStore, tensor_digest
 from tests.training_data import write_task
 
@@ -78,15 +78,51 @@ def test_budget_is_filled_when_the_gates_closed_below_it(tiny_base):
     delta = gd.delta()
     index, values, info = _project(tm, trainer.flat, delta, 0.05)
     assert info["kept"] == int((delta != 0).sum()) < info["k"]
-    full, vals, filled = _fill_budget(gd, index, values, info["k"] - info["kept"])
+    score = gd.gate.prob_nonzero(gd.log_alpha.detach()).mul_(gd.w.detach()).abs_()  # --fill gates
+    full, vals, filled = _fill_budget(score.clone(), index, values, info["k"] - info["kept"])
     assert filled == info["k"] - info["kept"] and full.numel() == info["k"]
     assert bool((full[1:] > full[:-1]).all())
     assert torch.equal(vals, delta[full])  # projected values kept, new entries start at 0
-    score = (torch.sigmoid(gd.log_alpha.detach()) * gd.w.detach()).abs()
     new = full[delta[full] == 0]
     rest = torch.ones(n, dtype=torch.bool)
     rest[full] = False
     assert float(score[new].min()) >= float(score[rest].max())
+
+
+def test_fisher_diagonal_sums_squared_batch_gradients(tiny_base):
+    from diffcli.diffmodel import FlatParams
+
+    tm = build_task_model(tiny_base, _spec(), seed=0)
+    flat = FlatParams(tm.model, tm.gated, torch.device("cpu"))
+    params = dict(tm.model.named_parameters())
+    head = [params[n] for n in tm.head]
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(5, 90, (4, 7), generator=g),
+                "attention_mask": torch.ones(4, 7, dtype=torch.long),
+                "labels": torch.randint(0, 2, (4,), generator=g)} for _ in range(3)]
+    tm.model.train()
+    got = fisher_diagonal(tm.model, flat, head, iter(batches), torch.device("cpu"))
+    assert tm.model.training and not flat.grad.any()  # mode restored, gradients cleared
+    tm.model.eval()  # the same sums, by autograd one batch at a time
+    want = torch.zeros(flat.numel)
+    for b in batches:
+        grads = torch.autograd.grad(tm.model(**b).loss, flat.params)
+        want += torch.cat([x.reshape(-1) for x in grads]) ** 2
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-12)
+    assert int((got > 0).sum()) > flat.numel // 2
+
+
+def test_fisher_fill_tops_up_the_budget_from_the_gradients(tmp_path, tiny_base):
+    # gates start shut (σ(−4)·3 − 1.5 < 0), so the L0 phase keeps next to nothing and the fill supplies the mask
+    summary = _run(tmp_path, tiny_base, "f", fixmask_epochs=0, log_alpha_init=-4.0, fill="fisher", fill_samples=16)
+    proj = summary["after_projection"]
+    assert proj["fill"] == "fisher" and proj["filled"] > 0
+    assert proj["kept"] + proj["filled"] == proj["k"] == round(0.02 * summary["budget_numel"])
+    hp = checkpoint.load(tmp_path / "f").meta["hyperparameters"]
+    assert hp["fill"] == "fisher" and hp["fill_samples"] == 16
+    for bad in ({"fill": "random"}, {"fill_samples": 0}):
+        with pytest.raises(InvalidValueError, match="--fill"):
+            _opts(**bad).validate()
 
 
 def test_fixed_mask_phase_changes_only_the_kept_entries(tiny_base):

@@ -35,6 +35,8 @@ def train(
     alpha_lr: Annotated[float, typer.Option("--alpha-lr", help="AdamW learning rate of log α (constant).", rich_help_panel=_M)] = 0.1,
     fixmask_lr: Annotated[float, typer.Option("--fixmask-lr", help="Learning rate of the fixed-mask phase (linear decay).", rich_help_panel=_M)] = 1e-3,
     fixmask_start: Annotated[str, typer.Option("--fixmask-start", help="Start the kept entries at the projected δ (delta) or the raw learned w (w).", rich_help_panel=_M)] = "delta",
+    fill: Annotated[str, typer.Option("--fill", help="Rank the entries that top up a budget the gates left short by the gates (gates) or the empirical Fisher (fisher).", rich_help_panel=_M)] = "gates",
+    fill_samples: Annotated[int, typer.Option("--fill-samples", help="Training examples the Fisher of --fill fisher is summed over.", rich_help_panel=_M)] = 1024,
     head_lr: Annotated[Optional[float], typer.Option("--head-lr", help="Learning rate of the new head (default: the phase's).", rich_help_panel=_M)] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay of w and the head.", rich_help_panel=_M)] = 0.0,
     l0_lambda: Annotated[float, typer.Option("--l0-lambda", help="Weight λ of the L0 penalty (the controller's starting point).", rich_help_panel=_M)] = 1.25e-7,
@@ -61,7 +63,7 @@ def train(
     options = TrainOptions(
         sparsity=parse_sparsity(sparsity), epochs=epochs, fixmask_epochs=fixmask_epochs, batch_size=batch_size,
         eval_batch_size=eval_batch_size, max_seq_length=max_seq_length, seed=seed, lr=lr, alpha_lr=alpha_lr,
-        fixmask_lr=fixmask_lr, fixmask_start=fixmask_start, head_lr=head_lr, weight_decay=weight_decay, l0_lambda=l0_lambda,
+        fixmask_lr=fixmask_lr, fixmask_start=fixmask_start, fill=fill, fill_samples=fill_samples, head_lr=head_lr, weight_decay=weight_decay, l0_lambda=l0_lambda,
         log_alpha_init=log_alpha_init, gate_l=gate_l, gate_r=gate_r, beta=beta, structured=structured,
         controller=controller, controller_rate=controller_rate, controller_warmup=controller_warmup,
         grad_clip=grad_clip)
