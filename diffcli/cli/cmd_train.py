@@ -63,7 +63,8 @@ def train(
     options = TrainOptions(
         sparsity=parse_sparsity(sparsity), epochs=epochs, fixmask_epochs=fixmask_epochs, batch_size=batch_size,
         eval_batch_size=eval_batch_size, max_seq_length=max_seq_length, seed=seed, lr=lr, alpha_lr=alpha_lr,
-        fixmask_lr=fixmask_lr, fixmask_start=fixmask_start, fill=fill, fill_samples=fill_samples, head_lr=head_lr, weight_decay=weight_decay, l0_lambda=l0_lambda,
+        fixmask_lr=fixmask_lr, fixmask_start=fixmask_start, fill=fill, fill_samples=fill_samples, head_lr=head_lr,
+        weight_decay=weight_decay, l0_lambda=l0_lambda,
         log_alpha_init=log_alpha_init, gate_l=gate_l, gate_r=gate_r, beta=beta, structured=structured,
         controller=controller, controller_rate=controller_rate, controller_warmup=controller_warmup,
         grad_clip=grad_clip)
