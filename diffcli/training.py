@@ -87,11 +87,10 @@ class TrainOptions:
         if not 0 <= self.controller_warmup <= 1:
             raise InvalidValueError(f"--controller-warmup is a fraction of the L0 steps in [0, 1], "
                                     f"got {self.controller_warmup}")
-        if self.fixmask_start not in FIXMASK_STARTS:
-            raise InvalidValueError(f"--fixmask-start must be one of {', '.join(FIXMASK_STARTS)}, "
-                                    f"got {self.fixmask_start!r}")
-        if self.fill not in FILLS:
-            raise InvalidValueError(f"--fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
+        for name, allowed in (("fixmask_start", FIXMASK_STARTS), ("fill", FILLS)):
+            if getattr(self, name) not in allowed:
+                raise InvalidValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                        f"got {getattr(self, name)!r}")
         if self.fill_samples < 1:
             raise InvalidValueError(f"--fill-samples must be at least 1, got {self.fill_samples}")
         if not math.isfinite(self.log_alpha_init):
@@ -381,9 +380,7 @@ class L0Trainer:
         """Sample gates, forward/backward, hand-made gate gradients, clip, two AdamW steps, controller."""
         gd = self.gd
         gd.sample_()
-        self.flat.zero_grad()
-        for p in self.head:
-            p.grad = None
+        _zero_grads(self.flat, self.head)
         with _autocast(self.device):
             loss = self.forward_model(**batch).loss
         loss.backward()
@@ -400,6 +397,13 @@ class L0Trainer:
         stats["loss"] = float(loss.detach())
         stats["lambda"] = self.lam
         return stats
+
+
+def _zero_grads(flat, head: list) -> None:
+    """Clear dL/dθ of the flat parameters and drop the dense head's gradients before a backward pass."""
+    flat.zero_grad()
+    for p in head:
+        p.grad = None
 
 
 def _move(batch: dict, device: "torch.device") -> dict:
@@ -698,9 +702,7 @@ class _Run:
             losses = []
             with rep.bar(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}", len(loader)) as bar:
                 for batch in loader:
-                    flat.zero_grad()
-                    for p in head:
-                        p.grad = None
+                    _zero_grads(flat, head)
                     with _autocast(dev):
                         loss = fwd(**_move(batch, dev)).loss
                     loss.backward()
@@ -817,18 +819,14 @@ def fisher_diagonal(model, flat, head: list, batches: Iterable[dict], device) ->
     score = torch.zeros_like(flat.grad)
     try:
         for batch in batches:
-            flat.zero_grad()
-            for p in head:
-                p.grad = None
+            _zero_grads(flat, head)
             with _autocast(device):
                 loss = model(**batch).loss
             loss.backward()
             flat.collect_grads_()
             score.addcmul_(flat.grad, flat.grad)
     finally:
-        flat.zero_grad()
-        for p in head:
-            p.grad = None
+        _zero_grads(flat, head)
         model.train(was_training)
     return score
 
