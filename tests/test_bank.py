@@ -51,7 +51,7 @@ def test_logits_match_the_applied_folder(setup, tmp_path):
     from diffcli.applying import apply_to_folder
 
     root, base, diffs = setup
-    bank = DiffBank(str(base))
+    bank = DiffBank(str(base), device="cpu")
     bank.add("a", root / "a.ckpt")
     bank.add("b", root / "b.ckpt")
     batch = _batch()
@@ -70,7 +70,7 @@ def test_logits_match_the_applied_folder(setup, tmp_path):
 
 def test_any_switch_sequence_restores_the_base_bit_for_bit(setup):
     root, base, diffs = setup
-    bank = DiffBank(str(base))
+    bank = DiffBank(str(base), device="cpu")
     original = _snapshot(bank.encoder)
     bank.add("a", diffs["a"])
     bank.add("b", diffs["b"])
@@ -95,7 +95,7 @@ def test_any_switch_sequence_restores_the_base_bit_for_bit(setup):
 
 def test_tasks_share_one_encoder_and_hold_only_their_diff(setup):
     root, base, diffs = setup
-    bank = DiffBank(str(base))
+    bank = DiffBank(str(base), device="cpu")
     bank.add("a", diffs["a"])
     bank.add("b", diffs["b"])
     with bank.use("a") as ma:
@@ -117,7 +117,7 @@ def test_diff_with_bare_encoder_names_applies_to_the_task_model(setup):
     d = diffs["a"]
     bare = Diff({k.removeprefix("bert."): v for k, v in d.tensors.items()}, d.extras, d.config, d.base_ref,
                 d.base_fingerprint, d.meta)
-    bank = DiffBank(str(base))
+    bank = DiffBank(str(base), device="cpu")
     bank.add("prefixed", d)
     bank.add("bare", bare)
     batch = _batch()
@@ -131,7 +131,7 @@ def test_diff_with_bare_encoder_names_applies_to_the_task_model(setup):
 
 def test_nesting_same_task_is_fine_and_another_is_refused(setup):
     root, base, diffs = setup
-    bank = DiffBank(str(base))
+    bank = DiffBank(str(base), device="cpu")
     bank.add("a", diffs["a"])
     bank.add("b", diffs["b"])
     with bank.use("a") as outer:
@@ -149,7 +149,7 @@ def test_nesting_same_task_is_fine_and_another_is_refused(setup):
 
 def test_bad_inputs(setup, tmp_path):
     root, base, diffs = setup
-    bank = DiffBank(str(base))
+    bank = DiffBank(str(base), device="cpu")
     bank.add("a", diffs["a"])
     with pytest.raises(InvalidValueError, match="already in the bank"):
         bank.add("a", diffs["b"])
@@ -188,7 +188,7 @@ def test_encoder_extras_go_through_apply_and_revert(tmp_path):
     write_vocab(base)
     diff = project(extract_diff(str(base), str(make_finetune(base, tmp_path / "ft"))), 0.05).diff
     assert any("pooler" in k for k in diff.extras)
-    bank = DiffBank(str(base))
+    bank = DiffBank(str(base), device="cpu")
     original = _snapshot(bank.encoder)
     bank.add("t", diff)
     apply_to_folder(str(base), diff, tmp_path / "merged")
@@ -202,7 +202,7 @@ def test_encoder_extras_go_through_apply_and_revert(tmp_path):
 
 def test_moving_the_encoder_behind_the_banks_back_is_refused(setup):
     root, base, diffs = setup
-    bank = DiffBank(str(base))
+    bank = DiffBank(str(base), device="cpu")
     bank.add("a", diffs["a"])
     bank.add("b", diffs["b"])
     with bank.use("a"):

@@ -23,7 +23,7 @@ def test_torchrun_two_processes_write_one_complete_checkpoint(tmp_path, tiny_bas
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffcli", "train", "--train-file", str(train), "--validation-file", str(dev),
            "--model", str(tiny_base), "--epochs", "1", "--fixmask-epochs", "1", "--batch-size", "8",
-           "--sparsity", "2%", "--lr", "1e-3", "-o", str(out), "--json", *extra]
+           "--sparsity", "2%", "--lr", "1e-3", "--device", "cpu", "-o", str(out), "--json", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,3 +42,23 @@ def test_torchrun_two_processes_write_one_complete_checkpoint(tmp_path, tiny_bas
         assert proj["kept"] + proj["filled"] == round(0.02 * diff.budget_numel) >= diff.nnz
     else:
         assert proj["kept"] == diff.nnz == round(0.02 * diff.budget_numel)
+
+
+def test_more_processes_than_gpus_is_a_clear_error_before_joining(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from diffcli.errors import InvalidValueError
+    from diffcli.training import _init_dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: joined.append(1))
+    for rank in ("0", "1"):  # every rank refuses, so none is left waiting for the other
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(InvalidValueError, match=r"--nproc_per_node 1 .*--device cpu"):
+            _init_dist(None)
+    assert joined == []
