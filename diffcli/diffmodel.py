@@ -108,7 +108,7 @@ class GatedDiff:
         span = gate.r - gate.l
         self._lo, self._hi = -gate.l / span, (1.0 - gate.l) / span
         self._l = torch.tensor(float(gate.l), dtype=torch.float32)
-        self._lengths = torch.tensor(flat.sizes, device=dev)
+        self._segment_sums = SegmentSums(flat.sizes, dev)
         # z_g broadcast to entries with one gather: per-tensor loops of small elementwise ops are slow
         # (each pays a thread-pool round trip), so the group factor is applied in whole-buffer passes
         self._seg_ids = self._zg_full = None
@@ -172,12 +172,6 @@ class GatedDiff:
         for seg, f in zip(self.flat.segments(flat), factors):
             if f != 1.0:
                 seg.mul_(f)
-
-    def _segment_sums(self, flat: "torch.Tensor") -> "torch.Tensor":
-        """Σ per tensor in one op (a reduction call per small tensor is slow on a busy CPU)."""
-        import torch
-
-        return torch.segment_reduce(flat, "sum", lengths=self._lengths)
 
     def deterministic_gates(self) -> tuple["torch.Tensor", list[float] | None]:
         """ẑ (flat, new tensor) and the group ẑ_g as floats (None if not structured)."""
@@ -278,6 +272,43 @@ class GatedDiff:
             else:
                 density = float(sums.sum()) / max(self.flat.numel, 1)
         return {"expected_density": density, "penalty": lam * penalty_sum}
+
+
+class SegmentSums:
+    """Σ of a flat buffer over each parameter's contiguous segment, in a few whole-buffer ops.
+
+    A reduction per tensor is slow on a busy CPU and `torch.segment_reduce` is slow on cuda (4.7 ms per call on
+    a BERT-base buffer on an H100). Instead: block sums over fixed blocks of `BLOCK` entries (one pass), their
+    prefix sums in float64, and at every segment boundary x the partial sum of the block x falls in (one
+    gather of BLOCK entries per boundary): P(x) = Σ blocks before x + partial, and Σ[a, b) = P(b) − P(a).
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, sizes: list[int], device: "torch.device"):
+        import torch
+
+        self.numel = n = int(sum(sizes))
+        bounds = torch.tensor([0] + list(sizes), dtype=torch.int64).cumsum(0)
+        B = self.BLOCK
+        self.full_blocks = n // B
+        self.block = (bounds // B).to(device)                            # the block each boundary falls in
+        cols = torch.arange(B, dtype=torch.int64)
+        self.mask = (cols[None, :] < (bounds % B)[:, None]).to(device)   # its entries before the boundary
+        self.gather = (self.block.cpu()[:, None] * B + cols[None, :]).clamp_max(max(n - 1, 0)).to(device)
+
+    def __call__(self, flat: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        B, nb = self.BLOCK, self.full_blocks
+        # float32 within a block (a float64 accumulator is 17x slower on the CPU), float64 across blocks
+        blocks = flat[: nb * B].view(nb, B).sum(1)
+        if self.numel > nb * B:
+            blocks = torch.cat([blocks, flat[nb * B:].sum(0).view(1)])
+        before = torch.cat([blocks.new_zeros(1, dtype=torch.float64), blocks.double().cumsum(0)])
+        partial = torch.where(self.mask, flat[self.gather], 0.0).sum(1).double()
+        prefix = before[self.block] + partial
+        return (prefix[1:] - prefix[:-1]).to(flat.dtype)
 
 
 def torch_mul_out(a: "torch.Tensor", b, out: "torch.Tensor") -> "torch.Tensor":

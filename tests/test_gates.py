@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffcli.errors import InvalidValueError
 from diffcli.gates import HardConcrete, expected_density, l0_penalty
@@ -158,3 +160,16 @@ def test_deterministic_delta_uses_eval_gates(tiny_base):
     gd.set_deterministic_()
     assert torch.allclose(flat.theta, flat.theta0 + want * gd.w.detach(), atol=1e-6)
     assert gd.deterministic_density() == pytest.approx(float((want > 0).float().mean()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 3000), min_size=1, max_size=12), st.integers(0, 2**31 - 1))
+def test_segment_sums_match_per_tensor_sums(sizes, seed):
+    from diffcli.diffmodel import SegmentSums
+
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randn(sum(sizes), generator=g)
+    want = torch.stack([c.double().sum() for c in torch.split(flat, sizes)])
+    got = SegmentSums(sizes, torch.device("cpu"))(flat)
+    assert got.dtype == flat.dtype and got.shape == (len(sizes),)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
