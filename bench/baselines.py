@@ -110,7 +110,7 @@ def run_baseline(cfg: BaselineConfig, out_dir: Path, log: Callable[[str], None] 
     from transformers import AutoTokenizer
 
     from diffcli import evaluation, metrics, tasks, weights
-    from diffcli.training import _autocast
+    from diffcli.training import autocast
 
     torch.manual_seed(cfg.seed)
     base_dir = weights.resolve_model(cfg.model)
@@ -147,7 +147,7 @@ def run_baseline(cfg: BaselineConfig, out_dir: Path, log: Callable[[str], None] 
         running, t_epoch = 0.0, time.perf_counter()
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device):  # the precision `diffprune train` uses here: bf16 autocast on cuda, fp32 on cpu
+            with autocast(device):  # the precision `diffprune train` uses here: bf16 autocast on cuda, fp32 on cpu
                 loss = model(**batch).loss
             loss.backward()
             if cfg.grad_clip:

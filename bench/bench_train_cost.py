@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
 TARGET_TIME, TARGET_MEM = 1.15, 1.6
 
 
@@ -45,7 +46,7 @@ def _child(mode: str, steps: int, warmup: int, batch_size: int, seq_len: int, th
 
     hf_logging.set_verbosity_error()
     from diffcli.tasks import GLUE_TASKS
-    from diffcli.training import L0Trainer, TrainOptions, _autocast, build_task_model
+    from diffcli.training import L0Trainer, TrainOptions, autocast, build_task_model
     from diffcli.weights import resolve_model
 
     def sync() -> None:
@@ -65,7 +66,7 @@ def _child(mode: str, steps: int, warmup: int, batch_size: int, seq_len: int, th
         opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
 
         def step() -> None:
-            with _autocast(dev):  # the precision `train` uses on this device (bf16 autocast on cuda)
+            with autocast(dev):  # the precision `train` uses on this device (bf16 autocast on cuda)
                 loss = model(**batch).loss
             loss.backward()
             opt.step()
@@ -165,7 +166,7 @@ def density_main(args) -> None:
     doc = {"task": "mrpc", "model": "all-MiniLM-L6-v2 (bundled)", "sparsity": args.sparsity,
            "steps": args.density_steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "arms": arms,
            "command": " ".join([Path(sys.executable).name, "bench/bench_train_cost.py"] + sys.argv[1:])}
-    out = Path(args.out or REPO / "bench" / "results" / "train_cost.json").with_name("train_density.json")
+    out = (Path(args.out).parent if args.out else RESULTS) / "train_density.json"  # beside the cost file
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
 
@@ -186,7 +187,8 @@ def main() -> None:
     ap.add_argument("--density-steps", type=int, default=240)
     ap.add_argument("--sparsity", type=float, default=0.005)
     ap.add_argument("--density-child", choices=["on", "off"], help=argparse.SUPPRESS)
-    ap.add_argument("--out", help="default: bench/results/train_cost.json (train_cost-cuda.json on cuda)")
+    ap.add_argument("--out", help="default: bench/results/train_cost.json (train_cost-cuda.json on cuda; "
+                                  "train_density.json beside it with --density)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.steps, args.warmup, args.batch_size, args.seq_len, args.threads,
@@ -204,9 +206,9 @@ def main() -> None:
         from diffcli.evaluation import pick_device
 
         args.device = pick_device().type
-    mem_key = "peak_gpu_mb" if args.device == "cuda" else "peak_rss_mb"
-    args.out = args.out or str(REPO / "bench" / "results" / ("train_cost-cuda.json" if args.device == "cuda"
-                                                            else "train_cost.json"))
+    cuda = args.device == "cuda"
+    mem_key, mem_name = ("peak_gpu_mb", "GPU memory") if cuda else ("peak_rss_mb", "RSS")
+    out = Path(args.out) if args.out else RESULTS / ("train_cost-cuda.json" if cuda else "train_cost.json")
     runs: dict[str, list[dict]] = {"full": [], "l0": []}
     for _ in range(args.rounds):
         for mode in ("full", "l0"):
@@ -217,29 +219,30 @@ def main() -> None:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[mode].append(res)
             print(f"{mode:>4}: step {res['step_s_median'] * 1000:.1f} ms (median of {args.steps}), "
-                  f"peak {'GPU' if mem_key == 'peak_gpu_mb' else 'RSS'} {res[mem_key]:.0f} MB", flush=True)
+                  f"peak {mem_name} {res[mem_key]:.0f} MB", flush=True)
     full_t = statistics.median(r["step_s_median"] for r in runs["full"])
     l0_t = statistics.median(r["step_s_median"] for r in runs["l0"])
     full_m = max(r[mem_key] for r in runs["full"])
     l0_m = max(r[mem_key] for r in runs["l0"])
     doc = {
-        "model": "all-MiniLM-L6-v2 (bundled)" if args.model == "minilm" else args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "rounds": args.rounds,
-        "device": args.device, "memory": mem_key, "full_step_s": full_t, "l0_step_s": l0_t, "step_time_ratio": l0_t / full_t,
+        "model": "all-MiniLM-L6-v2 (bundled)" if args.model == "minilm" else args.model,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+        "threads": args.threads, "rounds": args.rounds, "device": args.device, "memory": mem_key,
+        "full_step_s": full_t, "l0_step_s": l0_t, "step_time_ratio": l0_t / full_t,
         "full_peak_mb": full_m, "l0_peak_mb": l0_m, "peak_memory_ratio": l0_m / full_m,
         "targets": {"step_time_ratio": TARGET_TIME, "peak_memory_ratio": TARGET_MEM},
         "l0_parts_s_median": runs["l0"][-1].get("parts_s_median"), "runs": runs,
         "command": " ".join([Path(sys.executable).name, "bench/bench_train_cost.py"] + sys.argv[1:]),
     }
     doc["meets_targets"] = doc["step_time_ratio"] <= TARGET_TIME and doc["peak_memory_ratio"] <= TARGET_MEM
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"step time ratio L0/full: {doc['step_time_ratio']:.3f} (target ≤ {TARGET_TIME})")
-    print(f"peak {mem_key} ratio L0/full:  {doc['peak_memory_ratio']:.3f} (target ≤ {TARGET_MEM})")
+    print(f"peak {mem_name} ratio L0/full: {doc['peak_memory_ratio']:.3f} (target ≤ {TARGET_MEM})")
     if doc["l0_parts_s_median"]:
         print("L0 extra work per step (median): " + ", ".join(f"{k} {v * 1000:.0f} ms"
                                                            for k, v in doc["l0_parts_s_median"].items()))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

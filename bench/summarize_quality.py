@@ -27,9 +27,27 @@ def _label(doc: dict, path: Path) -> tuple[str, int]:
     return re.sub(r"-s\d+$", "", label), int(seed.group(1)) if seed else 42
 
 
-def _score(row: dict, method: str) -> float | None:
-    r = row.get(method)
-    return None if r is None else r["score"]
+METHODS = ("full", "lora", "diffprune", "diffprune-matched")
+
+
+def _means(results: dict, tasks: list[str]) -> dict[str, float | None]:
+    """Each method's mean score over `tasks` in one report; None where any of those tasks lacks the method."""
+    out = {}
+    for m in METHODS:
+        scores = [results[t][m]["score"] if results[t].get(m) else None for t in tasks]
+        out[m] = statistics.mean(scores) if scores and None not in scores else None
+    return out
+
+
+def _row(name: str, per_seed: list[dict[str, float | None]]) -> tuple[str, list[float]]:
+    """A table row over seeds (each method's mean; diffprune − full: mean, worst, each seed) and the gaps."""
+    gaps = [s["diffprune"] - s["full"] for s in per_seed if s["diffprune"] is not None and s["full"] is not None]
+    if not gaps:
+        return f"| {name} | — | — | — | — | — | — | — |", gaps
+    cols = [[s[m] for s in per_seed if s[m] is not None] for m in METHODS]
+    means = " | ".join(f"{statistics.mean(c):.2f}" if c else "—" for c in cols)
+    return (f"| {name} | {means} | {statistics.mean(gaps):+.2f} | {min(gaps):+.2f} | "
+            f"{', '.join(f'{g:+.2f}' for g in gaps)} |"), gaps
 
 
 def summarize(paths: list[Path]) -> str:
@@ -41,35 +59,15 @@ def summarize(paths: list[Path]) -> str:
     lines = [f"Summarized {_dt.date.today().isoformat()} from {len(paths)} reports.", ""]
     for label in sorted(groups):
         runs = sorted(groups[label], key=lambda t: t[0])
-        seeds = [s for s, _, _ in runs]
-        lines += [f"## {label} (seeds {', '.join(map(str, seeds))})", "",
+        lines += [f"## {label} (seeds {', '.join(str(s) for s, _, _ in runs)})", "",
                   f"One of them: `{runs[0][1]['invocation']}`", "",
                   "| task | full FT | LoRA | diffprune 0.5% | diffprune @ LoRA bytes | Δ vs full: mean | worst | "
                   "per seed |", "|---|---|---|---|---|---|---|---|"]
         tasks = sorted({t for _, d, _ in runs for t in d["results"]})
-        avg_gaps = []
-        for task in tasks + ["**average**"]:
-            cols: dict[str, list[float]] = defaultdict(list)
-            gaps = []
-            for _, doc, _ in runs:
-                rows = doc["results"]
-                picked = tasks if task == "**average**" else [task]
-                vals = {m: [_score(rows[t], m) for t in picked] for m in ("full", "lora", "diffprune",
-                                                                            "diffprune-matched")}
-                for m, v in vals.items():
-                    if v and all(x is not None for x in v):
-                        cols[m].append(statistics.mean(v))
-                if cols["full"] and len(cols["full"]) == len(cols["diffprune"]):
-                    gaps.append(cols["diffprune"][-1] - cols["full"][-1])
-
-            def mean(m: str) -> str:
-                return f"{statistics.mean(cols[m]):.2f}" if cols[m] else "—"
-            if task == "**average**":
-                avg_gaps = gaps
-            lines.append(f"| {task} | {mean('full')} | {mean('lora')} | {mean('diffprune')} | "
-                         f"{mean('diffprune-matched')} | {statistics.mean(gaps):+.2f} | {min(gaps):+.2f} | "
-                         f"{', '.join(f'{g:+.2f}' for g in gaps)} |" if gaps else f"| {task} | — | — | — | — | — | — | — |")
-        lines.append("")
+        for task in tasks:
+            lines.append(_row(task, [_means(d["results"], [task]) for _, d, _ in runs])[0])
+        row, avg_gaps = _row("**average**", [_means(d["results"], tasks) for _, d, _ in runs])
+        lines += [row, ""]
         for key, text in TARGETS:
             ok = sum(1 for _, d, _ in runs if d["verdicts"].get(key))
             lines.append(f"- {text}: {ok} of {len(runs)} seeds")

@@ -292,10 +292,11 @@ class SegmentSums:
         bounds = torch.tensor([0] + list(sizes), dtype=torch.int64).cumsum(0)
         B = self.BLOCK
         self.full_blocks = n // B
-        self.block = (bounds // B).to(device)                            # the block each boundary falls in
+        block = bounds // B                                              # the block each boundary falls in
         cols = torch.arange(B, dtype=torch.int64)
         self.mask = (cols[None, :] < (bounds % B)[:, None]).to(device)   # its entries before the boundary
-        self.gather = (self.block.cpu()[:, None] * B + cols[None, :]).clamp_max(max(n - 1, 0)).to(device)
+        self.gather = (block[:, None] * B + cols[None, :]).clamp_max(max(n - 1, 0)).to(device)
+        self.block = block.to(device)
 
     def __call__(self, flat: "torch.Tensor") -> "torch.Tensor":
         import torch

@@ -206,12 +206,12 @@ def _init_dist(device_hint: str | None) -> tuple[Dist, "torch.device"]:
         import torch.distributed as dist
 
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
-        if use_cuda and max(per_node, local + 1) > torch.cuda.device_count():
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        gpus = torch.cuda.device_count() if use_cuda else 0
+        if use_cuda and per_node > gpus:
             # checked by every rank before joining, so none waits forever for a rank that cannot start
-            n = torch.cuda.device_count()
-            raise InvalidValueError(f"torchrun started {per_node} processes on this node but {n} CUDA GPU(s) are "
-                                    f"visible; use --nproc_per_node {n} (one process per GPU), or --device cpu")
+            raise InvalidValueError(f"torchrun started {per_node} processes on this node but {gpus} CUDA GPU(s) are "
+                                    f"visible; use --nproc_per_node {gpus} (one process per GPU), or --device cpu")
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         d = Dist(dist.get_rank(), dist.get_world_size(), local)
@@ -333,7 +333,8 @@ def _adamw(params, lr: float, weight_decay: float, device: "torch.device"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def _autocast(device: "torch.device"):
+def autocast(device: "torch.device"):
+    """The precision every training loop here runs under: bf16 autocast on a cuda GPU that has it, fp32 elsewhere."""
     import torch
 
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -387,7 +388,7 @@ class L0Trainer:
         gd = self.gd
         gd.sample_()
         _zero_grads(self.flat, self.head)
-        with _autocast(self.device):
+        with autocast(self.device):
             loss = self.forward_model(**batch).loss
         loss.backward()
         stats = gd.backward_(self.lam)
@@ -712,7 +713,7 @@ class _Run:
             with rep.bar(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}", len(loader)) as bar:
                 for batch in loader:
                     _zero_grads(flat, head)
-                    with _autocast(dev):
+                    with autocast(dev):
                         loss = fwd(**_move(batch, dev)).loss
                     loss.backward()
                     md.backward_()
@@ -829,7 +830,7 @@ def fisher_diagonal(model, flat, head: list, batches: Iterable[dict], device) ->
     try:
         for batch in batches:
             _zero_grads(flat, head)
-            with _autocast(device):
+            with autocast(device):
                 loss = model(**batch).loss
             loss.backward()
             flat.collect_grads_()
