@@ -97,8 +97,8 @@ def figure(reports: Iterable[dict[str, Any]], by: str = "density") -> "Figure":
     cells with nothing stored are grey. Draws with the Agg-based Figure API: no pyplot, no display needed.
     """
     import numpy as np
-    from matplotlib.colors import LogNorm
     from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -108,6 +108,8 @@ def figure(reports: Iterable[dict[str, Any]], by: str = "density") -> "Figure":
         raise InvalidValueError("nothing to plot", hint="name at least one diff")
     grids = [cells(r) for r in reports]
     keys = {k for g in grids for k in g}
+    if not keys:
+        raise InvalidValueError("the diffs hold no tensors: nothing to plot")
     rows = sorted({r for r, _ in keys}, key=row_order)
     cols = [c for c in COLUMNS if any(k[1] == c for k in keys)]
     data = np.full((len(grids), len(rows), len(cols)), np.nan)

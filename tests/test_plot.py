@@ -116,6 +116,18 @@ def test_cells_sum_every_record_kind_by_role():
     assert "lowrank" in a.get_title() and "extra" in a.get_title()
 
 
+def test_figure_refuses_nothing_to_plot_and_unknown_measure():
+    from diffcli.errors import InvalidValueError
+
+    empty = {"path": "e.diff", "size_bytes": 0, "totals": {"density": 0.0, "budget_numel": 0}, "tensors": []}
+    with pytest.raises(InvalidValueError, match="no tensors"):
+        figure([empty])
+    with pytest.raises(InvalidValueError, match="nothing to plot"):
+        figure([])
+    with pytest.raises(InvalidValueError, match="--plot-by"):
+        figure([empty], by="nnz")
+
+
 def test_existing_output_needs_force(diffs, tmp_path):
     out = tmp_path / "p.png"
     out.write_bytes(b"keep me")
