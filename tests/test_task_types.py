@@ -154,3 +154,20 @@ def test_apply_writes_a_config_the_auto_class_loads(bases, tmp_path, kind_name, 
     ids = torch.tensor([[5, 9, 12, 7, 30, 6]])
     with torch.no_grad(), bank.use("t") as model:
         assert torch.allclose(model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+def test_readme_task_types_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    from test_token_tasks import write_conll
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "task_types.get" in b)
+    make_base(tmp_path / "my-bert")
+    write_conll(tmp_path / "train.conll", TAGGED)
+    write_conll(tmp_path / "dev.conll", TAGGED[:2])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "'f1':" in printed and "'precision':" in printed
