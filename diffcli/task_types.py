@@ -36,6 +36,7 @@ class TaskModel:
     head: list[str]                        # parameter names trained densely (not in the base)
     base_names: dict[str, str]             # target name → base name, for every shared tensor
     base_info: dict[str, tuple[str, str]] = field(default_factory=dict)  # gated name → (dtype, digest)
+    tied: dict[str, str] = field(default_factory=dict)  # alias → gated name (an LM head tied to the embeddings)
 
 
 def split_parameters(model, tokenizer, base_dir: Path) -> TaskModel:
@@ -59,7 +60,9 @@ def split_parameters(model, tokenizer, base_dir: Path) -> TaskModel:
             head.append(name)
     if not gated:
         raise DataError(f"the task model shares no parameters with the base {base_dir}")
-    return TaskModel(model, tokenizer, base_dir, gated, head, mapping, info)
+    first = {id(p): n for n, p in model.named_parameters()}
+    tied = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    return TaskModel(model, tokenizer, base_dir, gated, head, mapping, info, tied)
 
 
 class TaskType:

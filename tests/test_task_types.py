@@ -72,8 +72,10 @@ def test_causal_lm_heads_tied_and_untied(bases, tmp_path):
     gpt2 = kind.build(bases["gpt2"], data, seed=0)
     assert type(gpt2.model).__name__ == "GPT2LMHeadModel" and gpt2.head == []  # the head is the tied embedding
     assert "transformer.wte.weight" in gpt2.gated
+    assert gpt2.tied == {"lm_head.weight": "transformer.wte.weight"}  # a diff must not store it as a dense extra
     llama = kind.build(bases["llama"], data, seed=0)
     assert "lm_head.weight" in llama.gated and llama.head == []  # the base stores its own LM head
+    assert llama.tied == {}
 
 
 def test_architectures_that_cannot_serve_a_type(bases, tmp_path):
