@@ -236,6 +236,7 @@ class DiffBank:
         import torch
 
         cfg = task_config(diff)
+        kind.check_model(cfg)  # a type the architecture cannot serve: one clear line, not transformers' error
         with torch.device("meta"):
             model = kind.model_class().from_config(cfg)
         prefix = model.base_model_prefix

@@ -142,6 +142,19 @@ def test_task_type_the_diff_was_not_made_for(env):
     assert "the diff was made for causal-lm, not token-classification" in res.stderr
 
 
+def test_task_type_the_architecture_cannot_serve(env, tmp_path):
+    from diffcli.sources import load_diff
+
+    diff = load_diff(env["ner"])
+    diff.config.pop("architectures")
+    diff.meta["task_type"] = "causal-lm"  # a BERT diff that claims to be a causal LM
+    artifact.write(diff, tmp_path / "odd.diff", values="fp32")
+    res = _eval(env["bert"], tmp_path / "odd.diff", "--validation-file", env["lm"])
+    assert res.exit_code == 2, res.output
+    assert "'bert' is a bidirectional encoder: it cannot serve --task-type causal-lm" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_bank_generates_with_each_diff(env):
     from transformers import AutoModelForCausalLM
 
