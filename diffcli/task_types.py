@@ -192,6 +192,10 @@ class _FileTaskType(TaskType):
             if kw.pop(key, None) is not None:
                 raise InvalidValueError(f"--{key.replace('_', '-')} applies only to --task-type {DEFAULT}; "
                                         f"{self.name} reads --train-file/--validation-file")
+        from diffcli.tasks import _check_limit
+
+        for key in ("max_train_samples", "max_eval_samples"):
+            _check_limit(key, kw.get(key))
         return self._impl().load(task, kw.pop("train_file", None), kw.pop("validation_file", None), **kw)
 
     def encode(self, examples, tokenizer, spec, max_seq_length: int):

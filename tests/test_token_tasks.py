@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import make_base
 from diffcli import token_tasks
@@ -137,3 +139,27 @@ def test_truncated_words_are_scored_as_outside(tmp_path):
 
     got = token_tasks.evaluate(Oracle(), tok, data.train, data.spec, max_seq_length=8, batch_size=4)
     assert got["recall"] == 0.0 and got["accuracy"] == pytest.approx(12 / 13)  # john was cut: predicted O
+
+
+_word = st.text(alphabet=st.characters(blacklist_categories=("Z", "C")), min_size=1, max_size=6).filter(
+    lambda w: w != "-DOCSTART-")
+_tag = st.sampled_from(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.tuples(_word, _tag), min_size=1, max_size=6), min_size=1, max_size=5))
+def test_conll_and_jsonl_round_trip(tmp_path, sentences):
+    rows = [([w for w, _ in s], [t for _, t in s]) for s in sentences]
+    from_json = token_tasks.read_tagged(write_jsonl(tmp_path / "h.jsonl", rows))
+    from_conll = token_tasks.read_tagged(write_conll(tmp_path / "h.conll", rows))
+    assert [(list(s.tokens), list(s.tags)) for s in from_json] == rows
+    assert [(list(s.tokens), list(s.tags)) for s in from_conll] == rows
+
+
+def test_sample_limits_are_checked(tmp_path):
+    from diffcli import task_types
+    from diffcli.errors import InvalidValueError
+
+    with pytest.raises(InvalidValueError, match="max_eval_samples must be at least 1"):
+        task_types.get("token-classification").load("ner", train_file=write_jsonl(tmp_path / "t.jsonl", SENTENCES),
+                                                     max_eval_samples=0)
