@@ -106,6 +106,12 @@ class TaskType:
                                     f"serve --task-type {self.name}",
                                     hint=f"use a model whose architecture supports {self.name}")
 
+    def check(self, base_dir: str | Path) -> None:
+        """check_model on a base folder's config alone: the trainer's first-second refusal, before any data."""
+        from transformers import AutoConfig
+
+        self.check_model(AutoConfig.from_pretrained(str(base_dir)))
+
     def model_class(self):
         import transformers
 

@@ -84,6 +84,10 @@ def test_architectures_that_cannot_serve_a_type(bases, tmp_path):
     with pytest.raises(InvalidValueError, match="'bert' is a bidirectional encoder: it cannot serve --task-type "
                                                 "causal-lm"):
         lm.build(bases["bert"], data, seed=0)
+    with pytest.raises(InvalidValueError, match="bidirectional encoder"):
+        lm.check(bases["bert"])
+    lm.check(bases["gpt2"])
+    lm.check(bases["llama"])
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model("opt", vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
