@@ -86,10 +86,16 @@ class _BaseHeads:
 
         self.store = WeightStore(folder)
         self.names = self.store.names()
+        self.loaded: dict[str, "torch.Tensor"] = {}
 
-    def get(self, key: str):
+    def get(self, key: str, device) -> "torch.Tensor | None":
+        """The base tensor for task-model name `key` on `device`, one shared copy per base tensor."""
         bname = match_names(self.names, [key]).get(key)
-        return self.store[bname] if bname is not None else None
+        if bname is None:
+            return None
+        if bname not in self.loaded:
+            self.loaded[bname] = self.store[bname].detach().to(device).clone()
+        return self.loaded[bname]
 
 
 def _flatten(encoder) -> tuple[list, dict[str, tuple[int, int, tuple[int, ...]]], "torch.nn.Module"]:
@@ -232,7 +238,10 @@ class DiffBank:
         return self._base_heads
 
     def _task_model(self, diff: Diff, source: str, kind) -> tuple["torch.nn.Module", list[str]]:
-        """A task model sharing the bank's encoder, with its own head from the diff's extras (else the base's)."""
+        """A task model sharing the bank's encoder, with its own head from the diff's extras (else the base's).
+
+        Returns the model and the names of the head tensors it owns (those from the diff's extras).
+        """
         import torch
 
         cfg = task_config(diff)
@@ -259,24 +268,27 @@ class DiffBank:
                 out.weight = model.get_input_embeddings().weight  # an LM head tied to the shared embeddings
         tied = {k for k, v in model.named_parameters(remove_duplicate=False) if id(v) in shared}
         head_keys = [k for k in model.state_dict() if not k.startswith(prefix + ".") and k not in tied]
-        head_state = {}
+        head_state, own = {}, []
         for key in head_keys:
             expect = tuple(model.state_dict()[key].shape)
             t = diff.extras.get(key)
-            if t is None:  # a head the base has too (an untied LM head): base value, its δ is applied later
-                t = self._outside().get(key)
+            if t is not None:
+                t = t.detach().to(self.device).clone()
+                own.append(key)
+            else:  # a head the base has too (an untied LM head): one copy for all tasks, each δ applied at switch
+                t = self._outside().get(key, self.device)
             if t is None:
                 raise InvalidValueError(f"{source} has no task head: its extras lack {key}",
                                         hint="diffs for the bank must carry their classifier head")
             if tuple(t.shape) != expect:
                 raise BaseMismatchError(f"{source}'s head does not fit its config: {key} has shape {list(t.shape)}, "
                                         f"num_labels={cfg.num_labels} needs {list(expect)}")
-            head_state[key] = t.detach().to(self.device).clone()
+            head_state[key] = t
         model.load_state_dict(head_state, strict=False, assign=True)
         left = [k for k, v in model.state_dict().items() if v.is_meta]
         if left:
             raise InvalidValueError(f"{source}: cannot materialise {left[0]} of the task model")
-        return model.eval(), head_keys
+        return model.eval(), own
 
     def _prepare(self, diff: Diff, model, head_keys: list[str], source: str):
         """Apply the diff once (apply_ on the flat buffers), cache positions with before/after values, revert.
@@ -307,9 +319,9 @@ class DiffBank:
             idx, val = (s.indices, s.values) if bool(keep.all()) else (s.indices[keep], s.values[keep])
             parts.setdefault(slot[0], []).append((idx.to(self.device) + slot[1], val.float().to(self.device)))
         heads = set(head_keys)
-        tied = {k for k, v in model.named_parameters(remove_duplicate=False)
-                if not k.startswith(prefix) and k not in heads}  # an LM head tied to the encoder's embeddings
-        extras = {k: t for k, t in diff.extras.items() if k not in heads and k not in tied}
+        shared = {k for k, v in model.named_parameters(remove_duplicate=False)  # tied to the encoder, or the base's
+                  if not k.startswith(prefix) and k not in heads}
+        extras = {k: t for k, t in diff.extras.items() if k not in heads and k not in shared}
         flat_tensors = {}
         for g, chunks in parts.items():
             idx = torch.cat([c[0] for c in chunks])

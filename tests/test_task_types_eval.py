@@ -185,3 +185,29 @@ def test_bank_refuses_generate_for_a_classifier(env):
     bank.add("ner", env["ner"])
     with pytest.raises(task_types.InvalidValueError, match="cannot generate"):
         bank.generate("ner", torch.tensor([[2, 5]]))
+
+
+def test_llama_tasks_share_the_base_lm_head(tmp_path):
+    """An untied LM head the base stores is held once; each task's δ on it is applied at its switch."""
+    from transformers import AutoModelForCausalLM
+
+    from diffcli.applying import apply_to_folder
+    from diffcli.bank import DiffBank
+    from tiny_lms import make_llama
+
+    base = make_llama(tmp_path / "llama")
+    data = task_types.get("causal-lm").load("lm", train_file=write_lm(tmp_path / "lm.jsonl"))
+    paths = {n: _make_diff("causal-lm", base, data, tmp_path, n, seed) for n, seed in (("x", 1), ("y", 2))}
+    bank = DiffBank(str(base), device="cpu")
+    for n, p in paths.items():
+        bank.add(n, p)
+    with bank.use("x") as mx:
+        head_x = mx.lm_head.weight.data_ptr()
+    with bank.use("y") as my:
+        assert my.lm_head.weight.data_ptr() == head_x
+    ids = torch.tensor([[BOS, 5, 9, 12, 7]])
+    for n in ("x", "y", "x"):
+        apply_to_folder(str(base), paths[n], tmp_path / f"m_{n}", force=True)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / f"m_{n}").eval()
+        with torch.no_grad(), bank.use(n) as model:
+            assert torch.allclose(model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5), n
