@@ -89,7 +89,7 @@ def _metric(name: str, preds: "np.ndarray", labels: "np.ndarray") -> float:
 
 
 def token_scores(true_tags: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
-    """Entity-level precision, recall and F1 as `seqeval` computes them (default, conlleval-style), and token accuracy."""
+    """Entity-level precision, recall and F1 as `seqeval` computes them (conlleval-style), and token accuracy."""
     from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
 
     if len(true_tags) != len(predicted) or any(len(t) != len(p) for t, p in zip(true_tags, predicted)):

@@ -1,4 +1,4 @@
-"""`diffprune eval`: metrics of base + diff on a task's dev data (any task type), exiting 8 when a --min threshold is missed."""
+"""`diffprune eval`: metrics of base + diff on dev data (any task type); exit 8 when a --min threshold is missed."""
 
 from __future__ import annotations
 
