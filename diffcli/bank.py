@@ -78,6 +78,26 @@ def task_config(diff: Diff):
         raise InvalidValueError(f"cannot build a config for model type {model_type!r}: {exc}") from None
 
 
+class _BaseHeads:
+    """Tensors of the base folder under task-model names (for heads the bare encoder does not hold)."""
+
+    def __init__(self, folder: Path):
+        from diffcli.weights import WeightStore
+
+        self.store = WeightStore(folder)
+        self.names = self.store.names()
+        self.loaded: dict[str, "torch.Tensor"] = {}
+
+    def get(self, key: str, device) -> "torch.Tensor | None":
+        """The base tensor for task-model name `key` on `device`, one shared copy per base tensor."""
+        bname = match_names(self.names, [key]).get(key)
+        if bname is None:
+            return None
+        if bname not in self.loaded:
+            self.loaded[bname] = self.store[bname].detach().to(device).clone()
+        return self.loaded[bname]
+
+
 def _flatten(encoder) -> tuple[list, dict[str, tuple[int, int, tuple[int, ...]]], "torch.nn.Module"]:
     """Move the encoder's floating-point parameters into one flat buffer per dtype; they become views.
 
@@ -149,14 +169,19 @@ class DiffBank:
         self._sentinels = list({g: (p, g, off) for p, g, off in self._sentinels}.values())
         self._tasks: dict[str, _Task] = {}
         self._digests: dict[str, str] = {}
+        self._base_heads: _BaseHeads | None = None
         self._active: str | None = None
         self._rest_handle = None
         self._depth = 0
 
     # ------------------------------------------------------------------ adding tasks
 
-    def add(self, name: str, diff: Diff | str | Path) -> None:
-        """Register a task from a Diff or a path (`.diff` file or checkpoint); checks its base once, here."""
+    def add(self, name: str, diff: Diff | str | Path, *, task_type: str | None = None) -> None:
+        """Register a task from a Diff or a path (`.diff` file or checkpoint); checks its base once, here.
+
+        The task model's class follows `task_type`, else the type the diff records (its metadata or its
+        config's architecture): sequence classification, token classification or a causal LM.
+        """
         if not isinstance(name, str) or not name:
             raise InvalidValueError("a task name must be a non-empty string")
         if name in self._tasks:
@@ -170,26 +195,35 @@ class DiffBank:
             diff = load_diff(diff)
         self.reset()  # digests and the trial apply need the encoder as loaded
         self._check_base(diff, source)
-        model, head_keys = self._task_model(diff, source)
+        from diffcli.task_types import of_diff
+
+        model, head_keys = self._task_model(diff, source, of_diff(diff.config, diff.meta, task_type))
         slices, rest = self._prepare(diff, model, head_keys, source)
         self._tasks[name] = _Task(name, model, slices, rest, head_keys, source, dict(diff.meta))
 
     def _check_base(self, diff: Diff, source: str) -> None:
-        """Every base tensor the diff builds on must be in the loaded base with the same content."""
+        """Every base tensor the diff builds on must be in the loaded base with the same content.
+
+        Tensors the bare encoder does not hold (an untied LM head) are checked against the base folder.
+        """
         state = self.encoder.state_dict()
         mapping = match_names(state.keys(), [td.base_name for td in diff.tensors.values()])
         differ = []
         for td in diff.tensors.values():
             key = mapping.get(td.base_name)
-            if key is None:
-                if td.nnz == 0:  # e.g. a non-persistent buffer the checkpoint kept: nothing to apply
-                    continue
+            if key is None and td.nnz and td.base_name in self._outside().names:
+                key, tensor = f"base:{td.base_name}", self._outside().store[td.base_name]
+            elif key is not None:
+                tensor = state[key]
+            elif td.nnz == 0:  # e.g. a non-persistent buffer the checkpoint kept: nothing to apply
+                continue
+            else:
                 raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {td.base_name}")
-            if tuple(state[key].shape) != tuple(td.shape):
+            if tuple(tensor.shape) != tuple(td.shape):
                 raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: {key} has shape "
-                                        f"{list(state[key].shape)}, diff expects {list(td.shape)}")
+                                        f"{list(tensor.shape)}, diff expects {list(td.shape)}")
             if key not in self._digests:
-                self._digests[key] = tensor_digest(state[key].detach().cpu())
+                self._digests[key] = tensor_digest(tensor.detach().cpu())
             if self._digests[key] != td.digest:
                 differ.append(key)
         if differ:
@@ -197,14 +231,23 @@ class DiffBank:
                                     f"({len(differ)} of {len(diff.tensors)} tensors differ, first {differ[0]})",
                                     hint="add only diffs made on the bank's base")
 
-    def _task_model(self, diff: Diff, source: str) -> tuple["torch.nn.Module", list[str]]:
-        """A task model sharing the bank's encoder, with its own head loaded from the diff's extras."""
+    def _outside(self) -> "_BaseHeads":
+        """The base folder's tensors, for those the bare encoder does not hold (opened once)."""
+        if self._base_heads is None:
+            self._base_heads = _BaseHeads(self.folder)
+        return self._base_heads
+
+    def _task_model(self, diff: Diff, source: str, kind) -> tuple["torch.nn.Module", list[str]]:
+        """A task model sharing the bank's encoder, with its own head from the diff's extras (else the base's).
+
+        Returns the model and the names of the head tensors it owns (those from the diff's extras).
+        """
         import torch
-        from transformers import AutoModelForSequenceClassification
 
         cfg = task_config(diff)
+        kind.check_model(cfg)  # a type the architecture cannot serve: one clear line, not transformers' error
         with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(cfg)
+            model = kind.model_class().from_config(cfg)
         prefix = model.base_model_prefix
         own = getattr(model, prefix, None)
         if own is None:
@@ -218,23 +261,34 @@ class DiffBank:
                     else f"has shape {list(have[k])} in the base, {list(want[k])} in the diff's config")
             raise BaseMismatchError(f"{source}'s model does not fit base {self.base_ref}: {prefix}.{k} {what}")
         setattr(model, prefix, self.encoder)
-        head_keys = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
-        head_state = {}
+        shared = {id(p) for p in self.encoder.parameters()}
+        if getattr(cfg, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+            out = model.get_output_embeddings()
+            if out is not None and tuple(out.weight.shape) == tuple(model.get_input_embeddings().weight.shape):
+                out.weight = model.get_input_embeddings().weight  # an LM head tied to the shared embeddings
+        tied = {k for k, v in model.named_parameters(remove_duplicate=False) if id(v) in shared}
+        head_keys = [k for k in model.state_dict() if not k.startswith(prefix + ".") and k not in tied]
+        head_state, own = {}, []
         for key in head_keys:
             expect = tuple(model.state_dict()[key].shape)
             t = diff.extras.get(key)
+            if t is not None:
+                t = t.detach().to(self.device).clone()
+                own.append(key)
+            else:  # a head the base has too (an untied LM head): one copy for all tasks, each δ applied at switch
+                t = self._outside().get(key, self.device)
             if t is None:
                 raise InvalidValueError(f"{source} has no task head: its extras lack {key}",
                                         hint="diffs for the bank must carry their classifier head")
             if tuple(t.shape) != expect:
                 raise BaseMismatchError(f"{source}'s head does not fit its config: {key} has shape {list(t.shape)}, "
                                         f"num_labels={cfg.num_labels} needs {list(expect)}")
-            head_state[key] = t.detach().to(self.device).clone()
+            head_state[key] = t
         model.load_state_dict(head_state, strict=False, assign=True)
         left = [k for k, v in model.state_dict().items() if v.is_meta]
         if left:
             raise InvalidValueError(f"{source}: cannot materialise {left[0]} of the task model")
-        return model.eval(), head_keys
+        return model.eval(), own
 
     def _prepare(self, diff: Diff, model, head_keys: list[str], source: str):
         """Apply the diff once (apply_ on the flat buffers), cache positions with before/after values, revert.
@@ -265,7 +319,9 @@ class DiffBank:
             idx, val = (s.indices, s.values) if bool(keep.all()) else (s.indices[keep], s.values[keep])
             parts.setdefault(slot[0], []).append((idx.to(self.device) + slot[1], val.float().to(self.device)))
         heads = set(head_keys)
-        extras = {k: t for k, t in diff.extras.items() if k not in heads}
+        shared = {k for k, v in model.named_parameters(remove_duplicate=False)  # tied to the encoder, or the base's
+                  if not k.startswith(prefix) and k not in heads}
+        extras = {k: t for k, t in diff.extras.items() if k not in heads and k not in shared}
         flat_tensors = {}
         for g, chunks in parts.items():
             idx = torch.cat([c[0] for c in chunks])
@@ -361,6 +417,14 @@ class DiffBank:
             if self._rest_handle is not None:
                 revert_(task.model, self._rest_handle)
             self._active, self._rest_handle = None, None
+
+    def generate(self, name: str, *args, **kwargs):
+        """`model.generate(*args, **kwargs)` of a causal-LM task with its diff applied (the task stays active)."""
+        with self.use(name) as model:
+            if not callable(getattr(model, "generate", None)) or not model.can_generate():
+                raise InvalidValueError(f"task {name!r} is a {type(model).__name__}: it cannot generate",
+                                        hint="generate needs a causal-lm diff")
+            return model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ introspection
 

@@ -1,8 +1,8 @@
-"""Batched, no-grad evaluation of a sequence classifier on a task's splits, with dynamic padding."""
+"""Batched, no-grad evaluation of a task model on a task's splits (every task type), with dynamic padding."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from diffcli.errors import InvalidValueError
 
@@ -68,16 +68,38 @@ def predict(model, tokenizer, examples: Sequence["Example"], *, max_seq_length: 
     return logits, labels
 
 
+def forward_batches(model, dataset, batch_size: int) -> Iterator[tuple[list[int], dict, "torch.Tensor"]]:
+    """(dataset indices, batch on the model's device, logits) over length-sorted batches, without gradients."""
+    import numpy as np
+    import torch
+
+    if batch_size < 1:
+        raise InvalidValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = _model_device(model)
+    order = np.argsort(np.asarray(dataset.lengths, dtype=np.int64), kind="stable").tolist()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in dataset.collate([dataset[i] for i in rows]).items()}
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                yield rows, batch, model(**inputs).logits
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model, tokenizer, task_data: "TaskData", *, max_seq_length: int = 128, batch_size: int = 64,
              device: "torch.device | str | None" = None) -> dict[str, dict[str, float]]:
-    """Metrics of `model` on every evaluation split of task_data: {split: {metric: value}}."""
-    from diffcli import metrics
+    """Metrics of `model` on every evaluation split of task_data, by its task type: {split: {metric: value}}."""
+    from diffcli.task_types import for_spec
 
     if not task_data.eval:
         raise InvalidValueError("no evaluation data", hint="pass --validation-file")
-    results: dict[str, dict[str, float]] = {}
-    for split, examples in task_data.eval.items():
-        logits, labels = predict(model, tokenizer, examples, max_seq_length=max_seq_length,
-                                 batch_size=batch_size, device=device)
-        results[split] = metrics.compute(task_data.spec, logits, labels)
-    return results
+    if device is not None:
+        model.to(device)
+    kind = for_spec(task_data.spec)
+    return {split: kind.evaluate(model, tokenizer, examples, task_data.spec, max_seq_length=max_seq_length,
+                                 batch_size=batch_size)
+            for split, examples in task_data.eval.items()}

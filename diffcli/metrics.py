@@ -1,4 +1,4 @@
-"""GLUE metrics (Matthews, accuracy, F1, Pearson/Spearman) from logits, as fractions like the `evaluate` library."""
+"""Task metrics as fractions like the `evaluate` library: GLUE (from logits), seqeval entities, LM loss/perplexity."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from diffcli.tasks import TaskSpec
 
 COMBINED = "combined_score"
-METRIC_NAMES = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
+METRIC_NAMES = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "precision", "recall", "loss",
+                "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def _finite(value: float) -> float:
@@ -86,10 +88,36 @@ def _metric(name: str, preds: "np.ndarray", labels: "np.ndarray") -> float:
     raise InvalidValueError(f"unknown metric '{name}'; known: {', '.join(METRIC_NAMES)}")
 
 
+def token_scores(true_tags: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    """Entity-level precision, recall and F1 as `seqeval` computes them (conlleval-style), and token accuracy."""
+    from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    if len(true_tags) != len(predicted) or any(len(t) != len(p) for t, p in zip(true_tags, predicted)):
+        raise InvalidValueError("predicted tags do not line up with the true tags")
+    if not true_tags:
+        raise InvalidValueError("no examples to score")
+    return {"precision": float(precision_score(true_tags, predicted, zero_division=0)),
+            "recall": float(recall_score(true_tags, predicted, zero_division=0)),
+            "f1": float(f1_score(true_tags, predicted, zero_division=0)),
+            "accuracy": float(accuracy_score(true_tags, predicted))}
+
+
+def lm_scores(nll_sum: float, tokens: int) -> dict[str, float]:
+    """loss = Σ NLL / tokens (nats per predicted token) and perplexity = exp(loss), over a whole split."""
+    if tokens <= 0:
+        raise InvalidValueError("no tokens to score")
+    loss = nll_sum / tokens
+    return {"loss": float(loss), "perplexity": math.exp(loss) if loss < 700 else math.inf}
+
+
 def main_score(spec: "TaskSpec", metrics: Mapping[str, float]) -> float:
-    """The number that ranks checkpoints: metrics[spec.main_metric] (combined_score: mean of spec.metrics)."""
+    """The number that ranks checkpoints, higher is better: metrics[spec.main_metric], negated for a loss.
+
+    combined_score is the mean of spec.metrics when missing.
+    """
     if spec.main_metric in metrics:
-        return float(metrics[spec.main_metric])
+        value = float(metrics[spec.main_metric])
+        return -value if spec.main_metric in LOWER_IS_BETTER else value
     if spec.main_metric == COMBINED and all(m in metrics for m in spec.metrics):
         return float(sum(metrics[m] for m in spec.metrics) / len(spec.metrics))
     raise InvalidValueError(f"metric '{spec.main_metric}' missing; have: {', '.join(metrics) or 'none'}")

@@ -3,36 +3,61 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from diffcli.errors import InvalidValueError, ThresholdNotMetError
-from diffcli.metrics import COMBINED, METRIC_NAMES
+from diffcli.metrics import COMBINED, LOWER_IS_BETTER, METRIC_NAMES
 
 KNOWN_METRICS = (*METRIC_NAMES, COMBINED)
+_THRESHOLD = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|=)\s*(.*?)\s*")
+
+
+def bound_op(metric: str) -> str:
+    """'<=' for a metric that must stay at most its bound (loss, perplexity), '>=' for a score."""
+    return "<=" if metric in LOWER_IS_BETTER else ">="
 
 
 def parse_thresholds(items: Sequence[str] | None) -> dict[str, float]:
-    """['accuracy=0.9', 'f1=0.85'] → {'accuracy': 0.9, 'f1': 0.85}; unknown names fail before any work."""
+    """['accuracy=0.9', 'f1>=0.85', 'perplexity<=12'] → {metric: bound}; bad names or directions fail before any work.
+
+    A score's bound is a minimum (METRIC=VALUE or METRIC>=VALUE, a fraction); loss and perplexity are lower
+    is better, so theirs is a maximum and must be written METRIC<=VALUE.
+    """
     out: dict[str, float] = {}
     for item in items or ():
-        name, sep, raw = str(item).partition("=")
-        name, raw = name.strip().lower(), raw.strip()
-        if not sep or not name or not raw:
-            raise InvalidValueError(f"threshold {item!r} is not METRIC=VALUE, e.g. accuracy=0.9")
+        m = _THRESHOLD.fullmatch(str(item))
+        if not m or not m.group(3):
+            raise InvalidValueError(f"threshold {item!r} is not METRIC=VALUE, e.g. accuracy=0.9 (or perplexity<=12)")
+        name, op, raw = m.group(1).lower(), m.group(2), m.group(3)
         if name not in KNOWN_METRICS:
             raise InvalidValueError(f"unknown metric {name!r} in --min {item}; known: {', '.join(KNOWN_METRICS)}")
+        want = bound_op(name)
+        if (op == "<=") != (want == "<="):
+            better = "lower" if want == "<=" else "higher"
+            raise InvalidValueError(f"{name} is {better} is better: --min {item} bounds it the wrong way",
+                                    hint=f"write --min '{name}{want}{raw}'")
         try:
-            value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+            value = float(raw[:-1]) / 100 if raw.endswith("%") and want == ">=" else float(raw)
         except ValueError:
             raise InvalidValueError(f"threshold value {raw!r} for {name} is not a number") from None
-        if not math.isfinite(value) or not -1 <= value <= 1:
+        if want == "<=":
+            if not math.isfinite(value) or value < (1 if name == "perplexity" else 0):
+                raise InvalidValueError(f"threshold {name}<={raw} can never be met ({name} is at least "
+                                        f"{1 if name == 'perplexity' else 0})")
+        elif not math.isfinite(value) or not -1 <= value <= 1:
             hint = f"did you mean {value / 100:g}?" if 1 < value <= 100 else None
             raise InvalidValueError(f"threshold {name}={raw} is outside [-1, 1]; metrics are fractions", hint=hint)
         if name in out:
             raise InvalidValueError(f"--min {name} given twice")
         out[name] = value
     return out
+
+
+def missed(metric: str, value: float, bound: float) -> bool:
+    """Whether `value` misses the threshold `bound` of `metric` (above it for a loss, below it for a score)."""
+    return value > bound if bound_op(metric) == "<=" else value < bound
 
 
 def _task_from_meta(meta: Mapping[str, Any]) -> str | None:
@@ -53,56 +78,62 @@ def _label_names(config: Mapping[str, Any]) -> list[str] | None:
         return None
 
 
-def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, data_dir: str | Path | None = None,
-                  validation_file: str | Path | None = None, text_fields: Sequence[str] | None = None,
-                  label_field: str | None = None, max_eval_samples: int | None = None, max_seq_length: int = 128,
-                  batch_size: int = 64, thresholds: Mapping[str, float] | None = None,
-                  device: str | None = None) -> dict[str, Any]:
+def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, task_type: str | None = None,
+                  data_dir: str | Path | None = None, validation_file: str | Path | None = None,
+                  text_fields: Sequence[str] | None = None, label_field: str | None = None,
+                  max_eval_samples: int | None = None, max_seq_length: int = 128, batch_size: int = 64,
+                  thresholds: Mapping[str, float] | None = None, device: str | None = None) -> dict[str, Any]:
     """Metrics of base + diff on the task's evaluation splits, and which --min thresholds failed.
 
     The task model is built in memory (`DiffBank`: base weights + `applying.apply_`), never written,
-    on cuda when present. `task` defaults to the task recorded in the diff's metadata.
+    on cuda when present. `task` defaults to the task recorded in the diff's metadata, `task_type` to the
+    type it records (or its config's architecture); token classification takes its tags from the diff's head.
     """
     from diffcli.sources import load_diff
-    from diffcli.tasks import load_task
+    from diffcli.task_types import DEFAULT, of_diff
 
     thresholds = dict(thresholds or {})
     unknown = [m for m in thresholds if m not in KNOWN_METRICS]
     if unknown:
         raise InvalidValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(KNOWN_METRICS)}")
     diff = load_diff(diff_path)
+    kind = of_diff(diff.config, diff.meta, task_type)
     task = task or _task_from_meta(diff.meta)
-    if task is None and validation_file is None:
-        raise InvalidValueError(f"{diff_path} records no task; pass --task (or --validation-file)")
-    labels = _label_names(diff.config) if task is None or task.lower() == "custom" else None
-    data = load_task(task, data_dir=data_dir, validation_file=validation_file, text_fields=text_fields,
+    if kind.name == DEFAULT:
+        if task is None and validation_file is None:
+            raise InvalidValueError(f"{diff_path} records no task; pass --task (or --validation-file)")
+        labels = _label_names(diff.config) if task is None or task.lower() == "custom" else None
+    else:
+        labels = _label_names(diff.config)
+        if labels is None and kind.name == "token-classification":
+            raise InvalidValueError(f"{diff_path}: its config has no id2label, so its tags are unknown")
+    data = kind.load(task, data_dir=data_dir, validation_file=validation_file, text_fields=text_fields,
                      label_field=label_field, max_eval_samples=max_eval_samples, need_train=False, labels=labels)
     spec = data.spec
-    reported = (*spec.metrics, COMBINED) if len(spec.metrics) > 1 else spec.metrics
+    reported = (*spec.metrics, COMBINED) if kind.name == DEFAULT and len(spec.metrics) > 1 else spec.metrics
     for name in thresholds:
         if name not in reported:
             raise InvalidValueError(f"task {spec.name} reports {', '.join(reported)}; it has no {name} to check")
     from diffcli.bank import DiffBank, task_config
 
-    head = task_config(diff).num_labels  # config.json omits the default (2 labels)
-    if head != spec.num_labels:
-        raise InvalidValueError(f"the diff's head predicts {head} label{'s' if head != 1 else ''} but task "
-                                f"{spec.name} has {spec.num_labels}", hint="pass the --task the diff was trained on")
+    if kind.name == DEFAULT:
+        head = task_config(diff).num_labels  # config.json omits the default (2 labels)
+        if head != spec.num_labels:
+            raise InvalidValueError(f"the diff's head predicts {head} label{'s' if head != 1 else ''} but task "
+                                    f"{spec.name} has {spec.num_labels}", hint="pass the --task the diff was trained on")
     if not data.eval:
         raise InvalidValueError("no evaluation data", hint="pass --validation-file")
-
-    from transformers import AutoTokenizer
 
     from diffcli.evaluation import evaluate, pick_device
 
     bank = DiffBank(base, device=device if device is not None else pick_device())
-    bank.add(spec.name, diff)
-    tokenizer = AutoTokenizer.from_pretrained(bank.folder)
+    bank.add(spec.name, diff, task_type=kind.name)
+    tokenizer = kind.tokenizer(bank.folder)
     with bank.use(spec.name) as model:
         results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)
-    failures = [{"split": split, "metric": m, "value": float(values[m]), "min": t}
-                for split, values in results.items() for m, t in thresholds.items() if float(values[m]) < t]
-    return {"base": str(base), "diff": str(diff_path), "task": spec.name,
+    failures = [{"split": split, "metric": m, "value": float(values[m]), "op": bound_op(m), "min": t}
+                for split, values in results.items() for m, t in thresholds.items() if missed(m, float(values[m]), t)]
+    return {"base": str(base), "diff": str(diff_path), "task": spec.name, "task_type": kind.name,
             "examples": {split: len(ex) for split, ex in data.eval.items()}, "metrics": results,
             "thresholds": thresholds, "failures": failures, "passed": not failures}
 
@@ -111,8 +142,8 @@ def enforce(report: Mapping[str, Any]) -> None:
     """Raise ThresholdNotMetError (exit 8) naming every missed threshold of an `evaluate_diff` report."""
     fails = report["failures"]
     if fails:
-        parts = [f"{f['metric']} {f['value']:.4f} < {f['min']:g}" + (f" ({f['split']})" if len(report["metrics"]) > 1
-                                                                    else "") for f in fails]
+        parts = [f"{f['metric']} {f['value']:.4f} {'>' if f['op'] == '<=' else '<'} {f['min']:g}"
+                 + (f" ({f['split']})" if len(report["metrics"]) > 1 else "") for f in fails]
         raise ThresholdNotMetError(f"quality gate failed for {report['task']}: {'; '.join(parts)}")
 
 
@@ -124,5 +155,5 @@ def render_eval(console, report: Mapping[str, Any]) -> None:
         shown = "  ".join(f"{m}={v:.4f}" for m, v in values.items())
         console.print(f"  {split}: {shown}", markup=False)
     if report["thresholds"]:
-        wanted = ", ".join(f"{m}>={t:g}" for m, t in report["thresholds"].items())
+        wanted = ", ".join(f"{m}{bound_op(m)}{t:g}" for m, t in report["thresholds"].items())
         console.print(f"gate {'passed' if report['passed'] else 'FAILED'} ({wanted})", markup=False)
