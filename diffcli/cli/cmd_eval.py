@@ -17,7 +17,7 @@ def eval_(
         "--task", "-t", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or custom; "
                              "default: the task the diff records.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(
-        "--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub).")] = None,
+        "--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub, else for rte the bundled example set).")] = None,
     validation_file: Annotated[Optional[Path], typer.Option(
         "--validation-file", help="Evaluation data: csv, tsv, json or jsonl.")] = None,
     text_fields: Annotated[Optional[str], typer.Option(
@@ -42,5 +42,7 @@ def eval_(
     report = evaluate_diff(base, file, task=task, data_dir=data_dir, validation_file=validation_file,
                            text_fields=fields, label_field=label_field, max_eval_samples=max_eval_samples,
                            max_seq_length=max_seq_length, batch_size=batch_size, thresholds=thresholds)
+    if report["data"].get("kind") == "example":
+        out.warn(f"evaluated on {report['data']['name']}: {report['data']['why']}")
     out.result(report, lambda console: render_eval(console, report))
     enforce(report)
