@@ -2,7 +2,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-GLUE_DIR ?= ../shared/glue
+# GLUE data: GLUE_DIR when set (it must exist), else ../shared/glue when present; with neither, `train` takes RTE
+# from the hub when online, else from the example set bundled with the package (diffcli/data/example-glue).
+GLUE_DIR ?= $(wildcard ../shared/glue)
+DATA_DIR_ARG := $(if $(GLUE_DIR),--data-dir $(GLUE_DIR))
 DEMO := demo-out
 
 .PHONY: setup test demo bench completions clean
@@ -22,7 +25,7 @@ test: setup
 # Main job: learn a 0.5% diff of the bundled MiniLM on RTE, pack it, rebuild the model, report.
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(BIN)/diffprune train --task rte --data-dir $(GLUE_DIR) --sparsity 0.5% --max-train-samples 512 \
+	$(BIN)/diffprune train --task rte $(DATA_DIR_ARG) --sparsity 0.5% --max-train-samples 512 \
 		--epochs 1 --fixmask-epochs 1 -o $(DEMO)/ckpt
 	$(BIN)/diffprune pack $(DEMO)/ckpt -o $(DEMO)/rte.diff
 	$(BIN)/diffprune verify $(DEMO)/rte.diff --base minilm

@@ -79,7 +79,7 @@ def read_lm(path: str | Path) -> list[LMExample]:
 def load(task: str | None, train_file, validation_file, *, max_train_samples: int | None = None,
          max_eval_samples: int | None = None, need_train: bool = True) -> "TaskData":
     """Read train/validation examples for causal-lm training or evaluation."""
-    from diffcli.tasks import TaskData
+    from diffcli.tasks import TaskData, files_source
 
     if need_train and train_file is None:
         raise InvalidValueError("causal-lm training needs --train-file (jsonl with text or prompt/completion, "
@@ -88,7 +88,8 @@ def load(task: str | None, train_file, validation_file, *, max_train_samples: in
         raise InvalidValueError("nothing to evaluate: pass --validation-file")
     train = read_lm(train_file)[:max_train_samples] if need_train else None
     evals = {"validation": read_lm(validation_file)[:max_eval_samples]} if validation_file is not None else {}
-    return TaskData(SequenceSpec(task or "custom", TASK_TYPE, None, METRICS, "loss"), train, evals)
+    return TaskData(SequenceSpec(task or "custom", TASK_TYPE, None, METRICS, "loss"), train, evals,
+                    files_source(train_file, validation_file))
 
 
 def encode(examples: Sequence[LMExample], tokenizer, spec: SequenceSpec | None, max_seq_length: int

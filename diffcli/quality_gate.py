@@ -134,7 +134,7 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     failures = [{"split": split, "metric": m, "value": float(values[m]), "op": bound_op(m), "min": t}
                 for split, values in results.items() for m, t in thresholds.items() if missed(m, float(values[m]), t)]
     return {"base": str(base), "diff": str(diff_path), "task": spec.name, "task_type": kind.name,
-            "examples": {split: len(ex) for split, ex in data.eval.items()}, "metrics": results,
+            "data": data.source, "examples": {split: len(ex) for split, ex in data.eval.items()}, "metrics": results,
             "thresholds": thresholds, "failures": failures, "passed": not failures}
 
 
@@ -150,7 +150,7 @@ def enforce(report: Mapping[str, Any]) -> None:
 def render_eval(console, report: Mapping[str, Any]) -> None:
     """Human rendering: one line per split with its metrics, and the gate's verdict."""
     n = ", ".join(f"{split} {count:,}" for split, count in report["examples"].items())
-    console.print(f"{report['task']} ({n} examples)", markup=False)
+    console.print(f"{report['task']} ({n} examples; data: {report['data'].get('name', '-')})", markup=False)
     for split, values in report["metrics"].items():
         shown = "  ".join(f"{m}={v:.4f}" for m, v in values.items())
         console.print(f"  {split}: {shown}", markup=False)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
+from diffcli import example_data
 from diffcli.errors import DataError, DiffpruneError, HubUnavailableError, InvalidValueError, NotFoundError
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class TaskData:
     spec: TaskSpec
     train: list[Example] | None
     eval: dict[str, list[Example]] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)  # where the data came from: kind, name (+ path, why)
 
 
 def _spec(name, text_fields, labels, metrics, main=None, eval_splits=("validation",)) -> TaskSpec:
@@ -554,7 +556,13 @@ def _load_from_files(spec: TaskSpec | None, train_file, validation_file, text_fi
 
     train = examples(train_read, max_train) if need_train else None
     evals = {"validation": examples(val_read, max_eval)} if val_read is not None else {}
-    return TaskData(spec, train, evals)
+    return TaskData(spec, train, evals, files_source(train_file, validation_file))
+
+
+def files_source(*paths) -> dict[str, str]:
+    """Where a task's data came from when it was read from the user's own files."""
+    files = [str(f) for f in paths if f is not None]
+    return {"kind": "files", "path": ", ".join(files), "name": "files " + ", ".join(files)}
 
 
 def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
@@ -562,7 +570,8 @@ def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
               text_fields: Sequence[str] | None = None, label_field: str | None = None,
               max_train_samples: int | None = None, max_eval_samples: int | None = None,
               need_train: bool = True, labels: Sequence[str] | None = None) -> TaskData:
-    """Load a task's examples from explicit files, else a GLUE folder (data_dir or $GLUE_DIR), else the hub.
+    """Load a task's examples from explicit files, else a GLUE folder (data_dir or $GLUE_DIR), else the hub, else
+    (RTE only, offline) the example set bundled with diffprune; `TaskData.source` says which.
 
     With explicit files and no GLUE task, the task is "custom": labels are the sorted distinct train labels
     (or `labels`, e.g. a model's id2label, when given), and a numeric label column with non-integer values
@@ -581,10 +590,25 @@ def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
     if text_fields is not None or label_field is not None:
         raise InvalidValueError("--text-fields/--label-field apply only to --train-file/--validation-file")
     root = data_dir if data_dir is not None else os.environ.get("GLUE_DIR") or None
-    if root is not None:
-        return _load_from_glue_dir(spec, Path(root).expanduser(), need_train, max_train_samples,
+    if root is not None:  # an explicit folder never falls back: missing is exit 3
+        data = _load_from_glue_dir(spec, Path(root).expanduser(), need_train, max_train_samples,
                                    max_eval_samples, from_env=data_dir is None)
-    return _load_from_hub(spec, need_train, max_train_samples, max_eval_samples)
+        data.source = {"kind": "glue-dir", "path": str(root), "name": f"GLUE folder {root}"
+                       + (" (from GLUE_DIR)" if data_dir is None else "")}
+        return data
+    logging.getLogger(__name__).info("no --data-dir or GLUE_DIR: loading %s from the hub (%s)", spec.name, HUB_DATASET)
+    try:
+        data = _load_from_hub(spec, need_train, max_train_samples, max_eval_samples)
+    except HubUnavailableError as exc:
+        if not example_data.covers(spec.name):
+            raise
+        data = _load_from_glue_dir(spec, example_data.ROOT, need_train, max_train_samples, max_eval_samples,
+                                   from_env=False)
+        data.source = example_data.source(f"no --data-dir or GLUE_DIR, and {exc}")
+        return data
+    where = f"{HUB_DATASET}/{spec.name}"
+    data.source = {"kind": "hub", "path": where, "name": f"the hub ({where})"}
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- encoding

@@ -106,7 +106,7 @@ def load(task: str | None, train_file, validation_file, *, labels: Sequence[str]
          max_train_samples: int | None = None, max_eval_samples: int | None = None,
          need_train: bool = True) -> "TaskData":
     """Read train/validation sentences; the label set comes from train (or `labels`, e.g. a model's id2label)."""
-    from diffcli.tasks import TaskData
+    from diffcli.tasks import TaskData, files_source
 
     if need_train and train_file is None:
         raise InvalidValueError("token classification needs --train-file (jsonl with tokens/tags, or CoNLL)")
@@ -123,7 +123,7 @@ def load(task: str | None, train_file, validation_file, *, labels: Sequence[str]
     for part in ([train] if train else []) + list(evals.values()):
         check_tags(part, names, what)
     spec = SequenceSpec(task or "custom", TASK_TYPE, names, METRICS, "f1")
-    return TaskData(spec, train, evals)
+    return TaskData(spec, train, evals, files_source(train_file, validation_file))
 
 
 class TaggedDataset(SequenceDataset):

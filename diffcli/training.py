@@ -472,6 +472,9 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     task_data = tasks.load_task(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
                                 text_fields=text_fields, label_field=label_field,
                                 max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+    if task_data.source.get("kind") == "example":
+        rep.warning(f"training on {task_data.source['name']}: {task_data.source['why']} "
+                    "(pass --data-dir or set GLUE_DIR to train on GLUE)")
     if not task_data.train:
         raise DataError("the training data is empty")
     if not task_data.eval or not any(task_data.eval.values()):
@@ -533,7 +536,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
             "data": {"task": task, "train_file": str(train_file) if train_file else None,
                      "validation_file": str(validation_file) if validation_file else None,
                      "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
-                     "train_examples": len(task_data.train)},
+                     "train_examples": len(task_data.train), "source": task_data.source},
             "world_size": dist.world,
             "results": {"after_l0": run.record.get("after_l0"), "projection": run.record.get("projection"),
                         "best": run.record["best"]},
@@ -542,7 +545,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         checkpoint.save(diff, output, force=force)
         shutil.rmtree(work, ignore_errors=True)
         summary = {
-            "output": str(output), "task": task_data.spec.name, "model": model,
+            "output": str(output), "task": task_data.spec.name, "model": model, "data": task_data.source,
             "after_l0": run.record.get("after_l0"), "after_projection": run.record.get("projection"),
             "after_fixmask": run.record["best"], "density": diff.density, "nnz": diff.nnz,
             "budget_numel": diff.budget_numel, "extras_numel": diff.extras_numel,

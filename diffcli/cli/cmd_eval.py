@@ -20,7 +20,7 @@ def eval_(
         "--task-type", help="sequence-classification, token-classification or causal-lm; "
                             "default: the type the diff records.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(
-        "--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub).")] = None,
+        "--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub, else for rte the bundled example set).")] = None,
     validation_file: Annotated[Optional[Path], typer.Option(
         "--validation-file", help="Evaluation data: csv, tsv, json or jsonl; CoNLL for token-classification, "
                                    ".txt (a text per line) for causal-lm.")] = None,
@@ -47,5 +47,7 @@ def eval_(
     report = evaluate_diff(base, file, task=task, task_type=task_type, data_dir=data_dir, validation_file=validation_file,
                            text_fields=fields, label_field=label_field, max_eval_samples=max_eval_samples,
                            max_seq_length=max_seq_length, batch_size=batch_size, thresholds=thresholds)
+    if report["data"].get("kind") == "example":
+        out.warn(f"evaluated on {report['data']['name']}: {report['data']['why']}")
     out.result(report, lambda console: render_eval(console, report))
     enforce(report)

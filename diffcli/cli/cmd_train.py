@@ -16,7 +16,7 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output diff checkpoint folder.")],
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, "
                                                 "qnli, rte, wnli), or custom with --train-file.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub, else for rte the bundled example set).")] = None,
     train_file: Annotated[Optional[Path], typer.Option("--train-file", help="Training data: csv, tsv, json or jsonl.")] = None,
     validation_file: Annotated[Optional[Path], typer.Option("--validation-file", help="Dev data for per-epoch metrics and the best checkpoint.")] = None,
     text_fields: Annotated[Optional[str], typer.Option("--text-fields", help="Text column(s), comma-separated, e.g. sentence1,sentence2.")] = None,
@@ -87,7 +87,7 @@ def _render(console, s: dict) -> None:
                           for split, m in block["metrics"].items())
 
     l0 = s.get("after_l0") or {}
-    console.print(f"task {s['task']} on {s['model']}", markup=False)
+    console.print(f"task {s['task']} on {s['model']}, data: {s['data'].get('name', '-')}", markup=False)
     if l0:
         console.print(f"after L0 (deterministic gates, density {l0.get('deterministic_density', 0):.3%}): "
                       f"{metrics(l0)}", markup=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ class Output:
         self.quiet = quiet
         self.out = Console(highlight=False, soft_wrap=True)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        _LibraryLog.route_to(self)
 
     def result(self, data: Any, render: Callable[[Console], None] | None = None) -> None:
         """Emit a command's result: JSON in --json mode, else the human rendering (unless quiet)."""
@@ -71,6 +73,25 @@ class Output:
             yield ProgressHandle(lambda n, status: None)
         else:
             yield ProgressHandle(_PlainLines(self, description, total))
+
+
+class _LibraryLog(logging.Handler):
+    """Shows the library's `diffcli.*` log records as this command's warnings (WARNING and up) and info lines."""
+
+    def __init__(self, out: Output):
+        super().__init__(logging.INFO)
+        self.out = out
+
+    @classmethod
+    def route_to(cls, out: Output) -> None:
+        lib = logging.getLogger("diffcli")
+        for old in [h for h in lib.handlers if isinstance(h, cls)]:
+            lib.removeHandler(old)
+        lib.addHandler(cls(out))
+        lib.setLevel(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        (self.out.warn if record.levelno >= logging.WARNING else self.out.info)(record.getMessage())
 
 
 class ProgressHandle:
