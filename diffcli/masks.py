@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 METHODS = ("random", "fisher", "magnitude")
 # Up to this many entries (4M) the scores are concatenated and ranked by projection's top-k; above it the k-th
-# largest score is found by bisection over the float bit patterns, so no second N-sized copy is made.
+# largest score is found from histograms of the float bit patterns, so no second N-sized copy is made.
 CONCAT_LIMIT = 1 << 22
 
 
@@ -39,22 +39,37 @@ def _split(flat_mask: "torch.Tensor", names: list[str], sizes: list[int]) -> dic
     return out
 
 
-def _threshold(scores: list["torch.Tensor"], k: int) -> float:
-    """The k-th largest value over all `scores` (non-negative, finite, one dtype), by bisection on its bits."""
+def _largest_reaching(hist: "torch.Tensor", k: int) -> tuple[int, int]:
+    """(largest bucket b with count(≥ b) ≥ k, count(> b)) of a histogram over ordered buckets."""
     import torch
 
+    at_or_above = hist.flip(0).cumsum(0).flip(0)
+    b = int(torch.nonzero(at_or_above >= k, as_tuple=True)[0][-1])
+    return b, int(at_or_above[b + 1]) if b + 1 < hist.numel() else 0
+
+
+def _threshold(scores: list["torch.Tensor"], k: int) -> "torch.Tensor":
+    """The k-th largest value over all `scores` (non-negative, finite, one dtype; 1 ≤ k ≤ N), exactly.
+
+    Non-negative floats order as their bit patterns, so histograms of the bits find it: one pass over the
+    scores for 16-bit floats, two for float32 (the high 16 bits, then the low 16 inside the chosen bucket).
+    """
+    import torch
+
+    def hist(parts) -> "torch.Tensor":
+        out = torch.zeros(1 << 16, dtype=torch.int64)
+        for part in parts:
+            out += torch.bincount(part.reshape(-1).to(torch.int32), minlength=1 << 16).cpu()
+        return out
+
     dtype = scores[0].dtype
-    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
-    top = torch.tensor(float("inf"), dtype=dtype).view(bits).item()  # non-negative floats order as their bits
-    lo, hi = 0, top - 1  # invariant: count(≥ value(lo)) ≥ k, and value(hi+1) has fewer than k at or above it
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        t = torch.tensor(mid, dtype=bits).view(dtype)
-        if sum(int((s >= t).sum()) for s in scores) >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return torch.tensor(lo, dtype=bits).view(dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        b, _ = _largest_reaching(hist(s.view(torch.int16) for s in scores), k)  # sign bit 0: 0 ≤ bits < 2^15
+        return torch.tensor(b, dtype=torch.int16).view(dtype)
+    bits = [s.view(torch.int32) for s in scores]
+    high, above = _largest_reaching(hist(x >> 16 for x in bits), k)
+    low, _ = _largest_reaching(hist(x[(x >> 16) == high] & 0xFFFF for x in bits), k - above)
+    return torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32)
 
 
 def top_k_positions(scores: Mapping[str, "torch.Tensor"], k: int) -> dict[str, "torch.Tensor"]:
@@ -72,7 +87,7 @@ def top_k_positions(scores: Mapping[str, "torch.Tensor"], k: int) -> dict[str, "
         if not f.is_floating_point() or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
             raise InvalidValueError(f"mask scores of {name} must be finite, non-negative floats")
     total = sum(sizes)
-    if total <= CONCAT_LIMIT or k >= total:
+    if total <= CONCAT_LIMIT or k >= total or k <= 0:
         flat = torch.cat([f.float() for f in flats]) if flats else torch.zeros(0)
         return _split(_top_k(flat, k), names, sizes)
     if len({f.dtype for f in flats}) != 1:

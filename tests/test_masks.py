@@ -112,8 +112,8 @@ def test_scores_must_be_finite_and_non_negative(bad):
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_bisection_top_k_equals_projection_top_k(data, dtype):
-    """The large-model path (bisection on the float bits) picks what projection's top-k picks, ties included."""
+def test_histogram_top_k_equals_projection_top_k(data, dtype):
+    """The large-model path (histograms of the float bits) picks what projection's top-k picks, ties included."""
     sizes = data.draw(st.lists(st.integers(0, 12), min_size=1, max_size=4))
     vals = st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 1e-3, 7.25, 65504.0])
     scores = {f"t{i}": torch.tensor(data.draw(st.lists(vals, min_size=n, max_size=n)), dtype=dtype)
