@@ -172,5 +172,4 @@ def dense_finetune(run: "Run") -> None:
             run.rep.line(f"dense epoch {epoch + 1}/{opts.epochs}: loss {entry['loss']:.4f} | "
                          f"{fmt_metrics(entry['metrics'])}")
         run.history.append(entry)
-    opt.zero_grad(set_to_none=True)
-    del opt
+    opt.zero_grad(set_to_none=True)  # the dense gradients go; the optimizer's moments go with this frame
