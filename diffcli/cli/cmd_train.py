@@ -1,4 +1,4 @@
-"""`diffprune train`: learn a sparse diff with L0 gates, project it to --sparsity, finetune the kept entries."""
+"""`diffprune train`: choose a sparse mask by a method (L0 gates by default), finetune the kept entries."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ _M = "Method"
 
 
 def train(
+    ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output diff checkpoint folder.")],
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, "
                                                 "qnli, rte, wnli), or custom with --train-file.")] = None,
@@ -24,6 +25,7 @@ def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model: folder, alias or hub id.")] = "minilm",
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Train on the first N examples only.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on the first N examples of each split.")] = None,
+    method: Annotated[str, typer.Option("--method", help="How the mask is chosen: l0 (learned gates, the default); see docs/METHODS.md.", rich_help_panel=_M)] = "l0",
     sparsity: Annotated[str, typer.Option("--sparsity", "-s", help="Fraction of shared entries the diff keeps: 0.5% or 0.005.")] = "0.5%",
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the L0 phase.")] = 3,
     fixmask_epochs: Annotated[int, typer.Option("--fixmask-epochs", help="Epochs of finetuning the kept entries after the projection.")] = 3,
@@ -55,13 +57,14 @@ def train(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Learn a diff: L0 phase (gated θ₀ + z⊙w), exact top-k projection, fixed-mask phase; keep the best dev epoch."""
+    """Learn a diff: choose a mask (--method: L0 gates by default), finetune its entries; keep the best dev epoch."""
     from diffcli.projection import parse_sparsity
-    from diffcli.training import Reporter, TrainOptions, train as run_train
+    from diffcli.training import Reporter, TrainOptions, check_method_flags, train as run_train
 
     out = Output(json_, quiet)
+    check_method_flags(method, _given(ctx))
     options = TrainOptions(
-        sparsity=parse_sparsity(sparsity), epochs=epochs, fixmask_epochs=fixmask_epochs, batch_size=batch_size,
+        method=method, sparsity=parse_sparsity(sparsity), epochs=epochs, fixmask_epochs=fixmask_epochs, batch_size=batch_size,
         eval_batch_size=eval_batch_size, max_seq_length=max_seq_length, seed=seed, lr=lr, alpha_lr=alpha_lr,
         fixmask_lr=fixmask_lr, fixmask_start=fixmask_start, fill=fill, fill_samples=fill_samples, head_lr=head_lr,
         weight_decay=weight_decay, l0_lambda=l0_lambda,
@@ -77,6 +80,13 @@ def train(
                         force=force, device=device, reporter=Reporter(out.progress, out.info, out.warn))
     if summary:  # empty on ranks other than 0 under torchrun
         out.result(summary, lambda console: _render(console, summary))
+
+
+def _given(ctx: typer.Context) -> list[str]:
+    """The options typed on the command line (or set through the environment), not left at their default."""
+    # by name: typer may ship its own copy of click, whose ParameterSource is another enum
+    return [name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")]
 
 
 def _render(console, s: dict) -> None:

@@ -1,0 +1,133 @@
+"""Peak memory a training run needs, per method, before it starts: so `train` can stop in its first seconds.
+
+Counts, in bytes (P = all parameters, N = the shared base entries the diff covers, k = kept entries, all fp32):
+
+    full finetuning   16P                  weights, gradients, AdamW's two moments
+    L0 phase          4(P−N) + 56N + 16H   14 N-float buffers (θ₀, θ, dL/dθ, w and log α with grads and
+                                            AdamW moments, noise, group factor) + the dense head H
+    sparse fixed mask 4P + 8·T + 28k + 16H the model, one tensor's dense gradient (T = the largest tensor)
+                                            and its fp32 gather, δ/θ₀/grad/2 moments + int64 position at k
+    Fisher mask       4P + 2N + 8·T        the bfloat16 scores (the mask is chosen before training)
+
+plus activations of a transformer layer saved for backward in fp32 (Korthikanti et al. 2022, eq. 2, at 4
+bytes): per layer b·s·(4·(8h + 2f) + 2h) + a·b·s²·(4·2 + 1), with b batch, s length, h hidden, f FFN
+width, a heads; plus a fixed process overhead on the CPU (torch and transformers themselves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+from diffcli.errors import DiffpruneError, InvalidValueError
+
+if TYPE_CHECKING:
+    import torch
+
+METHODS = ("full", "l0", "sparse")
+CPU_OVERHEAD = 450 * 2**20  # RSS of an idle process that imported torch and transformers (measured ~0.4 GiB)
+
+
+@dataclass
+class MemoryEstimate:
+    method: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), total=self.total)
+
+
+def _cfg(config: Any, *names: str, default: int | None = None) -> int | None:
+    for n in names:
+        v = getattr(config, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
+    """fp32 activations a transformer saves for backward (see the module docstring); 0 when `config` lacks sizes."""
+    h = _cfg(config, "hidden_size", "n_embd", "d_model")
+    layers = _cfg(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _cfg(config, "num_attention_heads", "n_head", "num_heads")
+    if not (h and layers and heads):
+        return 0
+    f = _cfg(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * h)
+    b, s = int(batch_size), int(seq_len)
+    per_layer = b * s * (4 * (8 * h + 2 * f) + 2 * h) + heads * b * s * s * 9
+    return layers * per_layer + 4 * 4 * b * s * h  # + the embeddings' sum, norm and dropout
+
+
+def estimate(model: "torch.nn.Module", method: str, *, batch_size: int, seq_len: int,
+             shared: Iterable[str] | None = None, k: int | None = None, device: "str | torch.device" = "cpu"
+             ) -> MemoryEstimate:
+    """Bytes a training step of `method` needs at its peak; `shared` names the diff's base tensors (default:
+    every parameter), `k` the kept entries (sparse only)."""
+    import torch
+
+    if method not in METHODS:
+        raise InvalidValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    params = dict(model.named_parameters())
+    shared = set(params) if shared is None else set(shared)
+    p_all = sum(int(p.numel()) for p in params.values())
+    n = sum(int(p.numel()) for name, p in params.items() if name in shared)
+    head = p_all - n
+    largest = max((int(p.numel()) for name, p in params.items() if name in shared), default=0)
+    acts = activation_bytes(getattr(model, "config", None), batch_size, seq_len)
+    overhead = CPU_OVERHEAD if torch.device(device).type == "cpu" else 0
+    if method == "full":
+        return MemoryEstimate(method, 4 * p_all, 4 * p_all, 8 * p_all, acts, overhead)
+    if method == "l0":  # θ₀, θ, w, log α, noise, z_g and segment ids; 3 gradients; 2 moments each for w, log α
+        return MemoryEstimate(method, 4 * head + 4 * n * 7, 4 * head + 4 * n * 3, 8 * head + 4 * n * 4,
+                              acts, overhead)
+    if k is None:
+        raise InvalidValueError("the sparse estimate needs k, the number of kept entries")
+    kept = int(k)
+    sparse = MemoryEstimate(method, 4 * p_all, 8 * largest + 4 * kept + 4 * head, 16 * kept + 8 * kept + 8 * head,
+                            acts, overhead)
+    fisher = 4 * p_all + 2 * n + 8 * largest  # choosing a Fisher mask, before training: the larger peak counts
+    sparse.gradients += max(0, fisher - (sparse.weights + sparse.gradients + sparse.optimizer))
+    return sparse
+
+
+def available_bytes(device: "str | torch.device") -> int | None:
+    """Free memory on `device` now: cuda's free bytes, or MemAvailable of /proc/meminfo on the CPU."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_fits(estimates: dict[str, MemoryEstimate], method: str, available: int | None, device: str) -> None:
+    """Raise one clear error when `method` needs more than `available` bytes, naming a method that fits."""
+    if available is None or estimates[method].total <= available:
+        return
+    need = estimates[method].total
+    fits = sorted((e.total, m) for m, e in estimates.items() if m != method and e.total <= available)
+    hint = (f"the sparse fixed-mask method needs {_gib(fits[0][0])}" if fits and fits[0][1] == "sparse" else
+            f"method {fits[0][1]} needs {_gib(fits[0][0])}" if fits else
+            "lower --batch-size or --max-seq-length, or use a device with more memory")
+    raise DiffpruneError(f"training with {method} needs about {_gib(need)} but {device} has {_gib(available)} free",
+                         hint=hint)

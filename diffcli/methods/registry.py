@@ -1,0 +1,99 @@
+"""The training-method registry: what each `train --method` does before the shared fixed-mask phase.
+
+A method decides which entries of the shared tensors the diff may use and where they start; the shared loop
+(`diffcli.trainloop`) then finetunes exactly those entries (and the new head) with the mask fixed, keeps the
+best dev epoch and writes the diff. Each method states, as data, how it reparametrizes the shared tensors,
+what it penalises or constrains, what its fixed phase trains, how the result becomes a diff, and the options
+of `TrainOptions` only it takes (every other option is shared by all methods).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from diffcli.errors import InvalidValueError
+
+if TYPE_CHECKING:
+    import torch
+
+    from diffcli.train_options import TrainOptions
+    from diffcli.trainloop import Run
+
+# TrainOptions fields every method takes; the rest belong to the methods that list them in `options`.
+SHARED_OPTIONS = ("method", "sparsity", "fixmask_epochs", "batch_size", "eval_batch_size", "max_seq_length", "seed",
+                  "fixmask_lr", "head_lr", "weight_decay", "grad_clip")
+
+
+class TrainMethod(ABC):
+    """One way of choosing the diff's mask and its starting values; subclasses register with `@register`."""
+
+    name: ClassVar[str]                 # the `--method` value
+    meta_name: ClassVar[str]            # the checkpoint's `meta.method`
+    options: ClassVar[tuple[str, ...]] = ()  # TrainOptions fields only this method takes
+    reparametrizes: ClassVar[str]       # how θ is written during the method's own phase
+    penalises: ClassVar[str]            # what it penalises or constrains
+    fixed_phase: ClassVar[str]          # what the fixed-mask phase trains
+    to_diff: ClassVar[str]              # how the result becomes a diff
+    phases: ClassVar[tuple[str, ...]] = ()  # resumable phases (saved per epoch) before the fixed mask
+    epochs_phase: ClassVar[str | None] = None  # the phase `--epochs` counts, when the method takes it
+
+    def check(self, opts: "TrainOptions") -> None:
+        """Refuse options that this method does not take but that were changed from their default."""
+        from diffcli.train_options import TrainOptions
+
+        defaults = TrainOptions()
+        foreign = [f.name for f in fields(TrainOptions) if f.name not in SHARED_OPTIONS and f.name not in self.options
+                   and getattr(opts, f.name) != getattr(defaults, f.name)]
+        if foreign:
+            raise InvalidValueError(foreign_message(self.name, foreign))
+
+    @abstractmethod
+    def setup(self, run: "Run") -> Any:
+        """Build the method's state on the task model and set `run.flat`; called before DDP wraps the model."""
+
+    def restore(self, run: "Run", state: Any, tensors: dict, saved: dict) -> None:
+        """Put an interrupted run's state back (only for methods with resumable `phases`)."""
+
+    @abstractmethod
+    def select(self, run: "Run", state: Any, done: int) -> dict[str, "torch.Tensor"]:
+        """Run the method's phases (from epoch `done` of the first) and return the fixed phase's start.
+
+        The result holds `mask/index` (sorted flat positions, exactly k = round(S·N) unless fewer are usable),
+        `mask/values` (δ there) and `head/<name>` for every new tensor; `run.record["projection"]` says how it
+        was chosen (`k`, `n`, `kept`, ...).
+        """
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "options": list(self.options), "reparametrizes": self.reparametrizes,
+                "penalises": self.penalises, "fixed_phase": self.fixed_phase, "to_diff": self.to_diff}
+
+
+REGISTRY: dict[str, TrainMethod] = {}
+
+
+def register(cls: type[TrainMethod]) -> type[TrainMethod]:
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def method_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get_method(name: str) -> TrainMethod:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise InvalidValueError(f"unknown --method {name!r}; choose one of {', '.join(REGISTRY)}") from None
+
+
+def foreign_message(method: str, names: list[str]) -> str:
+    """One line naming the options a method does not take and the methods that do."""
+    parts = []
+    for n in names:
+        takers = [m.name for m in REGISTRY.values() if n in m.options]
+        parts.append(f"--{n.replace('_', '-')} (taken by --method {'/'.join(takers)})" if takers
+                     else f"--{n.replace('_', '-')}")
+    return f"--method {method} does not take {', '.join(parts)}"
