@@ -18,7 +18,7 @@ from diffcli import artifact
 from diffcli.errors import ChecksumError, FormatError, NotFoundError, UnsupportedVersionError
 from test_artifact import golden_diff
 
-VALID = artifact.pack(golden_diff())
+VALID = artifact.pack(golden_diff(), version=1)  # the version-1 reader; version 2: the v2 section below
 
 
 def split(data: bytes) -> tuple[dict, bytes]:
@@ -130,8 +130,8 @@ def test_wrong_magic_future_version_and_flags():
         artifact.loads(b"DIFFPRUX" + VALID[8:])
     with pytest.raises(FormatError, match="magic"):
         artifact.loads(b"PK\x03\x04" + b"\0" * 60)
-    with pytest.raises(UnsupportedVersionError, match="version 2"):
-        artifact.loads(build(header, payload, version=2))
+    with pytest.raises(UnsupportedVersionError, match="version 3"):
+        artifact.loads(build(header, payload, version=3))
     with pytest.raises(UnsupportedVersionError):
         artifact.loads(build(header, payload, version=0))
     with pytest.raises(FormatError, match="flags"):
