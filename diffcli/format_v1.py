@@ -61,6 +61,9 @@ def encode(diff: Diff, values: str, producer: str) -> tuple[bytes, dict[str, Any
     for name in sorted(diff.tensors):
         td = diff.tensors[name]
         shape = check_tensor(name, td)
+        if td.is_lowrank:
+            raise InvalidValueError(f"format version 1 cannot hold the low-rank diff of {name!r}",
+                                    hint="write format version 2")
         idx, vals = sparse_entries(name, td)
         entry: dict[str, Any] = {"base": td.base_name, "shape": list(shape), "dtype": td.dtype,
                                  "digest": td.digest, "nnz": int(idx.numel()), "index": None, "values": None}

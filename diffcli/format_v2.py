@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from diffcli import codec, quantize
+from diffcli import codec, lowrank, quantize
 from diffcli.diff import Diff, TensorDiff
 from diffcli.errors import ChecksumError, FormatError, InvalidValueError
 from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC, MAX_HEADER,
@@ -19,7 +19,7 @@ from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTY
 VERSION = 2
 RAW_LEN = struct.Struct("<I")  # after the preamble: the header's JSON length before compression
 FRONT = PREAMBLE.size + RAW_LEN.size  # 20 bytes before the compressed header
-KINDS = ("sparse", "dense")  # record kinds this reader knows; later versions add more
+KINDS = ("sparse", "dense", lowrank.KIND)  # record kinds this reader knows; later versions add more
 STREAMS = ("positions", "values", "scales", "dense")  # payload order
 CODECS = ("raw", "zstd")
 HEADER_LEVEL = 19  # the header is small: the best level costs milliseconds
@@ -30,7 +30,7 @@ _TOP_KEYS = {"format", "version", "producer", "base", "values", "budget_numel", 
 _STREAM_KEYS = {"length", "raw_length", "sha256", "codec"}
 _FLOAT_VALUE_KEYS = {"quantizer", "max_abs_error", "max_rel_error"}
 _BLOCK_VALUE_KEYS = _FLOAT_VALUE_KEYS | {"block"}
-_RECORD_LEN = {"sparse": 8, "dense": 4}
+_RECORD_LEN = {"sparse": 8, "dense": 4, lowrank.KIND: lowrank.RECORD_LEN}
 
 
 def _entries(name: str, td: TensorDiff) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +54,8 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
     records: list[list[Any]] = []
     idx_parts: list[np.ndarray] = []
     value_parts: list[np.ndarray] = []
-    counts: list[int] = []
+    value_names: list[str] = []
+    counts: list[int] = []  # values per segment, in record order: a sparse record's nnz, a low-rank B and A
     numels: list[int] = []
     dense: list[bytes] = []
     budget = 0
@@ -66,13 +67,21 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
             continue
         td = diff.tensors[name]
         shape = check_tensor(name, td)
+        budget += numel(shape) if td.dtype in FLOAT_DTYPES else 0
+        if td.is_lowrank:
+            record, parts = lowrank.encode_record(name, td)
+            records.append(record)
+            value_parts += parts
+            value_names += [name, name]
+            counts += [p.size for p in parts]
+            continue
         idx, vals = _entries(name, td)
         if idx.size:
             idx_parts.append(idx)
             value_parts.append(vals)
+            value_names.append(name)
             numels.append(numel(shape))
         counts.append(int(idx.size))
-        budget += numel(shape) if td.dtype in FLOAT_DTYPES else 0
         records.append(["sparse", name, None if td.base_name == name else td.base_name, td.dtype, list(shape),
                         td.digest, int(idx.size), 0])
     try:
@@ -87,8 +96,7 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
             rec[7] = next(sizes)
     all_values = np.concatenate(value_parts) if value_parts else np.zeros(0, np.float32)
     if not np.isfinite(all_values).all():
-        bad = next(r[1] for r, v in zip([r for r in records if r[0] == "sparse" and r[6]], value_parts)
-                   if not np.isfinite(v).all())
+        bad = next(n for n, v in zip(value_names, value_parts) if not np.isfinite(v).all())
         raise InvalidValueError(f"diff {bad!r} holds NaN or infinite values")
     count_arr = np.asarray(counts, dtype=np.int64)
     nnz = int(count_arr.sum())
@@ -187,6 +195,8 @@ def _record(r: Any, i: int, prev: str | None) -> tuple[str, dict[str, Any]]:
     dtype = choice(r[3], DTYPE_SIZES, f"{where}.dtype")
     shape = shape_of(r[4], where)
     digest = string(r[5], f"{where}.digest", 32, 32, DIGEST_RE)
+    if r[0] == lowrank.KIND:
+        return name, lowrank.parse_record(r, where, base, dtype, shape, digest)
     n = numel(shape)
     nnz = integer(r[6], f"{where}.nnz")
     if nnz > n:
@@ -196,7 +206,7 @@ def _record(r: Any, i: int, prev: str | None) -> tuple[str, dict[str, Any]]:
     if not lo <= plen <= hi:
         raise fail(f"{where} positions length {plen} is outside {lo}..{hi} for {nnz} positions")
     return name, {"kind": "sparse", "base": base, "dtype": dtype, "shape": shape, "digest": digest, "nnz": nnz,
-                  "positions": plen}
+                  "positions": plen, "counts": [nnz]}
 
 
 def validate_header(h: Any, payload_size: int) -> list[tuple[str, dict[str, Any]]]:
@@ -209,16 +219,17 @@ def validate_header(h: Any, payload_size: int) -> list[tuple[str, dict[str, Any]
     for i, r in enumerate(h["records"]):
         prev, rec = _record(r, i, prev)
         records.append((prev, rec))
-    sparse = [rec for _n, rec in records if rec["kind"] == "sparse"]
-    budget = sum(numel(rec["shape"]) for rec in sparse if rec["dtype"] in FLOAT_DTYPES)
-    nnz = sum(rec["nnz"] for rec in sparse)
+    updates = [rec for _n, rec in records if rec["kind"] != "dense"]  # sparse and low-rank: one per base tensor
+    sparse = [rec for rec in updates if rec["kind"] == "sparse"]
+    budget = sum(numel(rec["shape"]) for rec in updates if rec["dtype"] in FLOAT_DTYPES)
+    counts = _value_counts(updates)
+    nnz = int(counts.sum())
     if integer(h["budget_numel"], "budget_numel", 1 << 62) != budget:
         raise fail(f"budget_numel {h['budget_numel']} is not the {budget} its records imply")
     if integer(h["nnz"], "nnz", 1 << 62) != nnz:
         raise fail(f"nnz {h['nnz']} is not the sum {nnz} of its records")
     if block > max(nnz, 1):
         raise fail(f"values.block {block} is larger than the {nnz} stored values")
-    counts = np.asarray([rec["nnz"] for rec in sparse], dtype=np.int64)
     plen = sum(rec["positions"] for rec in sparse)
     dense = sum(numel(rec["shape"]) * DTYPE_SIZES[rec["dtype"]] for _n, rec in records if rec["kind"] == "dense")
     expect = {"positions": plen, "values": quantize.codes_length(quantizer, nnz),
@@ -271,7 +282,7 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
         raw[s] = codec.decompress(sec["codec"], stored, sec["raw_length"])
     quantizer, block = header["values"]["quantizer"], header["values"].get("block", 0)
     sparse = [rec for _n, rec in records if rec["kind"] == "sparse"]
-    counts = np.asarray([rec["nnz"] for rec in sparse], dtype=np.int64)
+    counts = _value_counts([rec for _n, rec in records if rec["kind"] != "dense"])
     scales = np.frombuffer(codec.from_planes(raw["scales"], 4), dtype="<f4").astype(np.float32)
     values = quantize.dequantize(raw["values"], scales, counts, quantizer, block)
     if values.size and not np.isfinite(values).all():
@@ -289,6 +300,11 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
             extras[name] = from_le_bytes(planes, rec["dtype"], rec["shape"])
             dpos += n
             continue
+        if rec["kind"] == lowrank.KIND:
+            k = sum(rec["counts"])
+            tensors[name] = lowrank.decode_record(rec, values[vpos:vpos + k], source)
+            vpos += k
+            continue
         k = rec["nnz"]
         if k == 0:
             tensors[name] = TensorDiff.zeros(rec["base"], rec["shape"], rec["dtype"], rec["digest"])
@@ -299,6 +315,11 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
     diff = Diff(tensors, extras, header["config"], header["base"]["ref"], header["base"]["fingerprint"],
                 header["meta"])
     return header, diff
+
+
+def _value_counts(updates: list[dict[str, Any]]) -> np.ndarray:
+    """Values per segment of the values stream, in record order (blocks restart at each segment)."""
+    return np.asarray([c for rec in updates for c in rec["counts"]], dtype=np.int64)
 
 
 def describe(header: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -317,6 +338,10 @@ def describe(header: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             share = n * DTYPE_SIZES[r[2]] / dense_raw if dense_raw else 0.0
             rows.append({"tensor": r[1], "kind": "dense", "shape": list(r[3]), "numel": n, "nnz": n,
                          "bytes": round(share * streams["dense"]["length"]), "budget": False})
+        elif r[0] == lowrank.KIND:
+            params = r[6] * (r[4][0] + r[4][1])
+            rows.append({"tensor": r[1], "kind": lowrank.KIND, "shape": list(r[4]), "numel": numel(r[4]),
+                         "nnz": params, "rank": r[6], "bytes": round(per_value * params), "budget": is_float(r[3])})
         else:
             rows.append({"tensor": r[1], "kind": "sparse", "shape": list(r[4]), "numel": numel(r[4]), "nnz": r[6],
                          "bytes": r[7] + round(per_value * r[6]), "budget": is_float(r[3])})

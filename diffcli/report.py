@@ -36,6 +36,10 @@ def rows_from_diff(diff: Diff) -> list[dict[str, Any]]:
     rows = []
     for name, td in sorted(diff.tensors.items()):
         nnz = td.nnz
+        if td.is_lowrank:  # nnz counts B's and A's entries
+            rows.append({"tensor": name, "kind": "lowrank", "shape": list(td.shape), "numel": td.numel, "nnz": nnz,
+                         "rank": int(td.factors[0].shape[1]), "bytes": nnz * 4, "budget": td.is_float})
+            continue
         stored = td.numel * 4 if td.is_dense else nnz * 12
         rows.append({"tensor": name, "kind": "dense-diff" if td.is_dense else "sparse", "shape": list(td.shape),
                      "numel": td.numel, "nnz": nnz, "bytes": stored, "budget": td.is_float})
@@ -171,6 +175,8 @@ def render_report(console, report: dict[str, Any], per_tensor: bool = False) -> 
     for key in ("task", "metrics"):
         if key in report["meta"]:
             console.print(f"{key}: {report['meta'][key]}")
+    if isinstance(report["meta"].get("units"), list):
+        _render_units(console, report["meta"]["units"], per_tensor)
     table = Table(title="per layer")
     for col in ("layer", "tensors", "numel", "nnz", "density", "bytes"):
         table.add_column(col, justify="left" if col == "layer" else "right")
@@ -188,3 +194,18 @@ def render_report(console, report: dict[str, Any], per_tensor: bool = False) -> 
         console.print(tt)
     console.print(f"total: {t['nnz']:,} of {t['budget_numel']:,} budget entries ({t['density']:.4%}), "
                   f"{t['extras']} dense extra tensors ({t['extras_numel']:,} values), {_fmt_bytes(t['bytes'])} of tensor data")
+
+
+def _render_units(console, units: list[dict[str, Any]], every: bool) -> None:
+    """The units a budgeted method (swr) chose, with their final gate probability and cost (all with every)."""
+    from rich.table import Table
+
+    chosen = [u for u in units if u.get("chosen")]
+    cost = sum(int(u.get("cost", 0)) for u in chosen)
+    table = Table(title=f"units: {len(chosen)} of {len(units)} chosen, cost {cost:,} parameters")
+    for col in ("tensor", "update", "probability", "cost", "chosen"):
+        table.add_column(col, justify="left" if col in ("tensor", "update") else "right")
+    for u in units if every else chosen:
+        table.add_row(str(u.get("tensor")), str(u.get("kind")), f"{float(u.get('probability', 0)):.3f}",
+                      f"{int(u.get('cost', 0)):,}", "yes" if u.get("chosen") else "no")
+    console.print(table)

@@ -438,6 +438,11 @@ def check_consistent2(diff, header: dict) -> None:
     assert set(diff.tensors) | set(diff.extras) == set(records)
     for name, td in diff.tensors.items():
         r = records[name]
+        if r[0] == "lowrank":  # B (out×r) and A (r×in), finite
+            assert td.is_lowrank and list(td.shape) == r[4] and len(r[4]) == 2 and 1 <= r[6] <= min(r[4])
+            assert [list(f.shape) for f in td.factors] == [[r[4][0], r[6]], [r[6], r[4][1]]]
+            assert all(bool(torch.isfinite(f).all()) for f in td.factors)
+            continue
         assert r[0] == "sparse" and list(td.shape) == r[4] and td.nnz == r[6]
         if td.nnz:
             idx = td.indices
@@ -475,7 +480,7 @@ def test_v2_truncated_at_every_length_and_bit_flips():
     (lambda h: h["values"].update(block=1), "scales.raw_length .* imply"),  # 9 scales, 3 stored
     (lambda h: h["values"].pop("block"), "lacks"),
     (lambda h: h["values"].update(max_rel_error=float("1e300") * 0 - 1), "max_rel_error"),
-    (lambda h: h["records"][0].__setitem__(0, "lowrank"), "record kind 'lowrank'"),
+    (lambda h: h["records"][0].__setitem__(0, "hologram"), "record kind 'hologram'"),  # a kind from the future
     (lambda h: h["records"][0].__setitem__(0, 7), "starting with its kind"),
     (lambda h: h["records"].reverse(), "sorted"),
     (lambda h: h["records"].append(h["records"][-1]), "sorted"),
@@ -620,9 +625,12 @@ def _mutate_v2(rng: random.Random, valid: bytes) -> bytes:
 def test_v2_fuzz_mutations_give_typed_errors_or_consistent_diffs():
     rng = random.Random(20261202)
     outcomes = {"error": 0, "loaded": 0}
+    from test_lowrank import golden_lowrank
+
     valids = [artifact.pack(golden_diff(), v) for v in ("fp16", "int8", "int4", "ternary")]
+    valids += [artifact.pack(golden_lowrank(), v) for v in ("fp32", "int8")]  # with a low-rank record
     for i in range(600):
-        data = _mutate_v2(rng, valids[i % 4])
+        data = _mutate_v2(rng, valids[i % len(valids)])
         try:
             diff = artifact.loads(data)
         except FormatError:
