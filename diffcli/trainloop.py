@@ -174,6 +174,16 @@ class Run:
                 bar.advance(1, f"loss {losses[-1]:.4f}")
         return sum(losses) / max(len(losses), 1)
 
+    def keep_if_best(self, entry: dict, label: str, epochs: int) -> bool:
+        """Score an evaluated fixed-phase epoch, make it `record["best"]` when it beats it, print its line."""
+        score = main_score(self.spec, entry["metrics"])
+        better = score > self.record["best"]["score"]
+        if better:
+            self.record["best"] = {"epoch": entry["epoch"], "score": score, "metrics": entry["metrics"]}
+        self.rep.line(f"{label} epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f} | "
+                      f"{fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
+        return better
+
     def fixmask_phase(self, flat, tensors: dict, resumed: dict | None, done: int):
         """Finetune the kept entries and the head with the mask fixed; keep the best dev epoch (0 = the mask's start).
 
@@ -246,13 +256,8 @@ class Run:
             entry = {"phase": "fixmask", "epoch": epoch + 1, "loss": mean_loss}
             if self.dist.main:
                 entry["metrics"] = evaluate_on(tm, self.task_data, opts, dev)
-                score = main_score(self.spec, entry["metrics"])
-                better = score > record["best"]["score"]
-                if better:
-                    record["best"] = {"epoch": epoch + 1, "score": score, "metrics": entry["metrics"]}
+                if self.keep_if_best(entry, "fixed-mask", opts.fixmask_epochs):
                     best_tensors = snapshot()
-                rep.line(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}: loss {entry['loss']:.4f} | "
-                         f"{fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
             self.history.append(entry)
             cur = {"mask/index": index, "mask/values": md.values.detach(),
                    **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}
