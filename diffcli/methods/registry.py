@@ -39,6 +39,7 @@ class TrainMethod(ABC):
     phases: ClassVar[tuple[str, ...]] = ()  # resumable phases (saved per epoch) before the fixed mask
     epochs_phase: ClassVar[str | None] = None  # the phase `--epochs` counts, when the method takes it
     own_fixed_phase: ClassVar[bool] = False  # `select` trains the fixed phase itself and `build` makes the diff
+    memory: ClassVar[str]               # its peak, as `memory_estimate.estimate` names it: full, l0 or sparse
 
     def check(self, opts: "TrainOptions") -> None:
         """Refuse options that this method does not take but that were changed from their default."""

@@ -304,6 +304,7 @@ class SWRMethod(TrainMethod):
     fixed_phase = "the units taken by gate probability while they fit --budget (a hard cap), ungated, and the head"
     to_diff = "B·A as low-rank records, δ as sparse records, after the best fixed epoch"
     own_fixed_phase = True
+    memory = "full"  # θ₀, θ₀ + z·Δ and its gradient per unit, B·A: full finetuning's 16P bounds it
     epochs_phase = "gated"
 
     def check(self, opts: "TrainOptions") -> None:
