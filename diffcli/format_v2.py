@@ -45,6 +45,27 @@ def _entries(name: str, td: TensorDiff) -> tuple[np.ndarray, np.ndarray]:
     return idx.numpy(), vals.float().numpy()
 
 
+def _check_positions(parts: list[np.ndarray], counts: np.ndarray, numels: list[int]) -> None:
+    """Every tensor's positions strictly increasing and within its tensor (one vectorised pass)."""
+    if not counts.sum():
+        return
+    pos = np.concatenate(parts)
+    ends = np.cumsum(counts)
+    firsts = (ends - counts)[counts > 0]
+    step_ok = np.ones(pos.size, dtype=bool)
+    step_ok[1:] = pos[1:] > pos[:-1]
+    step_ok[firsts] = pos[firsts] >= 0
+    if not step_ok.all():
+        raise InvalidValueError("a sparse diff has unsorted or out-of-range positions")
+    if bool((pos[ends[counts > 0] - 1] >= np.asarray(numels, dtype=np.int64)[counts > 0]).any()):
+        raise InvalidValueError("a sparse diff has unsorted or out-of-range positions")
+
+
+def _fit_block(block: int, counts: np.ndarray) -> int:
+    """The block size stored: 0 for float casts, else the requested size but never more than the values."""
+    return min(block, max(int(counts.sum()), 1)) if block else 0
+
+
 def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> tuple[bytes, dict[str, Any]]:
     """Serialise a Diff as version 2; returns the file bytes and size statistics."""
     from diffcli.weights import DIGEST_ALGORITHM
@@ -52,10 +73,10 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
     block = quantize.check_spec(values, block)
     check_diff(diff)
     records: list[list[Any]] = []
-    idx_parts: list[np.ndarray] = []
-    value_parts: list[np.ndarray] = []
+    idx_parts: list[np.ndarray] = []  # one per sparse record
+    value_parts: list[np.ndarray] = []  # one per segment of the values stream: a sparse record, a low-rank B or A
     value_names: list[str] = []
-    counts: list[int] = []  # values per segment, in record order: a sparse record's nnz, a low-rank B and A
+    factor_seg: list[bool] = []  # which segments hold low-rank factors (every value stored, none dropped)
     numels: list[int] = []
     dense: list[bytes] = []
     budget = 0
@@ -73,42 +94,51 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
             records.append(record)
             value_parts += parts
             value_names += [name, name]
-            counts += [p.size for p in parts]
+            factor_seg += [True, True]
             continue
         idx, vals = _entries(name, td)
-        if idx.size:
-            idx_parts.append(idx)
-            value_parts.append(vals)
-            value_names.append(name)
-            numels.append(numel(shape))
-        counts.append(int(idx.size))
+        idx_parts.append(idx)
+        value_parts.append(vals)
+        value_names.append(name)
+        factor_seg.append(False)
+        numels.append(numel(shape))
         records.append(["sparse", name, None if td.base_name == name else td.base_name, td.dtype, list(shape),
-                        td.digest, int(idx.size), 0])
-    try:
-        streams = codec.encode_many(idx_parts)
-    except ValueError:
-        raise InvalidValueError("a sparse diff has unsorted or negative positions") from None
-    if idx_parts and bool((np.asarray([int(p[-1]) for p in idx_parts]) >= np.asarray(numels)).any()):
-        raise InvalidValueError("a sparse diff has a position beyond its tensor")
-    sizes = iter([len(b) for b in streams])
-    for rec in records:
-        if rec[0] == "sparse" and rec[6]:
-            rec[7] = next(sizes)
+                        td.digest, 0, 0])
     all_values = np.concatenate(value_parts) if value_parts else np.zeros(0, np.float32)
     if not np.isfinite(all_values).all():
         bad = next(n for n, v in zip(value_names, value_parts) if not np.isfinite(v).all())
         raise InvalidValueError(f"diff {bad!r} holds NaN or infinite values")
-    count_arr = np.asarray(counts, dtype=np.int64)
+    count_arr = np.asarray([v.size for v in value_parts], dtype=np.int64)
+    _check_positions(idx_parts, np.asarray([p.size for p in idx_parts], dtype=np.int64), numels)
+    q = quantize.quantize(all_values, count_arr, values, _fit_block(block, count_arr))
+    if q.codes_int is not None and all_values.size and not q.codes_int.all():
+        # sparse entries whose code is 0 add nothing: drop them from the positions, then fit scales to the rest
+        # (low-rank factors keep every entry: B·A needs them all)
+        keep = (q.codes_int != 0) | np.repeat(np.asarray(factor_seg, dtype=bool), count_arr)
+        ends = np.cumsum(count_arr)[~np.asarray(factor_seg, dtype=bool)]
+        idx_parts = [p[keep[e - p.size:e]] for p, e in zip(idx_parts, ends.tolist())]
+        kept = iter([p.size for p in idx_parts])
+        kept_counts = np.asarray([c if f else next(kept) for c, f in zip(count_arr.tolist(), factor_seg)],
+                                 dtype=np.int64)
+        q2 = quantize.quantize(all_values[keep], kept_counts, values, _fit_block(block, kept_counts), refit=True)
+        back = np.zeros_like(all_values)
+        back[keep] = q2.values
+        q2.max_abs_error, q2.max_rel_error = quantize.errors(all_values, back, count_arr)
+        q, count_arr = q2, kept_counts
+    block = _fit_block(block, count_arr)
     nnz = int(count_arr.sum())
-    if block and nnz:
-        block = min(block, nnz)  # a block never spans more than the stream
-    elif block:
-        block = 1
-    q = quantize.quantize(all_values, count_arr, values, block)
     if nnz and not np.isfinite(q.values).all():
         raise InvalidValueError(f"the diff has values beyond the {values} range", hint="pack with --values bf16 or fp32")
+    streams = iter(codec.encode_many([p for p in idx_parts if p.size]))
+    positions = []
+    sparse_counts = [c for c, f in zip(count_arr.tolist(), factor_seg) if not f]
+    for rec, k in zip([r for r in records if r[0] == "sparse"], sparse_counts):
+        rec[6] = k
+        if k:
+            positions.append(next(streams))
+            rec[7] = len(positions[-1])
     vsize = quantize.FLOAT_QUANTIZERS.get(values, 1)
-    stored = {"positions": ("raw", b"".join(streams)),
+    stored = {"positions": ("raw", b"".join(positions)),
               "values": codec.compress(q.codes, vsize, level=STREAM_LEVEL),
               "scales": codec.compress(codec.to_planes(q.scales.astype("<f4").view(np.uint8), 4), 4,
                                        level=STREAM_LEVEL),

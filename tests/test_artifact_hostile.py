@@ -476,8 +476,8 @@ def test_v2_truncated_at_every_length_and_bit_flips():
     (lambda h: h.update(values={"quantizer": None}), "unknown value quantizer"),
     (lambda h: h["values"].update(block=0), "block"),
     (lambda h: h["values"].update(block=True), "block"),
-    (lambda h: h["values"].update(block=10), "larger than the 9"),
-    (lambda h: h["values"].update(block=1), "scales.raw_length .* imply"),  # 9 scales, 3 stored
+    (lambda h: h["values"].update(block=7), "larger than the 6"),  # int4 dropped the 3 entries coded 0
+    (lambda h: h["values"].update(block=1), "scales.raw_length .* imply"),  # 6 scales, 3 stored
     (lambda h: h["values"].pop("block"), "lacks"),
     (lambda h: h["values"].update(max_rel_error=float("1e300") * 0 - 1), "max_rel_error"),
     (lambda h: h["records"][0].__setitem__(0, "hologram"), "record kind 'hologram'"),  # a kind from the future
@@ -529,13 +529,14 @@ def test_v2_scale_count_that_lies_is_refused():
 
 
 def test_v2_codes_outside_the_quantizer_and_padding_are_refused():
-    header, payload = split2(V2)  # int4: 9 values in 5 bytes, nibble = q + 8, 0 is not a code
+    header, payload = split2(V2)  # int4: 6 values in 3 bytes, nibble = q + 8, 0 is not a code
     raw = bytearray(raw2(header, payload, "values"))
     bad = bytearray(raw)
     bad[0] &= 0x0F
     with pytest.raises(FormatError, match="outside the int4 range"):
         artifact.loads(replace_raw(header, payload, "values", bytes(bad)))
-    bad = bytearray(raw)
+    header, payload = split2(artifact.pack(golden_diff(), "ternary"))  # 3 values: 2 padding bits
+    bad = bytearray(raw2(header, payload, "values"))
     bad[-1] |= 0x01
     with pytest.raises(FormatError, match="padding"):
         artifact.loads(replace_raw(header, payload, "values", bytes(bad)))
