@@ -335,3 +335,17 @@ def test_merge_of_sparse_and_lowrank_on_one_tensor_is_exact(env, tmp_path):
         want = (0.5 * diff.tensors[name].dense().double() + 2 * sparse.tensors[name].dense().double()).float()
         assert not merged.tensors[name].is_lowrank
         assert torch.equal(merged.tensors[name].dense(), want)
+
+
+def test_prune_projects_the_product_exactly(env):
+    from diffcli.projection import project as project_diff
+
+    _root, _base, _sparse, diff = env
+    out = project_diff(diff, 0.01)
+    dense = torch.cat([diff.tensors[n].dense().reshape(-1) for n in sorted(diff.tensors) if diff.tensors[n].is_float])
+    kept = torch.cat([out.diff.tensors[n].dense().reshape(-1) for n in sorted(diff.tensors)
+                      if diff.tensors[n].is_float])
+    k = out.k
+    assert int((kept != 0).sum()) == k and not any(t.is_lowrank for t in out.diff.tensors.values())
+    thr = dense.abs().topk(k).values.min()
+    assert bool((kept[kept != 0].abs() >= thr).all()) and torch.equal(kept[kept != 0], dense[kept != 0])

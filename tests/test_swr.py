@@ -148,3 +148,16 @@ def test_swr_end_to_end_train_pack_verify_apply(tmp_path, tiny_base, data):
     report = json.loads(res.stdout)
     got = report["metrics"] if "accuracy" in report["metrics"] else next(iter(report["metrics"].values()))
     assert got["accuracy"] == pytest.approx(best["accuracy"], abs=1e-9)
+
+
+def test_a_budget_every_unit_fits_chooses_all_without_a_penalty(tmp_path, tiny_base, data):
+    train, dev = data
+    out = tmp_path / "ckpt"
+    res = runner.invoke(app, ["train", "--train-file", str(train), "--validation-file", str(dev), "--model",
+                              str(tiny_base), "--epochs", "1", "--fixmask-epochs", "0", "--batch-size", "16",
+                              "--method", "swr", "--budget", "100%", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "every unit fits the budget" in res.stderr + res.stdout
+    diff = checkpoint.load(out)
+    assert all(u["chosen"] for u in diff.meta["units"])
+    assert diff.meta["results"]["best"]["epoch"] == 0
