@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from typer.testing import CliRunner
 
 from conftest import make_base, make_finetune
@@ -80,6 +81,26 @@ def test_round_trip_every_quantizer(values):
     for name in ("bert.encoder.w", "bert.encoder.b"):  # the other records are unaffected by the new kind
         assert torch.equal(back.tensors[name].dense(), artifact.loads(artifact.pack(golden_diff(), values))
                            .tensors[name].dense())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(out=st.integers(1, 9), inp=st.integers(1, 9), data=st.data(), values=st.sampled_from(["fp32", "int8"]),
+       scale=st.sampled_from([1e-4, 1.0, 300.0]))
+def test_hypothesis_round_trip(out, inp, data, values, scale):
+    rank = data.draw(st.integers(1, min(out, inp)))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    d = golden_diff()
+    b, a = torch.randn(out, rank, generator=g) * scale, torch.randn(rank, inp, generator=g)
+    d.tensors["bert.x"] = lowrank.make("x", (out, inp), "bfloat16", "cd" * 16, b, a)
+    data_bytes = artifact.pack(d, values)
+    back = artifact.loads(data_bytes).tensors["bert.x"]
+    err = artifact.loads_header(data_bytes)["values"]["max_abs_error"]
+    assert back.is_lowrank and back.shape == (out, inp) and back.dtype == "bfloat16"
+    for got, want in zip(back.factors, (b, a)):
+        assert got.shape == want.shape and float((got - want).abs().max()) <= err * (1 + 1e-6)
+    if values == "fp32":
+        assert torch.equal(back.dense(), b @ a)
 
 
 def test_blocks_restart_at_each_factor():
