@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,12 @@ from diffcli.diff import Diff
 from diffcli.errors import FormatError, InvalidValueError
 from diffcli.extract import extract_diff
 from diffcli.projection import project
-from test_artifact import golden_diff
+from test_artifact import golden_diff, golden_producer  # noqa: F401  (a fixture)
 from test_artifact_hostile import build2, replace_raw, split2
 
 runner = CliRunner()
+GOLDEN_LOWRANK = Path(__file__).parent / "data" / "golden_v2_lowrank.diff"
+GOLDEN_LOWRANK_SHA256 = "96403aae7f16e0ad9f624e860dc0e808e6ba482d5ce1eb0239c8edb0b14254f8"
 SCHEMA = Path(artifact.__file__).parent / "schema" / "header.schema.json"
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"  # 32×32 in the tiny BERT
 EMB = "bert.embeddings.word_embeddings.weight"  # 120×32
@@ -40,11 +42,14 @@ def with_lowrank(diff: Diff, name: str, rank: int, seed: int = 0, scale: float =
 
 
 def golden_lowrank() -> Diff:
-    """The golden diff plus a 6×5 rank-2 record."""
+    """The golden diff plus a 6×5 rank-2 record (values exact in fp16, zeros and signs of both kinds)."""
+    from diffcli.weights import fingerprint
+
     d = golden_diff()
-    g = torch.Generator().manual_seed(3)
-    d.tensors["bert.encoder.lr"] = lowrank.make("encoder.lr", (6, 5), "float32", "ab" * 16,
-                                                torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g))
+    b = (torch.arange(12, dtype=torch.float32).reshape(6, 2) - 5.5) / 8
+    a = torch.tensor([[0.5, -1.25, 0.0, 3.0, -0.0625], [2.0, 0.125, -0.75, 0.0, 1.5]])
+    d.tensors["bert.encoder.lr"] = lowrank.make("encoder.lr", (6, 5), "float32", "ab" * 16, b, a)
+    d.base_fingerprint = fingerprint(t.digest for t in d.tensors.values())
     return d
 
 
@@ -60,6 +65,15 @@ def env(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------- format
+
+def test_golden_lowrank_bytes(golden_producer):
+    data = GOLDEN_LOWRANK.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == GOLDEN_LOWRANK_SHA256
+    assert artifact.pack(golden_lowrank()) == data
+    back = artifact.load(GOLDEN_LOWRANK).tensors["bert.encoder.lr"]
+    want = golden_lowrank().tensors["bert.encoder.lr"]
+    assert all(torch.equal(x, y) for x, y in zip(back.factors, want.factors))  # exact in fp16
+
 
 @pytest.mark.parametrize("values", ["fp32", "fp16", "bf16", "int8", "int4", "ternary"])
 def test_round_trip_every_quantizer(values):
