@@ -161,3 +161,13 @@ def test_a_budget_every_unit_fits_chooses_all_without_a_penalty(tmp_path, tiny_b
     diff = checkpoint.load(out)
     assert all(u["chosen"] for u in diff.meta["units"])
     assert diff.meta["results"]["best"]["epoch"] == 0
+
+
+def test_the_library_pruner_refuses_swr_with_one_clear_error(tiny_base):
+    from transformers import BertForSequenceClassification
+
+    from diffcli.api import DiffPruner
+
+    model = BertForSequenceClassification.from_pretrained(tiny_base, num_labels=2)
+    with pytest.raises(InvalidValueError, match="DiffPruner trains sparse masks; --method swr runs through"):
+        DiffPruner(model, str(tiny_base), method="swr")
