@@ -50,6 +50,11 @@ class DiffPruner:
             raise InvalidValueError(f"unknown option {unknown[0]!r}; the options are TrainOptions' fields")
         self.opts = TrainOptions(method=method, **options)
         self.opts.validate()
+        from diffcli.methods import get_method
+
+        if get_method(method).own_fixed_phase:  # swr: gates over whole-tensor updates, not a sparse mask
+            raise InvalidValueError(f"DiffPruner trains sparse masks; --method {method} runs through `diffprune "
+                                    f"train` (or diffcli.training.train)")
         self.base_ref = str(base)
         self.tm = attach_base(model, resolve_model(str(base)))
         self.device = next(model.parameters()).device

@@ -155,6 +155,10 @@ def _check_fit(store: WeightStore, diff: Diff, base_dir: Path) -> None:
                                     f"diff expects {td.dtype}", hint=_FIT_HINT)
         if not is_float(bdt) and td.nnz:
             raise FormatError(f"diff changes integer tensor {name!r} additively; it must be an extra")
+        if td.is_lowrank:
+            from diffcli.lowrank import check
+
+            check(name, td, FormatError)
         if td.is_dense and td.values.numel() != td.numel:
             raise FormatError(f"dense diff {name!r} has {td.values.numel()} values for shape {list(td.shape)}")
         if td.values.numel() and not bool(torch.isfinite(td.values).all()):
@@ -267,15 +271,21 @@ def _apply_stream(fd: int, pos: int, base: "torch.Tensor", td: TensorDiff, dt: s
     step = max(1, _CHUNK_BYTES // max(base.element_size(), torch.empty(0, dtype=target).element_size()))
     buf = torch.empty(min(step, n), dtype=target)
     is_float = base.is_floating_point()
-    sparse = is_float and not td.is_dense and td.indices.numel() > 0
+    sparse = is_float and td.indices is not None and td.indices.numel() > 0
     if sparse:
         cuts = torch.searchsorted(td.indices, torch.arange(0, n + step, step, dtype=torch.int64)).tolist()
         values = td.values.to(torch.float32)
     dense = td.values.to(torch.float32).reshape(-1) if is_float and td.is_dense else None
+    lowrank = td.factors if is_float and td.is_lowrank else None
     for c, a in enumerate(range(0, n, step)):
         b = min(a + step, n)
         chunk = buf[:b - a]
-        if dense is not None:
+        if lowrank is not None:  # δ = B·A, only the rows this chunk covers
+            from diffcli.lowrank import rows
+
+            chunk.copy_(flat[a:b].to(torch.float32) + rows(*lowrank, a, b))
+            _finite(chunk, name)
+        elif dense is not None:
             if flat.dtype == torch.float32 and target == torch.float32:
                 torch.add(flat[a:b], dense[a:b], out=chunk)
             else:
@@ -478,6 +488,12 @@ def apply_(model: "torch.nn.Module", diff: Diff, *, check: bool = True, strict: 
             if td.nnz:
                 raise FormatError(f"diff changes integer tensor {name!r} additively; it must be an extra")
             continue
+        if td.is_lowrank:
+            from diffcli.lowrank import check
+
+            check(name, td, FormatError)
+            ops.append(("tensor", p, td, key))
+            continue
         if td.values.numel() and not bool(torch.isfinite(td.values).all()):
             raise FormatError(f"diff values of {name!r} are not finite (NaN or Inf)")
         if td.values.numel():
@@ -514,7 +530,7 @@ def _apply_tensor(p: "torch.Tensor", td: TensorDiff, key: str) -> tuple:
     import torch
 
     data = p.data
-    if td.is_dense or not data.is_contiguous():
+    if td.indices is None or not data.is_contiguous():  # dense or low-rank δ: keep the old values whole
         old = data.clone()
         new = (data.to(torch.float32) + td.dense().to(data.device)).to(data.dtype)
         _finite(new, key)

@@ -12,7 +12,8 @@ positions and the values there before (the base) and after (base + δ, computed 
 cast once). A switch then writes cached values: `scatter_` the previous task's "before" values
 (restoring the base bit for bit, no subtraction) and the new task's "after" values — two indexed
 writes, no arithmetic. Anything the flat buffers do not hold (extras that land in the encoder,
-e.g. a pooler the base lacked) goes through apply_/revert_ on the task model at each switch.
+e.g. a pooler the base lacked) and every low-rank δ = B·A (whose cached after-values would be a whole
+tensor; the task keeps only B and A) go through apply_/revert_ on the task model at each switch.
 A task stays applied after its `with` block, so using it again costs nothing; `reset()` returns
 the encoder to the base.
 
@@ -58,6 +59,7 @@ class _Task:
         n = sum(size(i) + size(b) + size(a) for _, i, b, a in self.slices)
         if self.rest is not None:
             n += sum(size(td.values) + (size(td.indices) if td.indices is not None else 0)
+                     + (sum(size(f) for f in td.factors) if td.factors is not None else 0)
                      for td in self.rest.tensors.values())
             n += sum(size(t) for t in self.rest.extras.values())
         state = self.model.state_dict()
@@ -311,7 +313,7 @@ class DiffBank:
             if key is None:
                 raise BaseMismatchError(f"{source} does not fit the task model: it has no tensor for {target}")
             slot = self._slots.get(key[len(prefix):]) if key.startswith(prefix) else None
-            if slot is None or slot[2] != tuple(td.shape):
+            if slot is None or slot[2] != tuple(td.shape) or td.is_lowrank:  # B·A: applied at each switch
                 rest_tensors[target] = td
                 continue
             s = td.sparse()

@@ -4,7 +4,8 @@ Layout (docs/CHECKPOINT.md):
   diffprune.json      metadata: format, version, base reference and fingerprint, per-tensor entries,
                       the finetuned model's config, task/metrics/hyperparameters
   diff.safetensors    tensors: "sparse.indices/<name>" int64, "sparse.values/<name>" float32,
-                      "dense/<name>" float32 (dense δ), "extra/<name>" (full tensor, own dtype)
+                      "dense/<name>" float32 (dense δ), "lowrank.B/<name>" + "lowrank.A/<name>" float32
+                      (δ = B·A), "extra/<name>" (full tensor, own dtype)
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def write_into(folder: Path, diff: Diff) -> None:
     entries: dict[str, Any] = {}
     for name, td in diff.tensors.items():
         entry = {"base": td.base_name, "shape": list(td.shape), "dtype": td.dtype, "digest": td.digest}
-        if td.is_dense:
+        if td.is_lowrank:
+            entry["storage"] = "lowrank"
+            tensors[f"lowrank.B/{name}"] = td.factors[0].float().contiguous()
+            tensors[f"lowrank.A/{name}"] = td.factors[1].float().contiguous()
+        elif td.is_dense:
             entry["storage"] = "dense"
             tensors[f"dense/{name}"] = td.values.float().reshape(td.shape).contiguous()
         else:
@@ -109,6 +114,12 @@ def load(path: str | Path) -> Diff:
                 td = TensorDiff(e["base"], shape, e["dtype"], e["digest"], tensors[f"dense/{name}"])
                 if tuple(td.values.shape) != shape:
                     raise FormatError(f"dense diff {name!r} has shape {tuple(td.values.shape)}, expected {shape}")
+            elif e["storage"] == "lowrank":
+                from diffcli import lowrank
+
+                td = lowrank.make(e["base"], shape, e["dtype"], e["digest"], tensors[f"lowrank.B/{name}"],
+                                  tensors[f"lowrank.A/{name}"])
+                lowrank.check(name, td, FormatError)
             elif e["storage"] == "sparse":
                 idx, val = tensors[f"sparse.indices/{name}"], tensors[f"sparse.values/{name}"]
                 td = TensorDiff(e["base"], shape, e["dtype"], e["digest"], val, idx)

@@ -17,32 +17,25 @@ MAX_RICE = 60  # tensors hold at most 2**60 entries, so a larger parameter is ne
 _CHUNK = 1 << 20  # entries per vectorised bit-packing chunk (a multiple of 8 keeps chunks byte-aligned)
 
 
-def _gaps(positions: np.ndarray) -> np.ndarray:
-    """Strictly increasing positions → gaps: the first position, then differences minus one (all ≥ 0)."""
-    gaps = np.empty_like(positions)
-    gaps[0] = positions[0]
-    np.subtract(positions[1:], positions[:-1], out=gaps[1:])
-    gaps[1:] -= 1
-    return gaps
-
-
 def rice_parameter(gaps: np.ndarray) -> int:
     """The Rice parameter r minimising the coded size k·(r+1) + Σ(g >> r), searched near log2(mean gap)."""
-    k = gaps.size
-    mean = float(gaps.mean()) if k else 0.0
-    guess = int(np.log2(mean + 1.0))
-    best, best_bits = 0, None
-    for r in range(max(0, guess - 3), min(MAX_RICE, guess + 3) + 1):
-        bits = k * (r + 1) + int((gaps >> r).sum())
-        if best_bits is None or bits < best_bits:
-            best, best_bits = r, bits
-    return best
+    gaps = np.asarray(gaps, dtype=np.int64)
+    one = np.zeros(1, dtype=np.int64)
+    return int(_rice_parameters(gaps, one, np.array([gaps.size]), np.zeros(gaps.size, dtype=np.int64))[0])
 
 
 def _pack_fixed(values: np.ndarray, width: int) -> bytes:
     """Pack non-negative ints into `width` bits each, most significant bit first, zero-padded."""
     if width == 0 or values.size == 0:
         return b""
+    if width <= 8:  # 8 values fill `width` whole bytes: build them in one uint64 per group
+        n = values.size
+        groups = np.zeros((n + 7) // 8 * 8, dtype=np.uint64)
+        groups[:n] = values
+        shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(width)
+        words = np.bitwise_or.reduce(groups.reshape(-1, 8) << shifts, axis=1)
+        out = words.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - width:]
+        return out.tobytes()[:(n * width + 7) // 8]
     shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
     parts = []
     for start in range(0, values.size, _CHUNK):
@@ -57,34 +50,128 @@ def _unpack_fixed(data: memoryview | bytes, count: int, width: int) -> np.ndarra
     if width == 0:
         return np.zeros(count, dtype=np.int64)
     buf = np.frombuffer(data, dtype=np.uint8)
+    nbits = count * width
+    if nbits % 8 and buf[-1] & ((1 << (8 - nbits % 8)) - 1):
+        raise FormatError("position stream has non-zero padding bits")
+    if width <= 8:  # each group of 8 values is `width` whole bytes: read them as one big-endian uint64
+        groups = (count + 7) // 8
+        padded = np.zeros(groups * width, dtype=np.uint8)
+        padded[:buf.size] = buf
+        words = np.zeros((groups, 8), dtype=np.uint8)
+        words[:, 8 - width:] = padded.reshape(groups, width)
+        words = words.view(">u8").reshape(groups, 1).astype(np.uint64)
+        shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(width)
+        out = (words >> shifts) & np.uint64((1 << width) - 1)
+        return out.reshape(-1)[:count].astype(np.int64)
     weights = (np.int64(1) << np.arange(width - 1, -1, -1, dtype=np.int64))
     out = np.empty(count, dtype=np.int64)
     step = _CHUNK  # multiple of 8 entries → each chunk starts on a byte boundary
     for start in range(0, count, step):
         n = min(step, count - start)
         b0 = start * width // 8
-        nbits = n * width
-        bits = np.unpackbits(buf[b0:b0 + (nbits + 7) // 8])
-        if start + n == count and bits[nbits:].any():
-            raise FormatError("position stream has non-zero padding bits")
-        out[start:start + n] = bits[:nbits].reshape(n, width).astype(np.int64) @ weights
+        bits = np.unpackbits(buf[b0:b0 + (n * width + 7) // 8])
+        out[start:start + n] = bits[:n * width].reshape(n, width).astype(np.int64) @ weights
     return out
 
 
 def encode_positions(positions: np.ndarray) -> bytes:
     """Rice-code sorted flat positions: [r:u8][k remainders of r bits][unary quotients, 0…01]."""
-    positions = np.ascontiguousarray(positions, dtype=np.int64)
-    if positions.size == 0:
+    return encode_many([positions])[0]
+
+
+def _rice_parameters(gaps: np.ndarray, starts: np.ndarray, counts: np.ndarray, tid: np.ndarray) -> np.ndarray:
+    """Per tensor, the r minimising f(r) = k·(r+1) + Σ(g >> r), from r = log2(mean gap + 1) downhill.
+
+    f is convex in r (each step right saves Σ(⌊g/2^r⌋ − ⌊g/2^(r+1)⌋), which shrinks as r grows), so a local
+    minimum is the minimum; ties keep the smaller r.
+    """
+    mean = np.add.reduceat(gaps, starts).astype(np.float64) / counts
+    r = np.clip(np.log2(mean + 1.0).astype(np.int64), 0, MAX_RICE)
+
+    def cost(rr: np.ndarray) -> np.ndarray:
+        return counts * (rr + 1) + np.add.reduceat(_shift_right(gaps, rr, tid), starts)
+
+    here = cost(r)
+    for step in (-1, 1):
+        moving = np.ones(r.size, dtype=bool)
+        while True:
+            cand = np.clip(r + step, 0, MAX_RICE)
+            moving &= cand != r
+            if not moving.any():
+                break
+            there = cost(cand)
+            better = moving & ((there < here) if step > 0 else (there <= here))
+            if not better.any():
+                break
+            r, here, moving = np.where(better, cand, r), np.where(better, there, here), better
+    return r
+
+
+_EXACT = 1 << 53  # integers below this are exact in float64
+
+
+def _shift_right(values: np.ndarray, r: np.ndarray, tid: np.ndarray) -> np.ndarray:
+    """values >> r[tid] for non-negative values. numpy's shift by a varying count is ~50x slower than a float
+    multiply by 2**-r and floor, which is exact below 2**53: `values` may be given as float64 when all are."""
+    if values.dtype == np.float64:
+        return np.floor(values * np.ldexp(1.0, -r)[tid]).astype(np.int64)
+    return values >> r[tid]
+
+
+def _padded_slots(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each tensor's entries rounded up to a multiple of 8 (so its bit-packed part starts on a byte): sizes, starts."""
+    slots = (counts + 7) // 8 * 8
+    return slots, np.cumsum(slots) - slots
+
+
+def encode_many(parts: list[np.ndarray]) -> list[bytes]:
+    """Rice-code the sorted positions of several tensors in one vectorised pass; one stream per tensor.
+
+    Raises ValueError for an empty part, unsorted or negative positions (range is the caller's to check).
+    """
+    counts = np.asarray([p.size for p in parts], dtype=np.int64)
+    if counts.size == 0:
+        return []
+    if not counts.all():
         raise ValueError("no positions to encode")
-    gaps = _gaps(positions)
-    r = rice_parameter(gaps)
-    rem = gaps & ((np.int64(1) << r) - 1)
-    quot = gaps >> r
-    ends = np.cumsum(quot + 1) - 1  # bit index of each quotient's terminating 1
-    nbits = int(ends[-1]) + 1
-    qbits = np.zeros(nbits, dtype=np.uint8)
-    qbits[ends] = 1
-    return bytes([r]) + _pack_fixed(rem, r) + np.packbits(qbits).tobytes()
+    pos = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p in parts])
+    starts = np.cumsum(counts) - counts
+    gaps = np.empty_like(pos)
+    np.subtract(pos[1:], pos[:-1], out=gaps[1:])
+    gaps[1:] -= 1
+    gaps[starts] = pos[starts]
+    if int(gaps.min()) < 0:
+        raise ValueError("positions must be non-negative and strictly increasing")
+    tid = np.repeat(np.arange(counts.size), counts)
+    shiftable = gaps.astype(np.float64) if int(gaps.max()) < _EXACT else gaps
+    r = _rice_parameters(shiftable, starts, counts, tid)
+    quot = _shift_right(shiftable, r, tid)
+    # remainders: tensors grouped by r, each padded to 8 entries so its bytes stand alone
+    rem = gaps - quot * (np.int64(1) << r)[tid]
+    rem_bytes: list[bytes] = [b""] * counts.size
+    for width in np.unique(r).tolist():
+        if width == 0:
+            continue
+        sel = np.flatnonzero(r == width).tolist()
+        slots, slot_start = _padded_slots(counts[sel])
+        padded = np.zeros(int(slots.sum()), dtype=np.int64)
+        for t, s0 in zip(sel, slot_start.tolist()):
+            padded[s0:s0 + counts[t]] = rem[starts[t]:starts[t] + counts[t]]
+        packed = _pack_fixed(padded, width)
+        for t, s0 in zip(sel, (slot_start * width // 8).tolist()):
+            rem_bytes[t] = packed[s0:s0 + (int(counts[t]) * width + 7) // 8]
+    # quotients: unary, each tensor's bits padded to a whole byte
+    step = quot + 1
+    total = np.cumsum(step)
+    before = np.concatenate([[0], total[starts[1:] - 1]])
+    nbits = total[starts + counts - 1] - before
+    nbytes = (nbits + 7) // 8
+    region = 8 * (np.cumsum(nbytes) - nbytes)
+    bits = np.zeros(8 * int(nbytes.sum()), dtype=np.uint8)
+    bits[region[tid] + total - 1 - before[tid]] = 1
+    qbytes = np.packbits(bits).tobytes()
+    q0 = (region // 8).tolist()
+    return [bytes([int(r[t])]) + rem_bytes[t] + qbytes[q0[t]:q0[t] + int(nbytes[t])] for t in range(counts.size)]
 
 
 def positions_raw_bounds(nnz: int, numel: int) -> tuple[int, int]:
@@ -96,31 +183,81 @@ def positions_raw_bounds(nnz: int, numel: int) -> tuple[int, int]:
 
 def decode_positions(raw: bytes | memoryview, nnz: int, numel: int) -> np.ndarray:
     """Decode a Rice position stream, checking structure, padding, order and range; int64 array."""
+    return decode_many(raw, [nnz], [len(memoryview(raw))], [numel])[0]
+
+
+def decode_many(raw: bytes | memoryview, counts: list[int], lengths: list[int], numels: list[int]) -> list[np.ndarray]:
+    """Decode back-to-back position streams (tensor t: counts[t] ≥ 1 positions in lengths[t] bytes, < numels[t])
+    in one vectorised pass, checking structure, padding, order and range of each; int64 arrays."""
     raw = memoryview(raw)
-    lo, hi = positions_raw_bounds(nnz, numel)
-    if not lo <= len(raw) <= hi:
-        raise FormatError(f"position stream is {len(raw)} bytes; {nnz} positions need {lo}..{hi}")
-    r = raw[0]
-    if r > MAX_RICE or (1 << r) > 2 * max(numel, 1):
-        raise FormatError(f"position stream has an invalid Rice parameter {r}")
-    rem_len = (nnz * r + 7) // 8
-    if 1 + rem_len >= len(raw):
-        raise FormatError("position stream is truncated")
-    qbytes = np.frombuffer(raw[1 + rem_len:], dtype=np.uint8)
-    if qbytes[-1] == 0:
-        raise FormatError("position stream has trailing bytes")
-    ends = np.flatnonzero(np.unpackbits(qbytes))
-    if ends.size != nnz:
-        raise FormatError(f"position stream holds {ends.size} positions, header says {nnz}")
-    quot = np.diff(ends, prepend=-1) - 1
-    if int(quot.max()) > (numel >> r):
+    if sum(lengths) != len(raw):
+        raise FormatError(f"position streams take {len(raw)} bytes, their records say {sum(lengths)}")
+    T = len(counts)
+    if T == 0:
+        return []
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    rs, rem_at, q_at, q_len = [], [], [], []
+    off = 0
+    for k, size, n in zip(counts, lengths, numels):
+        lo, hi = positions_raw_bounds(k, n)
+        if k < 1 or not lo <= size <= hi:
+            raise FormatError(f"position stream is {size} bytes; {k} positions need {lo}..{hi}")
+        r = raw[off]
+        if r > MAX_RICE or (1 << r) > 2 * max(n, 1):
+            raise FormatError(f"position stream has an invalid Rice parameter {r}")
+        rem_len = (k * r + 7) // 8
+        if 1 + rem_len >= size:
+            raise FormatError("position stream is truncated")
+        if raw[off + size - 1] == 0:
+            raise FormatError("position stream has trailing bytes")
+        if (k * r) % 8 and raw[off + rem_len] & ((1 << (8 - (k * r) % 8)) - 1):
+            raise FormatError("position stream has non-zero padding bits")
+        rs.append(r)
+        rem_at.append(off + 1)
+        q_at.append(off + 1 + rem_len)
+        q_len.append(size - 1 - rem_len)
+        off += size
+    counts_a = np.asarray(counts, dtype=np.int64)
+    r_a = np.asarray(rs, dtype=np.int64)
+    starts = np.cumsum(counts_a) - counts_a
+    q_len_a = np.asarray(q_len, dtype=np.int64)
+    region = 8 * (np.cumsum(q_len_a) - q_len_a)
+    qbytes = buf[q_at[0]:q_at[0] + q_len[0]] if T == 1 else np.concatenate(
+        [buf[a:a + n] for a, n in zip(q_at, q_len)])
+    ends = np.flatnonzero(np.unpackbits(qbytes).view(bool))
+    first = np.searchsorted(ends, region)
+    found = np.diff(np.append(first, ends.size))
+    if not np.array_equal(found, counts_a):
+        t = int(np.flatnonzero(found != counts_a)[0])
+        raise FormatError(f"position stream holds {int(found[t])} positions, header says {counts[t]}")
+    tid = np.repeat(np.arange(T), counts_a)
+    prev = np.empty_like(ends)
+    prev[1:] = ends[:-1]
+    prev[starts] = region - 1
+    quot = ends - prev - 1
+    numel_a = np.asarray(numels, dtype=np.int64)
+    if bool((quot > (numel_a >> r_a)[tid]).any()):
         raise FormatError("position stream points outside its tensor")
-    gaps = (quot << r) | _unpack_fixed(raw[1:1 + rem_len], nnz, r)
-    positions = np.cumsum(gaps + 1) - 1
-    # Increments are positive, so an int64 wrap-around would show up as a negative position.
-    if int(positions.min()) < 0 or int(positions[-1]) >= numel:
+    gaps = quot * (np.int64(1) << r_a)[tid]  # below numel: quot ≤ numel >> r was checked
+    for width in np.unique(r_a).tolist():
+        if width == 0:
+            continue
+        sel = np.flatnonzero(r_a == width).tolist()
+        slots, slot_start = _padded_slots(counts_a[sel])
+        padded = np.zeros(int(slots.sum()) * width // 8, dtype=np.uint8)
+        for t, s0 in zip(sel, (slot_start * width // 8).tolist()):
+            n = (counts[t] * width + 7) // 8
+            padded[s0:s0 + n] = buf[rem_at[t]:rem_at[t] + n]
+        rem = _unpack_fixed(padded, int(slots.sum()), width)
+        for t, s0 in zip(sel, slot_start.tolist()):
+            gaps[starts[t]:starts[t] + counts[t]] |= rem[s0:s0 + counts[t]]
+    total = np.cumsum(gaps + 1)
+    before = np.concatenate([[0], total[starts[1:] - 1]])
+    positions = total - 1 - before[tid]  # modular arithmetic: exact per tensor even if the running sum wraps
+    # Increments are positive and below 2**63, so an int64 wrap-around shows up as a negative position.
+    if int(positions.min()) < 0 or bool((positions[starts + counts_a - 1] >= numel_a).any()):
         raise FormatError("position stream points outside its tensor")
-    return positions
+    return np.split(positions, (starts[1:]).tolist()) if T > 1 else [positions]
 
 
 def to_planes(data: np.ndarray, itemsize: int) -> bytes:
@@ -138,8 +275,8 @@ def from_planes(data: bytes | memoryview, itemsize: int) -> np.ndarray:
     return np.array(buf.reshape(itemsize, -1).T[:, ::-1], order="C", copy=True).reshape(-1)
 
 
-def compress(raw: bytes, planes: int = 1) -> tuple[str, bytes]:
-    """('zstd', frame) when zstd is smaller, else ('raw', raw): never worse than storing.
+def compress(raw: bytes, planes: int = 1, level: int | None = None, force: bool = False) -> tuple[str, bytes]:
+    """('zstd', frame) when zstd is smaller (or `force`), else ('raw', raw): never worse than storing.
 
     With `planes` > 1 the stream is that many equal byte planes and each gets its own zstd blocks
     (a block flush between planes), so the compressible sign/exponent plane keeps its own entropy
@@ -147,9 +284,10 @@ def compress(raw: bytes, planes: int = 1) -> tuple[str, bytes]:
     """
     import zstandard
 
-    if not raw:
+    if not raw and not force:
         return "raw", raw
-    level = ZSTD_LEVEL if len(raw) <= ZSTD_SLOW_LIMIT else ZSTD_FAST_LEVEL
+    if level is None or len(raw) > ZSTD_SLOW_LIMIT:
+        level = ZSTD_LEVEL if len(raw) <= ZSTD_SLOW_LIMIT else ZSTD_FAST_LEVEL
     cobj = zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True) \
         .compressobj(size=len(raw))
     step = len(raw) // planes if planes > 1 and len(raw) % planes == 0 else len(raw)
@@ -160,7 +298,7 @@ def compress(raw: bytes, planes: int = 1) -> tuple[str, bytes]:
             parts.append(cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
     parts.append(cobj.flush())
     frame = b"".join(parts)
-    return ("zstd", frame) if len(frame) < len(raw) else ("raw", raw)
+    return ("zstd", frame) if force or len(frame) < len(raw) else ("raw", raw)
 
 
 def decompress(codec: str, stored: bytes | memoryview, raw_length: int) -> bytes | memoryview:

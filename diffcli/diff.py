@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class TensorDiff:
-    """δ for one base tensor: sparse (sorted flat `indices` + `values`) or dense (`values` of `shape`).
+    """δ for one base tensor: sparse (sorted flat `indices` + `values`), dense (`values` of `shape`) or
+    low-rank (`factors` = (B out×r, A r×in), δ = B·A, `values` empty; see `lowrank`).
 
     `values` are float32 whatever the base dtype; the base tensor is named `base_name` in the base
     folder and has content digest `digest`.
@@ -25,10 +26,15 @@ class TensorDiff:
     digest: str
     values: "torch.Tensor"
     indices: "torch.Tensor | None" = None
+    factors: "tuple[torch.Tensor, torch.Tensor] | None" = None
 
     @property
     def is_dense(self) -> bool:
-        return self.indices is None
+        return self.indices is None and self.factors is None
+
+    @property
+    def is_lowrank(self) -> bool:
+        return self.factors is not None
 
     @property
     def numel(self) -> int:
@@ -39,6 +45,9 @@ class TensorDiff:
 
     @property
     def nnz(self) -> int:
+        """Stored update entries: nonzeros of a sparse or dense δ, B and A entries of a low-rank one."""
+        if self.is_lowrank:
+            return int(self.factors[0].numel() + self.factors[1].numel())
         if self.is_dense:
             return int((self.values != 0).sum())
         return int(self.indices.numel())
@@ -51,6 +60,10 @@ class TensorDiff:
         """δ as a float32 tensor of the base's shape."""
         import torch
 
+        if self.is_lowrank:
+            from diffcli.lowrank import product
+
+            return product(*self.factors).reshape(self.shape)
         if self.is_dense:
             return self.values.to(torch.float32).reshape(self.shape)
         out = torch.zeros(self.numel, dtype=torch.float32)
@@ -61,6 +74,8 @@ class TensorDiff:
         """The same δ in sparse form (nonzero entries only, sorted positions)."""
         import torch
 
+        if self.is_lowrank:  # exact: every nonzero entry of B·A (float32)
+            return TensorDiff(self.base_name, self.shape, self.dtype, self.digest, self.dense()).sparse()
         if not self.is_dense:
             return self
         flat = self.values.reshape(-1).to(torch.float32)

@@ -167,13 +167,8 @@ def fixmask_phase(run: "Run", tensors: dict, resumed: dict | None, done: int):
                  "loss": run.epoch("fixed-mask", epoch, opts.fixmask_epochs, opts.seed + 1, step)}
         if run.dist.main:
             entry["metrics"] = evaluate_on(tm, run.task_data, opts, dev)
-            score = main_score(run.spec, entry["metrics"])
-            better = score > record["best"]["score"]
-            if better:
-                record["best"] = {"epoch": epoch + 1, "score": score, "metrics": entry["metrics"]}
+            if run.keep_if_best(entry, "fixed-mask", opts.fixmask_epochs):
                 best_tensors = snapshot()
-            rep.line(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}: loss {entry['loss']:.4f} | "
-                     f"{fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
         run.history.append(entry)
         cur = {"mask/index": index, "mask/values": engine.values.detach(),
                **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}

@@ -11,6 +11,9 @@ The union of positions is built by concatenating all inputs' flat indices and ta
 With `density`, each input is first trimmed to that fraction of its own largest-|δ| entries (TIES'
 "trim" step, reusing the exact top-k of `projection.project`).
 
+A low-rank δ = B·A (docs/FORMAT.md §10) is densified first: its entries are the nonzeros of B·A in
+float32, so inputs of different kinds on one tensor combine exactly; the report lists them as `densified`.
+
 Extras (heads and other whole tensors) cannot be summed across tasks meaningfully. Rule `first`
 (default): the merged diff takes the first input's extras and config, so it is a model for the first
 input's task; the other inputs' extras are reported as dropped. Rule `mean`: every input must have
@@ -202,9 +205,12 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     first_td: dict[str, tuple[str, TensorDiff]] = {}
     parts: dict[str, list] = {}
     nnz_in: dict[str, list[int]] = {}
+    densified: list[str] = []  # low-rank inputs, merged exactly as the nonzeros of B·A
     for i, d in enumerate(diffs):
         for target, td in d.tensors.items():
             b = td.base_name
+            if td.is_lowrank:
+                densified.append(f"{names[i]}:{target}")
             if b not in first_td:
                 first_td[b] = (target, td)
                 order.append(b)
@@ -231,7 +237,9 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     meta["merge"] = {"method": method, "weights": w, "extras": extras, "density": density, "inputs": names}
     first = diffs[0]
     out = Diff(tensors, merged_extras, dict(first.config), first.base_ref, first.base_fingerprint, meta)
-    return MergeResult(out, _report(rows, out, names, w, method, extras, density, dropped))
+    report = _report(rows, out, names, w, method, extras, density, dropped)
+    report["densified"] = densified
+    return MergeResult(out, report)
 
 
 def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequence[float] | None = None,
@@ -315,3 +323,6 @@ def render_merge(console, report: dict[str, Any]) -> None:
         console.print(f"extras ({report['extras']}): {', '.join(report['extras_kept'])}")
     if report["extras_dropped"]:
         console.print(f"extras dropped: {', '.join(report['extras_dropped'])}")
+    if report.get("densified"):
+        console.print(f"low-rank δ merged exactly as dense B·A (stored sparse): {len(report['densified'])} tensors, "
+                      f"first {report['densified'][0]}")

@@ -36,29 +36,17 @@ def rows_from_diff(diff: Diff) -> list[dict[str, Any]]:
     rows = []
     for name, td in sorted(diff.tensors.items()):
         nnz = td.nnz
+        if td.is_lowrank:  # nnz counts B's and A's entries
+            rows.append({"tensor": name, "kind": "lowrank", "shape": list(td.shape), "numel": td.numel, "nnz": nnz,
+                         "rank": int(td.factors[0].shape[1]), "bytes": nnz * 4, "budget": td.is_float})
+            continue
         stored = td.numel * 4 if td.is_dense else nnz * 12
         rows.append({"tensor": name, "kind": "dense-diff" if td.is_dense else "sparse", "shape": list(td.shape),
                      "numel": td.numel, "nnz": nnz, "bytes": stored, "budget": td.is_float})
     for name, t in sorted(diff.extras.items()):
         n = int(t.numel())
-        rows.append({"tensor": name, "kind": "extra", "shape": list(t.shape), "numel": n, "nnz": n,
+        rows.append({"tensor": name, "kind": "dense", "shape": list(t.shape), "numel": n, "nnz": n,
                      "bytes": n * t.element_size(), "budget": False})
-    return rows
-
-
-def rows_from_header(header: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per tensor of a packed file's header; bytes are the compressed section sizes."""
-    from diffcli.weights import is_float
-
-    rows = []
-    for name, e in sorted(header["tensors"].items()):
-        size = sum((e.get(s) or {}).get("length", 0) for s in ("index", "values"))
-        rows.append({"tensor": name, "kind": "sparse", "shape": list(e["shape"]), "numel": _numel(e["shape"]),
-                     "nnz": int(e["nnz"]), "bytes": size, "budget": is_float(e["dtype"])})
-    for name, e in sorted(header.get("extras", {}).items()):
-        n = _numel(e["shape"])
-        rows.append({"tensor": name, "kind": "extra", "shape": list(e["shape"]), "numel": n, "nnz": n,
-                     "bytes": e["data"]["length"], "budget": False})
     return rows
 
 
@@ -77,8 +65,9 @@ def summarize(rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any
         g["density"] = g["nnz"] / g["numel"] if g["numel"] else 0.0
     budget_n = sum(r["numel"] for r in rows if r["budget"])
     budget_nnz = sum(r["nnz"] for r in rows if r["budget"])
-    extras = [r for r in rows if r["kind"] == "extra"]
-    totals = {"tensors": len(rows), "budget_numel": budget_n, "nnz": budget_nnz,
+    extras = [r for r in rows if r["kind"] == "dense"]
+    params = sum(r["nnz"] for r in rows if r["kind"] != "dense")
+    totals = {"tensors": len(rows), "budget_numel": budget_n, "nnz": budget_nnz, "params": params,
               "density": budget_nnz / budget_n if budget_n else 0.0,
               "extras": len(extras), "extras_numel": sum(r["numel"] for r in extras),
               "bytes": sum(r["bytes"] for r in rows)}
@@ -107,10 +96,15 @@ def inspect(path: str | Path) -> dict[str, Any]:
     from diffcli import artifact
 
     header = artifact.read_header(path)
+    rows, described = artifact.describe(header)
+    size = path.stat().st_size
+    split = described["bytes"]
+    split = {"header": size - sum(split.values()), **split}
     info = {"path": str(path), "kind": "packed", "format_version": header["version"], "producer": header["producer"],
-            "base": header["base"], "values": header["values"], "max_abs_error": header["max_abs_error"],
-            "config": _config_brief(header["config"]), "meta": header["meta"], "size_bytes": path.stat().st_size}
-    return summarize(rows_from_header(header), info)
+            "base": header["base"], "values": described["values"]["quantizer"], "quantizer": described["values"],
+            "max_abs_error": described["values"]["max_abs_error"], "config": _config_brief(header["config"]),
+            "meta": header["meta"], "size_bytes": size, "bytes": split}
+    return summarize(rows, info)
 
 
 def _config_brief(config: dict[str, Any]) -> dict[str, Any]:
@@ -170,13 +164,19 @@ def render_report(console, report: dict[str, Any], per_tensor: bool = False) -> 
     console.print(f"[bold]{report['path']}[/bold] ({report['kind']}, {_fmt_bytes(report['size_bytes'])})")
     console.print(f"base: {report['base'].get('ref')}  fingerprint: {report['base'].get('fingerprint')}")
     if report.get("values"):
-        console.print(f"values: {report['values']}  max abs cast error: {report['max_abs_error']:.3g}  "
+        q = report["quantizer"]
+        block = f" (blocks of {q['block']})" if q.get("block") else ""
+        rel = f"  max rel error: {q['max_rel_error']:.3g}" if q.get("max_rel_error") is not None else ""
+        console.print(f"values: {report['values']}{block}  max abs error: {report['max_abs_error']:.3g}{rel}  "
                       f"format v{report['format_version']} by {report['producer']}")
+        console.print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in report["bytes"].items()))
     if report["config"]:
         console.print("config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
     for key in ("task", "metrics"):
         if key in report["meta"]:
             console.print(f"{key}: {report['meta'][key]}")
+    if isinstance(report["meta"].get("units"), list):
+        _render_units(console, report["meta"]["units"], per_tensor)
     table = Table(title="per layer")
     for col in ("layer", "tensors", "numel", "nnz", "density", "bytes"):
         table.add_column(col, justify="left" if col == "layer" else "right")
@@ -194,3 +194,18 @@ def render_report(console, report: dict[str, Any], per_tensor: bool = False) -> 
         console.print(tt)
     console.print(f"total: {t['nnz']:,} of {t['budget_numel']:,} budget entries ({t['density']:.4%}), "
                   f"{t['extras']} dense extra tensors ({t['extras_numel']:,} values), {_fmt_bytes(t['bytes'])} of tensor data")
+
+
+def _render_units(console, units: list[dict[str, Any]], every: bool) -> None:
+    """The units a budgeted method (swr) chose, with their final gate probability and cost (all with every)."""
+    from rich.table import Table
+
+    chosen = [u for u in units if u.get("chosen")]
+    cost = sum(int(u.get("cost", 0)) for u in chosen)
+    table = Table(title=f"units: {len(chosen)} of {len(units)} chosen, cost {cost:,} parameters")
+    for col in ("tensor", "update", "probability", "cost", "chosen"):
+        table.add_column(col, justify="left" if col in ("tensor", "update") else "right")
+    for u in units if every else chosen:
+        table.add_row(str(u.get("tensor")), str(u.get("kind")), f"{float(u.get('probability', 0)):.3f}",
+                      f"{int(u.get('cost', 0)):,}", "yes" if u.get("chosen") else "no")
+    console.print(table)

@@ -52,6 +52,8 @@ class TrainOptions:
     controller_rate: float = 0.3
     controller_warmup: float = 0.6
     grad_clip: float = 1.0
+    rank: int = 8  # swr: rank r of a matrix unit's candidate update B·A
+    budget: str | None = None  # swr: hard cap on updated parameters, "100000" or "0.5%" of N (default: --sparsity)
 
     def validate(self) -> None:
         if not 0 < self.sparsity <= 1:
@@ -77,6 +79,8 @@ class TrainOptions:
             if getattr(self, name) not in allowed:
                 raise InvalidValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                         f"got {getattr(self, name)!r}")
+        if type(self.rank) is not int or self.rank < 1:
+            raise InvalidValueError(f"--rank must be an integer ≥ 1, got {self.rank}")
         if self.fill_samples < 1:
             raise InvalidValueError(f"--fill-samples must be at least 1, got {self.fill_samples}")
         if not math.isfinite(self.log_alpha_init):

@@ -64,8 +64,7 @@ def build_diff(tm: TaskModel, flat, index: "torch.Tensor", best: dict, *, model_
     """The shared Diff: sparse δ per gated tensor, zero δ for untouched shared tensors, the head as extras."""
     import torch
 
-    from diffcli.diff import Diff, TensorDiff
-    from diffcli.weights import WeightStore, dtype_name, fingerprint_of, tensor_digest
+    from diffcli.diff import TensorDiff
 
     values = best["best/values"].cpu()
     tensors: dict[str, TensorDiff] = {}
@@ -77,16 +76,26 @@ def build_diff(tm: TaskModel, flat, index: "torch.Tensor", best: dict, *, model_
         keep = v != 0
         tensors[name] = TensorDiff(tm.base_names[name], shape, dtype, digest, v[keep].contiguous(),
                                    i[keep].contiguous())
+    head = {name: best[f"best/head/{name}"] for name in tm.head}
+    return assemble_diff(tm, tensors, head, model_ref=model_ref, meta=meta)
+
+
+def assemble_diff(tm: TaskModel, tensors: dict, head: dict[str, "torch.Tensor"], *, model_ref: str, meta: dict):
+    """A method's δ of every shared tensor (`tensors`), plus the trained head and every other tensor of the task
+    model that differs from the base as extras (a zero δ for those equal to it), config and fingerprint."""
+    import torch
+
+    from diffcli.diff import Diff, TensorDiff
+    from diffcli.weights import WeightStore, dtype_name, fingerprint_of, tensor_digest
+
     extras: dict[str, torch.Tensor] = {}
     store = None
     state = tm.model.state_dict()
-    gated = set(flat.names)
-    head = set(tm.head)
     for name, t in state.items():
-        if name in gated:
+        if name in tensors:
             continue
         if name in head:
-            extras[name] = best[f"best/head/{name}"].detach().cpu().clone().contiguous()
+            extras[name] = head[name].detach().cpu().clone().contiguous()
             continue
         bname = tm.base_names.get(name)
         t = t.detach().cpu()

@@ -111,12 +111,16 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if phase != "fixmask":
         tensors = method.select(run, state, done)
         done, saved = 0, None
-    state = None  # free the method's own buffers (for l0: w, log α, their gradients and optimiser states)
-    index, best_tensors = fixmask_phase(run, tensors, saved, done)
+    if method.own_fixed_phase:  # select trained the fixed phase too (swr); the method builds the diff
+        make_diff = lambda meta: method.build(run, state, tensors, model_ref=model, meta=meta)  # noqa: E731
+    else:
+        state = None  # free the method's own buffers (for l0: w, log α, their gradients and optimiser states)
+        index, best_tensors = fixmask_phase(run, tensors, saved, done)
+        make_diff = lambda meta: build_diff(tm, flat, index, best_tensors, model_ref=model, meta=meta)  # noqa: E731
 
     summary: dict[str, Any] = {}
     if dist.main:
-        diff = build_diff(tm, flat, index, best_tensors, model_ref=model, meta={
+        diff = make_diff({
             "method": method.meta_name, "method_options": method_options(opts), "task": task_data.spec.name, "hyperparameters": run.opt_dict,
             "data": {"task": task, "train_file": str(train_file) if train_file else None,
                      "validation_file": str(validation_file) if validation_file else None,

@@ -174,3 +174,13 @@ class Run:
                 losses.append(step(move(batch, self.dev)))
                 bar.advance(1, f"loss {losses[-1]:.4f}")
         return sum(losses) / max(len(losses), 1)
+
+    def keep_if_best(self, entry: dict, label: str, epochs: int) -> bool:
+        """Score an evaluated fixed-phase epoch, make it `record["best"]` when it beats it, print its line."""
+        score = main_score(self.spec, entry["metrics"])
+        better = score > self.record["best"]["score"]
+        if better:
+            self.record["best"] = {"epoch": entry["epoch"], "score": score, "metrics": entry["metrics"]}
+        self.rep.line(f"{label} epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f} | "
+                      f"{fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
+        return better

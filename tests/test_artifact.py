@@ -18,7 +18,10 @@ from diffcli.weights import fingerprint
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden_v1.diff"
 GOLDEN_SHA256 = "5cdeb112972d11c75417da748e279c16ce95a55a7b3b3893c885b6772985f1f2"
+GOLDEN_V2 = DATA / "golden_v2.diff"
+GOLDEN_V2_SHA256 = "6ea4fd79b2704534f8b0f38d46ecf8ebc6fc7a478706a1ad1fa1c896efe6b4bb"
 SCHEMA = Path(artifact.__file__).parent / "schema" / "header.schema.json"
+SCHEMA_V1 = Path(artifact.__file__).parent / "schema" / "header-v1.schema.json"
 
 
 def _digest(text: str) -> str:
@@ -55,6 +58,12 @@ def golden_diff(reverse: bool = False) -> Diff:
     return Diff(tensors, extras, config, "tiny-bert", fp, meta)
 
 
+def max_error(data: bytes) -> float:
+    """The recorded max abs error of a packed file of either version."""
+    h = artifact.loads_header(data)
+    return h["max_abs_error"] if h["version"] == 1 else h["values"]["max_abs_error"]
+
+
 def assert_same_diff(a: Diff, b: Diff, atol: float = 0.0) -> None:
     assert set(a.tensors) == set(b.tensors) and set(a.extras) == set(b.extras)
     assert (a.config, a.meta, a.base_ref, a.base_fingerprint) == (b.config, b.meta, b.base_ref, b.base_fingerprint)
@@ -78,6 +87,12 @@ def golden_producer(monkeypatch):
 def test_golden_bytes(golden_producer):
     data = GOLDEN.read_bytes()
     assert hashlib.sha256(data).hexdigest() == GOLDEN_SHA256
+    assert artifact.pack(golden_diff(), version=1) == data
+
+
+def test_golden_v2_bytes(golden_producer):
+    data = GOLDEN_V2.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == GOLDEN_V2_SHA256
     assert artifact.pack(golden_diff()) == data
 
 
@@ -111,12 +126,12 @@ def test_pack_is_deterministic_across_insertion_order():
 
 def test_header_matches_schema_and_reader_rules():
     jsonschema = pytest.importorskip("jsonschema")
-    schema = json.loads(SCHEMA.read_text())
+    schema = json.loads(SCHEMA_V1.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     for values in ("fp16", "bf16", "fp32"):
-        header = artifact.loads_header(artifact.pack(golden_diff(), values))
+        header = artifact.loads_header(artifact.pack(golden_diff(), values, version=1))
         jsonschema.validate(header, schema)
-    bad = artifact.loads_header(artifact.pack(golden_diff()))
+    bad = artifact.loads_header(artifact.pack(golden_diff(), version=1))
     bad["tensors"]["bert.encoder.w"]["surprise"] = 1
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
@@ -129,7 +144,7 @@ def test_fp32_round_trip_is_exact_and_casts_stay_within_recorded_error():
     assert_same_diff(diff, artifact.loads(artifact.pack(diff, "fp32")))
     for values in ("fp16", "bf16"):
         data = artifact.pack(diff, values)
-        err = artifact.loads_header(data)["max_abs_error"]
+        err = max_error(data)
         assert 0 < err < 0.01
         assert_same_diff(diff, artifact.loads(data), atol=err)
 
@@ -141,7 +156,7 @@ def test_write_read_header_and_report(tmp_path):
     assert report.header_bytes + report.index_bytes + report.values_bytes + report.extras_bytes == report.bytes
     header = artifact.read_header(out)
     assert header["nnz"] == 9 and header["budget_numel"] == 32 + 8 + 6 + 15
-    assert header["tensors"]["bert.encoder.b"]["base"] == "encoder.b"
+    assert header["version"] == 2 and {r[1]: r for r in header["records"]}["bert.encoder.b"][2] == "encoder.b"
     with pytest.raises(Exception) as exc:
         artifact.write(golden_diff(), out)
     assert type(exc.value).__name__ == "OutputExistsError"
@@ -220,7 +235,7 @@ def test_round_trip_property(diff, values):
     data = artifact.pack(diff, values)
     assert artifact.pack(diff, values) == data
     back = artifact.loads(data)
-    err = artifact.loads_header(data)["max_abs_error"]
+    err = max_error(data)
     cast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[values]
     expected = max([float((v.double() - v.to(cast).double()).abs().max())
                     for v in (td.sparse().values for td in diff.tensors.values()) if v.numel()] or [0.0])
@@ -243,8 +258,8 @@ def test_size_beats_the_information_bound_on_a_pruned_tensor():
     assert len(data) <= 0.92 * bound
     back = artifact.loads(data).tensors["bert.w"]
     assert torch.equal(back.indices, idx)
-    assert float((back.values - vals).abs().max()) <= artifact.loads_header(data)["max_abs_error"]
-    assert artifact.loads_header(data)["tensors"]["bert.w"]["values"]["codec"] == "zstd"
+    assert float((back.values - vals).abs().max()) <= max_error(data)
+    assert artifact.loads_header(data)["streams"]["values"]["codec"] == "zstd"
 
 
 def test_verify_against_its_base_and_another(tiny_base, tmp_path):
@@ -268,3 +283,67 @@ def test_verify_against_its_base_and_another(tiny_base, tmp_path):
         artifact.verify(out, base=str(smaller))
     with pytest.raises(NotFoundError):
         artifact.verify(tmp_path / "missing.diff")
+
+
+def test_golden_v1_file_still_verifies_and_applies(tmp_path):
+    """A file of today's readers' oldest version: its expected tensors through load, verify and apply."""
+    from diffcli.applying import apply_
+
+    report = artifact.verify(GOLDEN)
+    assert (report.version, report.values, report.nnz, report.tensors, report.extras) == (1, "fp16", 9, 5, 4)
+    back = artifact.load(GOLDEN)
+    w = back.tensors["bert.encoder.w"]
+    assert w.indices.tolist() == [1, 5, 6, 30, 31]
+    assert w.values.tolist() == [0.5, -0.25, float(torch.tensor(1e-3).half()), 3.0, float(torch.tensor(1 / 3).half())]
+    assert back.tensors["bert.encoder.h"].indices.tolist() == [5] and back.tensors["bert.encoder.h"].values.tolist() == [1.5]
+    model = torch.nn.Module()
+    model.bert = torch.nn.Module()
+    model.bert.encoder = torch.nn.Module()
+    model.bert.encoder.w = torch.nn.Parameter(torch.ones(4, 8))
+    model.bert.encoder.b = torch.nn.Parameter(torch.zeros(8))
+    model.bert.encoder.h = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.bfloat16))
+    model.bert.empty = torch.nn.Parameter(torch.zeros(3, 5, dtype=torch.float16))
+    model.bert.register_buffer("ids", torch.zeros(1, 6, dtype=torch.int64))
+    model.classifier = torch.nn.Linear(4, 2)
+    handle = apply_(model, back, check=False, strict=False)
+    expected = torch.ones(32)
+    expected[[1, 5, 6, 30, 31]] += w.values
+    assert torch.equal(model.bert.encoder.w.detach().reshape(-1), expected)
+    assert model.bert.encoder.b.detach().tolist() == pytest.approx([0, 0.125, 0, 0, -2.0, 0, 7e-5, 0], abs=1e-7)
+    assert model.bert.encoder.h.detach().reshape(-1).tolist() == [0, 0, 0, 0, 0, 1.5]
+    assert torch.equal(model.classifier.weight.detach(), (torch.arange(8.0).reshape(2, 4) - 3.5) / 10)
+    assert "flags" in handle.skipped
+
+
+def test_v2_header_matches_its_schema_for_every_quantizer():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for values in ("fp16", "bf16", "fp32", "int8", "int4", "ternary"):
+        header = artifact.loads_header(artifact.pack(golden_diff(), values))
+        jsonschema.validate(header, schema)
+        assert header["version"] == 2 and header["values"]["quantizer"] == values
+    header = artifact.loads_header(artifact.pack(golden_diff(), "int8"))
+    for bad in (lambda h: h["records"][0].__setitem__(0, "lowrank"), lambda h: h["values"].update(block=0),
+                lambda h: h["values"].update(quantizer="int3"), lambda h: h["streams"].update(extra={})):
+        broken = json.loads(json.dumps(header))
+        bad(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+        with pytest.raises(FormatError):
+            artifact.validate_header(broken, 10**6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(diffs(), st.sampled_from(["int8", "int4", "ternary"]), st.sampled_from([None, 1, 3, 64]))
+def test_quantized_round_trip_property(diff, values, block):
+    data = artifact.pack(diff, values, block=block)
+    assert artifact.pack(diff, values, block=block) == data
+    back = artifact.loads(data)
+    err = max_error(data)
+    assert set(back.tensors) == set(diff.tensors) and (back.config, back.meta) == (diff.config, diff.meta)
+    for name, td in diff.tensors.items():  # entries whose code is 0 are dropped; the rest within the error
+        assert back.tensors[name].nnz <= td.nnz
+        assert torch.allclose(back.tensors[name].dense(), td.dense(), rtol=0, atol=err * (1 + 1e-6) + 1e-30), name
+    for name, t in diff.extras.items():
+        assert torch.equal(back.extras[name], t)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,26 +12,36 @@ from diffcli.cli.output import ForceOpt, JsonOpt, Output, QuietOpt
 def pack(
     checkpoint: Annotated[str, typer.Argument(help="A diff checkpoint folder (from train/prune) or a .diff file.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output .diff file; '-' writes it to stdout.")],
-    values: Annotated[str, typer.Option("--values", help="Value precision: fp16, bf16 or fp32 (exact).")] = "fp16",
+    values: Annotated[str, typer.Option("--values", help="Value format: fp16, bf16, fp32 (exact), int8, int4 or "
+                                                         "ternary (block absmax / ternary scales).")] = "fp16",
+    block: Annotated[Optional[int], typer.Option("--block", help="Values per scale for int8/int4/ternary "
+                                                                 "(default 256, 64, 256).")] = None,
+    format_version: Annotated[int, typer.Option("--format-version", help="2 (default), or 1 for readers "
+                                                                         "older than format v2 (fp16/bf16/fp32).")] = 2,
     force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Pack a diff: Rice-coded positions and byte-plane zstd values, every section checksummed."""
-    from diffcli.artifact import pack_checkpoint
+    """Pack a diff: Rice-coded positions, quantized values and zstd, every stream checksummed."""
     from diffcli.errors import InvalidValueError
+    from diffcli.packing import pack_checkpoint
 
     to_stdout = output == "-"
     if to_stdout and json_:
         raise InvalidValueError("--json needs stdout, so it cannot be used with -o -")
     out = Output(json_, quiet)
-    report = pack_checkpoint(checkpoint, output, values=values, force=force)
+    report = pack_checkpoint(checkpoint, output, values=values, force=force, version=format_version, block=block)
     data = report.to_dict()
     where = "stdout" if to_stdout else report.path
-    lines = [f"wrote {where}: {report.bytes:,} bytes, {report.ratio:,.1f}x smaller than the dense fp32 diff "
-             f"({report.dense_fp32_bytes:,} bytes)",
+    quant = report.values + (f" (blocks of {report.block})" if report.block else "")
+    kind = "cast" if report.block is None else "quantization"
+    rel = f", max rel error {report.max_rel_error:.3g}" if report.max_rel_error is not None else ""
+    lines = [f"wrote {where}: {report.bytes:,} bytes (format v{report.version}), {report.ratio:,.1f}x smaller than "
+             f"the dense fp32 diff ({report.dense_fp32_bytes:,} bytes)",
              f"{report.nnz:,} entries in {report.tensors} tensors ({report.density:.3%} of {report.budget_numel:,}), "
-             f"{report.extras} extras; values {report.values}, max abs cast error {report.max_abs_error:.3g}"]
+             f"{report.extras} extras; values {quant}, max abs {kind} error {report.max_abs_error:.3g}{rel}",
+             f"bytes: header {report.header_bytes:,}, positions {report.index_bytes:,}, values "
+             f"{report.values_bytes:,}, dense {report.extras_bytes:,}"]
     if to_stdout:  # stdout carries the file: everything human goes to stderr
         for line in lines:
             out.info(line)

@@ -25,7 +25,7 @@ def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model: folder, alias or hub id.")] = "minilm",
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Train on the first N examples only.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on the first N examples of each split.")] = None,
-    method: Annotated[str, typer.Option("--method", help="How the mask is chosen: l0 (learned gates, the default), fisher, random or magnitude; see docs/METHODS.md.", rich_help_panel=_M)] = "l0",
+    method: Annotated[str, typer.Option("--method", help="How the mask is chosen: l0 (learned gates, the default), fisher, random, magnitude, or swr (a budgeted choice of low-rank/dense updates per tensor); see docs/METHODS.md.", rich_help_panel=_M)] = "l0",
     sparsity: Annotated[str, typer.Option("--sparsity", "-s", help="Fraction of shared entries the diff keeps: 0.5% or 0.005.")] = "0.5%",
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the L0 phase.")] = 3,
     fixmask_epochs: Annotated[int, typer.Option("--fixmask-epochs", help="Epochs of finetuning the kept entries after the projection.")] = 3,
@@ -51,6 +51,8 @@ def train(
     controller_rate: Annotated[float, typer.Option("--controller-rate", help="Step of the controller's log-λ integral per step.", rich_help_panel=_M)] = 0.3,
     controller_warmup: Annotated[float, typer.Option("--controller-warmup", help="Fraction of L0 steps over which the density target falls to --sparsity.", rich_help_panel=_M)] = 0.6,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip each optimiser's gradients to this norm (0: off).", rich_help_panel=_M)] = 1.0,
+    rank: Annotated[int, typer.Option("--rank", help="swr: rank r of each matrix's candidate update B·A.", rich_help_panel=_M)] = 8,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="swr: hard cap on updated parameters, a count (100000) or a share of N (0.5%); default --sparsity.", rich_help_panel=_M)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <output>.partial/.")] = False,
     force: ForceOpt = False,
@@ -70,7 +72,7 @@ def train(
         weight_decay=weight_decay, l0_lambda=l0_lambda,
         log_alpha_init=log_alpha_init, gate_l=gate_l, gate_r=gate_r, beta=beta, structured=structured,
         controller=controller, controller_rate=controller_rate, controller_warmup=controller_warmup,
-        grad_clip=grad_clip)
+        grad_clip=grad_clip, rank=rank, budget=budget)
     fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields is not None else None
     summary = run_train(task=task, data_dir=str(data_dir) if data_dir else None,
                         train_file=str(train_file) if train_file else None,

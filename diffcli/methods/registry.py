@@ -38,6 +38,7 @@ class TrainMethod(ABC):
     to_diff: ClassVar[str]              # how the result becomes a diff
     phases: ClassVar[tuple[str, ...]] = ()  # resumable phases (saved per epoch) before the fixed mask
     epochs_phase: ClassVar[str | None] = None  # the phase `--epochs` counts, when the method takes it
+    own_fixed_phase: ClassVar[bool] = False  # `select` trains the fixed phase itself and `build` makes the diff
     memory: ClassVar[str]               # its peak, as `memory_estimate.estimate` names it: full, l0 or sparse
 
     def check(self, opts: "TrainOptions") -> None:
@@ -65,6 +66,10 @@ class TrainMethod(ABC):
         `mask/values` (δ there) and `head/<name>` for every new tensor; `run.record["projection"]` says how it
         was chosen (`k`, `n`, `kept`, ...).
         """
+
+    def build(self, run: "Run", state: Any, best: dict[str, Any], *, model_ref: str, meta: dict):
+        """The diff of a method with its own fixed phase, from what `select` returned (`own_fixed_phase` only)."""
+        raise NotImplementedError(f"--method {self.name} uses the shared fixed-mask phase")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "options": list(self.options), "reparametrizes": self.reparametrizes,

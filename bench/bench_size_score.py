@@ -1,0 +1,168 @@
+"""Size at equal score on real trained diffs: every value format and lower densities, scored like `diffprune eval`.
+
+Run (one process, one thread; tasks may be given one at a time as their checkpoints finish, results merge):
+  OMP_NUM_THREADS=1 python bench/bench_size_score.py --data-dir GLUE_DIR rte=CKPT [mrpc=CKPT ...] \
+      [--out bench/results/size_score.json]
+
+For each task: the trained diff (a checkpoint folder) packed as today's file (format v1, fp16: the reference),
+and as format v2 with every value format; then re-projected (magnitude top-k of the trained δ, no retraining)
+to lower densities with the lean formats. Each file is decoded from its bytes and scored on the full dev set
+through `DiffBank` + `evaluation.evaluate`, the code behind `diffprune eval`. Reported per task: the smallest
+file within 0.5 point of the reference (target: at most half its bytes), and the best score at LoRA's adapter
+bytes (bench/results/quality.json) against today's best there (v1 fp16 re-projected to fit those bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "ternary")
+LEAN = ("int8", "int4", "ternary")
+DENSITIES = (0.0025, 0.001)
+LORA_BYTES = {"rte": 301520, "mrpc": 301520, "stsb": 299980, "cola": 301520}  # bench/results/quality.json
+TOLERANCE = 0.5  # points of the GLUE score
+
+
+def fit_density(diff, target_bytes: int, values: str, version: int, steps: int = 12):
+    """The diff re-projected to the largest density whose packed size is at most target_bytes (bisection)."""
+    from diffcli import artifact, projection
+
+    lo, hi = 0.0, diff.density
+    best = projection.project(diff, 0.0).diff
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        cand = projection.project(diff, mid).diff
+        if len(artifact.pack(cand, values, version=version)) <= target_bytes:
+            lo, best = mid, cand
+        else:
+            hi = mid
+    return best, lo
+
+
+def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
+             max_eval_samples: int | None = None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from diffcli import artifact, metrics, projection
+    from diffcli.bank import DiffBank
+    from diffcli.evaluation import evaluate
+    from diffcli.sources import load_diff
+    from diffcli.tasks import load_task
+
+    torch.set_num_threads(1)
+    trained = load_diff(ckpt)
+    data = load_task(task, data_dir=data_dir, need_train=False, max_eval_samples=max_eval_samples)
+    spec = data.spec
+    bank = DiffBank(base, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(bank.folder)
+    rows = []
+
+    def score(label: str, diff, values: str, version: int, density: float) -> None:
+        blob = artifact.pack(diff, values, version=version)
+        back = artifact.loads(blob)
+        header = artifact.loads_header(blob)
+        _rows, described = artifact.describe(header)
+        split = {"header": len(blob) - sum(described["bytes"].values()), **described["bytes"]}
+        bank.add(label, back)
+        t0 = time.perf_counter()
+        with bank.use(label) as model:
+            dev = evaluate(model, tokenizer, data, max_seq_length=128, batch_size=64)
+        s = 100 * metrics.main_score(spec, dev[spec.eval_splits[0]])
+        rows.append({"label": label, "version": version, "values": values, "density": density, "nnz": back.nnz,
+                     "bytes": len(blob), "split": split, "max_abs_error": described["values"]["max_abs_error"],
+                     "max_rel_error": described["values"]["max_rel_error"], "score": s,
+                     "eval_s": time.perf_counter() - t0})
+        print(f"{task:5s} {label:28s} {len(blob):>9,} B  score {s:6.2f}", flush=True)
+
+    density = trained.density
+    score("v1 fp16 (today)", trained, "fp16", 1, density)
+    for v in FORMATS:
+        score(f"v2 {v}", trained, v, 2, density)
+    for d in DENSITIES:
+        lower = projection.project(trained, d).diff
+        for v in LEAN:
+            score(f"v2 {v} @ {d:.2%}", lower, v, 2, d)
+    fitted, fit_d = fit_density(trained, lora_bytes, "fp16", 1)
+    score(f"v1 fp16 @ LoRA bytes ({fit_d:.3%})", fitted, "fp16", 1, fit_d)
+
+    ref = rows[0]
+    ours = [r for r in rows if r["version"] == 2]
+    close = [r for r in ours if r["score"] >= ref["score"] - TOLERANCE]
+    smallest = min(close, key=lambda r: r["bytes"]) if close else None
+    today_lora = rows[-1]
+    fits = [r for r in ours if r["bytes"] <= lora_bytes]
+    best_lora = max(fits, key=lambda r: r["score"]) if fits else None
+    return {"task": task, "checkpoint": str(ckpt), "metric": spec.metrics, "trained_density": density,
+            "lora_bytes": lora_bytes, "rows": rows, "reference": ref["label"],
+            "smallest_within_tolerance": smallest and smallest["label"],
+            "smallest_over_reference_bytes": smallest and smallest["bytes"] / ref["bytes"],
+            "half_bytes_target_met": bool(smallest and smallest["bytes"] <= ref["bytes"] / 2),
+            "today_at_lora_bytes": today_lora["score"], "best_at_lora_bytes": best_lora and best_lora["score"],
+            "best_at_lora_bytes_label": best_lora and best_lora["label"],
+            "lora_bytes_target_met": bool(best_lora and best_lora["score"] > today_lora["score"])}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = ["# Size at equal score: format v2 value formats on trained MiniLM diffs (GLUE dev)", "",
+             f"Date: {result['date']}. Machine: CPU only (2 cores shared with other jobs), one torch thread.", "",
+             "## Command", "", "```", *result["commands"], "```", "",
+             "Checkpoints: `diffprune train` defaults at 0.5% on capped GLUE, seed 42 (see each task's `checkpoint`). "
+             "Every file is decoded from its bytes and scored on the full dev set with `DiffBank` + "
+             "`evaluation.evaluate` (the code behind `diffprune eval`). Lower densities: the trained δ "
+             "re-projected by magnitude, no retraining. Score: GLUE metric x100.", ""]
+    for task, t in result["tasks"].items():
+        ref = next(r for r in t["rows"] if r["label"] == t["reference"])
+        lines += [f"## {task} (LoRA adapter {t['lora_bytes']:,} B)", "",
+                  "| file | density | bytes | / today | header | positions | values | dense | max rel err | score | Δ |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in t["rows"]:
+            s = r["split"]
+            rel = "—" if r["max_rel_error"] is None else f"{r['max_rel_error']:.3g}"
+            lines.append(f"| {r['label']} | {r['density']:.3%} | {r['bytes']:,} | {r['bytes'] / ref['bytes']:.3f} | "
+                         f"{s['header']:,} | {s['positions']:,} | {s['values']:,} | {s['dense']:,} | {rel} | "
+                         f"{r['score']:.2f} | {r['score'] - ref['score']:+.2f} |")
+        lines += ["", f"- smallest file within {TOLERANCE} point of today's: **{t['smallest_within_tolerance']}**, "
+                      f"{t['smallest_over_reference_bytes']:.3f}x today's bytes "
+                      f"(target ≤ 0.5: {'met' if t['half_bytes_target_met'] else 'MISSED'})"
+                  if t["smallest_within_tolerance"] else f"- no file within {TOLERANCE} point of today's",
+                  f"- at LoRA's bytes: best {t['best_at_lora_bytes_label']} {t['best_at_lora_bytes']:.2f} vs today's "
+                  f"{t['today_at_lora_bytes']:.2f} (target: higher: "
+                  f"{'met' if t['lora_bytes_target_met'] else 'MISSED'})" if t["best_at_lora_bytes"] is not None
+                  else "- nothing fits LoRA's bytes", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoints", nargs="+", help="TASK=CHECKPOINT_FOLDER, e.g. rte=runs/rte/ckpt")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--base", default="minilm")
+    ap.add_argument("--max-eval-samples", type=int, help="score only N dev examples (a smoke test, not a result)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "size_score.json")
+    args = ap.parse_args()
+    result = json.loads(args.out.read_text()) if args.out.exists() else {"tasks": {}, "commands": []}
+    command = "OMP_NUM_THREADS=1 python bench/bench_size_score.py --data-dir GLUE_DIR " + " ".join(
+        f"{c.split('=', 1)[0]}=CKPT" for c in args.checkpoints)
+    for item in args.checkpoints:
+        task, _, ckpt = item.partition("=")
+        result["tasks"][task] = run_task(task, Path(ckpt), args.base, args.data_dir, LORA_BYTES[task],
+                                      args.max_eval_samples)
+        result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if command not in result["commands"]:
+            result["commands"].append(command)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_markdown(result, args.out.with_suffix(".md"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Value quantizers of packed format v2: float casts, block-absmax int8/int4 and block ternary (docs/FORMAT.md §5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffcli.errors import FormatError, InvalidValueError
+
+FLOAT_QUANTIZERS = {"fp16": 2, "bf16": 2, "fp32": 4}  # name → bytes per value
+BLOCK_QUANTIZERS = {"int8": 127, "int4": 7, "ternary": 1}  # name → largest |code|
+QUANTIZERS = tuple(FLOAT_QUANTIZERS) + tuple(BLOCK_QUANTIZERS)
+DEFAULT_BLOCK = {"int8": 256, "int4": 64, "ternary": 256}
+TERNARY_THRESHOLD = 0.7  # Δ = 0.7·mean|v| per block (Li & Liu 2016, ternary weight networks)
+
+
+@dataclass
+class Quantized:
+    """What the writer stores (`codes`, `scales`) and what a reader will get back (`values`, float32)."""
+
+    codes: bytes
+    scales: np.ndarray
+    values: np.ndarray
+    max_abs_error: float
+    max_rel_error: float
+    codes_int: np.ndarray | None = None  # the integer codes of block quantizers
+
+
+def check_spec(quantizer: str, block: int | None) -> int:
+    """The block size a quantizer will use (0 for float casts), or an InvalidValueError for a bad request."""
+    if quantizer not in QUANTIZERS:
+        raise InvalidValueError(f"--values {quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+    if quantizer in FLOAT_QUANTIZERS:
+        if block is not None:
+            raise InvalidValueError(f"--block applies to int8, int4 and ternary, not to {quantizer}")
+        return 0
+    block = DEFAULT_BLOCK[quantizer] if block is None else block
+    if type(block) is not int or not 1 <= block <= 1 << 30:
+        raise InvalidValueError(f"--block {block!r} must be an integer in 1..{1 << 30}")
+    return block
+
+
+def codes_length(quantizer: str, nnz: int) -> int:
+    """Bytes of the raw values stream for `nnz` values."""
+    if quantizer in FLOAT_QUANTIZERS:
+        return nnz * FLOAT_QUANTIZERS[quantizer]
+    return {"int8": nnz, "int4": (nnz + 1) // 2, "ternary": (nnz + 3) // 4}[quantizer]
+
+
+def block_starts(counts: np.ndarray, block: int) -> np.ndarray:
+    """Start index of every block: blocks of `block` values, restarting at each tensor (counts > 0 only)."""
+    counts = counts[counts > 0].astype(np.int64)
+    if counts.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    nblocks = -(-counts // block)
+    tensor_start = np.cumsum(counts) - counts
+    first_block = np.cumsum(nblocks) - nblocks
+    j = np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first_block, nblocks)
+    return np.repeat(tensor_start, nblocks) + j * block
+
+
+def scale_count(counts: np.ndarray, block: int) -> int:
+    """Number of scales the blocks of these per-tensor value counts need."""
+    return int((-(-counts.astype(np.int64) // block)).sum()) if block else 0
+
+
+def _float_codes(values: np.ndarray, quantizer: str) -> tuple[bytes, np.ndarray]:
+    import torch
+
+    from diffcli.codec import to_planes
+
+    if values.size == 0:
+        return b"", values
+    t = torch.from_numpy(values)
+    if quantizer == "fp32":
+        cast = t
+    else:
+        cast = t.to(torch.float16 if quantizer == "fp16" else torch.bfloat16)
+    size = FLOAT_QUANTIZERS[quantizer]
+    le = cast.view(torch.uint8).numpy() if size > 1 else cast.numpy()
+    return to_planes(le, size), cast.to(torch.float32).numpy()
+
+
+def _block_ids(n: int, starts: np.ndarray) -> np.ndarray:
+    lengths = np.diff(np.append(starts, n))
+    return np.repeat(np.arange(starts.size, dtype=np.int64), lengths)
+
+
+def quantize(values: np.ndarray, counts: np.ndarray, quantizer: str, block: int, refit: bool = False) -> Quantized:
+    """Quantize the concatenated float32 values of tensors holding `counts` values each (in order).
+
+    `refit`: the values are what a first pass kept (codes ≠ 0); ternary then keeps them all (threshold 0),
+    each block's scale being the mean |v| of its values."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n = values.size
+    if quantizer in FLOAT_QUANTIZERS:
+        codes, back = _float_codes(values, quantizer)
+        scales = np.zeros(0, dtype=np.float32)
+    else:
+        starts = block_starts(counts, block)
+        ids = _block_ids(n, starts)
+        mag = np.abs(values)
+        if quantizer == "ternary":
+            per = np.diff(np.append(starts, n)).astype(np.float32)
+            factor = 0.0 if refit else TERNARY_THRESHOLD
+            thr = (factor * np.add.reduceat(mag, starts) / per).astype(np.float32) if n else per
+            kept = mag > thr[ids]
+            count = np.add.reduceat(kept.astype(np.int64), starts) if n else np.zeros(0, np.int64)
+            total = np.add.reduceat(np.where(kept, mag, 0), starts) if n else np.zeros(0, np.float32)
+            scales = np.where(count > 0, total / np.maximum(count, 1), 1.0).astype(np.float32)
+            q = (np.sign(values) * kept).astype(np.int8)
+        else:
+            top = BLOCK_QUANTIZERS[quantizer]
+            absmax = np.maximum.reduceat(mag, starts) if n else np.zeros(0, np.float32)
+            scales = np.where(absmax > 0, absmax / np.float32(top), 1.0).astype(np.float32)
+            scales[scales <= 0] = np.float32(np.finfo(np.float32).tiny)  # a subnormal block max: round to 0s
+            q = np.clip(np.rint(values / scales[ids]), -top, top).astype(np.int8)
+        scales[~np.isfinite(scales) | (scales <= 0)] = np.float32(np.finfo(np.float32).tiny)
+        codes = pack_codes(q, quantizer)
+        back = q.astype(np.float32) * scales[ids]
+    max_abs, max_rel = errors(values, back, counts)
+    return Quantized(codes, scales, back, max_abs, max_rel, None if quantizer in FLOAT_QUANTIZERS else q)
+
+
+def errors(values: np.ndarray, back: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """max |v − v′|, and the largest over tensors of max |v − v′| / max |v| (0 for an all-zero tensor)."""
+    if not values.size:
+        return 0.0, 0.0
+    err = np.abs(values - back)
+    tstarts = (np.cumsum(counts) - counts)[counts > 0].astype(np.int64)
+    top_err = np.maximum.reduceat(err, tstarts)
+    top_val = np.maximum.reduceat(np.abs(values), tstarts)
+    rel = np.where(top_val > 0, top_err / np.where(top_val > 0, top_val, 1), 0)
+    return float(err.max()), float(rel.max())
+
+
+def pack_codes(q: np.ndarray, quantizer: str) -> bytes:
+    """Integer codes → bytes: int8 as is, int4 as q+8 nibbles (high first), ternary as q+1 in 2 bits (MSB first)."""
+    if quantizer == "int8":
+        return q.astype(np.int8).tobytes()
+    per = 2 if quantizer == "int4" else 4
+    c = (q.astype(np.int16) + (8 if quantizer == "int4" else 1)).astype(np.uint8)
+    pad = (-c.size) % per
+    if pad:
+        c = np.concatenate([c, np.zeros(pad, dtype=np.uint8)])
+    c = c.reshape(-1, per)
+    if per == 2:
+        return ((c[:, 0] << 4) | c[:, 1]).astype(np.uint8).tobytes()
+    return ((c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]).astype(np.uint8).tobytes()
+
+
+def unpack_codes(raw: bytes | memoryview, n: int, quantizer: str) -> np.ndarray:
+    """Inverse of pack_codes, rejecting codes outside the quantizer's range and non-zero padding."""
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    if buf.size != codes_length(quantizer, n):
+        raise FormatError(f"values stream is {buf.size} bytes; {n} {quantizer} values need "
+                          f"{codes_length(quantizer, n)}")
+    if quantizer == "int8":
+        q = buf.view(np.int8)
+        if n and int(q.min()) < -127:
+            raise FormatError("values stream holds the int8 code -128, which the format forbids")
+        return q
+    if quantizer == "int4":
+        c = np.empty(buf.size * 2, dtype=np.uint8)
+        c[0::2], c[1::2] = buf >> 4, buf & 15
+        bad, offset = 0, 8
+    else:
+        c = np.empty(buf.size * 4, dtype=np.uint8)
+        c[0::4], c[1::4], c[2::4], c[3::4] = buf >> 6, (buf >> 4) & 3, (buf >> 2) & 3, buf & 3
+        bad, offset = 3, 1
+    if c[n:].any():
+        raise FormatError(f"{quantizer} values stream has non-zero padding bits")
+    c = c[:n]
+    if n and bool((c == bad).any()):
+        raise FormatError(f"values stream holds a code outside the {quantizer} range")
+    return (c.astype(np.int8) - np.int8(offset)).astype(np.int8)
+
+
+def dequantize(raw: bytes | memoryview, scales: np.ndarray, counts: np.ndarray, quantizer: str,
+               block: int) -> np.ndarray:
+    """The float32 values a stored values stream (and its scales) stands for."""
+    n = int(counts.sum())
+    if quantizer in FLOAT_QUANTIZERS:
+        import torch
+
+        from diffcli.codec import from_planes
+
+        size = FLOAT_QUANTIZERS[quantizer]
+        if len(raw) != n * size:
+            raise FormatError(f"values stream is {len(raw)} bytes; {n} {quantizer} values need {n * size}")
+        le = torch.from_numpy(from_planes(raw, size))
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[quantizer]
+        return le.view(dtype).to(torch.float32).numpy()
+    q = unpack_codes(raw, n, quantizer)
+    starts = block_starts(counts, block)
+    if scales.size != starts.size:
+        raise FormatError(f"{scales.size} scales for {starts.size} blocks")
+    if scales.size and not (np.isfinite(scales).all() and (scales > 0).all()):
+        raise FormatError("a scale is NaN, infinite, zero or negative")
+    return q.astype(np.float32) * scales[_block_ids(n, starts)]

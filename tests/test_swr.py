@@ -1,0 +1,173 @@
+"""`train --method swr`: units, the knapsack under the budget, bad input (exit 2), and one end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffcli import artifact, checkpoint
+from diffcli.cli.app import app
+from diffcli.errors import InvalidValueError
+from diffcli.methods.swr import Unit, choose, parse_budget, plan_units
+from tests.training_data import write_task
+
+runner = CliRunner()
+FAST = ["--epochs", "1", "--fixmask-epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
+
+
+def test_units_low_rank_where_factors_are_smaller_dense_elsewhere():
+    units = {u.name: u for u in plan_units({"q": (32, 32), "emb": (120, 32), "tt": (2, 32), "b": (32,),
+                                            "conv": (4, 2, 3)}, 8)}
+    assert (units["q"].kind, units["q"].cost) == ("lowrank", 8 * 64)
+    assert (units["emb"].kind, units["emb"].cost) == ("lowrank", 8 * 152)
+    assert (units["tt"].kind, units["tt"].cost) == ("dense", 64)  # rank 8 > 2: a dense δ is smaller
+    assert (units["b"].kind, units["b"].cost) == ("dense", 32)
+    assert (units["conv"].kind, units["conv"].cost) == ("dense", 24)
+    assert plan_units({"q": (32, 32)}, 16)[0].kind == "dense"  # 16·64 = 32·32: factors no smaller
+    with pytest.raises(InvalidValueError, match="--rank 33 exceeds the smaller dimension of every matrix"):
+        plan_units({"q": (32, 32), "emb": (120, 32)}, 33)
+
+
+def test_choice_follows_probability_and_never_exceeds_the_budget():
+    units = [Unit("a", (10, 10), "lowrank", 40), Unit("b", (10,), "dense", 10), Unit("c", (10, 10), "lowrank", 40),
+             Unit("d", (5,), "dense", 5)]
+    assert choose(units, [0.9, 0.8, 0.7, 0.1], 55) == [True, True, False, True]  # c does not fit, d does
+    assert choose(units, [0.9, 0.8, 0.7, 0.1], 4) == [False] * 4
+    assert choose(units, [0.5] * 4, 55) == [True, True, False, True]  # ties: cheaper first, then by name (a before c)
+    torch.manual_seed(0)
+    for _ in range(50):
+        costs = torch.randint(1, 100, (12,)).tolist()
+        us = [Unit(str(i), (c,), "dense", c) for i, c in enumerate(costs)]
+        budget = int(torch.randint(1, 400, ()).item())
+        picked = choose(us, torch.rand(12).tolist(), budget)
+        assert sum(c for c, p in zip(costs, picked) if p) <= budget
+
+
+@pytest.mark.parametrize("text, want", [("100000", ("count", 100000.0)), ("0.5%", ("fraction", 0.005)),
+                                        (" 12 ", ("count", 12.0)), (None, None)])
+def test_parse_budget(text, want):
+    assert parse_budget(text) == want
+
+
+@pytest.mark.parametrize("text", ["abc", "1.5", "0%", "150%", "-3", ""])
+def test_parse_budget_refuses_nonsense(text):
+    with pytest.raises(InvalidValueError, match="--budget"):
+        parse_budget(text)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_task(tmp_path / "data")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "swr", "--budget", "0"], "--budget 0 gives 0 parameters"),
+    (["--method", "swr", "--budget", "99999999"], "must lie in 1.."),
+    (["--method", "swr", "--budget", "150%"], "percentage in (0, 100]"),
+    (["--method", "swr", "--budget", "lots"], "is not a parameter count"),
+    (["--method", "swr", "--rank", "0"], "--rank must be an integer ≥ 1"),
+    (["--method", "swr", "--rank", "33"], "--rank 33 exceeds the smaller dimension"),
+    (["--rank", "4"], "--method l0 does not take --rank (taken by --method swr)"),
+    (["--budget", "1000"], "--method l0 does not take --budget"),
+    (["--method", "swr", "--fill", "fisher"], "--method swr does not take --fill (taken by --method l0)"),
+    (["--method", "swr", "--structured"], "--method swr does not take --structured"),
+    (["--method", "nope"], "unknown --method 'nope'"),
+])
+def test_bad_input_is_one_line_exit_2_before_training(tmp_path, tiny_base, data, args, message):
+    train, dev = data
+    out = tmp_path / "ckpt"
+    res = runner.invoke(app, ["train", "--train-file", str(train), "--validation-file", str(dev), "--model",
+                              str(tiny_base), *FAST, *args, "-o", str(out)])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and message in lines[0], res.output
+    assert "Traceback" not in res.output and "epoch" not in res.output
+    assert not out.exists() and not (tmp_path / "ckpt.partial").exists()
+
+
+def test_swr_end_to_end_train_pack_verify_apply(tmp_path, tiny_base, data):
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from diffcli.applying import apply_
+    from diffcli.weights import WeightStore
+
+    train, dev = data
+    ckpt, packed, merged = tmp_path / "ckpt", tmp_path / "swr.diff", tmp_path / "merged"
+    budget = 3000
+    res = runner.invoke(app, ["train", "--train-file", str(train), "--validation-file", str(dev), "--model",
+                              str(tiny_base), *FAST, "--method", "swr", "--rank", "4", "--budget", str(budget),
+                              "--alpha-lr", "0.2", "-o", str(ckpt), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["method"] == "swr" and summary["method_options"]["rank"] == 4
+    diff = checkpoint.load(ckpt)
+    units = diff.meta["units"]
+    assert len(units) == len(diff.tensors) - sum(1 for t in diff.tensors if "position_ids" in t)
+    assert all(0 <= u["probability"] <= 1 and u["cost"] > 0 for u in units)
+    chosen = [u for u in units if u["chosen"]]
+    assert chosen and sum(u["cost"] for u in chosen) <= budget
+    assert diff.nnz <= budget  # stored update parameters never exceed the cap
+    for u in units:
+        td = diff.tensors[u["tensor"]]
+        if not u["chosen"]:
+            assert td.nnz == 0
+        elif u["kind"] == "lowrank":
+            assert td.is_lowrank and td.factors[0].shape[1] == 4
+        else:
+            assert not td.is_lowrank and td.nnz <= u["cost"]
+    assert any(u["kind"] == "lowrank" for u in chosen)
+
+    assert runner.invoke(app, ["pack", str(ckpt), "-o", str(packed), "--values", "fp32"]).exit_code == 0
+    res = runner.invoke(app, ["verify", str(packed), "--base", str(tiny_base)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["inspect", str(packed), "--json"])
+    report = json.loads(res.stdout)
+    assert report["totals"]["params"] == diff.nnz <= budget
+    res = runner.invoke(app, ["inspect", str(packed)])
+    assert res.exit_code == 0 and f"{len(chosen)} of {len(units)} chosen" in res.stdout
+    assert runner.invoke(app, ["apply", str(tiny_base), str(packed), "-o", str(merged)]).exit_code == 0
+
+    rebuilt = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert type(rebuilt) is BertForSequenceClassification  # the base architecture, no adapter modules
+    reference = BertForSequenceClassification.from_pretrained(tiny_base, num_labels=2).eval()
+    apply_(reference, diff)  # the in-memory model: base + B·A / δ from the checkpoint, head loaded
+    store = WeightStore(tiny_base)
+    state = rebuilt.state_dict()
+    for u in chosen:  # W' = W + B·A exactly (float32 base, float32 factors)
+        td = diff.tensors[u["tensor"]]
+        assert torch.equal(state[u["tensor"]], store[td.base_name].float() + td.dense())
+    batch = {"input_ids": torch.randint(5, 40, (3, 9), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**batch).logits, reference(**batch).logits)
+    best = summary["after_fixmask"]["metrics"]["validation"]
+    res = runner.invoke(app, ["eval", str(tiny_base), str(packed), "--validation-file", str(dev), "--json"])
+    assert res.exit_code == 0, res.output  # in memory (DiffBank): the numbers of the training run's best epoch
+    report = json.loads(res.stdout)
+    got = report["metrics"] if "accuracy" in report["metrics"] else next(iter(report["metrics"].values()))
+    assert got["accuracy"] == pytest.approx(best["accuracy"], abs=1e-9)
+
+
+def test_a_budget_every_unit_fits_chooses_all_without_a_penalty(tmp_path, tiny_base, data):
+    train, dev = data
+    out = tmp_path / "ckpt"
+    res = runner.invoke(app, ["train", "--train-file", str(train), "--validation-file", str(dev), "--model",
+                              str(tiny_base), "--epochs", "1", "--fixmask-epochs", "0", "--batch-size", "16",
+                              "--method", "swr", "--budget", "100%", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "every unit fits the budget" in res.stderr + res.stdout
+    diff = checkpoint.load(out)
+    assert all(u["chosen"] for u in diff.meta["units"])
+    assert diff.meta["results"]["best"]["epoch"] == 0
+
+
+def test_the_library_pruner_refuses_swr_with_one_clear_error(tiny_base):
+    from transformers import BertForSequenceClassification
+
+    from diffcli.api import DiffPruner
+
+    model = BertForSequenceClassification.from_pretrained(tiny_base, num_labels=2)
+    with pytest.raises(InvalidValueError, match="DiffPruner trains sparse masks; --method swr runs through"):
+        DiffPruner(model, str(tiny_base), method="swr")
