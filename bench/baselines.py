@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -124,36 +123,38 @@ def fp16_state(model) -> dict:
             if p.requires_grad}
 
 
-def lora_file_bytes(model, cfg: BaselineConfig, r: int, head: list[str]) -> int:
-    """The exact size of the fp16 safetensors file of a rank-r adapter (+ head) on a copy of `model`."""
+def lora_shapes(model, cfg: BaselineConfig, head: list[str]) -> dict[str, list[int]]:
+    """Name → shape of every tensor a rank-1 adapter (+ head) on a copy of `model` stores."""
+    probe = wrap_lora(copy.deepcopy(model), cfg, r=1, head_modules=head_modules(head))
+    return {n: list(p.shape) for n, p in probe.named_parameters() if p.requires_grad}
+
+
+def lora_file_bytes(shapes: dict[str, list[int]], r: int) -> int:
+    """The exact size of the fp16 safetensors file of the rank-r adapter whose rank-1 shapes are `shapes`."""
     import torch
     from safetensors.torch import save
 
-    probe = wrap_lora(copy.deepcopy(model), cfg, r=1, head_modules=head_modules(head))
-    shapes = {}
-    for n, p in probe.named_parameters():
-        if p.requires_grad:
-            shape = list(p.shape)
-            if ".lora_A." in n:
-                shape[0] = r
-            elif ".lora_B." in n:
-                shape[1] = r
-            shapes[n] = shape
-    return len(save({n: torch.zeros(s, dtype=torch.float16) for n, s in shapes.items()}))
+    def at_rank(name: str, shape: list[int]) -> list[int]:
+        if ".lora_A." in name:
+            return [r] + shape[1:]
+        if ".lora_B." in name:
+            return shape[:1] + [r] + shape[2:]
+        return shape
+
+    return len(save({n: torch.zeros(at_rank(n, s), dtype=torch.float16) for n, s in shapes.items()}))
 
 
 def match_rank(model, cfg: BaselineConfig, head: list[str], max_rank: int = 512) -> tuple[int, int]:
     """The largest LoRA rank whose fp16 adapter file is at most cfg.match_bytes (at least 1), and that file's size."""
+    shapes = lora_shapes(model, cfg, head)
     lo, hi = 1, max_rank
-    if lora_file_bytes(model, cfg, 1, head) > cfg.match_bytes:
-        return 1, lora_file_bytes(model, cfg, 1, head)
     while lo < hi:  # file size grows with r: bisect for the last r that fits
         mid = (lo + hi + 1) // 2
-        if lora_file_bytes(model, cfg, mid, head) <= cfg.match_bytes:
+        if lora_file_bytes(shapes, mid) <= cfg.match_bytes:
             lo = mid
         else:
             hi = mid - 1
-    return lo, lora_file_bytes(model, cfg, lo, head)
+    return lo, lora_file_bytes(shapes, lo)
 
 
 def _linear_schedule(optimizer, total_steps: int, warmup_steps: int):

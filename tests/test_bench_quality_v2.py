@@ -25,7 +25,7 @@ def _load(name: str):
     return module
 
 
-rep = _load("quality_v2_report")
+rep = _load("quality_v2_rules")
 
 
 # ----------------------------------------------------------------------------------------------- lr tuning
