@@ -142,12 +142,20 @@ def trainer_methods() -> set[str]:
     return found
 
 
+_contents: dict[tuple, bytes] = {}
+
+
 def code_hash(kind: str) -> str:
+    """A hash of the files that train `kind` (each file re-read only when its size or mtime changed)."""
     h = hashlib.sha256()
     for rel in TRAIN_CODE[kind]:
         f = REPO / rel
         if f.is_file():
-            h.update(rel.encode() + b"\0" + f.read_bytes())
+            st = f.stat()
+            key = (rel, st.st_mtime_ns, st.st_size)
+            if key not in _contents:
+                _contents[key] = f.read_bytes()
+            h.update(rel.encode() + b"\0" + _contents[key])
     return h.hexdigest()[:12]
 
 
