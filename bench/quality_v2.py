@@ -228,18 +228,15 @@ class Suite:
         return rules.choose_lr(self.p.grid(method), self.grid_scores(task, method))
 
     def plan(self) -> list[Run]:
-        """Runs whose dependencies are met and that are neither cached nor failed, in the order to run them:
-        per task the first seed's grid (the middle lr of every method first), then the other seeds."""
+        """Runs whose dependencies are met and that are neither cached nor failed, in the order to run them: task
+        by task (smallest first), the first seed's grid (every method's middle lr first), then the other seeds."""
         order: list[Run] = []
+        first = self.p.seeds[0]
         for task in self.p.tasks:
-            first = self.p.seeds[0]
             for pick_middle in (True, False):
                 for m in self.p.methods:
                     g = self.p.grid(m)
-                    for lr in g:
-                        if (lr == g[len(g) // 2]) == pick_middle:
-                            order.append(Run(task, m, lr, first))
-        for task in self.p.tasks:
+                    order += [Run(task, m, lr, first) for lr in g if (lr == g[len(g) // 2]) == pick_middle]
             for m in self.p.methods:
                 lr = self.chosen_lr(task, m)
                 if lr is not None:
