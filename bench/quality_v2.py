@@ -136,10 +136,8 @@ def trainer_methods() -> set[str]:
         proc = subprocess.run([sys.executable, "-m", "diffcli", "train", "--help"], capture_output=True, text=True,
                               cwd=REPO, env={**os.environ, "COLUMNS": "400", "NO_COLOR": "1"})
         _help_text = proc.stdout
-    found = {"l0"}
-    if "--method" in _help_text:
-        found |= {m for m in DIFFPRUNE.values() if m in _help_text}
-    return found
+    line = next((ln for ln in _help_text.splitlines() if "--method " in ln), "")  # one line at COLUMNS=400
+    return {"l0"} | {m for m in DIFFPRUNE.values() if m in line}
 
 
 _contents: dict[tuple, bytes] = {}
@@ -279,7 +277,7 @@ class Suite:
         if run.method in DIFFPRUNE:
             ckpt = run_dir / "ckpt"
             resumed = (run_dir / "ckpt.partial").is_dir()
-            args = diffprune_args(s, ckpt, data_dir, with_method_flag="--method" in (_help_text or ""))
+            args = diffprune_args(s, ckpt, data_dir, with_method_flag="--method " in (_help_text or ""))
         else:
             resumed = False
             args = baseline_args(s, run_dir / "out", data_dir)
