@@ -169,3 +169,62 @@ def test_quick_protocol_runs_every_kind_and_reports_missing_cells(tmp_path: Path
     assert doc["cells"]["rte"]["lora-all"]["42"]["status"] == "waiting (needs the dp-l0 .diff bytes)"
     assert all(v is None for v in doc["verdicts_on_means"].values())
     assert "—" in (results / "quality-v2-quick.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- the lane's plan
+def _fake_suite(tmp_path, monkeypatch, fail=()):
+    """A Suite whose runs are instant fakes: score = 100·lr·1000 + seed/100, bytes 5000 (dp) or 3000."""
+    q = _load("quality_v2")
+    report = _load("quality_v2_report")
+    monkeypatch.setattr(q, "trainer_methods", lambda: {"l0"})
+    executed = []
+
+    def fake(self, run, s, run_dir):
+        executed.append((run.method, run.lr, run.seed, s.get("match_bytes")))
+        if (run.method, run.lr) in fail:
+            raise RuntimeError("exit 1: boom")
+        return {"score": 100 * run.lr * 1000 + run.seed / 100, "bytes": 5000 if run.method == "dp-l0" else 3000,
+                "train_seconds": 1.0, "peak_rss_bytes": 1}
+
+    monkeypatch.setattr(q.Suite, "_execute", fake)
+    p = q.Protocol(tasks=["rte"], methods=["full", "dp-l0", "lora-all", "dp-random"], seeds=[1, 2, 3],
+                   data_dir=str(tmp_path))
+    return q, report, q.Suite(p, tmp_path / "work"), executed
+
+
+def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_path, monkeypatch):
+    q, report, suite, executed = _fake_suite(tmp_path, monkeypatch)
+    suite.lane(wait_s=0)
+    first = [e for e in executed if e[2] == 1]
+    assert sorted((m, lr) for m, lr, _, _ in first) == sorted(
+        (m, lr) for m in ("full", "dp-l0", "lora-all") for lr in q.LR_GRID[m])
+    # the highest lr scores best here: seeds 2 and 3 run only there
+    later = sorted((m, lr, seed) for m, lr, seed, _ in executed if seed != 1)
+    assert later == sorted((m, q.LR_GRID[m][-1], seed) for m in ("full", "dp-l0", "lora-all") for seed in (2, 3))
+    # lora-all is matched to the dp-l0 .diff of seed 1 at the middle lr, on every seed
+    assert {mb for m, _, _, mb in executed if m == "lora-all"} == {5000}
+    assert not any(m == "dp-random" for m, *_ in executed)  # not in the trainer yet
+    doc = report.assemble(suite)
+    cell = doc["table"]["rte"]["full"]
+    assert cell["n"] == 3 and cell["lr"] == 1e-4 and math.isclose(cell["mean"], 10.02)
+    assert doc["cells"]["rte"]["dp-random"]["2"]["status"] == "not run (method unavailable)"
+    assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
+    assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
+    executed.clear()
+    suite.lane(wait_s=0)  # everything cached: nothing runs again
+    assert executed == []
+
+
+def test_a_failed_run_is_recorded_not_retried_and_never_chosen(tmp_path, monkeypatch):
+    q, report, suite, executed = _fake_suite(tmp_path, monkeypatch, fail={("full", 1e-4)})
+    suite.lane(wait_s=0)
+    assert suite.chosen_lr("rte", "full") == 5e-5  # the best lr that did not fail
+    assert list(suite.work.glob("rte-full-s1-lr0.0001-*.failed.json"))
+    assert not list(suite.work.glob("*.lock"))
+    n = len(executed)
+    suite.lane(wait_s=0)
+    assert len(executed) == n
+    doc = report.assemble(suite)
+    assert doc["table"]["rte"]["full"]["grid"]["0.0001"] is None  # shown as 'failed' in the tuning list
+    assert "0.0001 → failed" in report.render(suite, {**doc, "environment": report.environment(), "date": "d",
+                                                      "majority": {}}, ["cmd"])
