@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -124,8 +123,15 @@ def fp16_state(model) -> dict:
 
 
 def lora_shapes(model, cfg: BaselineConfig, head: list[str]) -> dict[str, list[int]]:
-    """Name → shape of every tensor a rank-1 adapter (+ head) on a copy of `model` stores."""
-    probe = wrap_lora(copy.deepcopy(model), cfg, r=1, head_modules=head_modules(head))
+    """Name → shape of every tensor a rank-1 adapter (+ head) on `model`'s architecture stores.
+
+    The probe lives on the meta device: no weights, so it adds nothing to the run's measured peak memory.
+    """
+    import torch
+
+    with torch.device("meta"):
+        probe = type(model)(model.config)
+    probe = wrap_lora(probe, cfg, r=1, head_modules=head_modules(head))
     return {n: list(p.shape) for n, p in probe.named_parameters() if p.requires_grad}
 
 
