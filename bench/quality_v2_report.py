@@ -32,6 +32,7 @@ def assemble(suite: Suite) -> dict:
     """Every cell, aggregate, tuning record and verdict of the cached runs, as one JSON-able document."""
     p = suite.p
     cells, table, per_seed_scores = {}, {}, {s: {} for s in p.seeds}
+    progress = {"finished": 0, "failed": 0, "planned": 0}
     for task in p.tasks:
         cells[task], table[task] = {}, {}
         for m in p.methods:
@@ -48,9 +49,15 @@ def assemble(suite: Suite) -> dict:
                               "status": sorted({st for _, st in got.values() if st != "ok"})}
             for seed, (r, _) in got.items():
                 per_seed_scores[seed].setdefault(task, {})[m] = r["score"] if r else None
+            if suite.available(m):  # the first seed's grid, then one run per other seed
+                grid = table[task][m]["grid"].values()
+                later = [got[seed][1] for seed in p.seeds[1:]]
+                progress["planned"] += len(p.grid(m)) + len(p.seeds) - 1
+                progress["finished"] += sum(v is not None for v in grid) + later.count("ok")
+                progress["failed"] += sum(v is None for v in grid) + later.count("failed")
     means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
     per_seed = {seed: rules.verdicts(sc, p.tasks) for seed, sc in per_seed_scores.items()}
-    return {"table": table, "cells": cells, "per_seed_verdicts": {str(k): v for k, v in per_seed.items()},
+    return {"progress": progress, "table": table, "cells": cells, "per_seed_verdicts": {str(k): v for k, v in per_seed.items()},
             "pass_counts": rules.pass_counts(per_seed), "verdicts_on_means": rules.verdicts(means, p.tasks),
             "cheaper_masks_vs_l0": rules.cheaper_masks(means, p.tasks)}
 
@@ -117,6 +124,8 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "query+value, LoRA on every linear layer at the .diff's bytes, BitFit and the head alone, every method "
           f"with {p.epochs} epochs over the train set, its best dev epoch, and {len(p.grid('full'))} learning "
           f"rate(s) tuned on seed {p.seeds[0]}.", "",
+          f"Progress: {doc['progress']['finished']} of {doc['progress']['planned']} runs finished, "
+          f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted).", "",
           f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
           + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
           "## Commands", "", "```"] + commands + ["```", ""]

@@ -210,6 +210,7 @@ def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_
     assert doc["cells"]["rte"]["dp-random"]["2"]["status"] == "not run (method unavailable)"
     assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
     assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
+    assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2)}
     executed.clear()
     suite.lane(wait_s=0)  # everything cached: nothing runs again
     assert executed == []
@@ -226,5 +227,6 @@ def test_a_failed_run_is_recorded_not_retried_and_never_chosen(tmp_path, monkeyp
     assert len(executed) == n
     doc = report.assemble(suite)
     assert doc["table"]["rte"]["full"]["grid"]["0.0001"] is None  # shown as 'failed' in the tuning list
+    assert doc["progress"]["failed"] == 1
     assert "0.0001 → failed" in report.render(suite, {**doc, "environment": report.environment(), "date": "d",
                                                       "majority": {}}, ["cmd"])
