@@ -68,7 +68,10 @@ def _brief(r: dict | None) -> dict | None:
     keep = ("score", "best_epoch", "bytes", "train_seconds", "resumed", "peak_rss_bytes", "cuda_peak_allocated",
             "device", "density", "nnz", "lora_rank", "score_before_fp16", "l0_density_path", "metrics", "command",
             "settings", "finished")
-    return {k: r[k] for k in keep if k in r}
+    out = {k: r[k] for k in keep if k in r}
+    if "command" in out:  # paths relative to the repository, as a reader would type them
+        out["command"] = out["command"].replace(f"{REPO}/", "")
+    return out
 
 
 def _avg(xs):
@@ -148,7 +151,8 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "BitFit: biases + head; head: the head), scored after that fp16 rounding. LoRA all-linear takes the "
           f"largest rank whose file fits in the dp-l0 .diff of seed {p.seeds[0]} (alpha = 2 r).",
           "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory is "
-          "the process's peak RSS on CPU, torch's peak allocated memory on cuda.",
+          "the process's peak RSS on CPU (it includes the Python, torch and transformers runtime: the head-only run "
+          "shows that floor), torch's peak allocated memory on cuda. LoRA all-linear's rank is in the JSON (`lora_rank`).",
           "- Baselines: AdamW, linear decay, no warmup or weight decay, gradient norm clipped to 1, the head "
           "initialised as `train` does; LoRA via PEFT (dropout 0.1), BitFit and the head by freezing.", ""]
     # main table
