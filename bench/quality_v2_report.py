@@ -188,9 +188,8 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
         ok, done = doc["pass_counts"][key]
         L.append(f"| {text} | {rules.fmt_verdict(doc['verdicts_on_means'][key])} | {ok} of {done} complete "
                  f"(of {len(p.seeds)}) |")
-    L += ["", "LoRA and BitFit are compared on score; their bytes are in the cost table (LoRA q,v and BitFit store "
-          "fewer bytes than the .diff, LoRA all-linear about as many). A target is '—' while a cell it needs is "
-          "missing.", ""]
+    L += ["", "LoRA and BitFit are compared on score; their stored bytes are in the cost table (LoRA all-linear is "
+          "matched to the .diff's bytes, the others are not). A target is '—' while a cell it needs is missing.", ""]
     cm = doc["cheaper_masks_vs_l0"]
     L += ["Ablation masks vs the L0 mask (task average of the means): " + "; ".join(
         f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in cm.items()), ""]
