@@ -1,5 +1,8 @@
 """Quality benchmark: diffprune vs full finetuning vs PEFT LoRA on real GLUE with the bundled MiniLM.
 
+Superseded by bench/quality_v2.py (issue 11: equal compute, full data, tuned baselines, seeds); kept to
+reproduce the earlier results files (bench/results/quality*.md), which are history.
+
 Every (task, method) run is cached as JSON in bench/work/ under a hash of its settings, so reruns skip finished runs
 and several invocations (e.g. one per method, in parallel) can share the work; the table is always assembled from
 the cache. Examples:

@@ -1,0 +1,449 @@
+"""Quality v2 (issue 11): diffprune 0.5% against tuned baselines at equal compute, on the full GLUE train/dev sets.
+
+Every method gets E epochs in all (diffprune's phases count together), its best dev epoch, and the same number of
+learning rates, tuned on the first seed and kept for the others. Each (task, method, lr, seed) is one process,
+cached in bench/work/v2/ under a hash of its settings and of the code that trains it, so background lanes resume
+and several lanes share the work (lock files). The table is assembled from whatever is cached.
+
+    python bench/quality_v2.py                      # one lane of the full protocol (start several: they share)
+    python bench/quality_v2.py --jobs 8             # cuda: 8 runs at a time
+    python bench/quality_v2.py --report-only        # assemble bench/results/quality-v2.md/json from the cache
+    python bench/quality_v2.py --quick --tasks rte  # smoke check: capped data, one seed, one lr per method
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import quality_v2_rules as rules  # noqa: E402
+from bench_quality import _write_json_atomic, claim, majority_score, score_artifact  # noqa: E402
+
+TASKS = ("rte", "mrpc", "stsb", "cola")
+TASK_FOLDERS = {"rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B", "cola": "CoLA"}
+BASELINES = {"full": "full", "lora-qv": "lora", "lora-all": "lora-all", "bitfit": "bitfit", "head": "head"}
+DIFFPRUNE = {"dp-l0": "l0", "dp-random": "random", "dp-magnitude": "magnitude", "dp-fisher": "fisher"}
+METHODS = tuple(BASELINES) + tuple(DIFFPRUNE)
+LABELS = {"full": "full FT", "lora-qv": "LoRA q,v r=8", "lora-all": "LoRA all-linear (.diff bytes)",
+          "bitfit": "BitFit", "head": "head only", "dp-l0": "diffprune L0", "dp-random": "random mask",
+          "dp-magnitude": "magnitude mask", "dp-fisher": "Fisher mask"}
+# Learning rates tried per method (3 each; diffprune's is its fixed-mask lr). --quick tries the middle one only.
+LR_GRID = {"full": (2e-5, 5e-5, 1e-4), "lora-qv": (5e-4, 1e-3, 2e-3), "lora-all": (5e-4, 1e-3, 2e-3),
+           "bitfit": (1e-3, 3e-3, 1e-2), "head": (1e-3, 3e-3, 1e-2),
+           **{m: (3e-4, 1e-3, 3e-3) for m in DIFFPRUNE}}
+# The files whose content keys the cache: a change there retrains, a change elsewhere (this harness) does not.
+COMMON_CODE = ("diffcli/training.py", "diffcli/tasks.py", "diffcli/evaluation.py", "diffcli/metrics.py")
+TRAIN_CODE = {"baseline": COMMON_CODE + ("bench/baselines.py",),
+              "diffprune": COMMON_CODE + ("diffcli/gates.py", "diffcli/diffmodel.py", "diffcli/train_state.py",
+                                          "diffcli/projection.py", "diffcli/cli/cmd_train.py", "diffcli/artifact.py",
+                                          "diffcli/codec.py", "diffcli/applying.py", "diffcli/masks.py")}
+_score_lock = threading.Lock()
+
+
+@dataclass
+class Protocol:
+    """Everything that defines the table; recorded in the results file."""
+
+    quick: bool = False
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
+    epochs: int = 8          # E: passes over the train set for every method
+    l0_epochs: int = 5       # dp-l0's L0 epochs and dp-magnitude's dense epochs; the rest are fixed-mask epochs
+    sparsity: str = "0.5%"
+    model: str = "minilm"
+    data_dir: str = ""
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    batch_size: int = 32
+    max_seq_length: int = 128
+
+    def grid(self, method: str) -> tuple[float, ...]:
+        g = LR_GRID[method]
+        return (g[len(g) // 2],) if self.quick else g
+
+    def split(self, method: str) -> tuple[int, int]:
+        """(first-phase epochs, fixed-mask epochs) of a diffprune method: E in all, whatever the mask costs."""
+        first = self.l0_epochs if DIFFPRUNE[method] in ("l0", "magnitude") else 0
+        return first, self.epochs - first
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    method: str
+    lr: float
+    seed: int
+
+
+def diffprune_args(s: dict, ckpt: Path, data_dir: str, with_method_flag: bool) -> list[str]:
+    """The `diffprune train` arguments of one diffprune run: the one place to adjust for the trainer's CLI.
+
+    l0: --epochs = L0 epochs; magnitude: --epochs = dense epochs; random/fisher: --epochs 0. The tuned lr is the
+    fixed-mask lr. Without --method in the CLI (before feat/methods) only l0 runs, as the trainer's default.
+    --resume: a run whose lane was killed continues from its last finished epoch (else it starts afresh).
+    """
+    cmd = ["-m", "diffcli", "train", "--task", s["task"], "--data-dir", data_dir, "--model", s["model"],
+           "--epochs", str(s["first_epochs"]), "--fixmask-epochs", str(s["fixmask_epochs"]),
+           "--fixmask-lr", f"{s['lr']:g}", "--batch-size", str(s["batch_size"]),
+           "--max-seq-length", str(s["max_seq_length"]), "--seed", str(s["seed"]), "--sparsity", s["sparsity"],
+           "-o", str(ckpt), "--json", "--force", "--resume"]
+    if with_method_flag:
+        cmd += ["--method", s["dp_method"]]
+    if s["max_train_samples"]:
+        cmd += ["--max-train-samples", str(s["max_train_samples"])]
+    if s["max_eval_samples"]:
+        cmd += ["--max-eval-samples", str(s["max_eval_samples"])]
+    return cmd
+
+
+def baseline_args(s: dict, out: Path, data_dir: str) -> list[str]:
+    """The `bench/baselines.py` arguments of one baseline run (trained tensors stored and scored as fp16)."""
+    cmd = [str(REPO / "bench" / "baselines.py"), BASELINES[s["method"]], s["task"], "--out", str(out),
+           "--data-dir", data_dir, "--model", s["model"], "--epochs", str(s["epochs"]), "--seed", str(s["seed"]),
+           "--lr", f"{s['lr']:g}", "--batch-size", str(s["batch_size"]), "--max-seq-length", str(s["max_seq_length"]),
+           "--store", "fp16-trained"]
+    if s.get("match_bytes"):
+        cmd += ["--match-bytes", str(s["match_bytes"])]
+    if s["max_train_samples"]:
+        cmd += ["--max-train-samples", str(s["max_train_samples"])]
+    if s["max_eval_samples"]:
+        cmd += ["--max-eval-samples", str(s["max_eval_samples"])]
+    return cmd
+
+
+_help_text: str | None = None
+
+
+def trainer_methods() -> set[str]:
+    """The diffprune methods `diffprune train` offers: l0 always; the others once it has --method and names them."""
+    global _help_text
+    if _help_text is None:
+        proc = subprocess.run([sys.executable, "-m", "diffcli", "train", "--help"], capture_output=True, text=True,
+                              cwd=REPO, env={**os.environ, "COLUMNS": "400", "NO_COLOR": "1"})
+        _help_text = proc.stdout
+    line = next((ln for ln in _help_text.splitlines() if "--method " in ln), "")  # one line at COLUMNS=400
+    return {"l0"} | {m for m in DIFFPRUNE.values() if m in line}
+
+
+_contents: dict[tuple, bytes] = {}
+
+
+def code_hash(kind: str) -> str:
+    """A hash of the files that train `kind` (each file re-read only when its size or mtime changed)."""
+    h = hashlib.sha256()
+    for rel in TRAIN_CODE[kind]:
+        f = REPO / rel
+        if f.is_file():
+            st = f.stat()
+            key = (rel, st.st_mtime_ns, st.st_size)
+            if key not in _contents:
+                _contents[key] = f.read_bytes()
+            h.update(rel.encode() + b"\0" + _contents[key])
+    return h.hexdigest()[:12]
+
+
+class Suite:
+    """The protocol, its cache of finished runs, and the order runs become ready in."""
+
+    def __init__(self, proto: Protocol, work: Path):
+        self.p = proto
+        self.work = work
+
+    # -------------------------------------------------------------------------------- settings and cache
+    def settings(self, run: Run) -> dict | None:
+        """A run's settings (the cache key); None while it waits for what it depends on (lora-all: the .diff bytes)."""
+        p = self.p
+        s = {"task": run.task, "method": run.method, "lr": run.lr, "seed": run.seed, "model": p.model,
+             "epochs": p.epochs, "batch_size": p.batch_size, "max_seq_length": p.max_seq_length,
+             "max_train_samples": p.max_train_samples, "max_eval_samples": p.max_eval_samples}
+        if run.method in DIFFPRUNE:
+            first, fix = p.split(run.method)
+            s.update(dp_method=DIFFPRUNE[run.method], first_epochs=first, fixmask_epochs=fix, sparsity=p.sparsity,
+                     values="fp16", code=code_hash("diffprune"))
+        else:
+            s.update(store="fp16-trained", code=code_hash("baseline"))
+            if run.method == "lora-all":
+                ref = self.diff_bytes(run.task)
+                if ref is None:
+                    return None
+                s["match_bytes"] = ref
+        return s
+
+    def diff_bytes(self, task: str) -> int | None:
+        """The .diff file size lora-all is matched to: dp-l0 at the first seed and the middle fixed-mask lr."""
+        g = LR_GRID["dp-l0"]
+        hit = self.cached(Run(task, "dp-l0", g[len(g) // 2], self.p.seeds[0]))
+        return hit["bytes"] if hit else None
+
+    def stem(self, run: Run, s: dict) -> str:
+        key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{run.task}-{run.method}-s{run.seed}-lr{run.lr:g}-{key}"
+
+    def cached(self, run: Run) -> dict | None:
+        s = self.settings(run)
+        if s is None:
+            return None
+        path = self.work / f"{self.stem(run, s)}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def failed(self, run: Run) -> dict | None:
+        s = self.settings(run)
+        path = None if s is None else self.work / f"{self.stem(run, s)}.failed.json"
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+    def available(self, method: str) -> bool:
+        return method not in DIFFPRUNE or DIFFPRUNE[method] in trainer_methods()
+
+    # -------------------------------------------------------------------------------- tuning and the plan
+    def grid_scores(self, task: str, method: str) -> dict:
+        """First-seed score per lr: a float, None for a failed run; lrs not done yet are absent."""
+        out = {}
+        for lr in self.p.grid(method):
+            run = Run(task, method, lr, self.p.seeds[0])
+            hit = self.cached(run)
+            if hit is not None:
+                out[lr] = hit["score"]
+            elif self.failed(run) is not None:
+                out[lr] = None
+        return out
+
+    def chosen_lr(self, task: str, method: str) -> float | None:
+        return rules.choose_lr(self.p.grid(method), self.grid_scores(task, method))
+
+    def plan(self) -> list[Run]:
+        """Runs whose dependencies are met and that are neither cached nor failed, in the order to run them: task
+        by task (smallest first), the first seed's grid (every method's middle lr first), then the other seeds."""
+        order: list[Run] = []
+        first = self.p.seeds[0]
+        for task in self.p.tasks:
+            for pick_middle in (True, False):
+                for m in self.p.methods:
+                    g = self.p.grid(m)
+                    order += [Run(task, m, lr, first) for lr in g if (lr == g[len(g) // 2]) == pick_middle]
+            for m in self.p.methods:
+                lr = self.chosen_lr(task, m)
+                if lr is not None:
+                    order += [Run(task, m, lr, seed) for seed in self.p.seeds[1:]]
+        return [r for r in order if self.available(r.method) and self.settings(r) is not None
+                and self.cached(r) is None and self.failed(r) is None]
+
+    # -------------------------------------------------------------------------------- running
+    def run_one(self, run: Run) -> bool:
+        """Train one run in its own process (unless another lane holds it); cache its result or its failure."""
+        s = self.settings(run)
+        stem = self.stem(run, s)
+        lock = claim(self.work / f"{stem}.json")
+        if lock is None:
+            return False
+        try:
+            if self.cached(run) is not None or self.failed(run) is not None:  # finished while we looked
+                return False
+            print(f"running: {stem}", flush=True)
+            try:
+                result = self._execute(run, s, self.work / "runs" / stem)
+            except Exception as exc:  # noqa: BLE001 - recorded, the lane goes on with the next run
+                print(f"FAILED: {stem}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                _write_json_atomic(self.work / f"{stem}.failed.json",
+                                   {"settings": s, "error": f"{type(exc).__name__}: {exc}"[-3000:],
+                                    "finished": _now()})
+                return True
+            result.update(settings=s, finished=_now())
+            _write_json_atomic(self.work / f"{stem}.json", result)
+            print(f"done: {stem}: score {result['score']:.2f}, {result['train_seconds'] / 60:.1f} min", flush=True)
+            return True
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _execute(self, run: Run, s: dict, run_dir: Path) -> dict:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        usage = run_dir / "usage.json"
+        usage.unlink(missing_ok=True)
+        data_dir = self.p.data_dir
+        if run.method in DIFFPRUNE:
+            ckpt = run_dir / "ckpt"
+            resumed = (run_dir / "ckpt.partial").is_dir()
+            args = diffprune_args(s, ckpt, data_dir, with_method_flag="--method " in (_help_text or ""))
+        else:
+            resumed = False
+            args = baseline_args(s, run_dir / "out", data_dir)
+        cmd = [sys.executable, str(REPO / "bench" / "measured.py"), str(usage)] + args
+        t0 = time.perf_counter()
+        with (run_dir / "log.txt").open("w") as err:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit {proc.returncode}: {(run_dir / 'log.txt').read_text()[-1500:]}")
+        out = json.loads(proc.stdout)
+        mem = json.loads(usage.read_text()) if usage.is_file() else {}
+        if run.method in DIFFPRUNE:
+            result = self._score_diff(s, ckpt, out, run_dir)
+        else:
+            result = {k: v for k, v in out.items() if k not in ("settings",)}
+        result.update(method=run.method, task=run.task, train_seconds=seconds, resumed=resumed,
+                      peak_rss_bytes=mem.get("peak_rss_bytes"), cuda_peak_allocated=mem.get("cuda_peak_allocated"),
+                      command=" ".join(shlex.quote(c) for c in ["python"] + cmd[1:]))
+        return result
+
+    def _score_diff(self, s: dict, ckpt: Path, summary: dict, run_dir: Path) -> dict:
+        """Pack the checkpoint to a fp16 .diff and score base + that file; the L0 density path from its history."""
+        from diffcli import artifact, checkpoint, metrics, tasks
+
+        diff = checkpoint.load(ckpt)
+        packed = run_dir / f"{s['task']}.diff"
+        artifact.write(diff, packed, values="fp16", force=True)
+        with _score_lock:  # one scoring at a time in this process (--jobs threads share it)
+            dev = score_artifact(packed, s, self.p.data_dir)
+        spec = tasks.task_spec(s["task"])
+        path = [{"epoch": h["epoch"], "expected_density": h.get("expected_density"),
+                 "deterministic_density": h.get("deterministic_density"), "lambda": h.get("lambda")}
+                for h in (diff.meta.get("history") or []) if h.get("phase") == "l0"]
+        best = summary.get("after_fixmask") or {}
+        return {"score": 100 * metrics.main_score(spec, dev[spec.eval_splits[0]]), "metrics": dev,
+                "best_epoch": best.get("epoch"), "bytes": packed.stat().st_size, "nnz": diff.nnz,
+                "density": diff.density, "l0_density_path": path,
+                "train_summary": {k: summary.get(k) for k in ("after_l0", "after_projection", "after_fixmask",
+                                                              "epochs", "seconds")}}
+
+    def lane(self, jobs: int = 1, wait_s: float = 30.0) -> None:
+        """Take ready runs until none is left; wait while other lanes hold runs that later ones depend on."""
+        def worker() -> None:
+            while True:
+                ready = self.plan()
+                took = any(self.run_one(r) for r in ready)
+                if took:
+                    continue
+                if not ready and not self.others_running():
+                    return
+                time.sleep(wait_s)
+
+        threads = [threading.Thread(target=worker) for _ in range(max(1, jobs))]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)
+        for t in threads:
+            t.join()
+
+    def others_running(self) -> bool:
+        """Whether a live process holds a run's lock (its result may make more runs ready)."""
+        for lock in self.work.glob("*.lock"):
+            try:
+                os.kill(int(lock.read_text().strip() or 0), 0)
+                return True
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                continue
+            except PermissionError:
+                return True
+        return False
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def present_tasks(tasks: list[str], data_dir: str) -> list[str]:
+    """The tasks whose GLUE folder is under the data folder (the others are left out of the table)."""
+    return [t for t in tasks if (Path(data_dir) / TASK_FOLDERS.get(t, t.upper())).is_dir()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--quick", action="store_true", help="capped data, one seed, one lr: a smoke check")
+    ap.add_argument("--quick-train", type=int, default=256, help="--quick: train examples per task")
+    ap.add_argument("--quick-eval", type=int, default=256, help="--quick: dev examples per task")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--epochs", type=int, help="E, epochs of every method (default 8; --quick 2)")
+    ap.add_argument("--l0-epochs", type=int, help="dp-l0's L0 (and dp-magnitude's dense) epochs (default 5; --quick 1)")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "glue"))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time in this process (one process per run)")
+    ap.add_argument("--report-only", action="store_true", help="only assemble the table from the cache")
+    ap.add_argument("--no-report", action="store_true", help="run, but do not rewrite bench/results")
+    ap.add_argument("--work-dir", default=str(REPO / "bench" / "work" / "v2"))
+    ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
+    return ap.parse_args(argv)
+
+
+def protocol_from(args: argparse.Namespace) -> Protocol:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"error: unknown method(s) {', '.join(bad)} (hint: choose from {', '.join(METHODS)})")
+    if "lora-all" in methods and "dp-l0" not in methods:
+        raise SystemExit("error: lora-all needs dp-l0 (hint: its rank is matched to dp-l0's .diff bytes)")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    epochs = args.epochs or (2 if args.quick else 8)
+    l0 = args.l0_epochs if args.l0_epochs is not None else (1 if args.quick else 5)
+    if not 0 < l0 < epochs:
+        raise SystemExit(f"error: --l0-epochs {l0} must leave fixed-mask epochs of --epochs {epochs} (hint: 0 < l0 < E)")
+    return Protocol(quick=args.quick, tasks=present_tasks(tasks, args.data_dir), methods=methods,
+                    seeds=seeds[:1] if args.quick else seeds, epochs=epochs, l0_epochs=l0, model=args.model,
+                    data_dir=args.data_dir, max_train_samples=args.quick_train if args.quick else None,
+                    max_eval_samples=args.quick_eval if args.quick else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    proto = protocol_from(args)
+    if not proto.tasks:
+        print(f"error: no task data under {args.data_dir} (hint: --data-dir or $GLUE_DIR)", file=sys.stderr)
+        return 3
+    suite = Suite(proto, Path(args.work_dir) / ("quick" if proto.quick else "full"))
+    trainer_methods()
+    if not args.report_only:
+        suite.lane(jobs=args.jobs)
+    if args.no_report:
+        return 0
+    shown = [a for a in argv if a not in ("--report-only", "--no-report")]
+    cmd = " ".join(["python bench/quality_v2.py"] + [shlex.quote(a) for a in shown])
+    commands = ["# lanes (each a background process; they share the cache):", f"OMP_NUM_THREADS=1 {cmd} --no-report",
+                "# the table:", f"{cmd} --report-only"]
+    import quality_v2_report as report  # it imports this module
+
+    doc = {"date": _dt.date.today().isoformat(), "protocol": asdict(proto), "environment": report.environment(),
+           "lr_grids": {m: list(proto.grid(m)) for m in proto.methods},
+           "trainer_methods": sorted(trainer_methods()), "commands": commands,
+           "majority": {t: _floor(t, proto) for t in proto.tasks}}
+    doc.update(report.assemble(suite))
+    text = report.render(suite, doc, commands)
+    stem = "quality-v2-quick" if proto.quick else "quality-v2"
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.md").write_text(text)
+    _write_json_atomic(results / f"{stem}.json", doc)
+    print(text)
+    return 0
+
+
+def _floor(task: str, p: Protocol) -> float | None:
+    try:
+        return majority_score(task, p.data_dir, p.max_train_samples, p.max_eval_samples)
+    except Exception:  # noqa: BLE001 - the floor is informative only
+        return None
+
+
+if __name__ == "__main__":
+    import quality_v2  # one copy of this module, shared with quality_v2_report
+
+    raise SystemExit(quality_v2.main())

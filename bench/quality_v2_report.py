@@ -1,0 +1,235 @@
+"""The quality-v2 results file: each cell's result or why it is missing, aggregates, verdicts, markdown and JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import quality_v2_rules as rules
+from quality_v2 import LABELS, REPO, Run, Suite
+
+def cell(suite: Suite, task: str, method: str, seed: int) -> tuple[dict | None, str]:
+    """A seed's result at the method's chosen lr, or why there is none."""
+    if not suite.available(method):
+        return None, "not run (method unavailable)"
+    lr = suite.chosen_lr(task, method)
+    if lr is None:
+        scores = suite.grid_scores(task, method)
+        if scores and all(v is None for v in scores.values()) and len(scores) == len(suite.p.grid(method)):
+            return None, "failed (every lr)"
+        if method == "lora-all" and suite.diff_bytes(task) is None:
+            return None, "waiting (needs the dp-l0 .diff bytes)"
+        return None, f"lr tuning: {len(scores)}/{len(suite.p.grid(method))} done"
+    run = Run(task, method, lr, seed)
+    hit = suite.cached(run)
+    if hit is not None:
+        return hit, "ok"
+    return None, "failed" if suite.failed(run) is not None else "not run yet"
+
+
+def assemble(suite: Suite) -> dict:
+    """Every cell, aggregate, tuning record and verdict of the cached runs, as one JSON-able document."""
+    p = suite.p
+    cells, table, per_seed_scores = {}, {}, {s: {} for s in p.seeds}
+    progress = {"finished": 0, "failed": 0, "planned": 0}
+    for task in p.tasks:
+        cells[task], table[task] = {}, {}
+        for m in p.methods:
+            got = {seed: cell(suite, task, m, seed) for seed in p.seeds}
+            cells[task][m] = {str(seed): {"status": st, "result": _brief(r)} for seed, (r, st) in got.items()}
+            runs = [r for r, _ in got.values() if r is not None]
+            mean, std, n = rules.mean_std([r["score"] for r in runs])
+            table[task][m] = {"mean": mean, "std": std, "n": n, "lr": suite.chosen_lr(task, m),
+                              "grid": {f"{lr:g}": s for lr, s in suite.grid_scores(task, m).items()},
+                              "bytes": _avg([r.get("bytes") for r in runs]),
+                              "train_seconds": _avg([r.get("train_seconds") for r in runs]),
+                              "peak_rss_bytes": _max([r.get("peak_rss_bytes") for r in runs]),
+                              "cuda_peak_allocated": _max([r.get("cuda_peak_allocated") for r in runs]),
+                              "status": sorted({st for _, st in got.values() if st != "ok"})}
+            for seed, (r, _) in got.items():
+                per_seed_scores[seed].setdefault(task, {})[m] = r["score"] if r else None
+            if suite.available(m):  # the first seed's grid, then one run per other seed
+                grid = table[task][m]["grid"].values()
+                later = [got[seed][1] for seed in p.seeds[1:]]
+                progress["planned"] += len(p.grid(m)) + len(p.seeds) - 1
+                progress["finished"] += sum(v is not None for v in grid) + later.count("ok")
+                progress["failed"] += sum(v is None for v in grid) + later.count("failed")
+    means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
+    per_seed = {seed: rules.verdicts(sc, p.tasks) for seed, sc in per_seed_scores.items()}
+    return {"progress": progress, "table": table, "cells": cells, "per_seed_verdicts": {str(k): v for k, v in per_seed.items()},
+            "pass_counts": rules.pass_counts(per_seed), "verdicts_on_means": rules.verdicts(means, p.tasks),
+            "cheaper_masks_vs_l0": rules.cheaper_masks(means, p.tasks)}
+
+
+def _brief(r: dict | None) -> dict | None:
+    if r is None:
+        return None
+    keep = ("score", "best_epoch", "bytes", "train_seconds", "resumed", "peak_rss_bytes", "cuda_peak_allocated",
+            "device", "density", "nnz", "lora_rank", "score_before_fp16", "l0_density_path", "metrics", "command",
+            "settings", "finished")
+    out = {k: r[k] for k in keep if k in r}
+    if "command" in out:  # paths relative to the repository, as a reader would type them
+        out["command"] = out["command"].replace(f"{REPO}/", "")
+    return out
+
+
+def _avg(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _max(xs):
+    xs = [x for x in xs if x is not None]
+    return max(xs) if xs else None
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "safetensors", "numpy", "zstandard"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - informative only
+        pass
+    return {"python": platform.python_version(), "packages": versions, "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU"),
+            "platform": platform.platform()}
+
+
+def render(suite: Suite, doc: dict, commands: list[str]) -> str:
+    """The markdown results file."""
+    p, env, table = suite.p, doc["environment"], doc["table"]
+    tasks, methods = p.tasks, p.methods
+    L: list[str] = []
+    title = "# Quality v2: diffprune 0.5% vs full finetuning, LoRA, BitFit and a linear probe at equal compute"
+    L += [title + (" — QUICK PROTOCOL (smoke check, not a result)" if p.quick else ""), ""]
+    if p.quick:
+        L += [f"**Quick protocol**: train sets capped at {p.max_train_samples}, dev at {p.max_eval_samples}, "
+              f"seed {p.seeds[0]} only, one lr per method, {p.epochs} epochs. It checks the pipeline; its numbers "
+              "say nothing about quality.", ""]
+    model = "the bundled MiniLM (all-MiniLM-L6-v2)" if p.model == "minilm" else f"`{p.model}`"
+    L += [f"What it compares: on {model} and GLUE dev, a diffprune {p.sparsity} diff "
+          "(the L0 mask, and random / magnitude / Fisher masks as ablations) against full finetuning, LoRA r=8 on "
+          "query+value, LoRA on every linear layer at the .diff's bytes, BitFit and the head alone, every method "
+          f"with {p.epochs} epochs over the train set, its best dev epoch, and {len(p.grid('full'))} learning "
+          f"rate(s) tuned on seed {p.seeds[0]}.", "",
+          f"Progress: {doc['progress']['finished']} of {doc['progress']['planned']} runs finished, "
+          f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted).", "",
+          f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
+          + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
+          "## Commands", "", "```"] + commands + ["```", ""]
+    L += ["## Protocol", "",
+          f"- Tasks: {', '.join(tasks)}; train sets " + (f"capped at {p.max_train_samples}" if p.max_train_samples
+                                                        else "in full") + ", dev sets "
+          + (f"capped at {p.max_eval_samples}" if p.max_eval_samples else "in full") + f". Seeds {p.seeds}.",
+          f"- Equal compute: {p.epochs} epochs in all, batch {p.batch_size}, max length {p.max_seq_length}. "
+          f"diffprune L0: {p.split('dp-l0')[0]} L0 + {p.split('dp-l0')[1]} fixed-mask epochs; magnitude: "
+          f"{p.split('dp-magnitude')[0]} dense + {p.split('dp-magnitude')[1]} fixed-mask epochs; random and Fisher: "
+          f"{p.split('dp-random')[1]} fixed-mask epochs (their masks cost no epoch; Fisher's costs one pass over "
+          "`--fill-samples` examples). Sparsity " + p.sparsity + ".",
+          "- Learning rates (diffprune: the fixed-mask lr; its other lrs are the trainer's defaults): "
+          + "; ".join(f"{LABELS[m]} {', '.join(f'{x:g}' for x in p.grid(m))}" for m in methods)
+          + f". The best dev score at seed {p.seeds[0]} picks the lr (ties: the first listed); the other seeds "
+          "use it. Model selection is on dev for every method alike (best epoch and lr), so all scores are "
+          "optimistic by the same rule.",
+          "- Stored bytes are file sizes: diffprune the fp16 `.diff` (`artifact.write`), scored on base + that "
+          "file; baselines the trained tensors as fp16 safetensors (full FT: every weight; LoRA: adapter + head; "
+          "BitFit: biases + head; head: the head), scored after that fp16 rounding. LoRA all-linear takes the "
+          f"largest rank whose file fits in the dp-l0 .diff of seed {p.seeds[0]} (alpha = 2 r).",
+          "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory is "
+          "the process's peak RSS on CPU (it includes the Python, torch and transformers runtime: the head-only run "
+          "shows that floor), torch's peak allocated memory on cuda. LoRA all-linear's rank is in the JSON (`lora_rank`).",
+          "- Baselines: AdamW, linear decay, no warmup or weight decay, gradient norm clipped to 1, the head "
+          "initialised as `train` does; LoRA via PEFT (dropout 0.1), BitFit and the head by freezing.", ""]
+    # main table
+    L += ["## Results (mean ± std over seeds, (n) seeds)", "",
+          "| task | metric floor | " + " | ".join(LABELS[m] for m in methods) + " |",
+          "|---|---|" + "---|" * len(methods)]
+    for t in tasks:
+        row = [_cell_text(table[t][m]) for m in methods]
+        floor = doc["majority"].get(t)
+        L.append(f"| {t} | {'—' if floor is None else f'{floor:.2f}'} | " + " | ".join(row) + " |")
+    avg = []
+    for m in methods:
+        vals = [table[t][m]["mean"] for t in tasks]
+        avg.append("—" if None in vals or not vals else f"{sum(vals) / len(vals):.2f}")
+    L += ["| **average** | | " + " | ".join(avg) + " |", "",
+          "`metric floor`: always predicting the most frequent train label (stsb: the mean). Scores: GLUE metric ×100 "
+          "(rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, cola Matthews).", ""]
+    L += ["## Bytes and cost (per run, at the chosen lr; mean over seeds, memory the maximum)", "",
+          "| task | method | lr | stored bytes | train time | peak memory |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        for m in methods:
+            c = table[t][m]
+            if c["n"] == 0:
+                continue
+            mem = c["cuda_peak_allocated"] or c["peak_rss_bytes"]
+            kind = "cuda alloc" if c["cuda_peak_allocated"] else "RSS"
+            L.append(f"| {t} | {LABELS[m]} | {c['lr']:g} | {rules.fmt_bytes(c['bytes'])} | "
+                     f"{(c['train_seconds'] or 0) / 60:.1f} min | {rules.fmt_bytes(mem)} {kind} |")
+    L.append("")
+    # targets
+    L += ["## Targets (issue 11)", "", "| target | on the means | seeds passing |", "|---|---|---|"]
+    for key, text in rules.TARGETS:
+        ok, done = doc["pass_counts"][key]
+        L.append(f"| {text} | {rules.fmt_verdict(doc['verdicts_on_means'][key])} | {ok} of {done} complete "
+                 f"(of {len(p.seeds)}) |")
+    L += ["", "LoRA and BitFit are compared on score; their stored bytes are in the cost table (LoRA all-linear is "
+          "matched to the .diff's bytes, the others are not). A target is '—' while a cell it needs is missing.", ""]
+    cm = doc["cheaper_masks_vs_l0"]
+    L += ["Ablation masks vs the L0 mask (task average of the means): " + "; ".join(
+        f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in cm.items()), ""]
+    # per seed
+    L += ["## Per seed", "", "Best epoch of diffprune: the fixed-mask epoch (0: the projected diff before it).", "",
+          "| task | method | seed | lr | score | best epoch | bytes | train time | status |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for t in tasks:
+        for m in methods:
+            for seed, c in doc["cells"][t][m].items():
+                r = c["result"]
+                if r is None:
+                    L.append(f"| {t} | {LABELS[m]} | {seed} | | | | | | {c['status']} |")
+                else:
+                    L.append(f"| {t} | {LABELS[m]} | {seed} | {r['settings']['lr']:g} | {r['score']:.2f} | "
+                             f"{r.get('best_epoch')} | {rules.fmt_bytes(r.get('bytes'))} | "
+                             f"{r['train_seconds'] / 60:.1f} min{' (resumed: last part only)' if r.get('resumed') else ''}"
+                             " | ok |")
+    L += ["", f"## Learning-rate tuning (seed {p.seeds[0]}: dev score per lr; * = chosen)", ""]
+    for t in tasks:
+        for m in methods:
+            c = table[t][m]
+            tried = ", ".join(f"{lr} → {'failed' if s is None else f'{s:.2f}'}"
+                              + ("*" if c["lr"] is not None and float(lr) == c["lr"] else "")
+                              for lr, s in c["grid"].items())
+            none = "not run (method unavailable)" if not suite.available(m) else "nothing yet"
+            L.append(f"- {t} {LABELS[m]}: {tried or none}")
+    L += ["", "## L0 phase: density path (expected / deterministic-gate density after each L0 epoch)", ""]
+    for t in tasks:
+        for seed, c in doc["cells"][t].get("dp-l0", {}).items():
+            r = c["result"]
+            if r and r.get("l0_density_path"):
+                L.append(f"- {t} seed {seed}: " + ", ".join(
+                    f"ep{h['epoch']} {100 * (h['expected_density'] or 0):.2f}% / "
+                    f"{100 * (h['deterministic_density'] or 0):.2f}%" for h in r["l0_density_path"]))
+    L += ["", "Every run's settings and command are in the JSON file next to this one (`cells`)."]
+    return "\n".join(L) + "\n"
+
+
+def _cell_text(c: dict) -> str:
+    if c["n"]:
+        return rules.fmt_score(c["mean"], c["std"], c["n"])
+    return c["status"][0] if c["status"] else "—"

@@ -1,0 +1,232 @@
+"""bench/quality_v2.py: lr tuning, seed aggregation and target counts (unit), and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+rep = _load("quality_v2_rules")
+
+
+# ----------------------------------------------------------------------------------------------- lr tuning
+def test_choose_lr_waits_for_the_whole_grid_and_never_picks_a_failed_run():
+    grid = (1e-3, 3e-3, 1e-2)
+    assert rep.choose_lr(grid, {1e-3: 50.0, 3e-3: 70.0}) is None          # 1e-2 not done yet
+    assert rep.choose_lr(grid, {1e-3: 50.0, 3e-3: None, 1e-2: 40.0}) == 1e-3  # 3e-3 failed
+    assert rep.choose_lr(grid, {1e-3: None, 3e-3: None, 1e-2: None}) is None
+    assert rep.choose_lr(grid, {1e-2: 60.0, 3e-3: 60.0, 1e-3: 55.0}) == 3e-3  # tie: the one listed first
+
+
+@given(st.lists(st.floats(-100, 100), min_size=1, max_size=5))
+def test_choose_lr_picks_the_first_best_score(scores):
+    grid = tuple(10.0 ** -(i + 1) for i in range(len(scores)))
+    chosen = rep.choose_lr(grid, dict(zip(reversed(grid), reversed(scores))))
+    assert chosen == grid[scores.index(max(scores))]
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+@given(st.lists(st.one_of(st.none(), st.floats(-100, 100)), max_size=6))
+def test_mean_std_over_the_seeds_that_finished(values):
+    mean, std, n = rep.mean_std(values)
+    vals = [v for v in values if v is not None]
+    assert n == len(vals)
+    if not vals:
+        assert mean is None and std is None
+    else:
+        assert math.isclose(mean, statistics.mean(vals), abs_tol=1e-9)
+        assert (std is None) == (len(vals) < 2)
+        if std is not None:
+            assert math.isclose(std, statistics.stdev(vals), abs_tol=1e-9)
+
+
+def _scores(dp: dict, **others) -> dict:
+    tasks = list(dp)
+    out = {t: {"dp-l0": dp[t]} for t in tasks}
+    for m, vals in others.items():
+        for t in tasks:
+            out[t][m.replace("_", "-")] = vals[t]
+    return out
+
+
+def test_verdicts_follow_the_issue_targets():
+    tasks = ["rte", "mrpc", "stsb", "cola"]
+    dp = {"rte": 60.0, "mrpc": 80.0, "stsb": 85.0, "cola": 30.0}
+    # full is 0.4 ahead on average, 1.0 at most per task: both full-FT targets pass.
+    full = {"rte": 61.0, "mrpc": 80.6, "stsb": 85.0, "cola": 30.0}
+    lora_qv = {"rte": 59.0, "mrpc": 81.0, "stsb": 84.0, "cola": 29.0}   # dp wins 3 of 4, and on average
+    lora_all = {"rte": 50.0, "mrpc": 70.0, "stsb": 70.0, "cola": 20.0}  # the worse LoRA: not the one compared
+    bitfit = {"rte": 61.0, "mrpc": 81.0, "stsb": 84.0, "cola": 29.0}    # dp wins only 2 of 4
+    rnd = {"rte": 59.0, "mrpc": 79.0, "stsb": 84.0, "cola": 29.5}       # L0 0.875 ahead: < 1 pt
+    v = rep.verdicts(_scores(dp, full=full, lora_qv=lora_qv, lora_all=lora_all, bitfit=bitfit, dp_random=rnd), tasks)
+    assert v == {"avg_within_0.5_of_full": True, "no_task_below_1.5": True, "ahead_of_better_lora": True,
+                 "ahead_of_bitfit": False, "l0_1pt_over_random": False}
+    # One task 2 points below full: the per-task target fails, the average (−0.5) still passes.
+    full2 = dict(full, rte=62.0, mrpc=80.0)
+    v2 = rep.verdicts(_scores(dp, full=full2), tasks)
+    assert v2["no_task_below_1.5"] is False and v2["avg_within_0.5_of_full"] is True
+    assert v2["ahead_of_bitfit"] is None  # no BitFit cell: no verdict
+
+
+def test_pass_counts_count_only_seeds_with_every_cell():
+    per_seed = {42: {k: True for k, _ in rep.TARGETS}, 43: {k: False for k, _ in rep.TARGETS},
+                44: {k: None for k, _ in rep.TARGETS}}
+    per_seed[43]["ahead_of_bitfit"] = True
+    counts = rep.pass_counts(per_seed)
+    assert counts["avg_within_0.5_of_full"] == (1, 2)
+    assert counts["ahead_of_bitfit"] == (2, 2)
+
+
+def test_verdicts_need_every_task():
+    scores = {"rte": {"dp-l0": 60.0, "full": 59.0}, "mrpc": {"dp-l0": 80.0, "full": None}}
+    assert rep.verdicts(scores, ["rte", "mrpc"])["avg_within_0.5_of_full"] is None
+    assert rep.cheaper_masks({"rte": {"dp-l0": 60.0, "dp-random": 58.5}}, ["rte"])["dp-random"] == -1.5
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def test_every_diffprune_method_gets_the_same_total_epochs_and_one_command_builder(tmp_path):
+    q = _load("quality_v2")
+    p = q.Protocol(epochs=8, l0_epochs=5, data_dir=str(tmp_path))
+    assert {m: p.split(m) for m in q.DIFFPRUNE} == {"dp-l0": (5, 3), "dp-magnitude": (5, 3), "dp-random": (0, 8),
+                                                    "dp-fisher": (0, 8)}
+    suite = q.Suite(p, tmp_path / "work")
+    s = suite.settings(q.Run("rte", "dp-random", 1e-3, 42))
+    args = q.diffprune_args(s, tmp_path / "ckpt", str(tmp_path), with_method_flag=True)
+    assert args[args.index("--epochs") + 1] == "0" and args[args.index("--fixmask-epochs") + 1] == "8"
+    assert args[args.index("--method") + 1] == "random" and args[args.index("--fixmask-lr") + 1] == "0.001"
+    l0 = q.diffprune_args(suite.settings(q.Run("rte", "dp-l0", 1e-3, 42)), tmp_path / "c", "d", with_method_flag=False)
+    assert "--method" not in l0  # before feat/methods, l0 is the trainer's only behaviour
+    # lora-all waits for the dp-l0 .diff it is matched to
+    assert suite.settings(q.Run("rte", "lora-all", 1e-3, 42)) is None
+    # the lr is part of the key; the seed too
+    a, b = (suite.stem(r, suite.settings(r)) for r in (q.Run("rte", "full", 5e-5, 42), q.Run("rte", "full", 5e-5, 43)))
+    assert a != b
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+@pytest.mark.integration
+def test_quick_protocol_runs_every_kind_and_reports_missing_cells(tmp_path: Path, monkeypatch):
+    pytest.importorskip("peft")
+    from tests.conftest import make_base
+    from tests.test_bench_quality_smoke import _tiny_rte
+
+    q = _load("quality_v2")
+    base = make_base(tmp_path / "base")
+    glue = _tiny_rte(tmp_path / "glue")
+    work, results = tmp_path / "work", tmp_path / "results"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--quick", "--tasks", "rte,mrpc", "--model", str(base), "--data-dir", str(glue), "--quick-train", "24",
+            "--quick-eval", "12", "--epochs", "2", "--l0-epochs", "1", "--work-dir", str(work),
+            "--results-dir", str(results)]
+    assert q.main(argv) == 0
+    doc = json.loads((results / "quality-v2-quick.json").read_text())
+    assert doc["protocol"]["quick"] and doc["protocol"]["tasks"] == ["rte"]  # no MRPC folder: left out
+    available = set(doc["trainer_methods"])
+    for m in q.METHODS:
+        c = doc["cells"]["rte"][m]["42"]
+        if m in q.DIFFPRUNE and q.DIFFPRUNE[m] not in available:
+            assert c["status"] == "not run (method unavailable)", m
+            continue
+        assert c["status"] == "ok", (m, c)
+        r = c["result"]
+        assert 0.0 <= r["score"] <= 100.0 and r["bytes"] > 0 and r["train_seconds"] > 0, m
+        assert r["peak_rss_bytes"] > 0, m
+    cells = {m: doc["cells"]["rte"][m]["42"]["result"] for m in ("full", "bitfit", "head", "lora-all", "dp-l0")}
+    # bytes are file sizes: the head < BitFit < full; LoRA all-linear fits in the .diff's bytes
+    assert cells["head"]["bytes"] < cells["bitfit"]["bytes"] < cells["full"]["bytes"]
+    assert cells["lora-all"]["bytes"] <= cells["dp-l0"]["bytes"] or cells["lora-all"]["lora_rank"] == 1
+    assert cells["dp-l0"]["l0_density_path"] and cells["dp-l0"]["density"] < 0.0051
+    text = (results / "quality-v2-quick.md").read_text()
+    assert "QUICK PROTOCOL" in text and "| rte |" in text and "## Targets" in text
+
+    # A rerun trains nothing; the report of an empty cache marks every cell missing.
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if "runs" not in p.parts}
+    assert q.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if "runs" not in p.parts} == stamps
+    empty = argv[:-4] + ["--work-dir", str(tmp_path / "empty"), "--results-dir", str(results), "--report-only"]
+    assert q.main(empty) == 0
+    doc = json.loads((results / "quality-v2-quick.json").read_text())
+    assert doc["cells"]["rte"]["full"]["42"] == {"status": "lr tuning: 0/1 done", "result": None}
+    assert doc["cells"]["rte"]["lora-all"]["42"]["status"] == "waiting (needs the dp-l0 .diff bytes)"
+    assert all(v is None for v in doc["verdicts_on_means"].values())
+    assert "—" in (results / "quality-v2-quick.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- the lane's plan
+def _fake_suite(tmp_path, monkeypatch, fail=()):
+    """A Suite whose runs are instant fakes: score = 100·lr·1000 + seed/100, bytes 5000 (dp) or 3000."""
+    q = _load("quality_v2")
+    report = _load("quality_v2_report")
+    monkeypatch.setattr(q, "trainer_methods", lambda: {"l0"})
+    executed = []
+
+    def fake(self, run, s, run_dir):
+        executed.append((run.method, run.lr, run.seed, s.get("match_bytes")))
+        if (run.method, run.lr) in fail:
+            raise RuntimeError("exit 1: boom")
+        return {"score": 100 * run.lr * 1000 + run.seed / 100, "bytes": 5000 if run.method == "dp-l0" else 3000,
+                "train_seconds": 1.0, "peak_rss_bytes": 1}
+
+    monkeypatch.setattr(q.Suite, "_execute", fake)
+    p = q.Protocol(tasks=["rte"], methods=["full", "dp-l0", "lora-all", "dp-random"], seeds=[1, 2, 3],
+                   data_dir=str(tmp_path))
+    return q, report, q.Suite(p, tmp_path / "work"), executed
+
+
+def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_path, monkeypatch):
+    q, report, suite, executed = _fake_suite(tmp_path, monkeypatch)
+    suite.lane(wait_s=0)
+    first = [e for e in executed if e[2] == 1]
+    assert sorted((m, lr) for m, lr, _, _ in first) == sorted(
+        (m, lr) for m in ("full", "dp-l0", "lora-all") for lr in q.LR_GRID[m])
+    # the highest lr scores best here: seeds 2 and 3 run only there
+    later = sorted((m, lr, seed) for m, lr, seed, _ in executed if seed != 1)
+    assert later == sorted((m, q.LR_GRID[m][-1], seed) for m in ("full", "dp-l0", "lora-all") for seed in (2, 3))
+    # lora-all is matched to the dp-l0 .diff of seed 1 at the middle lr, on every seed
+    assert {mb for m, _, _, mb in executed if m == "lora-all"} == {5000}
+    assert not any(m == "dp-random" for m, *_ in executed)  # not in the trainer yet
+    doc = report.assemble(suite)
+    cell = doc["table"]["rte"]["full"]
+    assert cell["n"] == 3 and cell["lr"] == 1e-4 and math.isclose(cell["mean"], 10.02)
+    assert doc["cells"]["rte"]["dp-random"]["2"]["status"] == "not run (method unavailable)"
+    assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
+    assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
+    assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2)}
+    executed.clear()
+    suite.lane(wait_s=0)  # everything cached: nothing runs again
+    assert executed == []
+
+
+def test_a_failed_run_is_recorded_not_retried_and_never_chosen(tmp_path, monkeypatch):
+    q, report, suite, executed = _fake_suite(tmp_path, monkeypatch, fail={("full", 1e-4)})
+    suite.lane(wait_s=0)
+    assert suite.chosen_lr("rte", "full") == 5e-5  # the best lr that did not fail
+    assert list(suite.work.glob("rte-full-s1-lr0.0001-*.failed.json"))
+    assert not list(suite.work.glob("*.lock"))
+    n = len(executed)
+    suite.lane(wait_s=0)
+    assert len(executed) == n
+    doc = report.assemble(suite)
+    assert doc["table"]["rte"]["full"]["grid"]["0.0001"] is None  # shown as 'failed' in the tuning list
+    assert doc["progress"]["failed"] == 1
+    assert "0.0001 → failed" in report.render(suite, {**doc, "environment": report.environment(), "date": "d",
+                                                      "majority": {}}, ["cmd"])
