@@ -46,11 +46,9 @@ LR_GRID = {"full": (2e-5, 5e-5, 1e-4), "lora-qv": (5e-4, 1e-3, 2e-3), "lora-all"
            "bitfit": (1e-3, 3e-3, 1e-2), "head": (1e-3, 3e-3, 1e-2),
            **{m: (3e-4, 1e-3, 3e-3) for m in DIFFPRUNE}}
 # The files whose content keys the cache: a change there retrains, a change elsewhere (this harness) does not.
-COMMON_CODE = ("diffcli/training.py", "diffcli/tasks.py", "diffcli/evaluation.py", "diffcli/metrics.py")
-TRAIN_CODE = {"baseline": COMMON_CODE + ("bench/baselines.py",),
-              "diffprune": COMMON_CODE + ("diffcli/gates.py", "diffcli/diffmodel.py", "diffcli/train_state.py",
-                                          "diffcli/projection.py", "diffcli/cli/cmd_train.py", "diffcli/artifact.py",
-                                          "diffcli/codec.py", "diffcli/applying.py", "diffcli/masks.py")}
+# Training now spans many modules (methods/, the loop, the fixed phase, the format): key on the whole library.
+LIBRARY_CODE = tuple(sorted(str(p.relative_to(REPO)) for p in (REPO / "diffcli").rglob("*.py")))
+TRAIN_CODE = {"baseline": LIBRARY_CODE + ("bench/baselines.py",), "diffprune": LIBRARY_CODE}
 _score_lock = threading.Lock()
 
 
@@ -93,12 +91,13 @@ class Run:
 def diffprune_args(s: dict, ckpt: Path, data_dir: str, with_method_flag: bool) -> list[str]:
     """The `diffprune train` arguments of one diffprune run: the one place to adjust for the trainer's CLI.
 
-    l0: --epochs = L0 epochs; magnitude: --epochs = dense epochs; random/fisher: --epochs 0. The tuned lr is the
+    l0: --epochs = L0 epochs; magnitude: --epochs = dense epochs; random/fisher take no --epochs (train refuses it). The tuned lr is the
     fixed-mask lr. Without --method in the CLI (before feat/methods) only l0 runs, as the trainer's default.
     --resume: a run whose lane was killed continues from its last finished epoch (else it starts afresh).
     """
     cmd = ["-m", "diffcli", "train", "--task", s["task"], "--data-dir", data_dir, "--model", s["model"],
-           "--epochs", str(s["first_epochs"]), "--fixmask-epochs", str(s["fixmask_epochs"]),
+           *(["--epochs", str(s["first_epochs"])] if s["first_epochs"] else []),
+           "--fixmask-epochs", str(s["fixmask_epochs"]),
            "--fixmask-lr", f"{s['lr']:g}", "--batch-size", str(s["batch_size"]),
            "--max-seq-length", str(s["max_seq_length"]), "--seed", str(s["seed"]), "--sparsity", s["sparsity"],
            "-o", str(ckpt), "--json", "--force", "--resume"]

@@ -111,10 +111,12 @@ def test_every_diffprune_method_gets_the_same_total_epochs_and_one_command_build
     suite = q.Suite(p, tmp_path / "work")
     s = suite.settings(q.Run("rte", "dp-random", 1e-3, 42))
     args = q.diffprune_args(s, tmp_path / "ckpt", str(tmp_path), with_method_flag=True)
-    assert args[args.index("--epochs") + 1] == "0" and args[args.index("--fixmask-epochs") + 1] == "8"
+    # train refuses --epochs for random/fisher (they have no first phase): the builder must not pass it
+    assert "--epochs" not in args and args[args.index("--fixmask-epochs") + 1] == "8"
     assert args[args.index("--method") + 1] == "random" and args[args.index("--fixmask-lr") + 1] == "0.001"
     l0 = q.diffprune_args(suite.settings(q.Run("rte", "dp-l0", 1e-3, 42)), tmp_path / "c", "d", with_method_flag=False)
     assert "--method" not in l0  # before feat/methods, l0 is the trainer's only behaviour
+    assert l0[l0.index("--epochs") + 1] == "5" and l0[l0.index("--fixmask-epochs") + 1] == "3"
     # lora-all waits for the dp-l0 .diff it is matched to
     assert suite.settings(q.Run("rte", "lora-all", 1e-3, 42)) is None
     # the lr is part of the key; the seed too
