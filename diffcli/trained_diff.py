@@ -82,8 +82,9 @@ def build_diff(tm: TaskModel, flat, index: "torch.Tensor", best: dict, *, model_
     state = tm.model.state_dict()
     gated = set(flat.names)
     head = set(tm.head)
+    tied = getattr(tm, "tied", {})  # an alias (GPT-2's lm_head) follows its tensor when the model is loaded
     for name, t in state.items():
-        if name in gated:
+        if name in gated or name in tied:
             continue
         if name in head:
             extras[name] = best[f"best/head/{name}"].detach().cpu().clone().contiguous()

@@ -19,7 +19,8 @@ from diffcli.fisher import fisher_diagonal
 from diffcli.fixmask import fixmask_phase
 from diffcli.methods import get_method
 from diffcli.methods.l0 import DensityController, L0Trainer
-from diffcli.taskmodel import TaskModel, build_task_model
+from diffcli.task_types import build_task_model
+from diffcli.taskmodel import TaskModel
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
 from diffcli.train_state import STATE_JSON, check_resume_options, load_state, partial_dir
 from diffcli.trained_diff import build_diff
@@ -40,22 +41,24 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
           validation_file: str | None = None, text_fields: list[str] | None = None, label_field: str | None = None,
           model: str = "minilm", max_train_samples: int | None = None, max_eval_samples: int | None = None,
           output: str | Path, options: TrainOptions | None = None, resume: bool = False, force: bool = False,
-          reporter: Reporter | None = None, device: str | None = None,
+          reporter: Reporter | None = None, device: str | None = None, task_type: str | None = None,
           on_epoch_end: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run the method's phases and the fixed-mask phase; write the best diff as a checkpoint at `output`; return a summary.
 
     Resumable: after each epoch the state goes to `<output>.partial/`; `resume=True` continues from it.
-    Under torchrun every rank trains; rank 0 alone evaluates and writes.
+    Under torchrun every rank trains; rank 0 alone evaluates and writes. `task_type` (`diffcli.task_types`,
+    default sequence-classification) gives the data, the head, the encoding and the metric.
     """
     import torch
 
-    from diffcli import checkpoint, tasks
+    from diffcli import checkpoint, task_types
     from diffcli.outputs import check_output
     from diffcli.weights import resolve_model
 
     opts = options or TrainOptions()
     opts.validate()
     method = get_method(opts.method)
+    kind = task_types.get(task_type)
     check_device(device)
     rep = reporter or Reporter()
     output = Path(output)
@@ -69,9 +72,10 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
             raise OutputExistsError(f"{work} holds an interrupted run",
                                     hint="pass --resume to continue it, or --force to start over")
     base_dir = resolve_model(model)
-    task_data = tasks.load_task(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
-                                text_fields=text_fields, label_field=label_field,
-                                max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+    kind.check(base_dir)  # an architecture that cannot serve the task type: refused before any data is read
+    task_data = kind.load(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
+                          text_fields=text_fields, label_field=label_field,
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
     if task_data.source.get("kind") == "example":
         rep.warning(f"training on {task_data.source['name']}: {task_data.source['why']} "
                     "(pass --data-dir or set GLUE_DIR to train on GLUE)")
@@ -85,10 +89,10 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if not dist.main:
         rep = Reporter()
     started = time.monotonic()
-    tm = build_task_model(base_dir, task_data.spec, opts.seed)
+    tm = kind.build(base_dir, task_data, opts.seed)
     check_memory(tm, opts, dev)
     tm.model.to(dev)
-    train_set = tasks.encode(task_data.train, tm.tokenizer, opts.max_seq_length)
+    train_set = kind.encode(task_data.train, tm.tokenizer, task_data.spec, opts.max_seq_length)
     run = Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end)
 
     state = method.setup(run)  # sets run.flat (the shared tensors' layout) and run.sparse
@@ -117,7 +121,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     summary: dict[str, Any] = {}
     if dist.main:
         diff = build_diff(tm, flat, index, best_tensors, model_ref=model, meta={
-            "method": method.meta_name, "method_options": method_options(opts), "task": task_data.spec.name, "hyperparameters": run.opt_dict,
+            "method": method.meta_name, "method_options": method_options(opts), "task": task_data.spec.name,
+            "task_type": kind.name, "hyperparameters": run.opt_dict,
             "data": {"task": task, "train_file": str(train_file) if train_file else None,
                      "validation_file": str(validation_file) if validation_file else None,
                      "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
@@ -130,7 +135,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         checkpoint.save(diff, output, force=force)
         shutil.rmtree(work, ignore_errors=True)
         summary = {
-            "output": str(output), "task": task_data.spec.name, "model": model, "data": task_data.source,
+            "output": str(output), "task": task_data.spec.name, "task_type": kind.name, "model": model,
+            "data": task_data.source,
             "after_l0": run.record.get("after_l0"), "after_projection": run.record.get("projection"),
             "after_fixmask": run.record["best"], "density": diff.density, "nnz": diff.nnz,
             "budget_numel": diff.budget_numel, "extras_numel": diff.extras_numel,
