@@ -3,7 +3,8 @@
 Phases: (1) the method's own (for `l0`, the default: gated training and the exact top-k projection), which
 yields exactly k = round(S·N) kept entries and their start values; (2) the shared fixed-mask phase — only the
 kept entries (and the dense new head) are finetuned; the best dev epoch is written. Resumable after every
-epoch; under torchrun every rank trains and rank 0 alone evaluates and writes.
+epoch; under torchrun every rank trains and rank 0 alone evaluates and writes. The steps, the projection,
+the fixed phase and the export are a `DiffPruner`'s (`diffcli.api`), the library's own implementation.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from diffcli.task_types import build_task_model
 from diffcli.taskmodel import TaskModel
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
 from diffcli.train_state import STATE_JSON, check_resume_options, load_state, partial_dir
-from diffcli.trained_diff import build_diff
 from diffcli.trained_diff import build_diff as _build_diff
 from diffcli.trained_diff import fill_budget as _fill_budget
 from diffcli.trained_diff import project as _project
@@ -95,7 +95,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     train_set = kind.encode(task_data.train, tm.tokenizer, task_data.spec, opts.max_seq_length)
     run = Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end)
 
-    state = method.setup(run)  # sets run.flat (the shared tensors' layout) and run.sparse
+    pruner = method.setup(run)  # the run's DiffPruner; sets run.flat (the shared tensors' layout) and run.sparse
     run.ddp = wrap_ddp(tm.model, dist, dev)
     torch.manual_seed(opts.seed + dist.rank)  # dropout streams
     phase, done, tensors, saved = "select", 0, {}, None
@@ -108,19 +108,17 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         phase, done = saved["phase"], int(saved["epochs_done"])
         run.record = saved["record"]
         if phase in method.phases:
-            method.restore(run, state, tensors, saved)
+            method.restore(run, pruner, tensors, saved)
         rep.line(f"resuming {phase} phase after epoch {done}")
 
-    flat = run.flat
     if phase != "fixmask":
-        tensors = method.select(run, state, done)
+        tensors = method.select(run, pruner, done)
         done, saved = 0, None
-    state = None  # free the method's own buffers (for l0: w, log α, their gradients and optimiser states)
-    index, best_tensors = fixmask_phase(run, tensors, saved, done)
+    best_tensors = fixmask_phase(run, pruner, tensors, saved, done)  # frees the L0 phase's w, log α and optimisers
 
     summary: dict[str, Any] = {}
     if dist.main:
-        diff = build_diff(tm, flat, index, best_tensors, model_ref=model, meta={
+        diff = pruner.export(best=best_tensors, meta={
             "method": method.meta_name, "method_options": method_options(opts), "task": task_data.spec.name,
             "task_type": kind.name, "hyperparameters": run.opt_dict,
             "data": {"task": task, "train_file": str(train_file) if train_file else None,

@@ -203,3 +203,42 @@ def test_readme_task_type_train_examples_run(tmp_path, monkeypatch):
         assert result.exit_code == 0, (line, result.output)
         out = args[args.index("-o") + 1]
         assert checkpoint.load(tmp_path / out).meta["task_type"] == args[args.index("--task-type") + 1]
+
+
+def test_trains_pruner_in_a_plain_loop_gives_the_cli_l0_diff(bases, tmp_path):
+    """l0: `train`'s own pruner (`DiffPruner.for_task_model`, flat buffers) driven by hand = the CLI's diff."""
+    from diffcli import DiffPruner
+    from diffcli.train_options import TrainOptions
+
+    result, out, data = _train(tmp_path, bases["gpt2"], "causal-lm", write_lm, *METHOD["l0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["after_fixmask"]["epoch"] == 1
+    kind = task_types.get("causal-lm")
+    tdata = kind.load("t", train_file=data, validation_file=data)
+    tm = kind.build(bases["gpt2"], tdata, 42)
+    ds = kind.encode(tdata.train, tm.tokenizer, tdata.spec, 32)
+
+    def batches(data_seed: int):
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(data_seed)).tolist()
+        return [ds.collate([ds[i] for i in order[j:j + 2]]) for j in range(0, len(order), 2)]
+
+    opts = TrainOptions(epochs=1, lr=1e-2, structured=False, fixmask_epochs=1, batch_size=2, fixmask_lr=2e-2,
+                        sparsity=0.2, max_seq_length=32)
+    steps = batches(42)  # the L0 epoch's order (seed), then the fixed epoch's (seed + 1)
+    pruner = DiffPruner.for_task_model(tm, opts, torch.device("cpu"), len(steps), base_ref=str(bases["gpt2"]),
+                                       flat=True)
+    torch.manual_seed(42)
+    tm.model.train()
+    for batch in steps:
+        pruner.begin()
+        tm.model(**batch).loss.backward()
+        pruner.finish()
+    pruner.project()
+    fixed = batches(43)
+    pruner.start_fixed(total_steps=len(fixed))
+    for batch in fixed:
+        tm.model(**batch).loss.backward()
+        pruner.fixed_step()
+    lib, cli = pruner.export(), checkpoint.load(out)
+    for name, td in cli.tensors.items():
+        assert torch.equal(td.indices, lib.tensors[name].indices) and torch.equal(td.values, lib.tensors[name].values)
