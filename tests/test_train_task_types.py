@@ -290,3 +290,18 @@ def test_diffpruner_every_method_every_type_rebuilds_the_in_memory_model(bases, 
     loaded = getattr(transformers, auto).from_pretrained(str(tmp_path / "merged")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_trained_causal_lm_diff_packs_and_evaluates_with_its_gate(bases, tmp_path):
+    """train → pack → eval: the diff's recorded task type picks the metric; `--min perplexity<=...` gates on it."""
+    result, out, data = _train(tmp_path, bases["gpt2"], "causal-lm", write_lm, "--method", "random")
+    assert result.exit_code == 0, result.output
+    packed = tmp_path / "story.diff"
+    assert CliRunner().invoke(app, ["pack", str(out), "-o", str(packed), "--values", "fp32"]).exit_code == 0
+    ok = CliRunner().invoke(app, ["eval", str(bases["gpt2"]), str(packed), "--validation-file", str(data),
+                                  "--min", "perplexity<=1000", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert "perplexity" in ok.stdout
+    missed = CliRunner().invoke(app, ["eval", str(bases["gpt2"]), str(packed), "--validation-file", str(data),
+                                      "--min", "perplexity<=1.0001"])
+    assert missed.exit_code == 8, missed.output
