@@ -25,16 +25,16 @@ if TYPE_CHECKING:
 class FlatEngine:
     """δ on the kept flat positions of `FlatParams`; θ₀, θ and dL/dθ stay N-sized."""
 
-    def __init__(self, run: "Run", index: "torch.Tensor", values: "torch.Tensor", head: list, total: int):
+    def __init__(self, flat, index: "torch.Tensor", values: "torch.Tensor", head: list, opts: "TrainOptions",
+                 device: "torch.device", total: int):
         from diffcli.diffmodel import MaskedDiff
 
-        opts = run.opts
-        self.flat, self.head, self.total, self.steps = run.flat, head, total, 0
-        self.md = MaskedDiff(run.flat, index, values)
+        self.flat, self.head, self.total, self.steps = flat, head, total, 0
+        self.md = MaskedDiff(flat, index, values)
         groups = [{"params": [self.md.values], "lr": opts.fixmask_lr}]
         if head:
             groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
-        self.opt = adamw(groups, opts.fixmask_lr, opts.weight_decay, run.dev)
+        self.opt = adamw(groups, opts.fixmask_lr, opts.weight_decay, device)
         for g in self.opt.param_groups:
             g["initial_lr"] = g["lr"]
         self.grad_clip = opts.grad_clip
@@ -116,11 +116,12 @@ class SparseEngine:
         return optimizer_tensors(self.trainer.optimizer, "opt_m")
 
 
-def fixmask_phase(run: "Run", tensors: dict, resumed: dict | None, done: int):
-    """Finetune the kept entries and the head with the mask fixed; keep the best dev epoch (0 = the mask's start).
+def fixmask_phase(run: "Run", pruner, tensors: dict, resumed: dict | None, done: int):
+    """Finetune the kept entries and the head with the mask fixed (`pruner`'s fixed phase, a `DiffPruner`); keep
+    the best dev epoch (0 = the mask's start).
 
     `tensors` holds the mask (`mask/index`, `mask/values`) and the head (`head/<name>`) the method chose.
-    Returns the mask's flat positions and the best epoch's tensors (`best/values`, `best/head/...`).
+    Returns the best epoch's tensors (`best/values`, `best/head/...`).
     """
     import torch
 
@@ -131,9 +132,9 @@ def fixmask_phase(run: "Run", tensors: dict, resumed: dict | None, done: int):
     with torch.no_grad():
         for n, p in zip(tm.head, head):
             p.copy_(tensors[f"head/{n}"])
-    total = max(1, opts.fixmask_epochs * run.steps_per_epoch)
-    engine = (SparseEngine(tm.model, run.flat, index, tensors["mask/values"], list(tm.head), opts, total) if run.sparse
-              else FlatEngine(run, index, tensors["mask/values"], head, total))
+    pruner.index, pruner.values = index, tensors["mask/values"]
+    pruner.start_fixed(opts.fixmask_epochs * run.steps_per_epoch)
+    engine = pruner.engine
 
     def snapshot() -> dict[str, "torch.Tensor"]:
         return {"best/values": engine.values.detach().clone(),
@@ -157,9 +158,8 @@ def fixmask_phase(run: "Run", tensors: dict, resumed: dict | None, done: int):
     fwd = run.ddp if run.ddp is not None else tm.model
 
     def step(batch: dict) -> float:
-        engine.zero_grad()
         loss = forward_backward(fwd, batch, dev)
-        engine.step()
+        pruner.fixed_step()
         return loss
 
     for epoch in range(done, opts.fixmask_epochs):
@@ -175,4 +175,4 @@ def fixmask_phase(run: "Run", tensors: dict, resumed: dict | None, done: int):
         run.save({**cur, **best_tensors, **engine.state(), **rng_tensors(dev, None)},
                  {"phase": "fixmask", "epochs_done": epoch + 1, "step": engine.steps})
         run.epoch_done("fixmask", epoch + 1)
-    return index, best_tensors
+    return best_tensors

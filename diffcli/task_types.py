@@ -13,56 +13,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from diffcli.errors import DataError, InvalidValueError
+from diffcli.errors import InvalidValueError
+from diffcli.taskmodel import TaskModel
 
 if TYPE_CHECKING:
     from diffcli.tasks import TaskData
 
 DEFAULT = "sequence-classification"
-
-
-@dataclass
-class TaskModel:
-    """The task model with its tokenizer and how its tensors relate to the base."""
-
-    model: Any
-    tokenizer: Any
-    base_dir: Path
-    gated: list[str]                       # parameter names trained as θ₀ + δ
-    head: list[str]                        # parameter names trained densely (not in the base)
-    base_names: dict[str, str]             # target name → base name, for every shared tensor
-    base_info: dict[str, tuple[str, str]] = field(default_factory=dict)  # gated name → (dtype, digest)
-    tied: dict[str, str] = field(default_factory=dict)  # alias → gated name (an LM head tied to the embeddings)
-
-
-def split_parameters(model, tokenizer, base_dir: Path) -> TaskModel:
-    """Gated (shared with the base, reset to its stored values) and dense head parameters of a task model."""
-    import torch
-
-    from diffcli.weights import WeightStore, dtype_name, is_float, match_names, tensor_digest
-
-    store = WeightStore(base_dir)
-    mapping = match_names(store.names(), list(model.state_dict().keys()))
-    gated, head, info = [], [], {}
-    for name, p in model.named_parameters():
-        bname = mapping.get(name)
-        if bname is not None and store.shape(bname) == tuple(p.shape) and is_float(store.dtype(bname)):
-            base_t = store[bname]
-            gated.append(name)
-            info[name] = (dtype_name(base_t.dtype), tensor_digest(base_t))
-            with torch.no_grad():  # θ₀ is the base exactly as stored (from_pretrained may have cast it)
-                p.copy_(base_t.to(torch.float32))
-        else:
-            head.append(name)
-    if not gated:
-        raise DataError(f"the task model shares no parameters with the base {base_dir}")
-    first = {id(p): n for n, p in model.named_parameters()}
-    tied = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
-    return TaskModel(model, tokenizer, base_dir, gated, head, mapping, info, tied)
 
 
 class TaskType:
@@ -142,7 +102,9 @@ class TaskType:
         torch.manual_seed(seed)
         model = self.model_class().from_pretrained(str(base_dir), dtype=torch.float32,
                                                    **self.model_kwargs(spec, tokenizer, config))
-        return split_parameters(model, tokenizer, base_dir)
+        from diffcli.taskmodel import attach_base
+
+        return attach_base(model, base_dir, tokenizer)
 
 
 class SequenceClassification(TaskType):
@@ -261,6 +223,11 @@ class CausalLM(_FileTaskType):
 
 
 TASK_TYPES: dict[str, TaskType] = {t.name: t for t in (SequenceClassification(), TokenClassification(), CausalLM())}
+
+
+def build_task_model(base_dir: str | Path, spec, seed: int) -> TaskModel:
+    """The task model of `spec`'s task type on the base (`TaskType.build`)."""
+    return for_spec(spec).build(base_dir, spec, seed)
 
 
 def get(name: str | None) -> TaskType:

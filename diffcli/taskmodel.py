@@ -1,4 +1,7 @@
-"""The task model a diff is trained on: the base under a new head, split into shared (diffed) and new tensors."""
+"""The task model a diff is trained on: the base under a new head, split into shared (diffed) and new tensors.
+
+Task models are built by their task type (`diffcli.task_types.get(name).build`); `attach_base` splits any model.
+"""
 
 from __future__ import annotations
 
@@ -20,28 +23,7 @@ class TaskModel:
     head: list[str]                        # parameter names trained densely (not in the base)
     base_names: dict[str, str]             # target name → base name, for every shared tensor
     base_info: dict[str, tuple[str, str]] = field(default_factory=dict)  # gated name → (dtype, digest)
-
-
-def build_task_model(base_dir: Path, spec, seed: int) -> TaskModel:
-    """AutoModelForSequenceClassification on the base, split into gated (shared) and dense (new) parameters."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    kw: dict[str, Any] = {"num_labels": spec.num_labels}
-    if spec.is_regression:
-        kw["problem_type"] = "regression"
-    else:
-        kw["problem_type"] = "single_label_classification"
-        kw["id2label"] = {i: str(n) for i, n in enumerate(spec.labels)}
-        kw["label2id"] = {str(n): i for i, n in enumerate(spec.labels)}
-    model = AutoModelForSequenceClassification.from_pretrained(str(base_dir), dtype=torch.float32, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    return attach_base(model, base_dir, tokenizer)
+    tied: dict[str, str] = field(default_factory=dict)  # alias → gated name (an LM head tied to the embeddings)
 
 
 def attach_base(model, base_dir: Path, tokenizer=None) -> TaskModel:
@@ -69,4 +51,6 @@ def attach_base(model, base_dir: Path, tokenizer=None) -> TaskModel:
     if not gated:
         raise DataError(f"the model shares no parameters with the base {base_dir}",
                         hint="pass the checkpoint the model's weights were loaded from")
-    return TaskModel(model, tokenizer, Path(base_dir), gated, head, mapping, info)
+    first = {id(p): n for n, p in params.items()}
+    tied = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    return TaskModel(model, tokenizer, Path(base_dir), gated, head, mapping, info, tied)

@@ -91,8 +91,9 @@ def assemble_diff(tm: TaskModel, tensors: dict, head: dict[str, "torch.Tensor"],
     extras: dict[str, torch.Tensor] = {}
     store = None
     state = tm.model.state_dict()
+    tied = getattr(tm, "tied", {})  # an alias (GPT-2's lm_head) follows its tensor when the model is loaded
     for name, t in state.items():
-        if name in tensors:
+        if name in tensors or name in tied:
             continue
         if name in head:
             extras[name] = head[name].detach().cpu().clone().contiguous()

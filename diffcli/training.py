@@ -3,7 +3,8 @@
 Phases: (1) the method's own (for `l0`, the default: gated training and the exact top-k projection), which
 yields exactly k = round(S·N) kept entries and their start values; (2) the shared fixed-mask phase — only the
 kept entries (and the dense new head) are finetuned; the best dev epoch is written. Resumable after every
-epoch; under torchrun every rank trains and rank 0 alone evaluates and writes.
+epoch; under torchrun every rank trains and rank 0 alone evaluates and writes. The steps, the projection,
+the fixed phase and the export are a `DiffPruner`'s (`diffcli.api`), the library's own implementation.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from diffcli.fisher import fisher_diagonal
 from diffcli.fixmask import fixmask_phase
 from diffcli.methods import get_method
 from diffcli.methods.l0 import DensityController, L0Trainer
-from diffcli.taskmodel import TaskModel, build_task_model
+from diffcli.task_types import build_task_model
+from diffcli.taskmodel import TaskModel
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
 from diffcli.train_state import STATE_JSON, check_resume_options, load_state, partial_dir
-from diffcli.trained_diff import build_diff
 from diffcli.trained_diff import build_diff as _build_diff
 from diffcli.trained_diff import fill_budget as _fill_budget
 from diffcli.trained_diff import project as _project
@@ -40,22 +41,24 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
           validation_file: str | None = None, text_fields: list[str] | None = None, label_field: str | None = None,
           model: str = "minilm", max_train_samples: int | None = None, max_eval_samples: int | None = None,
           output: str | Path, options: TrainOptions | None = None, resume: bool = False, force: bool = False,
-          reporter: Reporter | None = None, device: str | None = None,
+          reporter: Reporter | None = None, device: str | None = None, task_type: str | None = None,
           on_epoch_end: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run the method's phases and the fixed-mask phase; write the best diff as a checkpoint at `output`; return a summary.
 
     Resumable: after each epoch the state goes to `<output>.partial/`; `resume=True` continues from it.
-    Under torchrun every rank trains; rank 0 alone evaluates and writes.
+    Under torchrun every rank trains; rank 0 alone evaluates and writes. `task_type` (`diffcli.task_types`,
+    default sequence-classification) gives the data, the head, the encoding and the metric.
     """
     import torch
 
-    from diffcli import checkpoint, tasks
+    from diffcli import checkpoint, task_types
     from diffcli.outputs import check_output
     from diffcli.weights import resolve_model
 
     opts = options or TrainOptions()
     opts.validate()
     method = get_method(opts.method)
+    kind = task_types.get(task_type)
     check_device(device)
     rep = reporter or Reporter()
     output = Path(output)
@@ -69,9 +72,10 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
             raise OutputExistsError(f"{work} holds an interrupted run",
                                     hint="pass --resume to continue it, or --force to start over")
     base_dir = resolve_model(model)
-    task_data = tasks.load_task(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
-                                text_fields=text_fields, label_field=label_field,
-                                max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+    kind.check(base_dir)  # an architecture that cannot serve the task type: refused before any data is read
+    task_data = kind.load(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
+                          text_fields=text_fields, label_field=label_field,
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
     if task_data.source.get("kind") == "example":
         rep.warning(f"training on {task_data.source['name']}: {task_data.source['why']} "
                     "(pass --data-dir or set GLUE_DIR to train on GLUE)")
@@ -85,13 +89,13 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if not dist.main:
         rep = Reporter()
     started = time.monotonic()
-    tm = build_task_model(base_dir, task_data.spec, opts.seed)
+    tm = kind.build(base_dir, task_data, opts.seed)
     check_memory(tm, opts, dev)
     tm.model.to(dev)
-    train_set = tasks.encode(task_data.train, tm.tokenizer, opts.max_seq_length)
+    train_set = kind.encode(task_data.train, tm.tokenizer, task_data.spec, opts.max_seq_length)
     run = Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end)
 
-    state = method.setup(run)  # sets run.flat (the shared tensors' layout) and run.sparse
+    pruner = method.setup(run)  # the run's DiffPruner (swr: its own trainer); sets run.flat and run.sparse
     run.ddp = wrap_ddp(tm.model, dist, dev)
     torch.manual_seed(opts.seed + dist.rank)  # dropout streams
     phase, done, tensors, saved = "select", 0, {}, None
@@ -104,24 +108,23 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         phase, done = saved["phase"], int(saved["epochs_done"])
         run.record = saved["record"]
         if phase in method.phases:
-            method.restore(run, state, tensors, saved)
+            method.restore(run, pruner, tensors, saved)
         rep.line(f"resuming {phase} phase after epoch {done}")
 
-    flat = run.flat
     if phase != "fixmask":
-        tensors = method.select(run, state, done)
+        tensors = method.select(run, pruner, done)
         done, saved = 0, None
-    if method.own_fixed_phase:  # select trained the fixed phase too (swr); the method builds the diff
-        make_diff = lambda meta: method.build(run, state, tensors, model_ref=model, meta=meta)  # noqa: E731
+    if method.own_fixed_phase:  # select trained its own fixed phase (swr: no sparse mask); the method builds the diff
+        make_diff = lambda meta: method.build(run, pruner, tensors, model_ref=model, meta=meta)  # noqa: E731
     else:
-        state = None  # free the method's own buffers (for l0: w, log α, their gradients and optimiser states)
-        index, best_tensors = fixmask_phase(run, tensors, saved, done)
-        make_diff = lambda meta: build_diff(tm, flat, index, best_tensors, model_ref=model, meta=meta)  # noqa: E731
+        best_tensors = fixmask_phase(run, pruner, tensors, saved, done)  # frees the L0 phase's w, log α, optimisers
+        make_diff = lambda meta: pruner.export(best=best_tensors, meta=meta)  # noqa: E731
 
     summary: dict[str, Any] = {}
     if dist.main:
         diff = make_diff({
-            "method": method.meta_name, "method_options": method_options(opts), "task": task_data.spec.name, "hyperparameters": run.opt_dict,
+            "method": method.meta_name, "method_options": method_options(opts), "task": task_data.spec.name,
+            "task_type": kind.name, "hyperparameters": run.opt_dict,
             "data": {"task": task, "train_file": str(train_file) if train_file else None,
                      "validation_file": str(validation_file) if validation_file else None,
                      "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
@@ -134,7 +137,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         checkpoint.save(diff, output, force=force)
         shutil.rmtree(work, ignore_errors=True)
         summary = {
-            "output": str(output), "task": task_data.spec.name, "model": model, "data": task_data.source,
+            "output": str(output), "task": task_data.spec.name, "task_type": kind.name, "model": model,
+            "data": task_data.source,
             "after_l0": run.record.get("after_l0"), "after_projection": run.record.get("projection"),
             "after_fixmask": run.record["best"], "density": diff.density, "nnz": diff.nnz,
             "budget_numel": diff.budget_numel, "extras_numel": diff.extras_numel,

@@ -17,6 +17,7 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output diff checkpoint folder.")],
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, "
                                                 "qnli, rte, wnli), or custom with --train-file.")] = None,
+    task_type: Annotated[str, typer.Option("--task-type", help="sequence-classification (the default: GLUE or custom files), token-classification (jsonl tokens+tags or CoNLL) or causal-lm (jsonl/text: text, or prompt+completion).")] = "sequence-classification",
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="GLUE folder (default: $GLUE_DIR, else the hub, else for rte the bundled example set).")] = None,
     train_file: Annotated[Optional[Path], typer.Option("--train-file", help="Training data: csv, tsv, json or jsonl.")] = None,
     validation_file: Annotated[Optional[Path], typer.Option("--validation-file", help="Dev data for per-epoch metrics and the best checkpoint.")] = None,
@@ -79,7 +80,7 @@ def train(
                         validation_file=str(validation_file) if validation_file else None, text_fields=fields,
                         label_field=label_field, model=model, max_train_samples=max_train_samples,
                         max_eval_samples=max_eval_samples, output=output, options=options, resume=resume,
-                        force=force, device=device, reporter=Reporter(out.progress, out.info, out.warn))
+                        force=force, device=device, task_type=task_type, reporter=Reporter(out.progress, out.info, out.warn))
     if summary:  # empty on ranks other than 0 under torchrun
         out.result(summary, lambda console: _render(console, summary))
 

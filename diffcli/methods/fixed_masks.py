@@ -18,6 +18,7 @@ from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_bac
 if TYPE_CHECKING:
     import torch
 
+    from diffcli.api import DiffPruner
     from diffcli.trainloop import Run
 
 
@@ -30,38 +31,30 @@ class MaskMethod(TrainMethod):
     to_diff: ClassVar[str] = "δ at the chosen entries after the best fixed-mask epoch"
     memory: ClassVar[str] = "sparse"
 
-    def setup(self, run: "Run") -> None:
-        from diffcli.diffmodel import FlatParams, Layout
+    def setup(self, run: "Run") -> "DiffPruner":
+        from diffcli.api import DiffPruner
 
-        if run.dist.world > 1:
-            run.flat = FlatParams(run.tm.model, run.tm.gated, run.dev)
-        else:
-            run.flat, run.sparse = Layout(run.tm.model, run.tm.gated), True
+        pruner = DiffPruner.for_task_model(run.tm, run.opts, run.dev, 1, base_ref=run.model_ref,
+                                           flat=run.dist.world > 1)
+        run.flat, run.sparse = pruner.layout, not pruner.flat_engine
+        return pruner
 
-    def select(self, run: "Run", state: None, done: int) -> dict[str, "torch.Tensor"]:
-        import torch
-
-        from diffcli.projection import budget
-        from diffcli.trained_diff import join_index
-
+    def select(self, run: "Run", state: "DiffPruner", done: int) -> dict[str, "torch.Tensor"]:
         tm = run.tm
         params = dict(tm.model.named_parameters())
-        head = [params[n] for n in tm.head]
-        k = budget(run.opts.sparsity, run.flat.numel)
-        mask, values, info = self.choose(run, k)
-        index = join_index(run.flat, mask)
-        info.update({"sparsity": run.opts.sparsity, "k": k, "n": run.flat.numel, "kept": int(index.numel()),
-                     "mask": self.name})
-        run.record["projection"] = info
-        values = torch.zeros(index.numel()) if values is None else values
-        return {"mask/index": index, "mask/values": values.cpu().to(torch.float32),
-                **{f"head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
+        self.before_mask(run)
 
-    def choose(self, run: "Run", k: int) -> tuple[dict, "torch.Tensor | None", dict]:
-        """In `train`: the mask of `mask` on the run's model, data and processes."""
-        from diffcli.fisher import fisher_batches
+        def batches():  # read only by a data-driven choice
+            from diffcli.fisher import fisher_batches
 
-        return self.mask(run.tm, run.flat, run.opts, lambda: fisher_batches(run), run.dist.world)
+            yield from fisher_batches(run)
+
+        run.record["projection"] = state.choose_mask(batches(), run.dist.world)
+        return {"mask/index": state.index, "mask/values": state.values,
+                **{f"head/{n}": params[n].detach().clone() for n in tm.head}}
+
+    def before_mask(self, run: "Run") -> None:
+        """In `train`, what runs before the mask is chosen (magnitude: the short dense finetune)."""
 
     def mask(self, tm, layout, opts, batches, world: int = 1) -> tuple[dict, "torch.Tensor | None", dict]:
         """{tensor: kept positions}, their start values in flat order (None: zeros), what to record.
@@ -120,9 +113,8 @@ class MagnitudeMask(MaskMethod):
     epochs_phase = "dense"
     memory = "full"
 
-    def choose(self, run: "Run", k: int):
+    def before_mask(self, run: "Run") -> None:
         dense_finetune(run)
-        return super().choose(run, k)
 
     def mask(self, tm, layout, opts, batches, world: int = 1):
         """The k largest |θ − θ₀| of the model as it is now (after dense steps); the model returns to θ₀."""

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from diffcli.methods.registry import TrainMethod, register
 from diffcli.train_state import load_optimizer, optimizer_tensors, restore_rng, rng_tensors
-from diffcli.trainloop import adamw, autocast, clip, evaluate_on, fmt_metrics, loader, move, zero_grads
+from diffcli.trainloop import adamw, autocast, clip, evaluate_on, fmt_metrics, forward_backward, loader, move, zero_grads
 
 if TYPE_CHECKING:
     import torch
 
+    from diffcli.api import DiffPruner
     from diffcli.train_options import TrainOptions
     from diffcli.trainloop import Run
 
@@ -206,10 +207,14 @@ class L0Method(TrainMethod):
     epochs_phase = "l0"
     memory = "l0"
 
-    def setup(self, run: "Run") -> L0Trainer:
+    def setup(self, run: "Run") -> "DiffPruner":
+        from diffcli.api import DiffPruner
+
         opts = run.opts
-        trainer = L0Trainer(run.tm.model, run.tm.gated, run.tm.head, opts, run.dev, run.steps_per_epoch * opts.epochs)
-        run.flat = trainer.flat
+        pruner = DiffPruner.for_task_model(run.tm, opts, run.dev, run.steps_per_epoch * opts.epochs,
+                                           base_ref=run.model_ref, flat=True)
+        trainer = pruner.l0
+        run.flat = pruner.layout
         if opts.controller and opts.epochs and trainer.schedule_steps > trainer.total_steps:
             # Expected on small data sets (the benchmark's four tasks run this way): the gates stop on their schedule
             # and the exact projection cuts the rest. Said once, with where they stop and how to get there.
@@ -219,31 +224,34 @@ class L0Method(TrainMethod):
                          f"they will stop near {trainer.controller.scheduled(trainer.total_steps):.1%} expected "
                          f"density and the projection cuts the rest (--epochs {need} reaches the target in the L0 "
                          f"phase)")
-        return trainer
+        return pruner
 
-    def restore(self, run: "Run", state: L0Trainer, tensors: dict, saved: dict) -> None:
-        _restore_l0(state, tensors, saved)
-        restore_rng(tensors, run.dev, state.gd.generator)
+    def restore(self, run: "Run", state: "DiffPruner", tensors: dict, saved: dict) -> None:
+        _restore_l0(state.l0, tensors, saved)
+        restore_rng(tensors, run.dev, state.l0.gd.generator)
 
-    def select(self, run: "Run", state: L0Trainer, done: int) -> dict[str, "torch.Tensor"]:
-        if run.ddp is not None:
-            state.forward_model = run.ddp
+    def select(self, run: "Run", state: "DiffPruner", done: int) -> dict[str, "torch.Tensor"]:
         l0_phase(run, state, done)
         return project_gates(run, state)
 
 
-def l0_phase(run: "Run", trainer: L0Trainer, done: int) -> None:
-    """Epochs `done+1..epochs` of gated training, evaluating the deterministic gates after each."""
+def l0_phase(run: "Run", pruner: "DiffPruner", done: int) -> None:
+    """Epochs `done+1..epochs` of gated training (the pruner's begin/finish around each step), evaluating the
+    deterministic gates after each."""
     opts, rep, tm = run.opts, run.rep, run.tm
+    trainer = pruner.l0
+    fwd = run.ddp if run.ddp is not None else tm.model
     for epoch in range(done, opts.epochs):
         batches = loader(run.train_set, opts.batch_size, opts.seed, epoch, run.dist)
         tm.model.train()
         losses, stats = [], {}
         with rep.bar(f"L0 epoch {epoch + 1}/{opts.epochs}", len(batches)) as bar:
             for batch in batches:
-                stats = trainer.step(move(batch, run.dev))
-                losses.append(stats["loss"])
-                bar.advance(1, f"loss {stats['loss']:.4f} density {stats['expected_density']:.2%} "
+                pruner.begin()
+                loss = forward_backward(fwd, move(batch, run.dev), run.dev)
+                stats = pruner.finish()
+                losses.append(loss)
+                bar.advance(1, f"loss {loss:.4f} density {stats['expected_density']:.2%} "
                                f"λ {stats['lambda']:.2e}")
         entry = {"phase": "l0", "epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1),
                  "expected_density": stats.get("expected_density"), "lambda": trainer.lam,
@@ -261,24 +269,28 @@ def l0_phase(run: "Run", trainer: L0Trainer, done: int) -> None:
         run.epoch_done("l0", epoch + 1)
 
 
-def project_gates(run: "Run", trainer: L0Trainer) -> dict[str, "torch.Tensor"]:
-    """End the L0 phase in `train`: record and score the gates, then the mask (`gate_mask`) and the head."""
+def project_gates(run: "Run", pruner: "DiffPruner") -> dict[str, "torch.Tensor"]:
+    """End the L0 phase in `train`: record and score the gates, then the pruner's mask (`gate_mask`) and the head."""
     from diffcli.fisher import fisher_batches
 
-    gd, tm, opts = trainer.gd, run.tm, run.opts
+    trainer, tm = pruner.l0, run.tm
+    gd = trainer.gd
     record = run.record
     record["after_l0"] = {"expected_density": _expected(trainer), "deterministic_density":
                           gd.deterministic_density(), "lambda": trainer.lam}
     if run.dist.main:
         gd.set_deterministic_()
-        record["after_l0"]["metrics"] = evaluate_on(tm, run.task_data, opts, run.dev)
-    index, values, info = gate_mask(tm, trainer, opts, lambda: fisher_batches(run), run.dist.world)
+        record["after_l0"]["metrics"] = evaluate_on(tm, run.task_data, run.opts, run.dev)
+    def batches():  # read only when --fill fisher has a budget to fill
+        yield from fisher_batches(run)
+
+    info = pruner.project(batches() if run.opts.fill == "fisher" else None, run.dist.world)
     record["projection"] = info
     if info["kept"] + info.get("filled", 0) < info["k"]:
         run.rep.warning(f"the learned δ has only {info['kept'] + info['filled']} usable entries, fewer than the "
                         f"budget {info['k']}; the diff keeps them all (train longer or lower --sparsity)")
     head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
-    return {"mask/index": index.cpu(), "mask/values": values.cpu(),
+    return {"mask/index": pruner.index.cpu(), "mask/values": pruner.values.cpu(),
             **{f"head/{n}": t for n, t in head_state.items()}}
 
 

@@ -53,7 +53,9 @@ class TrainMethod(ABC):
 
     @abstractmethod
     def setup(self, run: "Run") -> Any:
-        """Build the method's state on the task model and set `run.flat`; called before DDP wraps the model."""
+        """The run's `DiffPruner` (`DiffPruner.for_task_model`; the fixed phase and the export drive it); set
+        `run.flat` to its layout. An `own_fixed_phase` method returns its own state for `select` and `build`
+        instead (swr: no sparse mask to fix). Called before DDP wraps the model."""
 
     def restore(self, run: "Run", state: Any, tensors: dict, saved: dict) -> None:
         """Put an interrupted run's state back (only for methods with resumable `phases`)."""
