@@ -170,6 +170,7 @@ class DiffBank:
             diff = load_diff(diff)
         self.reset()  # digests and the trial apply need the encoder as loaded
         self._check_base(diff, source)
+        diff = self._resolve_bases(diff, source)
         model, head_keys = self._task_model(diff, source)
         slices, rest = self._prepare(diff, model, head_keys, source)
         self._tasks[name] = _Task(name, model, slices, rest, head_keys, source, dict(diff.meta))
@@ -196,6 +197,22 @@ class DiffBank:
             raise BaseMismatchError(f"{source} was made on another base than {self.base_ref} "
                                     f"({len(differ)} of {len(diff.tensors)} tensors differ, first {differ[0]})",
                                     hint="add only diffs made on the bank's base")
+
+    def _resolve_bases(self, diff: Diff, source: str) -> Diff:
+        """Basis scales folded into dense δ from the loaded base (probe-checked); other diffs pass unchanged."""
+        from diffcli.svd_basis import resolve_diff
+
+        if not diff.bases:
+            return diff
+        state = self.encoder.state_dict()
+        mapping = match_names(state.keys(), [td.base_name for td in diff.tensors.values()])
+
+        def base_of(name: str):
+            if name not in mapping:
+                raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {name}")
+            return state[mapping[name]]
+
+        return resolve_diff(diff, base_of)[0]
 
     def _task_model(self, diff: Diff, source: str) -> tuple["torch.nn.Module", list[str]]:
         """A task model sharing the bank's encoder, with its own head loaded from the diff's extras."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from diffcli import codec, quantize
-from diffcli.diff import Diff, TensorDiff
+from diffcli.diff import BasisScales, Diff, TensorDiff
 from diffcli.errors import ChecksumError, FormatError, InvalidValueError
 from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC, MAX_HEADER,
                                    MAX_NAME, PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
@@ -19,7 +19,7 @@ from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTY
 VERSION = 2
 RAW_LEN = struct.Struct("<I")  # after the preamble: the header's JSON length before compression
 FRONT = PREAMBLE.size + RAW_LEN.size  # 20 bytes before the compressed header
-KINDS = ("sparse", "dense")  # record kinds this reader knows; later versions add more
+KINDS = ("sparse", "dense", "basis")  # record kinds this reader knows; later versions add more
 STREAMS = ("positions", "values", "scales", "dense")  # payload order
 CODECS = ("raw", "zstd")
 HEADER_LEVEL = 19  # the header is small: the best level costs milliseconds
@@ -30,7 +30,8 @@ _TOP_KEYS = {"format", "version", "producer", "base", "values", "budget_numel", 
 _STREAM_KEYS = {"length", "raw_length", "sha256", "codec"}
 _FLOAT_VALUE_KEYS = {"quantizer", "max_abs_error", "max_rel_error"}
 _BLOCK_VALUE_KEYS = _FLOAT_VALUE_KEYS | {"block"}
-_RECORD_LEN = {"sparse": 8, "dense": 4}
+_RECORD_LEN = {"sparse": 8, "dense": 4, "basis": 6}
+_COUNT = {"sparse": 6, "basis": 3}  # field holding a record's number of stored values
 
 
 def _entries(name: str, td: TensorDiff) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +76,14 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
         budget += numel(shape) if td.dtype in FLOAT_DTYPES else 0
         records.append(["sparse", name, None if td.base_name == name else td.base_name, td.dtype, list(shape),
                         td.digest, int(idx.size), 0])
+        if name in diff.bases:  # basis scales: kept indices in the positions stream, a − 1 in the values stream
+            idx, vals = _basis_entries(name, td, shape, diff.bases[name])
+            if idx.size:
+                idx_parts.append(idx)
+                value_parts.append(vals)
+                numels.append(diff.bases[name].rank)
+            counts.append(int(idx.size))
+            records.append(["basis", name, diff.bases[name].rank, int(idx.size), 0, list(diff.bases[name].probe)])
     try:
         streams = codec.encode_many(idx_parts)
     except ValueError:
@@ -85,19 +94,22 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
     for rec in records:
         if rec[0] == "sparse" and rec[6]:
             rec[7] = next(sizes)
+        elif rec[0] == "basis" and rec[3]:
+            rec[4] = next(sizes)
     all_values = np.concatenate(value_parts) if value_parts else np.zeros(0, np.float32)
     if not np.isfinite(all_values).all():
-        bad = next(r[1] for r, v in zip([r for r in records if r[0] == "sparse" and r[6]], value_parts)
+        bad = next(r[1] for r, v in zip([r for r in records if r[0] != "dense" and r[_COUNT[r[0]]]], value_parts)
                    if not np.isfinite(v).all())
         raise InvalidValueError(f"diff {bad!r} holds NaN or infinite values")
     count_arr = np.asarray(counts, dtype=np.int64)
-    nnz = int(count_arr.sum())
-    if block and nnz:
-        block = min(block, nnz)  # a block never spans more than the stream
+    nvalues = int(count_arr.sum())  # sparse entries and basis scales
+    nnz = sum(r[6] for r in records if r[0] == "sparse")
+    if block and nvalues:
+        block = min(block, nvalues)  # a block never spans more than the stream
     elif block:
         block = 1
     q = quantize.quantize(all_values, count_arr, values, block)
-    if nnz and not np.isfinite(q.values).all():
+    if nvalues and not np.isfinite(q.values).all():
         raise InvalidValueError(f"the diff has values beyond the {values} range", hint="pack with --values bf16 or fp32")
     vsize = quantize.FLOAT_QUANTIZERS.get(values, 1)
     stored = {"positions": ("raw", b"".join(streams)),
@@ -167,6 +179,51 @@ def _values(v: Any) -> tuple[str, int]:
     return q, block
 
 
+def _basis_entries(name: str, td: TensorDiff, shape: tuple[int, ...], bs) -> tuple[np.ndarray, np.ndarray]:
+    """(kept basis indices int64, a − 1 float32) of a basis record, checked as the reader will check them."""
+    from diffcli.svd_basis import check_scales
+
+    check_scales(name, shape, td.dtype, bs, InvalidValueError)
+    return bs.kept.detach().reshape(-1).numpy(), bs.values.detach().reshape(-1).float().numpy()
+
+
+def _counted(count: Any, length: Any, n: int, where: str, field: str, what: str) -> tuple[int, int]:
+    """A record's stored count (at most its n entries or bases) and the bytes of its position stream."""
+    k = integer(count, f"{where}.{field}")
+    if k > n:
+        raise fail(f"{where}.{field} {k} exceeds its {n} {what}")
+    plen = integer(length, f"{where} positions length", 1 << 62)
+    lo, hi = codec.positions_raw_bounds(k, n) if k else (0, 0)
+    if not lo <= plen <= hi:
+        raise fail(f"{where} positions length {plen} is outside {lo}..{hi} for {k} positions")
+    return k, plen
+
+
+def _basis_record(r: Any, i: int, prev: tuple[str, dict[str, Any]] | None) -> tuple[str, dict[str, Any]]:
+    """A basis record: right after the sparse record of the same 2-D float tensor, rank = min(out, in)."""
+    from diffcli.svd_basis import PROBES
+
+    where = f"records[{i}]"
+    if len(r) != _RECORD_LEN["basis"]:
+        raise fail(f"{where} (basis) must have {_RECORD_LEN['basis']} fields")
+    name = string(r[1], f"{where} name", MAX_NAME, 1)
+    if prev is None or prev[0] != name or prev[1]["kind"] != "sparse":
+        raise fail(f"{where} basis record {name!r} must follow the sparse record of the same name")
+    shape, dtype = prev[1]["shape"], prev[1]["dtype"]
+    where = f"records[{name!r}] (basis)"
+    if len(shape) != 2 or dtype not in FLOAT_DTYPES:
+        raise fail(f"{where} needs a 2-D float tensor, not {dtype} {list(shape)}")
+    rank = integer(r[2], f"{where}.rank", 1 << 62)
+    if rank != min(shape):
+        raise fail(f"{where}.rank {rank} is not min(out, in) = {min(shape)} of its {shape[0]}×{shape[1]} tensor")
+    kept, plen = _counted(r[3], r[4], rank, where, "kept", "bases")
+    probe = r[5]
+    if (not isinstance(probe, list) or len(probe) != PROBES
+            or not all(type(p) in (int, float) and np.isfinite(p) for p in probe)):
+        raise fail(f"{where}.probe must be {PROBES} finite numbers")
+    return name, {"kind": "basis", "rank": rank, "nnz": kept, "positions": plen, "probe": [float(p) for p in probe]}
+
+
 def _record(r: Any, i: int, prev: str | None) -> tuple[str, dict[str, Any]]:
     where = f"records[{i}]"
     if not isinstance(r, list) or not r or not isinstance(r[0], str):
@@ -187,14 +244,7 @@ def _record(r: Any, i: int, prev: str | None) -> tuple[str, dict[str, Any]]:
     dtype = choice(r[3], DTYPE_SIZES, f"{where}.dtype")
     shape = shape_of(r[4], where)
     digest = string(r[5], f"{where}.digest", 32, 32, DIGEST_RE)
-    n = numel(shape)
-    nnz = integer(r[6], f"{where}.nnz")
-    if nnz > n:
-        raise fail(f"{where}.nnz {nnz} exceeds its {n} entries")
-    plen = integer(r[7], f"{where} positions length", 1 << 62)
-    lo, hi = codec.positions_raw_bounds(nnz, n) if nnz else (0, 0)
-    if not lo <= plen <= hi:
-        raise fail(f"{where} positions length {plen} is outside {lo}..{hi} for {nnz} positions")
+    nnz, plen = _counted(r[6], r[7], numel(shape), where, "nnz", "entries")
     return name, {"kind": "sparse", "base": base, "dtype": dtype, "shape": shape, "digest": digest, "nnz": nnz,
                   "positions": plen}
 
@@ -207,21 +257,26 @@ def validate_header(h: Any, payload_size: int) -> list[tuple[str, dict[str, Any]
         raise fail("records must be a list and streams an object")
     records, prev = [], None
     for i, r in enumerate(h["records"]):
+        if isinstance(r, list) and r and r[0] == "basis":
+            records.append(_basis_record(r, i, records[-1] if records else None))
+            continue
         prev, rec = _record(r, i, prev)
         records.append((prev, rec))
     sparse = [rec for _n, rec in records if rec["kind"] == "sparse"]
+    coded = [rec for _n, rec in records if rec["kind"] != "dense"]  # records in the positions and values streams
     budget = sum(numel(rec["shape"]) for rec in sparse if rec["dtype"] in FLOAT_DTYPES)
     nnz = sum(rec["nnz"] for rec in sparse)
     if integer(h["budget_numel"], "budget_numel", 1 << 62) != budget:
         raise fail(f"budget_numel {h['budget_numel']} is not the {budget} its records imply")
     if integer(h["nnz"], "nnz", 1 << 62) != nnz:
         raise fail(f"nnz {h['nnz']} is not the sum {nnz} of its records")
-    if block > max(nnz, 1):
-        raise fail(f"values.block {block} is larger than the {nnz} stored values")
-    counts = np.asarray([rec["nnz"] for rec in sparse], dtype=np.int64)
-    plen = sum(rec["positions"] for rec in sparse)
+    nvalues = sum(rec["nnz"] for rec in coded)
+    if block > max(nvalues, 1):
+        raise fail(f"values.block {block} is larger than the {nvalues} stored values")
+    counts = np.asarray([rec["nnz"] for rec in coded], dtype=np.int64)
+    plen = sum(rec["positions"] for rec in coded)
     dense = sum(numel(rec["shape"]) * DTYPE_SIZES[rec["dtype"]] for _n, rec in records if rec["kind"] == "dense")
-    expect = {"positions": plen, "values": quantize.codes_length(quantizer, nnz),
+    expect = {"positions": plen, "values": quantize.codes_length(quantizer, nvalues),
               "scales": 4 * quantize.scale_count(counts, block), "dense": dense}
     keys(h["streams"], set(STREAMS), "streams")
     total = 0
@@ -270,16 +325,18 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
             raise ChecksumError(f"{source}: checksum mismatch in the {s} stream")
         raw[s] = codec.decompress(sec["codec"], stored, sec["raw_length"])
     quantizer, block = header["values"]["quantizer"], header["values"].get("block", 0)
-    sparse = [rec for _n, rec in records if rec["kind"] == "sparse"]
-    counts = np.asarray([rec["nnz"] for rec in sparse], dtype=np.int64)
+    coded = [rec for _n, rec in records if rec["kind"] != "dense"]
+    counts = np.asarray([rec["nnz"] for rec in coded], dtype=np.int64)
     scales = np.frombuffer(codec.from_planes(raw["scales"], 4), dtype="<f4").astype(np.float32)
     values = quantize.dequantize(raw["values"], scales, counts, quantizer, block)
     if values.size and not np.isfinite(values).all():
         raise FormatError(f"{source}: the values stream holds NaN or infinite values")
-    stored = [rec for rec in sparse if rec["nnz"]]
+    stored = [rec for rec in coded if rec["nnz"]]
     positions = iter(codec.decode_many(raw["positions"], [rec["nnz"] for rec in stored],
-                                       [rec["positions"] for rec in stored], [numel(rec["shape"]) for rec in stored]))
-    tensors, extras = {}, {}
+                                       [rec["positions"] for rec in stored],
+                                       [rec["rank"] if rec["kind"] == "basis" else numel(rec["shape"])
+                                        for rec in stored]))
+    tensors, extras, bases = {}, {}, {}
     vpos = dpos = 0
     for name, rec in records:
         if rec["kind"] == "dense":
@@ -290,6 +347,12 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
             dpos += n
             continue
         k = rec["nnz"]
+        if rec["kind"] == "basis":
+            kept = torch.from_numpy(next(positions)) if k else torch.zeros(0, dtype=torch.int64)
+            bases[name] = BasisScales(rec["rank"], kept, torch.from_numpy(values[vpos:vpos + k]), rec["probe"],
+                                      float(header["values"]["max_abs_error"]))
+            vpos += k
+            continue
         if k == 0:
             tensors[name] = TensorDiff.zeros(rec["base"], rec["shape"], rec["dtype"], rec["digest"])
             continue
@@ -297,7 +360,7 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
                                    torch.from_numpy(values[vpos:vpos + k]), torch.from_numpy(next(positions)))
         vpos += k
     diff = Diff(tensors, extras, header["config"], header["base"]["ref"], header["base"]["fingerprint"],
-                header["meta"])
+                header["meta"], bases)
     return header, diff
 
 
@@ -307,8 +370,8 @@ def describe(header: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from diffcli.weights import is_float
 
     streams = header["streams"]
-    nnz = header["nnz"]
-    per_value = (streams["values"]["length"] + streams["scales"]["length"]) / nnz if nnz else 0.0
+    nvalues = sum(r[_COUNT[r[0]]] for r in header["records"] if r[0] != "dense")
+    per_value = (streams["values"]["length"] + streams["scales"]["length"]) / nvalues if nvalues else 0.0
     dense_raw = streams["dense"]["raw_length"]
     rows = []
     for r in header["records"]:
@@ -317,6 +380,9 @@ def describe(header: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             share = n * DTYPE_SIZES[r[2]] / dense_raw if dense_raw else 0.0
             rows.append({"tensor": r[1], "kind": "dense", "shape": list(r[3]), "numel": n, "nnz": n,
                          "bytes": round(share * streams["dense"]["length"]), "budget": False})
+        elif r[0] == "basis":  # numel: the bases; nnz: the kept scales (pruned bases cost their absence)
+            rows.append({"tensor": r[1], "kind": "basis", "shape": [r[2]], "numel": r[2], "nnz": r[3],
+                         "bytes": r[4] + round(per_value * r[3]), "budget": False})
         else:
             rows.append({"tensor": r[1], "kind": "sparse", "shape": list(r[4]), "numel": numel(r[4]), "nnz": r[6],
                          "bytes": r[7] + round(per_value * r[6]), "budget": is_float(r[3])})

@@ -39,6 +39,9 @@ def rows_from_diff(diff: Diff) -> list[dict[str, Any]]:
         stored = td.numel * 4 if td.is_dense else nnz * 12
         rows.append({"tensor": name, "kind": "dense-diff" if td.is_dense else "sparse", "shape": list(td.shape),
                      "numel": td.numel, "nnz": nnz, "bytes": stored, "budget": td.is_float})
+    for name, bs in sorted(diff.bases.items()):  # basis scales: numel the bases, nnz the kept scales
+        rows.append({"tensor": name, "kind": "basis", "shape": [bs.rank], "numel": bs.rank, "nnz": bs.nkept,
+                     "bytes": bs.nkept * 12, "budget": False})
     for name, t in sorted(diff.extras.items()):
         n = int(t.numel())
         rows.append({"tensor": name, "kind": "dense", "shape": list(t.shape), "numel": n, "nnz": n,
