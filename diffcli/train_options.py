@@ -52,6 +52,10 @@ class TrainOptions:
     controller_rate: float = 0.3
     controller_warmup: float = 0.6
     grad_clip: float = 1.0
+    keep_bases: float = 0.5  # basis: fraction of SVD bases kept after the scale phase
+    basis_lr: float = 1e-3  # basis: AdamW learning rate of the scales a in the scale phase
+    basis_embeddings: bool = False  # basis: also rewrite the embedding tables
+    double_prune: bool = False  # basis: add a sparse δ of --sparsity on top of the scales (`train --sparsity`)
 
     def validate(self) -> None:
         if not 0 < self.sparsity <= 1:

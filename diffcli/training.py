@@ -99,6 +99,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         run.record = saved["record"]
         if phase in method.phases:
             method.restore(run, state, tensors, saved)
+        elif phase == "fixmask":
+            method.resume_fixed(run, state, tensors)
         rep.line(f"resuming {phase} phase after epoch {done}")
 
     flat = run.flat
@@ -118,15 +120,17 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
                      "train_examples": len(task_data.train)},
             "world_size": dist.world,
             "results": {"after_l0": run.record.get("after_l0"), "projection": run.record.get("projection"),
-                        "best": run.record["best"]},
+                        "best": run.record["best"], **({"bases": run.record["bases"]} if "bases" in run.record else {})},
             "history": run.history,
         })
+        diff = method.finish(run, tensors, diff)
         checkpoint.save(diff, output, force=force)
         shutil.rmtree(work, ignore_errors=True)
         summary = {
             "output": str(output), "task": task_data.spec.name, "model": model,
             "after_l0": run.record.get("after_l0"), "after_projection": run.record.get("projection"),
             "after_fixmask": run.record["best"], "density": diff.density, "nnz": diff.nnz,
+            **({"bases": run.record["bases"]} if "bases" in run.record else {}),
             "budget_numel": diff.budget_numel, "extras_numel": diff.extras_numel,
             "method": opts.method, "method_options": method_options(opts),
             "epochs": {**({method.epochs_phase: opts.epochs} if method.epochs_phase else {}),

@@ -177,7 +177,8 @@ class Run:
     def fixmask_phase(self, flat, tensors: dict, resumed: dict | None, done: int):
         """Finetune the kept entries and the head with the mask fixed; keep the best dev epoch (0 = the mask's start).
 
-        `tensors` holds the mask (`mask/index`, `mask/values`) and the head (`head/<name>`) the method chose.
+        `tensors` holds the mask (`mask/index`, `mask/values`) and the head (`head/<name>`) the method chose, and
+        may hold `method/...` tensors the method keeps for its diff (saved with every epoch).
         Returns the mask's flat positions and the best epoch's tensors (`best/values`, `best/head/...`).
         """
         import torch
@@ -241,7 +242,7 @@ class Run:
             step_m += 1
             return loss
 
-        for epoch in range(done, opts.fixmask_epochs):
+        for epoch in range(done, opts.fixmask_epochs if index.numel() else 0):  # empty mask: nothing to finetune
             mean_loss = self.epoch("fixed-mask", epoch, opts.fixmask_epochs, opts.seed + 1, step)
             entry = {"phase": "fixmask", "epoch": epoch + 1, "loss": mean_loss}
             if self.dist.main:
@@ -254,7 +255,8 @@ class Run:
                 rep.line(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}: loss {entry['loss']:.4f} | "
                          f"{fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
             self.history.append(entry)
-            cur = {"mask/index": index, "mask/values": md.values.detach(),
+            cur = {**{k: v for k, v in tensors.items() if k.startswith("method/")},  # the method's own, kept along
+                   "mask/index": index, "mask/values": md.values.detach(),
                    **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}
             self.save({**cur, **best_tensors, **optimizer_tensors(opt_m, "opt_m"), **rng_tensors(dev, None)},
                       {"phase": "fixmask", "epochs_done": epoch + 1, "step": step_m})
