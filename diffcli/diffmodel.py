@@ -24,20 +24,28 @@ if TYPE_CHECKING:
     import torch
 
 
-class FlatParams:
-    """θ₀, θ and dL/dθ of the gated parameters as flat buffers; the model's parameters are views into them."""
+class Layout:
+    """Where each shared tensor sits in the flat order (names, shapes, offsets), without N-sized buffers."""
 
-    def __init__(self, model, names: list[str], device: "torch.device"):
-        import torch
-
+    def __init__(self, model, names: list[str]):
         params = dict(model.named_parameters())
         self.names = list(names)
         self.shapes = [tuple(params[n].shape) for n in self.names]
         self.sizes = [int(math.prod(s)) for s in self.shapes]
         self.offsets = [0]
-        for s in self.sizes:
-            self.offsets.append(self.offsets[-1] + s)
+        for size in self.sizes:
+            self.offsets.append(self.offsets[-1] + size)
         self.numel = self.offsets[-1]
+
+
+class FlatParams(Layout):
+    """θ₀, θ and dL/dθ of the gated parameters as flat buffers; the model's parameters are views into them."""
+
+    def __init__(self, model, names: list[str], device: "torch.device"):
+        import torch
+
+        super().__init__(model, names)
+        params = dict(model.named_parameters())
         self.theta0 = torch.empty(self.numel, dtype=torch.float32, device=device)
         for name, a, b in zip(self.names, self.offsets, self.offsets[1:]):
             self.theta0[a:b].copy_(params[name].detach().reshape(-1))

@@ -102,3 +102,20 @@ def build_diff(tm: TaskModel, flat, index: "torch.Tensor", best: dict, *, model_
     fp = fingerprint_of({td.base_name: td.digest for td in tensors.values()})
     return Diff(tensors, extras, config, model_ref, fp, meta)
 
+
+
+def split_index(layout, index: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+    """Sorted flat positions → {tensor name: sorted positions within it} (every tensor of the layout, maybe empty)."""
+    import torch
+
+    index = index.cpu()
+    cuts = torch.searchsorted(index, torch.tensor(layout.offsets, dtype=torch.int64)).tolist()
+    return {name: index[lo:hi] - a for name, a, lo, hi in zip(layout.names, layout.offsets, cuts, cuts[1:])}
+
+
+def join_index(layout, mask: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    """{tensor name: positions within it} → sorted flat positions in the layout's order."""
+    import torch
+
+    parts = [mask[n].cpu().to(torch.int64) + a for n, a in zip(layout.names, layout.offsets) if n in mask]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)

@@ -16,12 +16,14 @@ from typing import Any, Callable
 from diffcli.dist import Dist, check_device, init_dist, wrap_ddp
 from diffcli.errors import DataError, InvalidValueError, OutputExistsError
 from diffcli.fisher import fisher_diagonal
+from diffcli.fixmask import fixmask_phase
 from diffcli.methods import get_method
 from diffcli.methods.l0 import DensityController, L0Trainer
 from diffcli.taskmodel import TaskModel, build_task_model
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
 from diffcli.train_state import STATE_JSON, check_resume_options, load_state, partial_dir
 from diffcli.trained_diff import build_diff
+from diffcli.trained_diff import build_diff as _build_diff
 from diffcli.trained_diff import fill_budget as _fill_budget
 from diffcli.trained_diff import project as _project
 from diffcli.trainloop import Reporter, Run, autocast
@@ -31,7 +33,7 @@ from diffcli.trainloop import loader as _loader
 _init_dist = init_dist
 __all__ = ["DensityController", "Dist", "FILLS", "FIXMASK_STARTS", "L0Trainer", "Reporter", "TaskModel",
            "TrainOptions", "autocast", "build_task_model", "check_device", "fisher_diagonal", "option_names",
-           "partial_dir", "train", "_fill_budget", "_init_dist", "_loader", "_project"]
+           "partial_dir", "train", "_build_diff", "_fill_budget", "_init_dist", "_loader", "_project"]
 
 
 def train(*, task: str | None = None, data_dir: str | None = None, train_file: str | None = None,
@@ -81,11 +83,12 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         rep = Reporter()
     started = time.monotonic()
     tm = build_task_model(base_dir, task_data.spec, opts.seed)
+    check_memory(tm, opts, dev)
     tm.model.to(dev)
     train_set = tasks.encode(task_data.train, tm.tokenizer, opts.max_seq_length)
     run = Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end)
 
-    state = method.setup(run)  # makes run.flat: the model's shared parameters become views of flat buffers
+    state = method.setup(run)  # sets run.flat (the shared tensors' layout) and run.sparse
     run.ddp = wrap_ddp(tm.model, dist, dev)
     torch.manual_seed(opts.seed + dist.rank)  # dropout streams
     phase, done, tensors, saved = "select", 0, {}, None
@@ -108,7 +111,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         tensors = method.select(run, state, done)
         done, saved = 0, None
     state = None  # free the method's own buffers (for l0: w, log α, their gradients and optimiser states)
-    index, best_tensors = run.fixmask_phase(flat, tensors, saved, done)
+    index, best_tensors = fixmask_phase(run, tensors, saved, done)
 
     summary: dict[str, Any] = {}
     if dist.main:
@@ -154,3 +157,48 @@ def check_method_flags(method: str, given: list[str]) -> None:
     if foreign:
         raise InvalidValueError(foreign_message(method, foreign),
                                 hint="drop them, or pick a method that takes them")
+
+
+def memory_needs(tm: TaskModel, opts: TrainOptions, device) -> dict[str, int]:
+    """Estimated peak bytes of this run for every method (`memory_estimate`), by method name."""
+    from diffcli.methods import REGISTRY
+    from diffcli.memory_estimate import estimate
+    from diffcli.projection import budget
+
+    params = dict(tm.model.named_parameters())
+    k = budget(opts.sparsity, sum(int(params[n].numel()) for n in tm.gated))
+    kinds = {kind: estimate(tm.model, kind, batch_size=opts.batch_size, seq_len=opts.max_seq_length,
+                            shared=tm.gated, k=k, device=device).total for kind in ("full", "l0", "sparse")}
+    return {name: kinds[m.memory] for name, m in REGISTRY.items()}
+
+
+def check_memory(tm: TaskModel, opts: TrainOptions, device) -> None:
+    """Stop before training, with one line, when the device cannot hold the run; name the methods that fit."""
+    from diffcli.memory_estimate import available_bytes
+
+    free = available_bytes(device)
+    if free is None:
+        return
+    if device.type == "cpu":  # the process (the model included) already holds part of what the estimate counts
+        free += _rss()
+    needs = memory_needs(tm, opts, device)
+    need = needs[opts.method]
+    if need <= free:
+        return
+    fits = sorted((v, n) for n, v in needs.items() if v <= free)
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    hint = (", ".join(f"--method {n} needs about {gib(v)}" for v, n in fits) if fits else
+            "lower --batch-size or --max-seq-length, or use a device with more memory")
+    raise InvalidValueError(f"--method {opts.method} needs about {gib(need)} on {device.type} but only {gib(free)} "
+                            f"is free", hint=hint)
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (0 where /proc is absent)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -134,7 +134,7 @@ def fmt_metrics(results: dict[str, dict[str, float]]) -> str:
 
 
 class Run:
-    """One `train` call's shared state: options, model, data, the record, per-epoch saving, the fixed-mask phase."""
+    """One `train` call's shared state: options, model, data, the record, per-epoch saving, one epoch's loop."""
 
     def __init__(self, opts: TrainOptions, rep: Reporter, dist: Dist, dev, tm: TaskModel, task_data, train_set,
                  work: Path, model_ref: str, on_epoch_end: Callable[[str, int], None] | None):
@@ -144,7 +144,8 @@ class Run:
         self.opt_dict = asdict(opts)
         self.record: dict[str, Any] = {"history": []}
         self.ddp = None
-        self.flat = None  # the shared tensors as flat buffers (`diffmodel.FlatParams`), set by the method
+        self.flat = None  # the shared tensors' layout (`FlatParams`, or `trained_diff.Layout`), set by the method
+        self.sparse = False  # the fixed phase keeps δ at the k kept entries only (`fixmask.SparseEngine`)
         self.steps_per_epoch = steps_per_epoch(len(train_set), opts.batch_size, dist.world)
 
     @property
@@ -173,92 +174,3 @@ class Run:
                 losses.append(step(move(batch, self.dev)))
                 bar.advance(1, f"loss {losses[-1]:.4f}")
         return sum(losses) / max(len(losses), 1)
-
-    def fixmask_phase(self, flat, tensors: dict, resumed: dict | None, done: int):
-        """Finetune the kept entries and the head with the mask fixed; keep the best dev epoch (0 = the mask's start).
-
-        `tensors` holds the mask (`mask/index`, `mask/values`) and the head (`head/<name>`) the method chose, and
-        may hold `method/...` tensors the method keeps for its diff (saved with every epoch).
-        Returns the mask's flat positions and the best epoch's tensors (`best/values`, `best/head/...`).
-        """
-        import torch
-
-        from diffcli.diffmodel import MaskedDiff
-
-        opts, rep, tm, dev, record = self.opts, self.rep, self.tm, self.dev, self.record
-        params = dict(tm.model.named_parameters())
-        head = [params[n] for n in tm.head]
-        index = tensors["mask/index"]
-        md = MaskedDiff(flat, index, tensors["mask/values"])
-        with torch.no_grad():
-            for n, p in zip(tm.head, head):
-                p.copy_(tensors[f"head/{n}"])
-        groups = [{"params": [md.values], "lr": opts.fixmask_lr}]
-        if head:
-            groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
-        opt_m = adamw(groups, opts.fixmask_lr, opts.weight_decay, dev)
-        for g in opt_m.param_groups:
-            g["initial_lr"] = g["lr"]
-
-        def snapshot() -> dict[str, "torch.Tensor"]:
-            return {"best/values": md.values.detach().clone(),
-                    **{f"best/head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
-
-        step_m = 0
-        if resumed is None:  # first entry into the phase: score the projection (epoch 0 candidate)
-            if self.dist.main:
-                record["projection"]["metrics"] = evaluate_on(tm, self.task_data, opts, dev)
-                record["best"] = {"epoch": 0, "score": main_score(self.spec, record["projection"]["metrics"]),
-                                  "metrics": record["projection"]["metrics"]}
-                rep.line(f"projection to {opts.sparsity:.3%}: nnz {record['projection']['kept']} | "
-                         f"{fmt_metrics(record['projection']['metrics'])}")
-            best_tensors = snapshot()
-            self.save({**tensors, **best_tensors, **rng_tensors(dev, None)},
-                      {"phase": "fixmask", "epochs_done": 0, "step": 0})
-        else:
-            best_tensors = {k: v for k, v in tensors.items() if k.startswith("best/")}
-            step_m = int(resumed["step"])
-            load_optimizer(opt_m, tensors, "opt_m")
-            with torch.no_grad():
-                md.values.copy_(tensors["mask/values"])
-            md.write_()
-            restore_rng(tensors, dev, None)
-        if self.ddp is None:
-            self.ddp = wrap_ddp(tm.model, self.dist, dev)
-        fwd = self.ddp if self.ddp is not None else tm.model
-        total_fix = max(1, opts.fixmask_epochs * self.steps_per_epoch)
-
-        def step(batch: dict) -> float:
-            nonlocal step_m
-            zero_grads(flat, head)
-            loss = forward_backward(fwd, batch, dev)
-            md.backward_()
-            clip([md.values] + head, opts.grad_clip)
-            decay = max(0.0, 1.0 - step_m / total_fix)
-            for g in opt_m.param_groups:
-                g["lr"] = g["initial_lr"] * decay
-            opt_m.step()
-            md.write_()
-            step_m += 1
-            return loss
-
-        for epoch in range(done, opts.fixmask_epochs if index.numel() else 0):  # empty mask: nothing to finetune
-            mean_loss = self.epoch("fixed-mask", epoch, opts.fixmask_epochs, opts.seed + 1, step)
-            entry = {"phase": "fixmask", "epoch": epoch + 1, "loss": mean_loss}
-            if self.dist.main:
-                entry["metrics"] = evaluate_on(tm, self.task_data, opts, dev)
-                score = main_score(self.spec, entry["metrics"])
-                better = score > record["best"]["score"]
-                if better:
-                    record["best"] = {"epoch": epoch + 1, "score": score, "metrics": entry["metrics"]}
-                    best_tensors = snapshot()
-                rep.line(f"fixed-mask epoch {epoch + 1}/{opts.fixmask_epochs}: loss {entry['loss']:.4f} | "
-                         f"{fmt_metrics(entry['metrics'])}{'  (best)' if better else ''}")
-            self.history.append(entry)
-            cur = {**{k: v for k, v in tensors.items() if k.startswith("method/")},  # the method's own, kept along
-                   "mask/index": index, "mask/values": md.values.detach(),
-                   **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}
-            self.save({**cur, **best_tensors, **optimizer_tensors(opt_m, "opt_m"), **rng_tensors(dev, None)},
-                      {"phase": "fixmask", "epochs_done": epoch + 1, "step": step_m})
-            self.epoch_done("fixmask", epoch + 1)
-        return index, best_tensors

@@ -37,8 +37,7 @@ def trained(tmp_path_factory):
                            "-o", str(root / "basis"), "--json").stdout)
     with pytest.MonkeyPatch.context() as mp:  # every later epoch scores higher: the sparse phase's last one is kept
         calls = iter(range(10**6))
-        mp.setattr("diffcli.trainloop.main_score", lambda spec, results: float(next(calls)))
-        mp.setattr("diffcli.methods.basis.main_score", lambda spec, results: float(next(calls)))
+        rising(mp, calls)
         double = json.loads(run("train", *data, "--method", "basis", "--sparsity", "2%", *FAST,
                                 "-o", str(root / "double"), "--json").stdout)
     return {"root": root, "base": base, "train": train, "dev": dev, "data": data, "basis": basis, "double": double}
@@ -65,6 +64,12 @@ def _in_memory_logits(base, diff, texts):
     batch = AutoTokenizer.from_pretrained(base)(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(**batch).logits
+
+
+def rising(mp, calls) -> None:
+    """Make every epoch score higher than the last, wherever the best epoch is chosen."""
+    for where in ("diffcli.fixmask", "diffcli.methods.basis"):
+        mp.setattr(f"{where}.main_score", lambda spec, results: float(next(calls)))
 
 
 TEXTS = ["the movie is good", "a bad cat", "not good yes", "dog"]
@@ -221,8 +226,7 @@ def test_double_pruning_resumes_on_the_scaled_model(tmp_path, tiny_base):
 
     with pytest.MonkeyPatch.context() as mp:  # later epochs score higher: the sparse δ is kept
         calls = iter(range(10**6))
-        mp.setattr("diffcli.trainloop.main_score", lambda spec, results: float(next(calls)))
-        mp.setattr("diffcli.methods.basis.main_score", lambda spec, results: float(next(calls)))
+        rising(mp, calls)
         go("full")
         with pytest.raises(KeyboardInterrupt):
             go("cut", on_epoch_end=interrupt)

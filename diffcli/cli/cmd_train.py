@@ -25,7 +25,7 @@ def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model: folder, alias or hub id.")] = "minilm",
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Train on the first N examples only.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on the first N examples of each split.")] = None,
-    method: Annotated[str, typer.Option("--method", help="How the diff is learned: l0 (learned gates, the default) or basis (SVD basis scaling; with --sparsity also a sparse diff); see docs/METHODS.md.", rich_help_panel=_M)] = "l0",
+    method: Annotated[str, typer.Option("--method", help="How the mask is chosen: l0 (learned gates, the default), fisher, random, magnitude, or basis (SVD basis scaling; with --sparsity also a sparse diff); see docs/METHODS.md.", rich_help_panel=_M)] = "l0",
     sparsity: Annotated[str, typer.Option("--sparsity", "-s", help="Fraction of shared entries the diff keeps: 0.5% or 0.005.")] = "0.5%",
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the L0 phase.")] = 3,
     fixmask_epochs: Annotated[int, typer.Option("--fixmask-epochs", help="Epochs of finetuning the kept entries after the projection.")] = 3,

@@ -132,6 +132,7 @@ class BasisMethod(TrainMethod):
                    "entries of largest empirical Fisher on the scaled model (shared fixed-mask phase)")
     to_diff = "basis records (a − 1 at kept bases, pruned bases, a probe) plus the sparse δ and the head"
     epochs_phase = "basis"
+    memory = "l0"  # θ₀, θ, dL/dθ and float32 U, Vᵀ (≤ 2N): within l0's θ₀, θ, w, log α and their states
 
     def check(self, opts: "TrainOptions") -> None:
         super().check(opts)

@@ -196,6 +196,7 @@ class L0Method(TrainMethod):
     to_diff = "δ at the kept entries after the best fixed-mask epoch"
     phases = ("l0",)
     epochs_phase = "l0"
+    memory = "l0"
 
     def setup(self, run: "Run") -> L0Trainer:
         opts = run.opts

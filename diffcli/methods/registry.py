@@ -38,6 +38,7 @@ class TrainMethod(ABC):
     to_diff: ClassVar[str]              # how the result becomes a diff
     phases: ClassVar[tuple[str, ...]] = ()  # resumable phases (saved per epoch) before the fixed mask
     epochs_phase: ClassVar[str | None] = None  # the phase `--epochs` counts, when the method takes it
+    memory: ClassVar[str]               # its peak, as `memory_estimate.estimate` names it: full, l0 or sparse
 
     def check(self, opts: "TrainOptions") -> None:
         """Refuse options that this method does not take but that were changed from their default."""

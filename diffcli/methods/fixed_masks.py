@@ -1,0 +1,162 @@
+"""`--method fisher|random|magnitude`: a mask of exactly k = round(S·N) entries chosen without learned gates.
+
+The ablations of issue 11 and the low-memory path of issue 13: each chooses k entries of the shared tensors
+(the selectors of `diffcli.masks`), then the shared fixed-mask phase trains only those (and the new head) with
+δ, its gradient and its optimizer state at the k entries (`fixmask.SparseEngine`; under DDP the flat engine,
+whose gradient averaging needs whole gradients). fisher ranks by the empirical Fisher's diagonal at the base
+(Sung et al. 2021, the ranking of `--fill fisher`); random draws k positions with `--seed`; magnitude keeps the
+k largest |δ| of a short dense finetune (`--epochs` at `--lr`), as `prune --base` would from a full finetune.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from diffcli.methods.registry import TrainMethod, register
+from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_backward
+
+if TYPE_CHECKING:
+    import torch
+
+    from diffcli.trainloop import Run
+
+
+class MaskMethod(TrainMethod):
+    """A method whose mask is chosen in one pass before training; the fixed phase does the rest."""
+
+    reparametrizes: ClassVar[str] = "none before the mask: θ = θ₀ + m⊙δ with the mask m fixed from the start"
+    penalises: ClassVar[str] = "nothing: the budget is a hard constraint, exactly k = round(S·N) entries"
+    fixed_phase: ClassVar[str] = "the k chosen entries (from δ = 0) and the head, δ and AdamW at k entries only"
+    to_diff: ClassVar[str] = "δ at the chosen entries after the best fixed-mask epoch"
+    memory: ClassVar[str] = "sparse"
+
+    def setup(self, run: "Run") -> None:
+        from diffcli.diffmodel import FlatParams, Layout
+
+        if run.dist.world > 1:
+            run.flat = FlatParams(run.tm.model, run.tm.gated, run.dev)
+        else:
+            run.flat, run.sparse = Layout(run.tm.model, run.tm.gated), True
+
+    def select(self, run: "Run", state: None, done: int) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        from diffcli.projection import budget
+        from diffcli.trained_diff import join_index
+
+        tm = run.tm
+        params = dict(tm.model.named_parameters())
+        head = [params[n] for n in tm.head]
+        k = budget(run.opts.sparsity, run.flat.numel)
+        mask, values, info = self.choose(run, k)
+        index = join_index(run.flat, mask)
+        info.update({"sparsity": run.opts.sparsity, "k": k, "n": run.flat.numel, "kept": int(index.numel()),
+                     "mask": self.name})
+        run.record["projection"] = info
+        values = torch.zeros(index.numel()) if values is None else values
+        return {"mask/index": index, "mask/values": values.cpu().to(torch.float32),
+                **{f"head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
+
+    def choose(self, run: "Run", k: int) -> tuple[dict, "torch.Tensor | None", dict]:
+        """{tensor: kept positions}, their start values in flat order (None: zeros), what to record."""
+        raise NotImplementedError
+
+
+@register
+class FisherMask(MaskMethod):
+    """The k entries with the largest empirical Fisher Σ(dL/dθ)² at the base model (and the new head)."""
+
+    name = "fisher"
+    meta_name = "fisher-mask"
+    options = ("fill_samples",)
+
+    def choose(self, run: "Run", k: int):
+        import torch
+
+        from diffcli.fisher import _sum_ranks, fisher_batches
+        from diffcli.masks import fisher_scores, top_k_positions
+
+        # bfloat16 scores (half of N floats) on one process; float32 where the ranks' sums are added
+        dtype = torch.float32 if run.dist.world > 1 else None
+        scores = fisher_scores(run.tm.model, run.tm.gated, fisher_batches(run), run.dev, dtype=dtype)
+        for s in scores.values():
+            _sum_ranks(s, run.dist.world)
+        return top_k_positions(scores, k), None, {"fisher_samples": run.opts.fill_samples}
+
+
+@register
+class RandomMask(MaskMethod):
+    """k positions drawn uniformly without replacement with `--seed` (on the CPU: the same mask on every device)."""
+
+    name = "random"
+    meta_name = "random-mask"
+
+    def choose(self, run: "Run", k: int):
+        from diffcli.masks import random_mask
+
+        sizes = dict(zip(run.flat.names, run.flat.sizes))
+        return random_mask(sizes, run.opts.sparsity, run.opts.seed), None, {}
+
+
+@register
+class MagnitudeMask(MaskMethod):
+    """The k largest |δ| after `--epochs` of dense finetuning at `--lr`; the kept entries start at that δ."""
+
+    name = "magnitude"
+    meta_name = "magnitude-mask"
+    options = ("epochs", "lr")
+    fixed_phase = "the k entries of largest |δ| of the dense run, starting at that δ, and its head"
+    epochs_phase = "dense"
+    memory = "full"
+
+    def choose(self, run: "Run", k: int):
+        import torch
+
+        from diffcli.masks import magnitude_mask
+        from diffcli.weights import WeightStore
+
+        tm = run.tm
+        params = dict(tm.model.named_parameters())
+        dense_finetune(run)
+        store = WeightStore(tm.base_dir)
+        base = {n: store[tm.base_names[n]].to(torch.float32) for n in tm.gated}
+        mask = magnitude_mask(params, base, tm.gated, run.opts.sparsity)
+        values = []
+        with torch.no_grad():
+            for n in tm.gated:  # δ at the kept entries, then the model back to θ₀
+                p, b = params[n], base[n].to(params[n].device)
+                values.append((p.reshape(-1)[mask[n].to(p.device)] - b.reshape(-1)[mask[n].to(p.device)]).cpu())
+                p.copy_(b)
+        return mask, torch.cat(values), {"dense_epochs": run.opts.epochs}
+
+
+def dense_finetune(run: "Run") -> None:
+    """`--epochs` of plain finetuning of every parameter (AdamW at `--lr`, linear decay, clipped)."""
+    opts, tm, dev = run.opts, run.tm, run.dev
+    params = [p for p in tm.model.parameters() if p.requires_grad]
+    opt = adamw([{"params": params, "lr": opts.lr}], opts.lr, opts.weight_decay, dev)
+    total = max(1, opts.epochs * run.steps_per_epoch)
+    fwd = run.ddp if run.ddp is not None else tm.model
+    step = 0
+
+    def one(batch: dict) -> float:
+        nonlocal step
+        opt.zero_grad(set_to_none=True)
+        loss = forward_backward(fwd, batch, dev)
+        clip(params, opts.grad_clip)
+        for g in opt.param_groups:
+            g["lr"] = opts.lr * max(0.0, 1.0 - step / total)
+        opt.step()
+        step += 1
+        return loss
+
+    for epoch in range(opts.epochs):
+        entry = {"phase": "dense", "epoch": epoch + 1,
+                 "loss": run.epoch("dense", epoch, opts.epochs, opts.seed + 3, one)}
+        if run.dist.main:
+            entry["metrics"] = evaluate_on(tm, run.task_data, opts, dev)
+            run.rep.line(f"dense epoch {epoch + 1}/{opts.epochs}: loss {entry['loss']:.4f} | "
+                         f"{fmt_metrics(entry['metrics'])}")
+        run.history.append(entry)
+    opt.zero_grad(set_to_none=True)
+    del opt
