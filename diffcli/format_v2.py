@@ -46,6 +46,27 @@ def _entries(name: str, td: TensorDiff) -> tuple[np.ndarray, np.ndarray]:
     return idx.numpy(), vals.float().numpy()
 
 
+def _check_positions(parts: list[np.ndarray], counts: np.ndarray, numels: list[int]) -> None:
+    """Every tensor's positions strictly increasing and within its tensor (one vectorised pass)."""
+    if not counts.sum():
+        return
+    pos = np.concatenate(parts)
+    ends = np.cumsum(counts)
+    firsts = (ends - counts)[counts > 0]
+    step_ok = np.ones(pos.size, dtype=bool)
+    step_ok[1:] = pos[1:] > pos[:-1]
+    step_ok[firsts] = pos[firsts] >= 0
+    if not step_ok.all():
+        raise InvalidValueError("a sparse diff has unsorted or out-of-range positions")
+    if bool((pos[ends[counts > 0] - 1] >= np.asarray(numels, dtype=np.int64)[counts > 0]).any()):
+        raise InvalidValueError("a sparse diff has unsorted or out-of-range positions")
+
+
+def _fit_block(block: int, counts: np.ndarray) -> int:
+    """The block size stored: 0 for float casts, else the requested size but never more than the values."""
+    return min(block, max(int(counts.sum()), 1)) if block else 0
+
+
 def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> tuple[bytes, dict[str, Any]]:
     """Serialise a Diff as version 2; returns the file bytes and size statistics."""
     from diffcli.weights import DIGEST_ALGORITHM
@@ -55,7 +76,6 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
     records: list[list[Any]] = []
     idx_parts: list[np.ndarray] = []
     value_parts: list[np.ndarray] = []
-    counts: list[int] = []
     numels: list[int] = []
     dense: list[bytes] = []
     budget = 0
@@ -68,51 +88,52 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
         td = diff.tensors[name]
         shape = check_tensor(name, td)
         idx, vals = _entries(name, td)
-        if idx.size:
-            idx_parts.append(idx)
-            value_parts.append(vals)
-            numels.append(numel(shape))
-        counts.append(int(idx.size))
+        idx_parts.append(idx)
+        value_parts.append(vals)
+        numels.append(numel(shape))
         budget += numel(shape) if td.dtype in FLOAT_DTYPES else 0
         records.append(["sparse", name, None if td.base_name == name else td.base_name, td.dtype, list(shape),
-                        td.digest, int(idx.size), 0])
+                        td.digest, 0, 0])
         if name in diff.bases:  # basis scales: kept indices in the positions stream, a − 1 in the values stream
             idx, vals = _basis_entries(name, td, shape, diff.bases[name])
-            if idx.size:
-                idx_parts.append(idx)
-                value_parts.append(vals)
-                numels.append(diff.bases[name].rank)
-            counts.append(int(idx.size))
-            records.append(["basis", name, diff.bases[name].rank, int(idx.size), 0, list(diff.bases[name].probe)])
-    try:
-        streams = codec.encode_many(idx_parts)
-    except ValueError:
-        raise InvalidValueError("a sparse diff has unsorted or negative positions") from None
-    if idx_parts and bool((np.asarray([int(p[-1]) for p in idx_parts]) >= np.asarray(numels)).any()):
-        raise InvalidValueError("a sparse diff has a position beyond its tensor")
-    sizes = iter([len(b) for b in streams])
-    for rec in records:
-        if rec[0] == "sparse" and rec[6]:
-            rec[7] = next(sizes)
-        elif rec[0] == "basis" and rec[3]:
-            rec[4] = next(sizes)
+            idx_parts.append(idx)
+            value_parts.append(vals)
+            numels.append(diff.bases[name].rank)
+            records.append(["basis", name, diff.bases[name].rank, 0, 0, list(diff.bases[name].probe)])
+    coded = [r for r in records if r[0] != "dense"]  # one per idx_parts entry, in order
     all_values = np.concatenate(value_parts) if value_parts else np.zeros(0, np.float32)
     if not np.isfinite(all_values).all():
-        bad = next(r[1] for r, v in zip([r for r in records if r[0] != "dense" and r[_COUNT[r[0]]]], value_parts)
-                   if not np.isfinite(v).all())
+        bad = next(r[1] for r, v in zip(coded, value_parts) if not np.isfinite(v).all())
         raise InvalidValueError(f"diff {bad!r} holds NaN or infinite values")
-    count_arr = np.asarray(counts, dtype=np.int64)
+    count_arr = np.asarray([p.size for p in idx_parts], dtype=np.int64)
+    _check_positions(idx_parts, count_arr, numels)
+    q = quantize.quantize(all_values, count_arr, values, _fit_block(block, count_arr))
+    if q.codes_int is not None and all_values.size and not q.codes_int.all():
+        # sparse entries whose code is 0 add nothing: drop them from the positions, then fit scales to the rest;
+        # a basis scale coded 0 stays (dropping it would prune its basis: a = 0 instead of 1)
+        keep = (q.codes_int != 0) | np.repeat([r[0] == "basis" for r in coded], count_arr)
+        ends = np.cumsum(count_arr)
+        idx_parts = [p[keep[e - p.size:e]] for p, e in zip(idx_parts, ends.tolist())]
+        kept_counts = np.asarray([p.size for p in idx_parts], dtype=np.int64)
+        q2 = quantize.quantize(all_values[keep], kept_counts, values, _fit_block(block, kept_counts), refit=True)
+        back = np.zeros_like(all_values)
+        back[keep] = q2.values
+        q2.max_abs_error, q2.max_rel_error = quantize.errors(all_values, back, count_arr)
+        q, count_arr = q2, kept_counts
+    block = _fit_block(block, count_arr)
     nvalues = int(count_arr.sum())  # sparse entries and basis scales
-    nnz = sum(r[6] for r in records if r[0] == "sparse")
-    if block and nvalues:
-        block = min(block, nvalues)  # a block never spans more than the stream
-    elif block:
-        block = 1
-    q = quantize.quantize(all_values, count_arr, values, block)
     if nvalues and not np.isfinite(q.values).all():
         raise InvalidValueError(f"the diff has values beyond the {values} range", hint="pack with --values bf16 or fp32")
+    streams = iter(codec.encode_many([p for p in idx_parts if p.size]))
+    positions = []
+    for rec, k in zip(coded, count_arr.tolist()):
+        rec[_COUNT[rec[0]]] = k
+        if k:
+            positions.append(next(streams))
+            rec[_COUNT[rec[0]] + 1] = len(positions[-1])
+    nnz = sum(r[6] for r in coded if r[0] == "sparse")
     vsize = quantize.FLOAT_QUANTIZERS.get(values, 1)
-    stored = {"positions": ("raw", b"".join(streams)),
+    stored = {"positions": ("raw", b"".join(positions)),
               "values": codec.compress(q.codes, vsize, level=STREAM_LEVEL),
               "scales": codec.compress(codec.to_planes(q.scales.astype("<f4").view(np.uint8), 4), 4,
                                        level=STREAM_LEVEL),

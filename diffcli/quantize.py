@@ -24,6 +24,7 @@ class Quantized:
     values: np.ndarray
     max_abs_error: float
     max_rel_error: float
+    codes_int: np.ndarray | None = None  # the integer codes of block quantizers
 
 
 def check_spec(quantizer: str, block: int | None) -> int:
@@ -86,8 +87,11 @@ def _block_ids(n: int, starts: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(starts.size, dtype=np.int64), lengths)
 
 
-def quantize(values: np.ndarray, counts: np.ndarray, quantizer: str, block: int) -> Quantized:
-    """Quantize the concatenated float32 values of tensors holding `counts` values each (in order)."""
+def quantize(values: np.ndarray, counts: np.ndarray, quantizer: str, block: int, refit: bool = False) -> Quantized:
+    """Quantize the concatenated float32 values of tensors holding `counts` values each (in order).
+
+    `refit`: the values are what a first pass kept (codes ≠ 0); ternary then keeps them all (threshold 0),
+    each block's scale being the mean |v| of its values."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     n = values.size
     if quantizer in FLOAT_QUANTIZERS:
@@ -99,7 +103,8 @@ def quantize(values: np.ndarray, counts: np.ndarray, quantizer: str, block: int)
         mag = np.abs(values)
         if quantizer == "ternary":
             per = np.diff(np.append(starts, n)).astype(np.float32)
-            thr = (TERNARY_THRESHOLD * np.add.reduceat(mag, starts) / per).astype(np.float32) if n else per
+            factor = 0.0 if refit else TERNARY_THRESHOLD
+            thr = (factor * np.add.reduceat(mag, starts) / per).astype(np.float32) if n else per
             kept = mag > thr[ids]
             count = np.add.reduceat(kept.astype(np.int64), starts) if n else np.zeros(0, np.int64)
             total = np.add.reduceat(np.where(kept, mag, 0), starts) if n else np.zeros(0, np.float32)
@@ -109,20 +114,25 @@ def quantize(values: np.ndarray, counts: np.ndarray, quantizer: str, block: int)
             top = BLOCK_QUANTIZERS[quantizer]
             absmax = np.maximum.reduceat(mag, starts) if n else np.zeros(0, np.float32)
             scales = np.where(absmax > 0, absmax / np.float32(top), 1.0).astype(np.float32)
+            scales[scales <= 0] = np.float32(np.finfo(np.float32).tiny)  # a subnormal block max: round to 0s
             q = np.clip(np.rint(values / scales[ids]), -top, top).astype(np.int8)
-        scales[~np.isfinite(scales) | (scales <= 0)] = 1.0  # subnormal underflow: any positive scale decodes 0s
+        scales[~np.isfinite(scales) | (scales <= 0)] = np.float32(np.finfo(np.float32).tiny)
         codes = pack_codes(q, quantizer)
         back = q.astype(np.float32) * scales[ids]
+    max_abs, max_rel = errors(values, back, counts)
+    return Quantized(codes, scales, back, max_abs, max_rel, None if quantizer in FLOAT_QUANTIZERS else q)
+
+
+def errors(values: np.ndarray, back: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """max |v − v′|, and the largest over tensors of max |v − v′| / max |v| (0 for an all-zero tensor)."""
+    if not values.size:
+        return 0.0, 0.0
     err = np.abs(values - back)
-    max_abs = float(err.max()) if n else 0.0
-    max_rel = 0.0
-    if n:
-        tstarts = (np.cumsum(counts) - counts)[counts > 0].astype(np.int64)
-        top_err = np.maximum.reduceat(err, tstarts)
-        top_val = np.maximum.reduceat(np.abs(values), tstarts)
-        rel = np.where(top_val > 0, top_err / np.where(top_val > 0, top_val, 1), 0)
-        max_rel = float(rel.max())
-    return Quantized(codes, scales, back, max_abs, max_rel)
+    tstarts = (np.cumsum(counts) - counts)[counts > 0].astype(np.int64)
+    top_err = np.maximum.reduceat(err, tstarts)
+    top_val = np.maximum.reduceat(np.abs(values), tstarts)
+    rel = np.where(top_val > 0, top_err / np.where(top_val > 0, top_val, 1), 0)
+    return float(err.max()), float(rel.max())
 
 
 def pack_codes(q: np.ndarray, quantizer: str) -> bytes:

@@ -313,3 +313,37 @@ def test_golden_v1_file_still_verifies_and_applies(tmp_path):
     assert model.bert.encoder.h.detach().reshape(-1).tolist() == [0, 0, 0, 0, 0, 1.5]
     assert torch.equal(model.classifier.weight.detach(), (torch.arange(8.0).reshape(2, 4) - 3.5) / 10)
     assert "flags" in handle.skipped
+
+
+def test_v2_header_matches_its_schema_for_every_quantizer():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for values in ("fp16", "bf16", "fp32", "int8", "int4", "ternary"):
+        header = artifact.loads_header(artifact.pack(golden_diff(), values))
+        jsonschema.validate(header, schema)
+        assert header["version"] == 2 and header["values"]["quantizer"] == values
+    header = artifact.loads_header(artifact.pack(golden_diff(), "int8"))
+    for bad in (lambda h: h["records"][0].__setitem__(0, "lowrank"), lambda h: h["values"].update(block=0),
+                lambda h: h["values"].update(quantizer="int3"), lambda h: h["streams"].update(extra={})):
+        broken = json.loads(json.dumps(header))
+        bad(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+        with pytest.raises(FormatError):
+            artifact.validate_header(broken, 10**6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(diffs(), st.sampled_from(["int8", "int4", "ternary"]), st.sampled_from([None, 1, 3, 64]))
+def test_quantized_round_trip_property(diff, values, block):
+    data = artifact.pack(diff, values, block=block)
+    assert artifact.pack(diff, values, block=block) == data
+    back = artifact.loads(data)
+    err = max_error(data)
+    assert set(back.tensors) == set(diff.tensors) and (back.config, back.meta) == (diff.config, diff.meta)
+    for name, td in diff.tensors.items():  # entries whose code is 0 are dropped; the rest within the error
+        assert back.tensors[name].nnz <= td.nnz
+        assert torch.allclose(back.tensors[name].dense(), td.dense(), rtol=0, atol=err * (1 + 1e-6) + 1e-30), name
+    for name, t in diff.extras.items():
+        assert torch.equal(back.extras[name], t)

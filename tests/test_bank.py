@@ -228,3 +228,38 @@ def test_default_device_is_the_shared_pick_cuda_when_present(setup, monkeypatch)
     assert calls == [1] and bank.device == torch.device("cpu")
     assert all(p.device == bank.device for p in bank.encoder.parameters())
     assert DiffBank(str(base), device="cpu").device == torch.device("cpu") and calls == [1]
+
+
+@pytest.mark.parametrize("values", ["int4", "ternary"])
+def test_quantized_files_add_in_float32_through_apply_and_the_bank(setup, tmp_path, values):
+    """A quantized .diff dequantizes to float32 on load; apply and the bank add it to the base in float32."""
+    from safetensors.torch import load_file
+
+    from diffcli import artifact
+    from diffcli.applying import apply_to_folder
+
+    root, base, diffs = setup
+    packed = tmp_path / f"a-{values}.diff"
+    artifact.write(diffs["a"], packed, values=values)
+    loaded = artifact.load(packed)
+    name, td = next((n, t) for n, t in sorted(loaded.tensors.items()) if t.nnz and t.dtype == "float32")
+    assert td.values.dtype == torch.float32
+    err = artifact.read_header(packed)["values"]["max_abs_error"]
+    assert 0 < err and torch.allclose(td.values, diffs["a"].tensors[name].sparse().values, rtol=0, atol=err * 1.0001)
+    out = tmp_path / "merged"
+    apply_to_folder(str(base), packed, out)
+    merged = {}
+    for shard in out.glob("*.safetensors"):
+        merged.update(load_file(shard))
+    base_w = {}
+    for shard in base.glob("*.safetensors"):
+        base_w.update(load_file(shard))
+    expected = (base_w[td.base_name].float() + td.dense()).to(base_w[td.base_name].dtype)
+    key = next(k for k in merged if k.endswith(td.base_name))
+    assert torch.equal(merged[key], expected)
+    bank = DiffBank(str(base), device="cpu")
+    bank.add("q", packed)
+    with bank.use("q"):
+        state = bank.encoder.state_dict()
+        bank_key = next(k for k in state if td.base_name.endswith(k) or k.endswith(td.base_name))
+        assert torch.equal(state[bank_key], expected)

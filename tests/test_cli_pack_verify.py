@@ -140,3 +140,48 @@ def test_verify_failures(setup, tmp_path):
     _one_error_line(runner.invoke(app, ["verify", str(corrupt)]), 4, "truncated")
     corrupt.write_bytes(out.read_bytes()[:8] + b"\x09\x00" + out.read_bytes()[10:])
     _one_error_line(runner.invoke(app, ["verify", str(corrupt)]), 4, "version 9")
+
+
+@pytest.mark.parametrize("values", ["fp16", "int8", "int4", "ternary"])
+def test_pack_values_and_inspect_bytes_split(setup, tmp_path, values):
+    out = tmp_path / "d.diff"
+    res = runner.invoke(app, ["pack", str(setup["ckpt"]), "-o", str(out), "--values", values, "--json"])
+    assert res.exit_code == 0, res.stderr
+    packed = json.loads(res.stdout)
+    assert packed["values"] == values and packed["version"] == 2 and packed["max_rel_error"] >= 0
+    res = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    split = report["bytes"]
+    assert set(split) == {"header", "positions", "values", "dense"}
+    assert sum(split.values()) == out.stat().st_size == report["size_bytes"]
+    assert split["header"] == packed["header_bytes"] and split["positions"] == packed["index_bytes"]
+    assert split["values"] == packed["values_bytes"] and split["dense"] == packed["extras_bytes"]
+    diff = setup["diff"]
+    assert report["totals"]["params"] == diff.nnz and report["totals"]["extras_numel"] == diff.extras_numel
+    q = report["quantizer"]
+    assert q["quantizer"] == values and q["max_abs_error"] == packed["max_abs_error"]
+    assert (q["block"] is None) == (values == "fp16")
+    back = artifact.load(out)
+    for name, td in diff.tensors.items():  # dequantized to float32, within the recorded error
+        assert back.tensors[name].values.dtype == torch.float32
+        assert torch.allclose(back.tensors[name].dense(), td.dense(), rtol=0, atol=q["max_abs_error"] * (1 + 1e-6))
+    human = runner.invoke(app, ["inspect", str(out)])
+    assert human.exit_code == 0 and f"values: {values}" in human.stdout and "max rel error" in human.stdout
+    assert "bytes: header" in human.stdout
+
+
+def test_inspect_a_version_1_file(setup, tmp_path):
+    out = tmp_path / "v1.diff"
+    res = runner.invoke(app, ["pack", str(setup["ckpt"]), "-o", str(out), "--format-version", "1", "-q"])
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)
+    assert report["format_version"] == 1 and sum(report["bytes"].values()) == out.stat().st_size
+    assert report["totals"]["params"] == setup["diff"].nnz and report["quantizer"]["max_rel_error"] is None
+    _one_error_line(runner.invoke(app, ["pack", str(setup["ckpt"]), "-o", str(tmp_path / "x.diff"),
+                                        "--format-version", "1", "--values", "int8"]), 2, "version 1")
+    _one_error_line(runner.invoke(app, ["pack", str(setup["ckpt"]), "-o", str(tmp_path / "x.diff"),
+                                        "--values", "fp16", "--block", "8"]), 2, "--block")
+    _one_error_line(runner.invoke(app, ["pack", str(setup["ckpt"]), "-o", str(tmp_path / "x.diff"),
+                                        "--values", "int8", "--block", "0"]), 2, "--block")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.diff"]
