@@ -415,3 +415,21 @@ def test_fuzz_mutated_basis_files_give_typed_errors_or_consistent_diffs(models):
             svd_basis.check_scales(name, td.shape, td.dtype, bs)
         outcomes["loaded"] += 1
     assert outcomes["error"] > 150 and sum(outcomes.values()) == 300
+
+
+@pytest.mark.parametrize("values", ["int4", "ternary"])
+def test_a_scale_quantized_to_zero_stays_a_kept_basis(models, values):
+    """Sparse entries coded 0 are dropped; a basis scale coded 0 must stay (a = 1), never become pruned (a = 0)."""
+    diff = models["diff"]
+    name = sorted(diff.bases)[0]
+    saved = diff.bases[name]
+    vals = saved.values.clone()
+    vals[: vals.numel() // 2] = 0.0  # a = 1 exactly: an unchanged basis
+    diff.bases[name] = BasisScales(saved.rank, saved.kept, vals, saved.probe)
+    try:
+        back = artifact.loads(artifact.pack(diff, values))
+    finally:
+        diff.bases[name] = saved
+    got = back.bases[name]
+    assert torch.equal(got.kept, saved.kept)
+    assert not bool(got.values[: vals.numel() // 2].any())

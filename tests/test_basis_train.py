@@ -152,6 +152,11 @@ def test_a_tampered_base_is_refused_through_the_probe(trained, tmp_path):
     (["--basis-embeddings"], "--method l0 does not take --basis-embeddings"),
     (["--method", "basis", "--basis-lr", "-1"], "--basis-lr"),
     (["--method", "lora"], "unknown --method"),
+    (["--method", "basis", "--basis-budget", "lots"], "--basis-budget"),
+    (["--method", "basis", "--basis-budget", "0"], "--basis-budget"),
+    (["--method", "basis", "--basis-budget", "200%"], "--basis-budget"),
+    (["--method", "basis", "--basis-budget", "10", "--sparsity", "1%"], "must exceed the 242 sparse entries"),
+    (["--method", "basis", "--basis-budget", "100", "--keep-bases", "0.5"], "give one of them"),
 ])
 def test_bad_input_exits_2_before_training(trained, tmp_path, extra, message):
     result = CliRunner().invoke(app, ["train", *trained["data"], *extra, "-o", str(tmp_path / "ck")])
@@ -237,3 +242,17 @@ def test_double_pruning_resumes_on_the_scaled_model(tmp_path, tiny_base):
         assert torch.allclose(td.dense(), cut.tensors[name].dense(), atol=1e-6), name
     for name, bs in full.bases.items():
         assert torch.equal(bs.values, cut.bases[name].values) and bs.probe == cut.bases[name].probe
+
+
+def test_basis_budget_caps_scales_plus_sparse_entries(tmp_path, tiny_base):
+    from diffcli.training import TrainOptions, train
+
+    train_file, dev = write_task(tmp_path / "data")
+    out = tmp_path / "ck"
+    summary = train(train_file=str(train_file), validation_file=str(dev), model=str(tiny_base), output=out,
+                    options=TrainOptions(method="basis", basis_budget="300", double_prune=True, sparsity=0.005,
+                                         epochs=1, fixmask_epochs=1, batch_size=8))
+    diff = checkpoint.load(out)
+    sparse = round(0.005 * diff.budget_numel)
+    assert summary["bases"]["kept"] == sum(bs.nkept for bs in diff.bases.values()) == 300 - sparse
+    assert diff.nnz + summary["bases"]["kept"] <= 300

@@ -47,6 +47,7 @@ class BasisScaling:
         self.a.grad = torch.zeros_like(self.a)
         self.alive = torch.ones_like(self.a)
         self.importance = torch.zeros(self.bounds[-1], dtype=torch.float64, device=device)
+        self.keep = self.nbases  # how many bases survive pruning (`bases_to_keep`)
 
     @property
     def nbases(self) -> int:
@@ -124,7 +125,7 @@ class BasisMethod(TrainMethod):
 
     name = "basis"
     meta_name = "basis-scaling"
-    options = ("epochs", "keep_bases", "basis_lr", "basis_embeddings", "double_prune", "fill_samples")
+    options = ("epochs", "keep_bases", "basis_budget", "basis_lr", "basis_embeddings", "double_prune", "fill_samples")
     reparametrizes = "W = U·diag(a⊙σ)·Vᵀ per 2-D weight (base SVD, float64, canonical signs), a learned, init 1"
     penalises = ("nothing; bases of least importance Σ|a_i·dL/da_i| are pruned (a_i = 0) to --keep-bases after the "
                  "scale phase")
@@ -136,8 +137,13 @@ class BasisMethod(TrainMethod):
 
     def check(self, opts: "TrainOptions") -> None:
         super().check(opts)
-        if not (math.isfinite(opts.keep_bases) and 0 < opts.keep_bases <= 1):
+        if opts.keep_bases is not None and not (math.isfinite(opts.keep_bases) and 0 < opts.keep_bases <= 1):
             raise InvalidValueError(f"--keep-bases is a fraction of the bases in (0, 1], got {opts.keep_bases}")
+        if opts.keep_bases is not None and opts.basis_budget is not None:
+            raise InvalidValueError("--keep-bases and --basis-budget both set how many bases stay",
+                                    hint="give one of them")
+        if opts.basis_budget is not None:
+            parse_budget(opts.basis_budget, None)
         if not (math.isfinite(opts.basis_lr) and opts.basis_lr >= 0):
             raise InvalidValueError(f"--basis-lr must be a finite number ≥ 0, got {opts.basis_lr}")
 
@@ -152,7 +158,9 @@ class BasisMethod(TrainMethod):
                                     hint="pick another --method" + ("" if run.opts.basis_embeddings
                                                                     else " or pass --basis-embeddings"))
         run.flat = FlatParams(tm.model, tm.gated, run.dev)
-        return BasisScaling(run.flat, chosen, run.dev)
+        state = BasisScaling(run.flat, chosen, run.dev)
+        state.keep = bases_to_keep(run.opts, state.nbases, run.flat.numel)  # refused here, before any training
+        return state
 
     def select(self, run: "Run", state: BasisScaling, done: int) -> dict[str, "torch.Tensor"]:
         import torch
@@ -163,7 +171,7 @@ class BasisMethod(TrainMethod):
         fwd = run.ddp if run.ddp is not None else tm.model
         record = run.record
         _phase(run, state, head, fwd, "basis", opts.epochs, opts.basis_lr, accumulate=True)
-        keep = max(1, round(opts.keep_bases * state.nbases))
+        keep = state.keep
         pruned = state.prune_(keep)
         record["bases"] = {"total": state.nbases, "kept": keep, "pruned": pruned, "matrices": len(state.mats)}
         run.rep.line(f"basis pruning: kept {keep} of {state.nbases} bases in {len(state.mats)} matrices")
@@ -208,6 +216,30 @@ class BasisMethod(TrainMethod):
                                                tensors[f"method/basis/values/{name}"].cpu(),
                                                [float(p) for p in tensors[f"method/basis/probe/{name}"].tolist()])
         return diff
+
+
+def parse_budget(text: str, n: int | None) -> int:
+    """A parameter count from "14000" or "0.05%" (of n); n = None checks the form only."""
+    t = str(text).strip()
+    try:
+        value = float(t[:-1]) / 100 * (n or 0) if t.endswith("%") else int(t)
+        if t.endswith("%") and not 0 < float(t[:-1]) <= 100:
+            raise ValueError
+    except ValueError:
+        raise InvalidValueError(f"--basis-budget {text!r} is not a count (14000) or a share of N in (0%, 100%]")
+    return round(value) if t.endswith("%") else int(value)
+
+
+def bases_to_keep(opts: "TrainOptions", total: int, n: int) -> int:
+    """Kept bases: round(--keep-bases · R) (default 0.5), or what --basis-budget leaves after the sparse δ."""
+    if opts.basis_budget is None:
+        return max(1, round((0.5 if opts.keep_bases is None else opts.keep_bases) * total))
+    budget = parse_budget(opts.basis_budget, n)
+    sparse = round(opts.sparsity * n) if opts.double_prune else 0
+    if not sparse < budget <= n:
+        raise InvalidValueError(f"--basis-budget {opts.basis_budget} is {budget} parameters; it must exceed the "
+                                f"{sparse} sparse entries of --sparsity and be at most N = {n}")
+    return min(total, budget - sparse)
 
 
 def _phase(run: "Run", state: BasisScaling, head: list, fwd, label: str, epochs: int, lr: float, *,
