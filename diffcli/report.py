@@ -189,5 +189,9 @@ def render_report(console, report: dict[str, Any], per_tensor: bool = False) -> 
             tt.add_row(r["tensor"], r["kind"], "×".join(map(str, r["shape"])) or "scalar", f"{r['numel']:,}",
                        f"{r['nnz']:,}", f"{r['density']:.3%}", _fmt_bytes(r["bytes"]))
         console.print(tt)
+    basis = [r for r in report["tensors"] if r["kind"] == "basis"]
+    if basis:
+        console.print(f"basis scales: {sum(r['nnz'] for r in basis):,} kept of {sum(r['numel'] for r in basis):,} "
+                      f"bases in {len(basis)} matrices; {t['params']:,} stored update parameters in all")
     console.print(f"total: {t['nnz']:,} of {t['budget_numel']:,} budget entries ({t['density']:.4%}), "
                   f"{t['extras']} dense extra tensors ({t['extras_numel']:,} values), {_fmt_bytes(t['bytes'])} of tensor data")
