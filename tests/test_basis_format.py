@@ -433,3 +433,12 @@ def test_a_scale_quantized_to_zero_stays_a_kept_basis(models, values):
     got = back.bases[name]
     assert torch.equal(got.kept, saved.kept)
     assert not bool(got.values[: vals.numel() // 2].any())
+
+
+def test_inspect_plot_draws_a_file_with_basis_records(models, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "b.diff"
+    artifact.write(models["diff"], path)
+    result = CliRunner().invoke(app, ["inspect", str(path), "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.png").stat().st_size > 1000

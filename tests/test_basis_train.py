@@ -256,3 +256,28 @@ def test_basis_budget_caps_scales_plus_sparse_entries(tmp_path, tiny_base):
     sparse = round(0.005 * diff.budget_numel)
     assert summary["bases"]["kept"] == sum(bs.nkept for bs in diff.bases.values()) == 300 - sparse
     assert diff.nnz + summary["bases"]["kept"] <= 300
+
+
+def test_torchrun_two_processes_train_basis_with_double_pruning(tmp_path, tiny_base):
+    """Under DDP every rank scales, prunes and picks the same bases; rank 0 alone writes one checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    train_file, dev = write_task(tmp_path / "data", n_train=64)
+    out = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "diffcli", "train", "--train-file", str(train_file), "--validation-file", str(dev),
+           "--model", str(tiny_base), "--method", "basis", "--sparsity", "2%", "--fill-samples", "32", *FAST,
+           "--device", "cpu", "-o", str(out), "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["world_size"] == 2 and summary["bases"]["kept"] == round(0.5 * summary["bases"]["total"])
+    diff = checkpoint.load(out)
+    assert sum(bs.nkept for bs in diff.bases.values()) == summary["bases"]["kept"]
+    packed = tmp_path / "b.diff"
+    run("pack", str(out), "-o", str(packed))
+    run("verify", str(packed), "--base", str(tiny_base))
