@@ -442,3 +442,26 @@ def test_inspect_plot_draws_a_file_with_basis_records(models, tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(path), "--plot", str(tmp_path / "p.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_a_probe_made_on_another_base_is_refused_with_exit_5(models, tmp_path):
+    """Digests of the right base, probe of another: the rebuild check alone catches it; nothing is written."""
+    import copy
+
+    from diffcli.weights import WeightStore
+
+    diff = copy.copy(models["diff"])
+    other = WeightStore(models["other"])
+    diff.bases = {}
+    for name, bs in models["diff"].bases.items():
+        u, s, vh = svd_basis.canonical_svd(other[diff.tensors[name].base_name])
+        diff.bases[name] = BasisScales(bs.rank, bs.kept, bs.values, svd_basis.probe(u, s, vh, bs.coefficients()))
+    other.release()
+    path = tmp_path / "b.diff"
+    artifact.write(diff, path)
+    for args in (["apply", str(models["base"]), str(path), "-o", str(tmp_path / "out")],
+                 ["verify", str(path), "--base", str(models["base"])]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 5 and "probe" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
