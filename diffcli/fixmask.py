@@ -18,6 +18,7 @@ from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_bac
 if TYPE_CHECKING:
     import torch
 
+    from diffcli.train_options import TrainOptions
     from diffcli.trainloop import Run
 
 
@@ -71,15 +72,15 @@ class FlatEngine:
 class SparseEngine:
     """δ, its gradient and AdamW's moments at the k kept entries only (`SparseDiffTrainer`); the model is θ."""
 
-    def __init__(self, run: "Run", index: "torch.Tensor", values: "torch.Tensor", head_names: list[str], total: int):
+    def __init__(self, model, layout, index: "torch.Tensor", values: "torch.Tensor", head_names: list[str],
+                 opts: "TrainOptions", total: int):
         import torch
 
         from diffcli.sparse_training import SparseDiffTrainer
         from diffcli.trained_diff import split_index
 
-        opts = run.opts
-        self.trainer = SparseDiffTrainer(run.tm.model, split_index(run.flat, index), head=head_names,
-                                         lr=opts.fixmask_lr, head_lr=opts.head_lr, weight_decay=opts.weight_decay,
+        self.trainer = SparseDiffTrainer(model, split_index(layout, index), head=head_names, lr=opts.fixmask_lr,
+                                         head_lr=opts.head_lr, weight_decay=opts.weight_decay,
                                          max_grad_norm=opts.grad_clip, total_steps=total)
         with torch.no_grad():
             self.trainer.delta.copy_(values.to(self.trainer.delta.device, torch.float32))
@@ -132,7 +133,7 @@ def fixmask_phase(run: "Run", tensors: dict, resumed: dict | None, done: int):
         for n, p in zip(tm.head, head):
             p.copy_(tensors[f"head/{n}"])
     total = max(1, opts.fixmask_epochs * run.steps_per_epoch)
-    engine = (SparseEngine(run, index, tensors["mask/values"], list(tm.head), total) if run.sparse
+    engine = (SparseEngine(tm.model, run.flat, index, tensors["mask/values"], list(tm.head), opts, total) if run.sparse
               else FlatEngine(run, index, tensors["mask/values"], head, total))
 
     def snapshot() -> dict[str, "torch.Tensor"]:

@@ -29,8 +29,6 @@ def build_task_model(base_dir: Path, spec, seed: int) -> TaskModel:
 
     from transformers.utils import logging as hf_logging
 
-    from diffcli.weights import WeightStore, dtype_name, is_float, match_names, tensor_digest
-
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
@@ -43,6 +41,16 @@ def build_task_model(base_dir: Path, spec, seed: int) -> TaskModel:
         kw["label2id"] = {str(n): i for i, n in enumerate(spec.labels)}
     model = AutoModelForSequenceClassification.from_pretrained(str(base_dir), dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    return attach_base(model, base_dir, tokenizer)
+
+
+def attach_base(model, base_dir: Path, tokenizer=None) -> TaskModel:
+    """Split any model's parameters into shared ones (the base has a float tensor of that name and shape, copied in
+    as θ₀) and new ones (trained densely); the names are matched across one leading prefix."""
+    import torch
+
+    from diffcli.weights import WeightStore, dtype_name, is_float, match_names, tensor_digest
+
     store = WeightStore(base_dir)
     names = list(model.state_dict().keys())
     mapping = match_names(store.names(), names)
@@ -55,10 +63,10 @@ def build_task_model(base_dir: Path, spec, seed: int) -> TaskModel:
             gated.append(name)
             info[name] = (dtype_name(base_t.dtype), tensor_digest(base_t))
             with torch.no_grad():  # θ₀ is the base exactly as stored (from_pretrained may have cast it)
-                p.copy_(base_t.to(torch.float32))
+                p.copy_(base_t.to(p.dtype))
         else:
             head.append(name)
     if not gated:
-        raise DataError(f"the task model shares no parameters with the base {base_dir}")
-    return TaskModel(model, tokenizer, base_dir, gated, head, mapping, info)
-
+        raise DataError(f"the model shares no parameters with the base {base_dir}",
+                        hint="pass the checkpoint the model's weights were loaded from")
+    return TaskModel(model, tokenizer, Path(base_dir), gated, head, mapping, info)

@@ -97,7 +97,8 @@ def build_diff(tm: TaskModel, flat, index: "torch.Tensor", best: dict, *, model_
                 tensors[name] = TensorDiff.zeros(bname, tuple(b.shape), dtype_name(b.dtype), tensor_digest(b))
                 continue
         extras[name] = t.clone().contiguous()
-    config = json.loads(tm.model.config.to_json_string(use_diff=False))
+    cfg = getattr(tm.model, "config", None)  # a transformers model's; a plain torch module has none
+    config = json.loads(cfg.to_json_string(use_diff=False)) if hasattr(cfg, "to_json_string") else {}
     config["architectures"] = [type(tm.model).__name__]
     fp = fingerprint_of({td.base_name: td.digest for td in tensors.values()})
     return Diff(tensors, extras, config, model_ref, fp, meta)

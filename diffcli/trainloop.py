@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
-from diffcli.dist import Dist, wrap_ddp
-from diffcli.train_state import load_optimizer, optimizer_tensors, restore_rng, rng_tensors, save_state
+from diffcli.dist import Dist
+from diffcli.train_state import save_state
 
 if TYPE_CHECKING:
     import torch

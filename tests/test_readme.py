@@ -43,3 +43,22 @@ def test_readme_bank_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(example, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed] == ["rte", "mnli", "rte"]
+
+
+@pytest.mark.integration
+def test_readme_training_api_examples_run(tmp_path, monkeypatch, capsys):
+    """The own-loop DiffPruner example, then the Trainer callback example (it reuses the first one's data)."""
+    from diffcli import checkpoint
+    from diffcli.projection import budget
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    own = next(b for b in blocks if "DiffPruner(" in b)
+    hf = next(b for b in blocks if "DiffPruningCallback(" in b)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(own, "README.md", "exec"), scope)
+    exec(compile(hf, "README.md", "exec"), scope)
+    for name in ("own-loop", "trainer"):
+        diff = checkpoint.load(tmp_path / name)
+        assert 0 < diff.nnz <= budget(0.005, diff.budget_numel)
+        assert sorted(diff.extras) == ["classifier.bias", "classifier.weight"]

@@ -104,7 +104,7 @@ def _render(console, s: dict) -> None:
                           for split, m in block["metrics"].items())
 
     l0 = s.get("after_l0") or {}
-    console.print(f"task {s['task']} on {s['model']}", markup=False)
+    console.print(f"task {s['task']} on {s['model']}, --method {s.get('method', 'l0')}", markup=False)
     if l0:
         console.print(f"after L0 (deterministic gates, density {l0.get('deterministic_density', 0):.3%}): "
                       f"{metrics(l0)}", markup=False)

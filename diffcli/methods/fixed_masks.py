@@ -58,7 +58,17 @@ class MaskMethod(TrainMethod):
                 **{f"head/{n}": p.detach().clone() for n, p in zip(tm.head, head)}}
 
     def choose(self, run: "Run", k: int) -> tuple[dict, "torch.Tensor | None", dict]:
-        """{tensor: kept positions}, their start values in flat order (None: zeros), what to record."""
+        """In `train`: the mask of `mask` on the run's model, data and processes."""
+        from diffcli.fisher import fisher_batches
+
+        return self.mask(run.tm, run.flat, run.opts, lambda: fisher_batches(run), run.dist.world)
+
+    def mask(self, tm, layout, opts, batches, world: int = 1) -> tuple[dict, "torch.Tensor | None", dict]:
+        """{tensor: kept positions}, their start values in flat order (None: zeros), what to record.
+
+        `tm` is the model against its base (`taskmodel.attach_base`), `layout` its shared tensors' flat order,
+        `batches()` the training batches a data-driven choice reads, `world` the number of DDP processes.
+        """
         raise NotImplementedError
 
 
@@ -70,18 +80,20 @@ class FisherMask(MaskMethod):
     meta_name = "fisher-mask"
     options = ("fill_samples",)
 
-    def choose(self, run: "Run", k: int):
+    def mask(self, tm, layout, opts, batches, world: int = 1):
         import torch
 
-        from diffcli.fisher import _sum_ranks, fisher_batches
+        from diffcli.fisher import _sum_ranks
         from diffcli.masks import fisher_scores, top_k_positions
+        from diffcli.projection import budget
 
         # bfloat16 scores (half of N floats) on one process; float32 where the ranks' sums are added
-        dtype = torch.float32 if run.dist.world > 1 else None
-        scores = fisher_scores(run.tm.model, run.tm.gated, fisher_batches(run), run.dev, dtype=dtype)
+        dtype = torch.float32 if world > 1 else None
+        device = next(tm.model.parameters()).device
+        scores = fisher_scores(tm.model, tm.gated, batches(), device, dtype=dtype)
         for s in scores.values():
-            _sum_ranks(s, run.dist.world)
-        return top_k_positions(scores, k), None, {"fisher_samples": run.opts.fill_samples}
+            _sum_ranks(s, world)
+        return top_k_positions(scores, budget(opts.sparsity, layout.numel)), None, {"fisher_samples": opts.fill_samples}
 
 
 @register
@@ -91,11 +103,10 @@ class RandomMask(MaskMethod):
     name = "random"
     meta_name = "random-mask"
 
-    def choose(self, run: "Run", k: int):
+    def mask(self, tm, layout, opts, batches, world: int = 1):
         from diffcli.masks import random_mask
 
-        sizes = dict(zip(run.flat.names, run.flat.sizes))
-        return random_mask(sizes, run.opts.sparsity, run.opts.seed), None, {}
+        return random_mask(dict(zip(layout.names, layout.sizes)), opts.sparsity, opts.seed), None, {}
 
 
 @register
@@ -110,24 +121,27 @@ class MagnitudeMask(MaskMethod):
     memory = "full"
 
     def choose(self, run: "Run", k: int):
+        dense_finetune(run)
+        return super().choose(run, k)
+
+    def mask(self, tm, layout, opts, batches, world: int = 1):
+        """The k largest |θ − θ₀| of the model as it is now (after dense steps); the model returns to θ₀."""
         import torch
 
         from diffcli.masks import magnitude_mask
         from diffcli.weights import WeightStore
 
-        tm = run.tm
         params = dict(tm.model.named_parameters())
-        dense_finetune(run)
         store = WeightStore(tm.base_dir)
-        base = {n: store[tm.base_names[n]].to(torch.float32) for n in tm.gated}
-        mask = magnitude_mask(params, base, tm.gated, run.opts.sparsity)
+        base = {n: store[tm.base_names[n]].to(params[n].dtype) for n in tm.gated}
+        mask = magnitude_mask(params, base, tm.gated, opts.sparsity)
         values = []
         with torch.no_grad():
             for n in tm.gated:  # δ at the kept entries, then the model back to θ₀
-                p, b = params[n], base[n].to(params[n].device)
-                values.append((p.reshape(-1)[mask[n].to(p.device)] - b.reshape(-1)[mask[n].to(p.device)]).cpu())
+                p, b, i = params[n], base[n].to(params[n].device), mask[n].to(params[n].device)
+                values.append((p.reshape(-1)[i] - b.reshape(-1)[i]).float().cpu())
                 p.copy_(b)
-        return mask, torch.cat(values), {"dense_epochs": run.opts.epochs}
+        return mask, torch.cat(values), {"dense_epochs": opts.epochs}
 
 
 def dense_finetune(run: "Run") -> None:
@@ -158,5 +172,4 @@ def dense_finetune(run: "Run") -> None:
             run.rep.line(f"dense epoch {epoch + 1}/{opts.epochs}: loss {entry['loss']:.4f} | "
                          f"{fmt_metrics(entry['metrics'])}")
         run.history.append(entry)
-    opt.zero_grad(set_to_none=True)
-    del opt
+    opt.zero_grad(set_to_none=True)  # the dense gradients go; the optimizer's moments go with this frame

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from diffcli.methods.registry import TrainMethod, register
 from diffcli.train_state import load_optimizer, optimizer_tensors, restore_rng, rng_tensors
@@ -118,12 +118,22 @@ class L0Trainer:
 
     def step(self, batch: dict) -> dict[str, float]:
         """Sample gates, forward/backward, hand-made gate gradients, clip, two AdamW steps, controller."""
-        gd = self.gd
-        gd.sample_()
-        zero_grads(self.flat, self.head)
+        self.begin()
         with autocast(self.device):
             loss = self.forward_model(**batch).loss
         loss.backward()
+        stats = self.finish()
+        stats["loss"] = float(loss.detach())
+        return stats
+
+    def begin(self) -> None:
+        """Before the forward pass: sample the gates (θ = θ₀ + z⊙z_g⊙w) and clear dL/dθ."""
+        self.gd.sample_()
+        zero_grads(self.flat, self.head)
+
+    def finish(self) -> dict[str, float]:
+        """After the backward pass: dL/dw and dL/dlog α by hand (the penalty's gradient included), clip, step."""
+        gd = self.gd
         stats = gd.backward_(self.lam)
         clip([gd.w] + self.head, self.opts.grad_clip)
         clip(gd.gate_params(), self.opts.grad_clip)
@@ -134,10 +144,8 @@ class L0Trainer:
         self.opt_a.step()
         self.lam = self.controller.update(self.step_count, stats["expected_density"])
         self.step_count += 1
-        stats["loss"] = float(loss.detach())
         stats["lambda"] = self.lam
         return stats
-
 
 
 def _expected(trainer: L0Trainer) -> float:
@@ -254,8 +262,8 @@ def l0_phase(run: "Run", trainer: L0Trainer, done: int) -> None:
 
 
 def project_gates(run: "Run", trainer: L0Trainer) -> dict[str, "torch.Tensor"]:
-    """Project the deterministic δ to exactly the budget (filling it if the gates closed below); the mask."""
-    from diffcli.trained_diff import fill_budget, project
+    """End the L0 phase in `train`: record and score the gates, then the mask (`gate_mask`) and the head."""
+    from diffcli.fisher import fisher_batches
 
     gd, tm, opts = trainer.gd, run.tm, run.opts
     record = run.record
@@ -264,35 +272,49 @@ def project_gates(run: "Run", trainer: L0Trainer) -> dict[str, "torch.Tensor"]:
     if run.dist.main:
         gd.set_deterministic_()
         record["after_l0"]["metrics"] = evaluate_on(tm, run.task_data, opts, run.dev)
-    delta = gd.delta()
-    index, values, info = project(tm, trainer.flat, delta, opts.sparsity)
-    del delta
+    index, values, info = gate_mask(tm, trainer, opts, lambda: fisher_batches(run), run.dist.world)
     record["projection"] = info
-    if info["kept"] < info["k"]:  # the gates closed below the budget: fill it for the fixed mask
-        score = _fill_score(run, trainer)
-        index, values, filled = fill_budget(score, index, values, info["k"] - info["kept"])
-        del score
-        info["filled"], info["fill"] = filled, opts.fill
-        if info["kept"] + filled < info["k"]:
-            run.rep.warning(f"the learned δ has only {info['kept'] + filled} usable entries, fewer than the "
-                            f"budget {info['k']}; the diff keeps them all (train longer or lower --sparsity)")
-    if opts.fixmask_start == "w":
-        values = gd.w.detach()[index.to(gd.w.device)].cpu()
-    info["start"] = opts.fixmask_start
+    if info["kept"] + info.get("filled", 0) < info["k"]:
+        run.rep.warning(f"the learned δ has only {info['kept'] + info['filled']} usable entries, fewer than the "
+                        f"budget {info['k']}; the diff keeps them all (train longer or lower --sparsity)")
     head_state = {n: p.detach().clone() for n, p in zip(tm.head, trainer.head)}
     return {"mask/index": index.cpu(), "mask/values": values.cpu(),
             **{f"head/{n}": t for n, t in head_state.items()}}
 
 
-def _fill_score(run: "Run", trainer: L0Trainer) -> "torch.Tensor":
+def gate_mask(tm, trainer: L0Trainer, opts: "TrainOptions", batches: Callable[[], Iterable[dict]], world: int = 1):
+    """The deterministic δ projected to exactly k entries, topped up by `--fill` when the gates closed below k.
+
+    Returns sorted flat positions, the fixed phase's start values there (`--fixmask-start`) and the record.
+    `batches` gives the training batches `--fill fisher` sums over (called only then).
+    """
+    from diffcli.trained_diff import fill_budget, project
+
+    gd = trainer.gd
+    delta = gd.delta()
+    index, values, info = project(tm, trainer.flat, delta, opts.sparsity)
+    del delta
+    if info["kept"] < info["k"]:  # the gates closed below the budget: fill it for the fixed mask
+        score = _fill_score(trainer, opts, batches, world)
+        index, values, filled = fill_budget(score, index, values, info["k"] - info["kept"])
+        del score
+        info["filled"], info["fill"] = filled, opts.fill
+    if opts.fixmask_start == "w":
+        values = gd.w.detach()[index.to(gd.w.device)].cpu()
+    info["start"] = opts.fixmask_start
+    return index, values, info
+
+
+def _fill_score(trainer: L0Trainer, opts: "TrainOptions", batches: Callable[[], Iterable[dict]],
+                world: int) -> "torch.Tensor":
     """The budget fill's ranking of every flat entry (`--fill`); higher is added first."""
     import torch
 
-    from diffcli.fisher import fisher_scores
+    from diffcli.fisher import fisher_diagonal
 
-    gd, opts = trainer.gd, run.opts
+    gd = trainer.gd
     if opts.fill == "gates":
         with torch.no_grad():
             return gd.gate.prob_nonzero(gd.log_alpha.detach()).mul_(gd.w.detach()).abs_()
     gd.set_deterministic_()  # every rank: the Fisher is taken at the deterministic L0 model
-    return fisher_scores(run, trainer.flat, trainer.head)
+    return fisher_diagonal(trainer.model, trainer.flat, trainer.head, batches(), trainer.device, world)

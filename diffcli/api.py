@@ -1,0 +1,164 @@
+"""The public library API: train a diff for any `torch.nn.Module` loaded from a base checkpoint, in your own loop.
+
+    pruner = DiffPruner(model, "minilm", method="l0", sparsity=0.005, total_steps=len(loader))
+    for batch in loader:                 # the L0 phase (l0 only; the mask methods choose their mask at once)
+        pruner.begin()                   # sample the gates: θ = θ₀ + z⊙z_g⊙w
+        model(**batch).loss.backward()
+        pruner.finish()                  # dL/dw, dL/dlog α (+ the L0 penalty's gradient), its own AdamW steps
+    pruner.project()                     # exactly k = round(S·N) entries (`choose_mask` for fisher/random/magnitude)
+    opt = pruner.start_fixed(total_steps=len(loader))   # δ and AdamW at the k entries only
+    for batch in loader:
+        model(**batch).loss.backward()
+        pruner.fixed_step()              # clip, AdamW, θ = θ₀ + δ at the kept entries
+    diff = pruner.export()               # a Diff: `diffcli.checkpoint.save(diff, folder)` then `diffprune pack`
+
+The pieces are those `diffprune train` runs (`methods.l0.L0Trainer`, `diffcli.masks`,
+`sparse_training.SparseDiffTrainer`, `trained_diff.build_diff`); `DiffPruningCallback` drives them from a
+`transformers.Trainer`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from diffcli.errors import InvalidValueError
+from diffcli.train_options import TrainOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from diffcli.diff import Diff
+
+
+class DiffPruner:
+    """Diff training of `model` against the base it was loaded from (`base`: folder, alias or hub id).
+
+    `options` are `train`'s (`TrainOptions` fields: sparsity, lr, alpha_lr, fixmask_lr, ...); `own_head=False`
+    leaves the new head to your optimizer (as `DiffPruningCallback` does), else the pruner trains it too.
+    """
+
+    def __init__(self, model: "torch.nn.Module", base: str | Path, *, method: str = "l0", total_steps: int = 1,
+                 own_head: bool = True, **options: Any):
+        from diffcli.diffmodel import Layout
+        from diffcli.methods.l0 import L0Trainer
+        from diffcli.taskmodel import attach_base
+        from diffcli.weights import resolve_model
+
+        unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__))
+        if unknown:
+            raise InvalidValueError(f"unknown option {unknown[0]!r}; the options are TrainOptions' fields")
+        self.opts = TrainOptions(method=method, **options)
+        self.opts.validate()
+        self.base_ref = str(base)
+        self.tm = attach_base(model, resolve_model(str(base)))
+        self.device = next(model.parameters()).device
+        self.own_head = own_head
+        params = dict(model.named_parameters())
+        self.head = [params[n] for n in self.tm.head] if own_head else []
+        self.l0 = (L0Trainer(model, self.tm.gated, self.tm.head if own_head else [], self.opts, self.device,
+                             total_steps) if method == "l0" else None)
+        self.layout = self.l0.flat if self.l0 is not None else Layout(model, self.tm.gated)
+        self.index: "torch.Tensor | None" = None
+        self.values: "torch.Tensor | None" = None
+        self.trainer = None
+        self.engine = None
+        self.info: dict[str, Any] = {}
+
+    # -- the L0 phase (method l0) ------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Before each forward pass of the L0 phase: sample the gates and clear dL/dθ."""
+        self._need_l0().begin()
+
+    def finish(self) -> dict[str, float]:
+        """After `loss.backward()`: the gates' and w's gradients (with the L0 penalty's, λ·∂E‖z‖₀), their steps."""
+        return self._need_l0().finish()
+
+    def project(self, batches: Iterable[dict] | None = None) -> dict[str, Any]:
+        """End the L0 phase: exactly k entries of the deterministic δ, topped up by `fill` (`batches` for fisher)."""
+        from diffcli.methods.l0 import gate_mask
+
+        l0 = self._need_l0()
+        if self.opts.fill == "fisher" and batches is None:
+            raise InvalidValueError("fill='fisher' needs batches of training data: project(batches)")
+        self.index, self.values, self.info = gate_mask(self.tm, l0, self.opts, lambda: batches)
+        self.l0 = None  # free w, log α and their optimisers
+        return self.info
+
+    # -- the mask methods -------------------------------------------------------------------------------------
+    def choose_mask(self, batches: Iterable[dict] | None = None) -> dict[str, Any]:
+        """fisher (over `batches`, on the model as it is), random (`seed`), or magnitude (|θ − θ₀| of the model
+        as you finetuned it, which then returns to θ₀): exactly k = round(S·N) entries."""
+        import torch
+
+        from diffcli.methods import get_method
+        from diffcli.methods.fixed_masks import MaskMethod
+        from diffcli.projection import budget
+        from diffcli.trained_diff import join_index
+
+        method = get_method(self.opts.method)
+        if not isinstance(method, MaskMethod):
+            raise InvalidValueError(f"--method {method.name} learns its mask: call project() after its phase")
+        if method.name == "fisher" and batches is None:
+            raise InvalidValueError("the Fisher mask needs batches of training data")
+        mask, values, info = method.mask(self.tm, self.layout, self.opts, lambda: batches)
+        self.index = join_index(self.layout, mask)
+        self.values = torch.zeros(self.index.numel()) if values is None else values
+        self.info = {**info, "k": budget(self.opts.sparsity, self.layout.numel), "n": self.layout.numel,
+                     "kept": int(self.index.numel()), "mask": method.name}
+        return self.info
+
+    # -- the fixed-mask phase ---------------------------------------------------------------------------------
+    def start_fixed(self, total_steps: int, lr: float | None = None):
+        """Train only the mask's entries from now on (and the head when the pruner owns it); returns the trainer."""
+        import dataclasses
+
+        import torch
+
+        from diffcli.fixmask import SparseEngine
+
+        if self.index is None:
+            raise InvalidValueError("no mask yet: call project() (l0) or choose_mask() first")
+        if getattr(self.layout, "theta", None) is not None:  # the L0 phase's buffers: back to θ₀ before δ
+            with torch.no_grad():
+                self.layout.theta.copy_(self.layout.theta0)
+        opts = self.opts if lr is None else dataclasses.replace(self.opts, fixmask_lr=lr)
+        self.engine = SparseEngine(self.tm.model, self.layout, self.index, self.values,
+                                   self.tm.head if self.own_head else [], opts, max(1, total_steps))
+        self.trainer = self.engine.trainer
+        return self.trainer
+
+    def fixed_step(self) -> None:
+        """After `loss.backward()` in the fixed phase: clip, AdamW at the k entries, write θ, clear gradients."""
+        if self.trainer is None:
+            raise InvalidValueError("the fixed phase has not started: call start_fixed() first")
+        self.engine.step()
+        self.engine.zero_grad()
+
+    def export(self, meta: dict | None = None) -> "Diff":
+        """The diff as `train` writes it: sparse δ per shared tensor, untouched tensors as zero δ, the head whole."""
+        import torch
+
+        from diffcli.trained_diff import build_diff
+
+        if self.trainer is not None:
+            values = self.trainer.delta.detach().cpu()
+        elif self.values is not None:
+            values = self.values
+        else:
+            raise InvalidValueError("nothing to export yet: choose the mask first")
+        params = dict(self.tm.model.named_parameters())
+        best = {"best/values": values, **{f"best/head/{n}": params[n].detach() for n in self.tm.head}}
+        from dataclasses import asdict
+
+        from diffcli.methods import get_method
+
+        info = {"method": get_method(self.opts.method).meta_name, "hyperparameters": asdict(self.opts),
+                "results": {"projection": self.info}}
+        return build_diff(self.tm, self.layout, self.index.to(torch.int64), best, model_ref=self.base_ref,
+                          meta={**info, **(meta or {})})
+
+    def _need_l0(self):
+        if self.l0 is None:
+            raise InvalidValueError("no L0 phase here: the method is not l0, or project() has ended it")
+        return self.l0
