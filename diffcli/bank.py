@@ -170,9 +170,10 @@ class DiffBank:
             diff = load_diff(diff)
         self.reset()  # digests and the trial apply need the encoder as loaded
         self._check_base(diff, source)
+        scaled = set(diff.bases)
         diff = self._resolve_bases(diff, source)
         model, head_keys = self._task_model(diff, source)
-        slices, rest = self._prepare(diff, model, head_keys, source)
+        slices, rest = self._prepare(diff, model, head_keys, source, whole=scaled)
         self._tasks[name] = _Task(name, model, slices, rest, head_keys, source, dict(diff.meta))
 
     def _check_base(self, diff: Diff, source: str) -> None:
@@ -253,11 +254,12 @@ class DiffBank:
             raise InvalidValueError(f"{source}: cannot materialise {left[0]} of the task model")
         return model.eval(), head_keys
 
-    def _prepare(self, diff: Diff, model, head_keys: list[str], source: str):
+    def _prepare(self, diff: Diff, model, head_keys: list[str], source: str, whole: set[str] = frozenset()):
         """Apply the diff once (apply_ on the flat buffers), cache positions with before/after values, revert.
 
-        Returns the cached slices and the rest diff (tensors outside the flat buffers and encoder
-        extras), which is also tried once here so every name, shape and value problem shows up at `add`.
+        Returns the cached slices and the rest diff (tensors outside the flat buffers, the `whole` ones: the
+        dense δ of basis scales, and encoder extras), which is also tried once here so every name, shape and
+        value problem shows up at `add`.
         """
         import torch
 
@@ -269,6 +271,9 @@ class DiffBank:
         rest_tensors: dict[str, TensorDiff] = {}
         for target, td in diff.tensors.items():
             if td.nnz == 0:  # nothing to add; also skips buffers the live model does not save
+                continue
+            if target in whole:  # a dense δ (basis scales): 4 bytes an entry in the rest diff, not 16 as positions
+                rest_tensors[target] = td
                 continue
             key = mapping.get(target)
             if key is None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -276,6 +277,17 @@ def test_bank_switches_and_restores_the_base_bit_for_bit(models, tmp_path):
         key = MATRICES[1]
         target = next(t for t, td in models["diff"].tensors.items() if td.base_name == key)
         assert torch.allclose(enc[key].double(), want[target], atol=1e-5)
+    plain = tmp_path / "plain.diff"  # the same sparse δ without the scales: switching goes through both paths
+    no_bases = copy.copy(models["diff"])
+    no_bases.bases = {}
+    artifact.write(no_bases, plain, values="fp32")
+    bank.add("plain", plain)
+    for name in ("plain", "t", "plain", "t"):
+        with bank.use(name) as model:
+            got = model.base_model.state_dict()[key].double()
+        scaled = torch.allclose(got, want[target], atol=1e-5)
+        assert scaled == (name == "t")
+    assert bank.task_nbytes("t") < 2 * 4 * sum(models["diff"].tensors[n].numel for n in models["diff"].bases) + 10**5
     bank.reset()
     assert all(torch.equal(base_state[k], v) for k, v in bank.encoder.state_dict().items())
     with pytest.raises(BaseMismatchError):
@@ -446,8 +458,6 @@ def test_inspect_plot_draws_a_file_with_basis_records(models, tmp_path):
 
 def test_a_probe_made_on_another_base_is_refused_with_exit_5(models, tmp_path):
     """Digests of the right base, probe of another: the rebuild check alone catches it; nothing is written."""
-    import copy
-
     from diffcli.weights import WeightStore
 
     diff = copy.copy(models["diff"])
