@@ -50,6 +50,9 @@ class DiffPruner:
             raise InvalidValueError(f"unknown option {unknown[0]!r}; the options are TrainOptions' fields")
         self.opts = TrainOptions(method=method, **options)
         self.opts.validate()
+        if method == "basis":  # its scales, pruning and basis records live in `train` only, for now
+            raise InvalidValueError("DiffPruner runs l0 and the mask methods, not --method basis",
+                                    hint="train basis scaling with `diffprune train --method basis`")
         self.base_ref = str(base)
         self.tm = attach_base(model, resolve_model(str(base)))
         self.device = next(model.parameters()).device

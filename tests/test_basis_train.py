@@ -281,3 +281,13 @@ def test_torchrun_two_processes_train_basis_with_double_pruning(tmp_path, tiny_b
     packed = tmp_path / "b.diff"
     run("pack", str(out), "-o", str(packed))
     run("verify", str(packed), "--base", str(tiny_base))
+
+
+def test_the_library_pruner_refuses_basis_with_one_line(tiny_base):
+    from transformers import AutoModelForSequenceClassification
+
+    from diffcli.api import DiffPruner
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=2)
+    with pytest.raises(InvalidValueError, match="not --method basis"):
+        DiffPruner(model, tiny_base, method="basis")
