@@ -249,8 +249,9 @@ def _phase(run: "Run", state: BasisScaling, head: list, fwd, label: str, epochs:
     opts, dev, tm = run.opts, run.dev, run.tm
     groups = [{"params": [state.a], "lr": lr}]
     if head:
-        groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else lr})
-    opt = adamw(groups, lr, 0.0, dev)
+        groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else lr,
+                       "weight_decay": opts.weight_decay})
+    opt = adamw(groups, lr, 0.0, dev)  # no decay on a: it would pull every scale toward 0, i.e. toward pruning
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     total = max(1, epochs * run.steps_per_epoch)
