@@ -434,8 +434,16 @@ def replace_raw(header: dict, payload: bytes, name: str, raw: bytes) -> bytes:
 
 def check_consistent2(diff, header: dict) -> None:
     """A v2 file that loads gives a Diff honouring every record of its header."""
-    records = {r[1]: r for r in header["records"]}
+    records = {r[1]: r for r in header["records"] if r[0] != "basis"}
     assert set(diff.tensors) | set(diff.extras) == set(records)
+    bases = {r[1]: r for r in header["records"] if r[0] == "basis"}
+    assert set(diff.bases) == set(bases)
+    for name, bs in diff.bases.items():
+        from diffcli.svd_basis import check_scales
+
+        td = diff.tensors[name]
+        assert bs.rank == bases[name][2] == min(td.shape) and bs.nkept == bases[name][3]
+        check_scales(name, td.shape, td.dtype, bs)
     for name, td in diff.tensors.items():
         r = records[name]
         assert r[0] == "sparse" and list(td.shape) == r[4] and td.nnz == r[6]
@@ -618,12 +626,23 @@ def _mutate_v2(rng: random.Random, valid: bytes) -> bytes:
     return replace_stream(header, payload, name, new, codec=codec, raw_length=raw_length)
 
 
+def _with_bases(diff):
+    """The golden diff plus basis scales on its 4×8 tensor (one basis pruned) and its empty 3×5 one (all pruned)."""
+    from diffcli.diff import BasisScales
+
+    diff.bases["bert.encoder.w"] = BasisScales(4, torch.tensor([0, 2, 3]), torch.tensor([0.1, -0.2, 0.0]),
+                                               [0.1, -0.2, 0.3, 0.4])
+    diff.bases["bert.empty"] = BasisScales(3, torch.zeros(0, dtype=torch.int64), torch.zeros(0), [0.0, 0.0, 0.0, 0.0])
+    return diff
+
+
 def test_v2_fuzz_mutations_give_typed_errors_or_consistent_diffs():
     rng = random.Random(20261202)
     outcomes = {"error": 0, "loaded": 0}
     valids = [artifact.pack(golden_diff(), v) for v in ("fp16", "int8", "int4", "ternary")]
+    valids += [artifact.pack(_with_bases(golden_diff()), v) for v in ("fp16", "int8")]  # basis records too
     for i in range(600):
-        data = _mutate_v2(rng, valids[i % 4])
+        data = _mutate_v2(rng, valids[i % len(valids)])
         try:
             diff = artifact.loads(data)
         except FormatError:
