@@ -53,7 +53,7 @@ class TrainOptions:
     controller_warmup: float = 0.6
     grad_clip: float = 1.0
     keep_bases: float | None = None  # basis: fraction of SVD bases kept after the scale phase (default 0.5)
-    basis_budget: str | None = None  # basis: cap on stored parameters (scales + sparse δ), "14000" or "0.05%" of N
+    budget: str | None = None  # hard cap on stored update parameters, "14000" or "0.05%" of N (basis: scales + δ)
     basis_lr: float = 1e-3  # basis: AdamW learning rate of the scales a in the scale phase
     basis_embeddings: bool = False  # basis: also rewrite the embedding tables
     double_prune: bool = False  # basis: add a sparse δ of --sparsity on top of the scales (`train --sparsity`)

@@ -152,11 +152,11 @@ def test_a_tampered_base_is_refused_through_the_probe(trained, tmp_path):
     (["--basis-embeddings"], "--method l0 does not take --basis-embeddings"),
     (["--method", "basis", "--basis-lr", "-1"], "--basis-lr"),
     (["--method", "lora"], "unknown --method"),
-    (["--method", "basis", "--basis-budget", "lots"], "--basis-budget"),
-    (["--method", "basis", "--basis-budget", "0"], "--basis-budget"),
-    (["--method", "basis", "--basis-budget", "200%"], "--basis-budget"),
-    (["--method", "basis", "--basis-budget", "10", "--sparsity", "1%"], "must exceed the 242 sparse entries"),
-    (["--method", "basis", "--basis-budget", "100", "--keep-bases", "0.5"], "give one of them"),
+    (["--method", "basis", "--budget", "lots"], "--budget"),
+    (["--method", "basis", "--budget", "0"], "--budget"),
+    (["--method", "basis", "--budget", "200%"], "--budget"),
+    (["--method", "basis", "--budget", "10", "--sparsity", "1%"], "must exceed the 242 sparse entries"),
+    (["--method", "basis", "--budget", "100", "--keep-bases", "0.5"], "give one of them"),
 ])
 def test_bad_input_exits_2_before_training(trained, tmp_path, extra, message):
     result = CliRunner().invoke(app, ["train", *trained["data"], *extra, "-o", str(tmp_path / "ck")])
@@ -244,13 +244,13 @@ def test_double_pruning_resumes_on_the_scaled_model(tmp_path, tiny_base):
         assert torch.equal(bs.values, cut.bases[name].values) and bs.probe == cut.bases[name].probe
 
 
-def test_basis_budget_caps_scales_plus_sparse_entries(tmp_path, tiny_base):
+def test_budget_caps_scales_plus_sparse_entries(tmp_path, tiny_base):
     from diffcli.training import TrainOptions, train
 
     train_file, dev = write_task(tmp_path / "data")
     out = tmp_path / "ck"
     summary = train(train_file=str(train_file), validation_file=str(dev), model=str(tiny_base), output=out,
-                    options=TrainOptions(method="basis", basis_budget="300", double_prune=True, sparsity=0.005,
+                    options=TrainOptions(method="basis", budget="300", double_prune=True, sparsity=0.005,
                                          epochs=1, fixmask_epochs=1, batch_size=8))
     diff = checkpoint.load(out)
     sparse = round(0.005 * diff.budget_numel)

@@ -52,7 +52,7 @@ def train(
     controller_warmup: Annotated[float, typer.Option("--controller-warmup", help="Fraction of L0 steps over which the density target falls to --sparsity.", rich_help_panel=_M)] = 0.6,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip each optimiser's gradients to this norm (0: off).", rich_help_panel=_M)] = 1.0,
     keep_bases: Annotated[Optional[float], typer.Option("--keep-bases", help="basis: fraction of SVD bases kept after the scale phase, in (0, 1] (default 0.5).", rich_help_panel=_M)] = None,
-    basis_budget: Annotated[Optional[str], typer.Option("--basis-budget", help="basis: instead of --keep-bases, keep as many bases as fit this many stored parameters (scales + sparse entries): a count (14000) or a share of N (0.05%).", rich_help_panel=_M)] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Hard cap on stored update parameters: a count (14000) or a share of N (0.05%). basis: instead of --keep-bases, keep as many bases as fit beside the sparse entries.", rich_help_panel=_M)] = None,
     basis_lr: Annotated[float, typer.Option("--basis-lr", help="basis: AdamW learning rate of the scales in the scale phase (linear decay).", rich_help_panel=_M)] = 1e-3,
     basis_embeddings: Annotated[bool, typer.Option("--basis-embeddings/--no-basis-embeddings", help="basis: also rewrite the embedding tables (off: they stay the base's).", rich_help_panel=_M)] = False,
     double_prune: Annotated[bool, typer.Option("--double-prune/--no-double-prune", help="basis: add a sparse diff of --sparsity on top of the scales (giving --sparsity implies it).", rich_help_panel=_M)] = False,
@@ -76,7 +76,7 @@ def train(
         weight_decay=weight_decay, l0_lambda=l0_lambda,
         log_alpha_init=log_alpha_init, gate_l=gate_l, gate_r=gate_r, beta=beta, structured=structured,
         controller=controller, controller_rate=controller_rate, controller_warmup=controller_warmup,
-        grad_clip=grad_clip, keep_bases=keep_bases, basis_budget=basis_budget, basis_lr=basis_lr, basis_embeddings=basis_embeddings,
+        grad_clip=grad_clip, keep_bases=keep_bases, budget=budget, basis_lr=basis_lr, basis_embeddings=basis_embeddings,
         double_prune=double_prune or (method == "basis" and "sparsity" in given))
     fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields is not None else None
     summary = run_train(task=task, data_dir=str(data_dir) if data_dir else None,

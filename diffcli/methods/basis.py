@@ -125,7 +125,7 @@ class BasisMethod(TrainMethod):
 
     name = "basis"
     meta_name = "basis-scaling"
-    options = ("epochs", "keep_bases", "basis_budget", "basis_lr", "basis_embeddings", "double_prune", "fill_samples")
+    options = ("epochs", "keep_bases", "budget", "basis_lr", "basis_embeddings", "double_prune", "fill_samples")
     reparametrizes = "W = U·diag(a⊙σ)·Vᵀ per 2-D weight (base SVD, float64, canonical signs), a learned, init 1"
     penalises = ("nothing; bases of least importance Σ|a_i·dL/da_i| are pruned (a_i = 0) to --keep-bases after the "
                  "scale phase")
@@ -139,11 +139,11 @@ class BasisMethod(TrainMethod):
         super().check(opts)
         if opts.keep_bases is not None and not (math.isfinite(opts.keep_bases) and 0 < opts.keep_bases <= 1):
             raise InvalidValueError(f"--keep-bases is a fraction of the bases in (0, 1], got {opts.keep_bases}")
-        if opts.keep_bases is not None and opts.basis_budget is not None:
-            raise InvalidValueError("--keep-bases and --basis-budget both set how many bases stay",
+        if opts.keep_bases is not None and opts.budget is not None:
+            raise InvalidValueError("--keep-bases and --budget both set how many bases stay",
                                     hint="give one of them")
-        if opts.basis_budget is not None:
-            parse_budget(opts.basis_budget, None)
+        if opts.budget is not None:
+            parse_budget(opts.budget, None)
         if not (math.isfinite(opts.basis_lr) and opts.basis_lr >= 0):
             raise InvalidValueError(f"--basis-lr must be a finite number ≥ 0, got {opts.basis_lr}")
 
@@ -226,18 +226,18 @@ def parse_budget(text: str, n: int | None) -> int:
         if t.endswith("%") and not 0 < float(t[:-1]) <= 100:
             raise ValueError
     except ValueError:
-        raise InvalidValueError(f"--basis-budget {text!r} is not a count (14000) or a share of N in (0%, 100%]")
+        raise InvalidValueError(f"--budget {text!r} is not a count (14000) or a share of N in (0%, 100%]")
     return round(value) if t.endswith("%") else int(value)
 
 
 def bases_to_keep(opts: "TrainOptions", total: int, n: int) -> int:
-    """Kept bases: round(--keep-bases · R) (default 0.5), or what --basis-budget leaves after the sparse δ."""
-    if opts.basis_budget is None:
+    """Kept bases: round(--keep-bases · R) (default 0.5), or what --budget leaves after the sparse δ."""
+    if opts.budget is None:
         return max(1, round((0.5 if opts.keep_bases is None else opts.keep_bases) * total))
-    budget = parse_budget(opts.basis_budget, n)
+    budget = parse_budget(opts.budget, n)
     sparse = round(opts.sparsity * n) if opts.double_prune else 0
     if not sparse < budget <= n:
-        raise InvalidValueError(f"--basis-budget {opts.basis_budget} is {budget} parameters; it must exceed the "
+        raise InvalidValueError(f"--budget {opts.budget} is {budget} parameters; it must exceed the "
                                 f"{sparse} sparse entries of --sparsity and be at most N = {n}")
     return min(total, budget - sparse)
 
