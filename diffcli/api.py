@@ -51,6 +51,9 @@ class DiffPruner:
         if get_method(method).own_fixed_phase:  # swr: gates over whole-tensor updates, not a sparse mask
             raise InvalidValueError(f"DiffPruner trains sparse masks; --method {method} runs through `diffprune "
                                     f"train` (or diffcli.training.train)")
+        if method == "basis":  # its scales, pruning and basis records run in `train` only, for now
+            raise InvalidValueError("DiffPruner runs l0 and the mask methods, not --method basis",
+                                    hint="train basis scaling with `diffprune train --method basis`")
         tm = attach_base(model, resolve_model(str(base)))
         self._setup(tm, opts, str(base), next(model.parameters()).device, total_steps, own_head)
 
@@ -79,6 +82,7 @@ class DiffPruner:
         else:
             self.layout = FlatParams(model, tm.gated, device) if flat else Layout(model, tm.gated)
         self.flat_engine = flat
+        self.method_state: Any = None  # what a method keeps beside the mask (basis: its `BasisScaling`)
         self.index: "torch.Tensor | None" = None
         self.values: "torch.Tensor | None" = None
         self.trainer = None

@@ -84,11 +84,13 @@ class ApplyReport:
     mismatched: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dtype: str | None = None
+    basis_probe_error: float | None = None  # largest relative probe error of the basis records (svd_basis)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "base": str(self.base), "tensors": self.tensors, "shards": self.shards,
                 "bytes": self.bytes, "fingerprint_ok": self.fingerprint_ok, "mismatched": list(self.mismatched),
-                "warnings": list(self.warnings), "dtype": self.dtype or "auto"}
+                "warnings": list(self.warnings), "dtype": self.dtype or "auto",
+                "basis_probe_error": self.basis_probe_error}
 
 
 @dataclass
@@ -127,8 +129,11 @@ def apply_to_folder(base_ref: str | Path, diff: Diff | str | Path, out: str | Pa
         plan = _plan(store, diff, out_dtype)
         shards = _assign_shards(plan, cap)
         with atomic_dir(out, force) as tmp:
-            digests = _stream(store, diff, plan, shards, tmp, stop_on_mismatch=not force, on_tensor=on_tensor)
+            errors: list[float] = []
+            digests = _stream(store, diff, plan, shards, tmp, stop_on_mismatch=not force, on_tensor=on_tensor,
+                              errors=errors)
             report = _verdict(diff, digests, force)
+            report.basis_probe_error = max(errors) if errors else None
             _write_metadata(tmp, diff, plan, shards, base_dir, out_dtype)
     finally:
         store.release()
@@ -316,7 +321,8 @@ def _hash_workers() -> int:
 
 
 def _stream(store: WeightStore, diff: Diff, plan: list[_Planned], shards: list[list[_Planned]], tmp: Path, *,
-            stop_on_mismatch: bool, on_tensor: Callable[[str], None] | None) -> dict[str, str]:
+            stop_on_mismatch: bool, on_tensor: Callable[[str], None] | None,
+            errors: list[float] | None = None) -> dict[str, str]:
     """Compute and write every planned tensor; return base name → digest of the base tensor read.
 
     Base tensors are hashed on worker threads while the main thread adds and writes; a base shard
@@ -327,6 +333,7 @@ def _stream(store: WeightStore, diff: Diff, plan: list[_Planned], shards: list[l
 
     import torch
 
+    errors = [] if errors is None else errors
     file_of = {n: f for f, names in store.files() for n in names}
     remaining: dict[Path, int] = {}
     for p in plan:
@@ -375,7 +382,13 @@ def _stream(store: WeightStore, diff: Diff, plan: list[_Planned], shards: list[l
                 if p.base_name not in digests and p.base_name not in hashing:
                     hashing[p.base_name] = pool.submit(tensor_digest, base)
                 if writing:
-                    _apply_stream(fd, data_start + p.offset, base, diff.tensors[p.name], p.dtype, p.name)
+                    td = diff.tensors[p.name]
+                    if p.name in diff.bases:  # basis scales: recomputed basis, probe-checked, folded into δ
+                        from diffcli.svd_basis import resolve
+
+                        td, err = resolve(p.name, base, td, diff.bases[p.name])
+                        errors.append(err)
+                    _apply_stream(fd, data_start + p.offset, base, td, p.dtype, p.name)
                     if on_tensor:
                         on_tensor(p.name)
                 del base
@@ -484,6 +497,10 @@ def apply_(model: "torch.nn.Module", diff: Diff, *, check: bool = True, strict: 
                                     f"diff expects {list(td.shape)}", hint=_FIT_HINT)
         if check and tensor_digest(p.detach().cpu()) != td.digest:
             mismatched.append(key)
+        elif name in diff.bases:  # basis scales: recomputed basis, probe-checked, folded into a dense δ
+            from diffcli.svd_basis import resolve
+
+            td = resolve(name, p.detach(), td, diff.bases[name])[0]
         if not p.is_floating_point():
             if td.nnz:
                 raise FormatError(f"diff changes integer tensor {name!r} additively; it must be an extra")

@@ -73,6 +73,8 @@ class VerifyReport:
 # ----------------------------------------------------------------------------------------------- writing
 
 def _encode(diff: Diff, values: str, version: int = VERSION, block: int | None = None) -> tuple[bytes, dict]:
+    if version == 1 and diff.bases:
+        raise InvalidValueError("format version 1 has no basis-scale records", hint="write version 2")
     if version == 1:
         if block is not None:
             raise InvalidValueError("format version 1 has no value blocks", hint="drop --block or write version 2")
@@ -253,4 +255,11 @@ def verify(path: str | Path, base: str | None = None) -> VerifyReport:
     report.base = base
     report.base_tensors_checked = len(digests)
     report.checks.append(f"base {base}: {len(digests)} tensor digests and the fingerprint match")
+    if diff.bases:  # the recomputed bases must reproduce every basis record's probe
+        from diffcli.svd_basis import check_probe
+
+        worst = max(check_probe(n, store[diff.tensors[n].base_name], diff.tensors[n], bs)[3]
+                    for n, bs in sorted(diff.bases.items()))
+        report.checks.append(f"basis probes of {len(diff.bases)} matrices within tolerance (largest relative "
+                             f"error {worst:.2g})")
     return report

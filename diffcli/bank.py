@@ -199,8 +199,10 @@ class DiffBank:
         self._check_base(diff, source)
         from diffcli.task_types import of_diff
 
+        scaled = set(diff.bases)
+        diff = self._resolve_bases(diff, source)
         model, head_keys = self._task_model(diff, source, of_diff(diff.config, diff.meta, task_type))
-        slices, rest = self._prepare(diff, model, head_keys, source)
+        slices, rest = self._prepare(diff, model, head_keys, source, whole=scaled)
         self._tasks[name] = _Task(name, model, slices, rest, head_keys, source, dict(diff.meta))
 
     def _check_base(self, diff: Diff, source: str) -> None:
@@ -238,6 +240,22 @@ class DiffBank:
         if self._base_heads is None:
             self._base_heads = _BaseHeads(self.folder)
         return self._base_heads
+
+    def _resolve_bases(self, diff: Diff, source: str) -> Diff:
+        """Basis scales folded into dense δ from the loaded base (probe-checked); other diffs pass unchanged."""
+        from diffcli.svd_basis import resolve_diff
+
+        if not diff.bases:
+            return diff
+        state = self.encoder.state_dict()
+        mapping = match_names(state.keys(), [td.base_name for td in diff.tensors.values()])
+
+        def base_of(name: str):
+            if name not in mapping:
+                raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {name}")
+            return state[mapping[name]]
+
+        return resolve_diff(diff, base_of)[0]
 
     def _task_model(self, diff: Diff, source: str, kind) -> tuple["torch.nn.Module", list[str]]:
         """A task model sharing the bank's encoder, with its own head from the diff's extras (else the base's).
@@ -292,11 +310,12 @@ class DiffBank:
             raise InvalidValueError(f"{source}: cannot materialise {left[0]} of the task model")
         return model.eval(), own
 
-    def _prepare(self, diff: Diff, model, head_keys: list[str], source: str):
+    def _prepare(self, diff: Diff, model, head_keys: list[str], source: str, whole: set[str] = frozenset()):
         """Apply the diff once (apply_ on the flat buffers), cache positions with before/after values, revert.
 
-        Returns the cached slices and the rest diff (tensors outside the flat buffers and encoder
-        extras), which is also tried once here so every name, shape and value problem shows up at `add`.
+        Returns the cached slices and the rest diff (tensors outside the flat buffers, the `whole` ones: the
+        dense δ of basis scales, and encoder extras), which is also tried once here so every name, shape and
+        value problem shows up at `add`.
         """
         import torch
 
@@ -308,6 +327,9 @@ class DiffBank:
         rest_tensors: dict[str, TensorDiff] = {}
         for target, td in diff.tensors.items():
             if td.nnz == 0:  # nothing to add; also skips buffers the live model does not save
+                continue
+            if target in whole:  # a dense δ (basis scales): 4 bytes an entry in the rest diff, not 16 as positions
+                rest_tensors[target] = td
                 continue
             key = mapping.get(target)
             if key is None:

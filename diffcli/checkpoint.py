@@ -5,7 +5,8 @@ Layout (docs/CHECKPOINT.md):
                       the finetuned model's config, task/metrics/hyperparameters
   diff.safetensors    tensors: "sparse.indices/<name>" int64, "sparse.values/<name>" float32,
                       "dense/<name>" float32 (dense δ), "lowrank.B/<name>" + "lowrank.A/<name>" float32
-                      (δ = B·A), "extra/<name>" (full tensor, own dtype)
+                      (δ = B·A), "extra/<name>" (full tensor, own dtype), "basis.kept/<name>" int64 and
+                      "basis.values/<name>" float32 (basis scales, a − 1)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffcli import __version__
-from diffcli.diff import Diff, TensorDiff
+from diffcli.diff import BasisScales, Diff, TensorDiff
 from diffcli.errors import FormatError, NotFoundError, UnsupportedVersionError
 from diffcli.outputs import atomic_dir
 from diffcli.weights import DIGEST_ALGORITHM
@@ -49,6 +50,11 @@ def write_into(folder: Path, diff: Diff) -> None:
             entry["storage"] = "sparse"
             tensors[f"sparse.indices/{name}"] = td.indices.contiguous()
             tensors[f"sparse.values/{name}"] = td.values.float().contiguous()
+        if name in diff.bases:  # basis scales on top of δ: the kept bases, a − 1 there, the probe
+            bs = diff.bases[name]
+            entry["basis"] = {"rank": bs.rank, "probe": list(bs.probe)}
+            tensors[f"basis.kept/{name}"] = bs.kept.contiguous()
+            tensors[f"basis.values/{name}"] = bs.values.float().contiguous()
         entries[name] = entry
     extras = {}
     for name, t in diff.extras.items():
@@ -108,6 +114,7 @@ def load(path: str | Path) -> Diff:
         raise FormatError(f"{path / TENSOR_FILE} is corrupt: {exc}") from exc
     try:
         diffs: dict[str, TensorDiff] = {}
+        bases: dict[str, BasisScales] = {}
         for name, e in meta["tensors"].items():
             shape = tuple(int(d) for d in e["shape"])
             if e["storage"] == "dense":
@@ -127,9 +134,11 @@ def load(path: str | Path) -> Diff:
             else:
                 raise FormatError(f"unknown storage {e['storage']!r} for {name!r}")
             diffs[name] = td
+            if "basis" in e:
+                bases[name] = _basis(name, e, tensors)
         extras = {name: tensors[f"extra/{name}"] for name in meta["extras"]}
         return Diff(diffs, extras, meta["config"], meta["base"]["ref"], meta["base"]["fingerprint"],
-                    meta.get("meta", {}))
+                    meta.get("meta", {}), bases)
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{path} is inconsistent: missing or bad entry {exc}") from exc
 
@@ -144,3 +153,14 @@ def _check_sparse(name: str, td: TensorDiff) -> None:
     if idx.numel():
         if int(idx[0]) < 0 or int(idx[-1]) >= td.numel or bool((idx[1:] <= idx[:-1]).any()):
             raise FormatError(f"sparse diff {name!r} has unsorted or out-of-range positions")
+
+
+def _basis(name: str, entry: dict, tensors: dict) -> BasisScales:
+    """A tensor entry's basis scales, checked as a packed file's are."""
+    from diffcli.svd_basis import check_scales
+
+    b = entry["basis"]
+    bs = BasisScales(int(b["rank"]), tensors[f"basis.kept/{name}"], tensors[f"basis.values/{name}"],
+                     [float(p) for p in b["probe"]])
+    check_scales(name, tuple(int(d) for d in entry["shape"]), entry["dtype"], bs)
+    return bs

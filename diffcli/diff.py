@@ -91,6 +91,34 @@ class TensorDiff:
 
 
 @dataclass
+class BasisScales:
+    """Basis scaling of one 2-D base tensor W = U·diag(σ)·Vᵀ (docs/FORMAT.md, basis records): the rebuilt tensor is
+    W + U·diag(σ⊙c)·Vᵀ with c_i = a_i − 1 at the `kept` bases (`values`) and c_i = −1 at the pruned ones (a_i = 0).
+
+    U, σ, V are never stored: `diffcli.svd_basis` recomputes them from the base and checks `probe` against them;
+    `max_abs_error` is the packed file's value-cast error, which widens that check.
+    """
+
+    rank: int
+    kept: "torch.Tensor"
+    values: "torch.Tensor"
+    probe: list[float]
+    max_abs_error: float = 0.0
+
+    @property
+    def nkept(self) -> int:
+        return int(self.kept.numel())
+
+    def coefficients(self) -> "torch.Tensor":
+        """c (float64, one per basis): a − 1 at kept bases, −1 at pruned ones."""
+        import torch
+
+        c = torch.full((self.rank,), -1.0, dtype=torch.float64)
+        c[self.kept] = self.values.to(torch.float64)
+        return c
+
+
+@dataclass
 class Diff:
     """A task diff: `tensors` (target name → δ, one per tensor shared with the base) and `extras`
     (target name → full tensor the base lacks or whose shape changed, e.g. a new classifier head)."""
@@ -101,6 +129,7 @@ class Diff:
     base_ref: str
     base_fingerprint: str
     meta: dict[str, Any] = field(default_factory=dict)
+    bases: dict[str, BasisScales] = field(default_factory=dict)  # target name (also in `tensors`) → basis scales
 
     @property
     def budget_numel(self) -> int:

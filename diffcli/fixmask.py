@@ -120,7 +120,8 @@ def fixmask_phase(run: "Run", pruner, tensors: dict, resumed: dict | None, done:
     """Finetune the kept entries and the head with the mask fixed (`pruner`'s fixed phase, a `DiffPruner`); keep
     the best dev epoch (0 = the mask's start).
 
-    `tensors` holds the mask (`mask/index`, `mask/values`) and the head (`head/<name>`) the method chose.
+    `tensors` holds the mask (`mask/index`, `mask/values`) and the head (`head/<name>`) the method chose, and
+    may hold `method/...` tensors the method keeps for its diff (saved with every epoch).
     Returns the best epoch's tensors (`best/values`, `best/head/...`).
     """
     import torch
@@ -162,7 +163,7 @@ def fixmask_phase(run: "Run", pruner, tensors: dict, resumed: dict | None, done:
         pruner.fixed_step()
         return loss
 
-    for epoch in range(done, opts.fixmask_epochs):
+    for epoch in range(done, opts.fixmask_epochs if index.numel() else 0):  # an empty mask: nothing to finetune
         entry = {"phase": "fixmask", "epoch": epoch + 1,
                  "loss": run.epoch("fixed-mask", epoch, opts.fixmask_epochs, opts.seed + 1, step)}
         if run.dist.main:
@@ -170,7 +171,8 @@ def fixmask_phase(run: "Run", pruner, tensors: dict, resumed: dict | None, done:
             if run.keep_if_best(entry, "fixed-mask", opts.fixmask_epochs):
                 best_tensors = snapshot()
         run.history.append(entry)
-        cur = {"mask/index": index, "mask/values": engine.values.detach(),
+        cur = {**{k: v for k, v in tensors.items() if k.startswith("method/")},  # the method's own, kept along
+               "mask/index": index, "mask/values": engine.values.detach(),
                **{f"head/{n}": p.detach() for n, p in zip(tm.head, head)}}
         run.save({**cur, **best_tensors, **engine.state(), **rng_tensors(dev, None)},
                  {"phase": "fixmask", "epochs_done": epoch + 1, "step": engine.steps})

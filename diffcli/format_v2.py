@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from diffcli import codec, lowrank, quantize
-from diffcli.diff import Diff, TensorDiff
+from diffcli.diff import BasisScales, Diff, TensorDiff
 from diffcli.errors import ChecksumError, FormatError, InvalidValueError
 from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC, MAX_HEADER,
                                    MAX_NAME, PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
@@ -19,7 +19,7 @@ from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTY
 VERSION = 2
 RAW_LEN = struct.Struct("<I")  # after the preamble: the header's JSON length before compression
 FRONT = PREAMBLE.size + RAW_LEN.size  # 20 bytes before the compressed header
-KINDS = ("sparse", "dense", lowrank.KIND)  # record kinds this reader knows; later versions add more
+KINDS = ("sparse", "dense", lowrank.KIND, "basis")  # record kinds this reader knows; later versions add more
 STREAMS = ("positions", "values", "scales", "dense")  # payload order
 CODECS = ("raw", "zstd")
 HEADER_LEVEL = 19  # the header is small: the best level costs milliseconds
@@ -30,7 +30,8 @@ _TOP_KEYS = {"format", "version", "producer", "base", "values", "budget_numel", 
 _STREAM_KEYS = {"length", "raw_length", "sha256", "codec"}
 _FLOAT_VALUE_KEYS = {"quantizer", "max_abs_error", "max_rel_error"}
 _BLOCK_VALUE_KEYS = _FLOAT_VALUE_KEYS | {"block"}
-_RECORD_LEN = {"sparse": 8, "dense": 4, lowrank.KIND: lowrank.RECORD_LEN}
+_RECORD_LEN = {"sparse": 8, "dense": 4, lowrank.KIND: lowrank.RECORD_LEN, "basis": 6}
+_COUNT = {"sparse": 6, "basis": 3}  # field holding a positioned record's number of stored values
 
 
 def _entries(name: str, td: TensorDiff) -> tuple[np.ndarray, np.ndarray]:
@@ -73,10 +74,11 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
     block = quantize.check_spec(values, block)
     check_diff(diff)
     records: list[list[Any]] = []
-    idx_parts: list[np.ndarray] = []  # one per sparse record
-    value_parts: list[np.ndarray] = []  # one per segment of the values stream: a sparse record, a low-rank B or A
+    idx_parts: list[np.ndarray] = []  # one per positioned record (sparse, basis)
+    value_parts: list[np.ndarray] = []  # one per segment of the values stream: a sparse or basis record, B or A
     value_names: list[str] = []
-    factor_seg: list[bool] = []  # which segments hold low-rank factors (every value stored, none dropped)
+    factor_seg: list[bool] = []  # which segments hold low-rank factors (no positions: every value stored)
+    seg_kind: list[str] = []  # each segment's record kind: only sparse entries coded 0 are dropped
     numels: list[int] = []
     dense: list[bytes] = []
     budget = 0
@@ -95,15 +97,28 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
             value_parts += parts
             value_names += [name, name]
             factor_seg += [True, True]
+            seg_kind += [lowrank.KIND, lowrank.KIND]
+            if name in diff.bases:
+                raise InvalidValueError(f"diff {name!r} has both a low-rank δ and basis scales; a tensor takes one")
             continue
         idx, vals = _entries(name, td)
         idx_parts.append(idx)
         value_parts.append(vals)
         value_names.append(name)
         factor_seg.append(False)
+        seg_kind.append("sparse")
         numels.append(numel(shape))
         records.append(["sparse", name, None if td.base_name == name else td.base_name, td.dtype, list(shape),
                         td.digest, 0, 0])
+        if name in diff.bases:  # basis scales: kept indices in the positions stream, a − 1 in the values stream
+            idx, vals = _basis_entries(name, td, shape, diff.bases[name])
+            idx_parts.append(idx)
+            value_parts.append(vals)
+            value_names.append(name)
+            factor_seg.append(False)
+            seg_kind.append("basis")
+            numels.append(diff.bases[name].rank)
+            records.append(["basis", name, diff.bases[name].rank, 0, 0, list(diff.bases[name].probe)])
     all_values = np.concatenate(value_parts) if value_parts else np.zeros(0, np.float32)
     if not np.isfinite(all_values).all():
         bad = next(n for n, v in zip(value_names, value_parts) if not np.isfinite(v).all())
@@ -113,8 +128,9 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
     q = quantize.quantize(all_values, count_arr, values, _fit_block(block, count_arr))
     if q.codes_int is not None and all_values.size and not q.codes_int.all():
         # sparse entries whose code is 0 add nothing: drop them from the positions, then fit scales to the rest
-        # (low-rank factors keep every entry: B·A needs them all)
-        keep = (q.codes_int != 0) | np.repeat(np.asarray(factor_seg, dtype=bool), count_arr)
+        # (low-rank factors keep every entry: B·A needs them all; a basis scale coded 0 stays: dropping it would
+        # prune its basis, a = 0 instead of 1)
+        keep = (q.codes_int != 0) | np.repeat(np.asarray([k != "sparse" for k in seg_kind], dtype=bool), count_arr)
         ends = np.cumsum(count_arr)[~np.asarray(factor_seg, dtype=bool)]
         idx_parts = [p[keep[e - p.size:e]] for p, e in zip(idx_parts, ends.tolist())]
         kept = iter([p.size for p in idx_parts])
@@ -126,17 +142,17 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
         q2.max_abs_error, q2.max_rel_error = quantize.errors(all_values, back, count_arr)
         q, count_arr = q2, kept_counts
     block = _fit_block(block, count_arr)
-    nnz = int(count_arr.sum())
+    nnz = int(count_arr.sum())  # every stored value: sparse entries, low-rank factors, basis scales
     if nnz and not np.isfinite(q.values).all():
         raise InvalidValueError(f"the diff has values beyond the {values} range", hint="pack with --values bf16 or fp32")
     streams = iter(codec.encode_many([p for p in idx_parts if p.size]))
     positions = []
-    sparse_counts = [c for c, f in zip(count_arr.tolist(), factor_seg) if not f]
-    for rec, k in zip([r for r in records if r[0] == "sparse"], sparse_counts):
-        rec[6] = k
+    positioned = [c for c, f in zip(count_arr.tolist(), factor_seg) if not f]
+    for rec, k in zip([r for r in records if r[0] in _COUNT], positioned):
+        rec[_COUNT[rec[0]]] = k
         if k:
             positions.append(next(streams))
-            rec[7] = len(positions[-1])
+            rec[_COUNT[rec[0]] + 1] = len(positions[-1])
     vsize = quantize.FLOAT_QUANTIZERS.get(values, 1)
     stored = {"positions": ("raw", b"".join(positions)),
               "values": codec.compress(q.codes, vsize, level=STREAM_LEVEL),
@@ -205,6 +221,52 @@ def _values(v: Any) -> tuple[str, int]:
     return q, block
 
 
+def _basis_entries(name: str, td: TensorDiff, shape: tuple[int, ...], bs) -> tuple[np.ndarray, np.ndarray]:
+    """(kept basis indices int64, a − 1 float32) of a basis record, checked as the reader will check them."""
+    from diffcli.svd_basis import check_scales
+
+    check_scales(name, shape, td.dtype, bs, InvalidValueError)
+    return bs.kept.detach().reshape(-1).numpy(), bs.values.detach().reshape(-1).float().numpy()
+
+
+def _counted(count: Any, length: Any, n: int, where: str, field: str, what: str) -> tuple[int, int]:
+    """A record's stored count (at most its n entries or bases) and the bytes of its position stream."""
+    k = integer(count, f"{where}.{field}")
+    if k > n:
+        raise fail(f"{where}.{field} {k} exceeds its {n} {what}")
+    plen = integer(length, f"{where} positions length", 1 << 62)
+    lo, hi = codec.positions_raw_bounds(k, n) if k else (0, 0)
+    if not lo <= plen <= hi:
+        raise fail(f"{where} positions length {plen} is outside {lo}..{hi} for {k} positions")
+    return k, plen
+
+
+def _basis_record(r: Any, i: int, prev: tuple[str, dict[str, Any]] | None) -> tuple[str, dict[str, Any]]:
+    """A basis record: right after the sparse record of the same 2-D float tensor, rank = min(out, in)."""
+    from diffcli.svd_basis import PROBES
+
+    where = f"records[{i}]"
+    if len(r) != _RECORD_LEN["basis"]:
+        raise fail(f"{where} (basis) must have {_RECORD_LEN['basis']} fields")
+    name = string(r[1], f"{where} name", MAX_NAME, 1)
+    if prev is None or prev[0] != name or prev[1]["kind"] != "sparse":
+        raise fail(f"{where} basis record {name!r} must follow the sparse record of the same name")
+    shape, dtype = prev[1]["shape"], prev[1]["dtype"]
+    where = f"records[{name!r}] (basis)"
+    if len(shape) != 2 or dtype not in FLOAT_DTYPES:
+        raise fail(f"{where} needs a 2-D float tensor, not {dtype} {list(shape)}")
+    rank = integer(r[2], f"{where}.rank", 1 << 62)
+    if rank != min(shape):
+        raise fail(f"{where}.rank {rank} is not min(out, in) = {min(shape)} of its {shape[0]}×{shape[1]} tensor")
+    kept, plen = _counted(r[3], r[4], rank, where, "kept", "bases")
+    probe = r[5]
+    if (not isinstance(probe, list) or len(probe) != PROBES
+            or not all(type(p) in (int, float) and np.isfinite(p) for p in probe)):
+        raise fail(f"{where}.probe must be {PROBES} finite numbers")
+    return name, {"kind": "basis", "rank": rank, "nnz": kept, "positions": plen, "probe": [float(p) for p in probe],
+                  "counts": [kept]}
+
+
 def _record(r: Any, i: int, prev: str | None) -> tuple[str, dict[str, Any]]:
     where = f"records[{i}]"
     if not isinstance(r, list) or not r or not isinstance(r[0], str):
@@ -227,14 +289,7 @@ def _record(r: Any, i: int, prev: str | None) -> tuple[str, dict[str, Any]]:
     digest = string(r[5], f"{where}.digest", 32, 32, DIGEST_RE)
     if r[0] == lowrank.KIND:
         return name, lowrank.parse_record(r, where, base, dtype, shape, digest)
-    n = numel(shape)
-    nnz = integer(r[6], f"{where}.nnz")
-    if nnz > n:
-        raise fail(f"{where}.nnz {nnz} exceeds its {n} entries")
-    plen = integer(r[7], f"{where} positions length", 1 << 62)
-    lo, hi = codec.positions_raw_bounds(nnz, n) if nnz else (0, 0)
-    if not lo <= plen <= hi:
-        raise fail(f"{where} positions length {plen} is outside {lo}..{hi} for {nnz} positions")
+    nnz, plen = _counted(r[6], r[7], numel(shape), where, "nnz", "entries")
     return name, {"kind": "sparse", "base": base, "dtype": dtype, "shape": shape, "digest": digest, "nnz": nnz,
                   "positions": plen, "counts": [nnz]}
 
@@ -247,20 +302,23 @@ def validate_header(h: Any, payload_size: int) -> list[tuple[str, dict[str, Any]
         raise fail("records must be a list and streams an object")
     records, prev = [], None
     for i, r in enumerate(h["records"]):
+        if isinstance(r, list) and r and r[0] == "basis":
+            records.append(_basis_record(r, i, records[-1] if records else None))
+            continue
         prev, rec = _record(r, i, prev)
         records.append((prev, rec))
-    updates = [rec for _n, rec in records if rec["kind"] != "dense"]  # sparse and low-rank: one per base tensor
-    sparse = [rec for rec in updates if rec["kind"] == "sparse"]
+    updates = [rec for _n, rec in records if rec["kind"] in ("sparse", lowrank.KIND)]  # one per base tensor
+    coded = [rec for _n, rec in records if rec["kind"] != "dense"]  # every record in the values stream
     budget = sum(numel(rec["shape"]) for rec in updates if rec["dtype"] in FLOAT_DTYPES)
-    counts = _value_counts(updates)
-    nnz = int(counts.sum())
+    counts = _value_counts(coded)
+    nnz = int(counts.sum())  # every stored value: sparse entries, low-rank factors, basis scales
     if integer(h["budget_numel"], "budget_numel", 1 << 62) != budget:
         raise fail(f"budget_numel {h['budget_numel']} is not the {budget} its records imply")
     if integer(h["nnz"], "nnz", 1 << 62) != nnz:
         raise fail(f"nnz {h['nnz']} is not the sum {nnz} of its records")
     if block > max(nnz, 1):
         raise fail(f"values.block {block} is larger than the {nnz} stored values")
-    plen = sum(rec["positions"] for rec in sparse)
+    plen = sum(rec["positions"] for rec in coded if rec["kind"] in _COUNT)
     dense = sum(numel(rec["shape"]) * DTYPE_SIZES[rec["dtype"]] for _n, rec in records if rec["kind"] == "dense")
     expect = {"positions": plen, "values": quantize.codes_length(quantizer, nnz),
               "scales": 4 * quantize.scale_count(counts, block), "dense": dense}
@@ -311,16 +369,17 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
             raise ChecksumError(f"{source}: checksum mismatch in the {s} stream")
         raw[s] = codec.decompress(sec["codec"], stored, sec["raw_length"])
     quantizer, block = header["values"]["quantizer"], header["values"].get("block", 0)
-    sparse = [rec for _n, rec in records if rec["kind"] == "sparse"]
     counts = _value_counts([rec for _n, rec in records if rec["kind"] != "dense"])
     scales = np.frombuffer(codec.from_planes(raw["scales"], 4), dtype="<f4").astype(np.float32)
     values = quantize.dequantize(raw["values"], scales, counts, quantizer, block)
     if values.size and not np.isfinite(values).all():
         raise FormatError(f"{source}: the values stream holds NaN or infinite values")
-    stored = [rec for rec in sparse if rec["nnz"]]
+    stored = [rec for _n, rec in records if rec["kind"] in _COUNT and rec["nnz"]]
     positions = iter(codec.decode_many(raw["positions"], [rec["nnz"] for rec in stored],
-                                       [rec["positions"] for rec in stored], [numel(rec["shape"]) for rec in stored]))
-    tensors, extras = {}, {}
+                                       [rec["positions"] for rec in stored],
+                                       [rec["rank"] if rec["kind"] == "basis" else numel(rec["shape"])
+                                        for rec in stored]))
+    tensors, extras, bases = {}, {}, {}
     vpos = dpos = 0
     for name, rec in records:
         if rec["kind"] == "dense":
@@ -336,6 +395,12 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
             vpos += k
             continue
         k = rec["nnz"]
+        if rec["kind"] == "basis":
+            kept = torch.from_numpy(next(positions)) if k else torch.zeros(0, dtype=torch.int64)
+            bases[name] = BasisScales(rec["rank"], kept, torch.from_numpy(values[vpos:vpos + k]), rec["probe"],
+                                      float(header["values"]["max_abs_error"]))
+            vpos += k
+            continue
         if k == 0:
             tensors[name] = TensorDiff.zeros(rec["base"], rec["shape"], rec["dtype"], rec["digest"])
             continue
@@ -343,7 +408,7 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
                                    torch.from_numpy(values[vpos:vpos + k]), torch.from_numpy(next(positions)))
         vpos += k
     diff = Diff(tensors, extras, header["config"], header["base"]["ref"], header["base"]["fingerprint"],
-                header["meta"])
+                header["meta"], bases)
     return header, diff
 
 
@@ -358,8 +423,8 @@ def describe(header: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from diffcli.weights import is_float
 
     streams = header["streams"]
-    nnz = header["nnz"]
-    per_value = (streams["values"]["length"] + streams["scales"]["length"]) / nnz if nnz else 0.0
+    nvalues = header["nnz"]  # every stored value (validated against the records)
+    per_value = (streams["values"]["length"] + streams["scales"]["length"]) / nvalues if nvalues else 0.0
     dense_raw = streams["dense"]["raw_length"]
     rows = []
     for r in header["records"]:
@@ -372,6 +437,9 @@ def describe(header: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             params = r[6] * (r[4][0] + r[4][1])
             rows.append({"tensor": r[1], "kind": lowrank.KIND, "shape": list(r[4]), "numel": numel(r[4]),
                          "nnz": params, "rank": r[6], "bytes": round(per_value * params), "budget": is_float(r[3])})
+        elif r[0] == "basis":  # numel: the bases; nnz: the kept scales (pruned bases cost their absence)
+            rows.append({"tensor": r[1], "kind": "basis", "shape": [r[2]], "numel": r[2], "nnz": r[3],
+                         "bytes": r[4] + round(per_value * r[3]), "budget": False})
         else:
             rows.append({"tensor": r[1], "kind": "sparse", "shape": list(r[4]), "numel": numel(r[4]), "nnz": r[6],
                          "bytes": r[7] + round(per_value * r[6]), "budget": is_float(r[3])})

@@ -106,6 +106,15 @@ def check_same_base(diffs: Sequence[Diff], names: Sequence[str]) -> None:
                                         hint="merge only diffs made on the same base model")
 
 
+def refuse_bases(diffs: Sequence[Diff], names: Sequence[str]) -> None:
+    """Basis-scale records are not merged: their probes cannot be re-derived without the base (docs/FORMAT.md)."""
+    for d, name in zip(diffs, names):
+        if d.bases:
+            raise InvalidValueError(f"{name} holds basis scales ({len(d.bases)} matrices), which merge does not "
+                                    f"combine", hint="apply it to the base, extract a sparse diff with "
+                                                     "`diffprune prune FOLDER --base BASE`, and merge that")
+
+
 def _trim(diff: Diff, density: float) -> Diff:
     """Keep `density` of the diff's own nonzero entries (largest |δ|), via the exact projection."""
     from diffcli.projection import project
@@ -197,6 +206,7 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     names = list(names) if names is not None else [f"input {i + 1}" for i in range(len(diffs))]
     w = _check_options(len(diffs), weights, method, extras, density)
     check_same_base(diffs, names)
+    refuse_bases(diffs, names)
     if density is not None:
         diffs = [_trim(d, density) for d in diffs]
 

@@ -43,6 +43,9 @@ def rows_from_diff(diff: Diff) -> list[dict[str, Any]]:
         stored = td.numel * 4 if td.is_dense else nnz * 12
         rows.append({"tensor": name, "kind": "dense-diff" if td.is_dense else "sparse", "shape": list(td.shape),
                      "numel": td.numel, "nnz": nnz, "bytes": stored, "budget": td.is_float})
+    for name, bs in sorted(diff.bases.items()):  # basis scales: numel the bases, nnz the kept scales
+        rows.append({"tensor": name, "kind": "basis", "shape": [bs.rank], "numel": bs.rank, "nnz": bs.nkept,
+                     "bytes": bs.nkept * 12, "budget": False})
     for name, t in sorted(diff.extras.items()):
         n = int(t.numel())
         rows.append({"tensor": name, "kind": "dense", "shape": list(t.shape), "numel": n, "nnz": n,
@@ -192,6 +195,10 @@ def render_report(console, report: dict[str, Any], per_tensor: bool = False) -> 
             tt.add_row(r["tensor"], r["kind"], "×".join(map(str, r["shape"])) or "scalar", f"{r['numel']:,}",
                        f"{r['nnz']:,}", f"{r['density']:.3%}", _fmt_bytes(r["bytes"]))
         console.print(tt)
+    basis = [r for r in report["tensors"] if r["kind"] == "basis"]
+    if basis:
+        console.print(f"basis scales: {sum(r['nnz'] for r in basis):,} kept of {sum(r['numel'] for r in basis):,} "
+                      f"bases in {len(basis)} matrices; {t['params']:,} stored update parameters in all")
     console.print(f"total: {t['nnz']:,} of {t['budget_numel']:,} budget entries ({t['density']:.4%}), "
                   f"{t['extras']} dense extra tensors ({t['extras_numel']:,} values), {_fmt_bytes(t['bytes'])} of tensor data")
 

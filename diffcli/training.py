@@ -109,6 +109,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         run.record = saved["record"]
         if phase in method.phases:
             method.restore(run, pruner, tensors, saved)
+        elif phase == "fixmask":
+            method.resume_fixed(run, pruner, tensors)
         rep.line(f"resuming {phase} phase after epoch {done}")
 
     if phase != "fixmask":
@@ -131,9 +133,10 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
                      "train_examples": len(task_data.train), "source": task_data.source},
             "world_size": dist.world,
             "results": {"after_l0": run.record.get("after_l0"), "projection": run.record.get("projection"),
-                        "best": run.record["best"]},
+                        "best": run.record["best"], **({"bases": run.record["bases"]} if "bases" in run.record else {})},
             "history": run.history,
         })
+        diff = method.finish(run, tensors, diff)
         checkpoint.save(diff, output, force=force)
         shutil.rmtree(work, ignore_errors=True)
         summary = {
@@ -141,6 +144,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
             "data": task_data.source,
             "after_l0": run.record.get("after_l0"), "after_projection": run.record.get("projection"),
             "after_fixmask": run.record["best"], "density": diff.density, "nnz": diff.nnz,
+            **({"bases": run.record["bases"]} if "bases" in run.record else {}),
             "budget_numel": diff.budget_numel, "extras_numel": diff.extras_numel,
             "method": opts.method, "method_options": method_options(opts),
             "epochs": {**({method.epochs_phase: opts.epochs} if method.epochs_phase else {}),

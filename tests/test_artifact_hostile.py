@@ -434,8 +434,16 @@ def replace_raw(header: dict, payload: bytes, name: str, raw: bytes) -> bytes:
 
 def check_consistent2(diff, header: dict) -> None:
     """A v2 file that loads gives a Diff honouring every record of its header."""
-    records = {r[1]: r for r in header["records"]}
+    records = {r[1]: r for r in header["records"] if r[0] != "basis"}
     assert set(diff.tensors) | set(diff.extras) == set(records)
+    bases = {r[1]: r for r in header["records"] if r[0] == "basis"}
+    assert set(diff.bases) == set(bases)
+    for name, bs in diff.bases.items():
+        from diffcli.svd_basis import check_scales
+
+        td = diff.tensors[name]
+        assert bs.rank == bases[name][2] == min(td.shape) and bs.nkept == bases[name][3]
+        check_scales(name, td.shape, td.dtype, bs)
     for name, td in diff.tensors.items():
         r = records[name]
         if r[0] == "lowrank":  # B (out×r) and A (r×in), finite
@@ -623,6 +631,16 @@ def _mutate_v2(rng: random.Random, valid: bytes) -> bytes:
     return replace_stream(header, payload, name, new, codec=codec, raw_length=raw_length)
 
 
+def _with_bases(diff):
+    """The golden diff plus basis scales on its 4×8 tensor (one basis pruned) and its empty 3×5 one (all pruned)."""
+    from diffcli.diff import BasisScales
+
+    diff.bases["bert.encoder.w"] = BasisScales(4, torch.tensor([0, 2, 3]), torch.tensor([0.1, -0.2, 0.0]),
+                                               [0.1, -0.2, 0.3, 0.4])
+    diff.bases["bert.empty"] = BasisScales(3, torch.zeros(0, dtype=torch.int64), torch.zeros(0), [0.0, 0.0, 0.0, 0.0])
+    return diff
+
+
 def test_v2_fuzz_mutations_give_typed_errors_or_consistent_diffs():
     rng = random.Random(20261202)
     outcomes = {"error": 0, "loaded": 0}
@@ -630,6 +648,7 @@ def test_v2_fuzz_mutations_give_typed_errors_or_consistent_diffs():
 
     valids = [artifact.pack(golden_diff(), v) for v in ("fp16", "int8", "int4", "ternary")]
     valids += [artifact.pack(golden_lowrank(), v) for v in ("fp32", "int8")]  # with a low-rank record
+    valids += [artifact.pack(_with_bases(golden_diff()), v) for v in ("fp16", "int8")]  # basis records too
     for i in range(600):
         data = _mutate_v2(rng, valids[i % len(valids)])
         try:
@@ -640,3 +659,38 @@ def test_v2_fuzz_mutations_give_typed_errors_or_consistent_diffs():
         check_consistent2(diff, split2(data)[0])
         outcomes["loaded"] += 1
     assert outcomes["error"] > 300 and sum(outcomes.values()) == 600
+
+
+@pytest.mark.parametrize("values", ["fp32", "int8"])
+def test_v2_nnz_counts_every_stored_value_of_every_record_kind(values):
+    """One convention for the header's nnz: sparse entries + r·(out + in) per low-rank record + kept basis scales."""
+    from test_lowrank import golden_lowrank
+
+    diff = _with_bases(golden_lowrank())
+    data = artifact.pack(diff, values)
+    header, payload = split2(data)
+    by_kind: dict[str, int] = {}
+    for r in header["records"]:
+        n = {"sparse": lambda: r[6], "lowrank": lambda: r[6] * (r[4][0] + r[4][1]), "basis": lambda: r[3],
+             "dense": lambda: 0}[r[0]]()
+        by_kind[r[0]] = by_kind.get(r[0], 0) + n
+    assert by_kind["lowrank"] == 2 * (6 + 5) and by_kind["basis"] == 3  # a basis scale coded 0 is kept
+    assert header["nnz"] == by_kind["sparse"] + by_kind["lowrank"] + by_kind["basis"]
+    back = artifact.loads(data)
+    check_consistent2(back, header)
+    assert back.tensors["bert.encoder.lr"].is_lowrank and torch.equal(back.bases["bert.encoder.w"].kept,
+                                                                       torch.tensor([0, 2, 3]))
+    lying = dict(header, nnz=header["nnz"] - by_kind["basis"])  # basis's old convention: sparse entries only
+    with pytest.raises(FormatError, match="nnz"):
+        artifact.loads(build2(lying, payload))
+
+
+def test_v2_a_tensor_with_both_a_low_rank_delta_and_basis_scales_is_refused_before_writing():
+    from diffcli.diff import BasisScales
+    from diffcli.errors import InvalidValueError
+    from test_lowrank import golden_lowrank
+
+    diff = golden_lowrank()
+    diff.bases["bert.encoder.lr"] = BasisScales(5, torch.tensor([0, 1]), torch.tensor([0.5, -0.5]), [0.0] * 4)
+    with pytest.raises(InvalidValueError, match="both a low-rank"):
+        artifact.pack(diff)

@@ -55,7 +55,7 @@ def test_every_method_says_what_it_does_and_owns_its_options():
 
 def test_an_option_of_another_method_is_refused_by_the_library():
     with pytest.raises(InvalidValueError, match=r"--method random does not take --epochs \(taken by --method "
-                                                r"l0/magnitude/swr\)"):
+                                                r"l0/magnitude/swr/basis\)"):
         _opts("random", epochs=1).validate()
     with pytest.raises(InvalidValueError, match="--alpha-lr"):
         _opts("fisher", alpha_lr=0.1).validate()
@@ -218,7 +218,7 @@ def test_resume_of_a_mask_method_matches_the_uninterrupted_run(tmp_path, tiny_ba
     (["--method", "random", "--epochs", "2"], "--method random does not take --epochs"),
     (["--method", "fisher", "--alpha-lr", "0.1", "--structured"], "does not take --alpha-lr (taken by --method l0/swr), "
                                                                   "--structured (taken by --method l0) (hint: "),
-    (["--method", "random", "--fill-samples", "8"], "--fill-samples (taken by --method l0/fisher)"),
+    (["--method", "random", "--fill-samples", "8"], "--fill-samples (taken by --method l0/fisher/basis)"),
 ])
 def test_bad_method_flags_exit_2_before_any_work(tmp_path, tiny_base, args, needle):
     train_file, dev_file = write_task(tmp_path / "data")

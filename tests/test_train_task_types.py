@@ -21,7 +21,8 @@ FAST = ["--fixmask-epochs", "1", "--batch-size", "2", "--fixmask-lr", "2e-2", "-
 METHOD = {"fisher": ["--method", "fisher", "--fill-samples", "4"], "random": ["--method", "random"],
           "magnitude": ["--method", "magnitude", "--epochs", "1", "--lr", "1e-2"],
           "l0": ["--epochs", "1", "--lr", "1e-2", "--no-structured"],
-          "swr": ["--method", "swr", "--epochs", "1", "--lr", "1e-2", "--rank", "2"]}
+          "swr": ["--method", "swr", "--epochs", "1", "--lr", "1e-2", "--rank", "2"],
+          "basis": ["--method", "basis", "--epochs", "1", "--basis-lr", "1e-2"]}
 CASES = {"token-classification": ("bert", write_tagged, "AutoModelForTokenClassification"),
          "causal-lm": ("gpt2", write_lm, "AutoModelForCausalLM")}
 
@@ -40,7 +41,7 @@ def _train(tmp_path, base, kind_name, writer, *extra: str, name: str = "out"):
     return CliRunner().invoke(app, args), out, data
 
 
-@pytest.mark.parametrize("method", ["l0", "fisher", "random", "magnitude", "swr"])
+@pytest.mark.parametrize("method", ["l0", "fisher", "random", "magnitude", "swr", "basis"])
 @pytest.mark.parametrize("kind_name", list(CASES))
 def test_every_method_trains_every_task_type(bases, tmp_path, kind_name, method):
     base, writer, auto = CASES[kind_name]

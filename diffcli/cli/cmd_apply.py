@@ -38,5 +38,8 @@ def apply(
         shards = f"{report.shards} shard{'s' if report.shards != 1 else ''}"
         console.print(f"wrote {report.out}: {report.tensors} tensors, {shards}, "
                       f"{report.bytes / 1e6:.1f} MB ({data['dtype']})", markup=False)
+        if report.basis_probe_error is not None:
+            console.print(f"basis records rebuilt from the base's SVD; largest relative probe error "
+                          f"{report.basis_probe_error:.2g}", markup=False)
 
     out.result(data, render)

@@ -26,7 +26,7 @@ def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model: folder, alias or hub id.")] = "minilm",
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Train on the first N examples only.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on the first N examples of each split.")] = None,
-    method: Annotated[str, typer.Option("--method", help="How the mask is chosen: l0 (learned gates, the default), fisher, random, magnitude, or swr (a budgeted choice of low-rank/dense updates per tensor); see docs/METHODS.md.", rich_help_panel=_M)] = "l0",
+    method: Annotated[str, typer.Option("--method", help="How the mask is chosen: l0 (learned gates, the default), fisher, random, magnitude, swr (a budgeted choice of low-rank/dense updates per tensor), or basis (SVD basis scaling; with --sparsity also a sparse diff); see docs/METHODS.md.", rich_help_panel=_M)] = "l0",
     sparsity: Annotated[str, typer.Option("--sparsity", "-s", help="Fraction of shared entries the diff keeps: 0.5% or 0.005.")] = "0.5%",
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the L0 phase.")] = 3,
     fixmask_epochs: Annotated[int, typer.Option("--fixmask-epochs", help="Epochs of finetuning the kept entries after the projection.")] = 3,
@@ -53,7 +53,11 @@ def train(
     controller_warmup: Annotated[float, typer.Option("--controller-warmup", help="Fraction of L0 steps over which the density target falls to --sparsity.", rich_help_panel=_M)] = 0.6,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip each optimiser's gradients to this norm (0: off).", rich_help_panel=_M)] = 1.0,
     rank: Annotated[int, typer.Option("--rank", help="swr: rank r of each matrix's candidate update B·A.", rich_help_panel=_M)] = 8,
-    budget: Annotated[Optional[str], typer.Option("--budget", help="swr: hard cap on updated parameters, a count (100000) or a share of N (0.5%); default --sparsity.", rich_help_panel=_M)] = None,
+    keep_bases: Annotated[Optional[float], typer.Option("--keep-bases", help="basis: fraction of SVD bases kept after the scale phase, in (0, 1] (default 0.5).", rich_help_panel=_M)] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Hard cap on stored update parameters: a count (14000) or a share of N (0.05%). swr: default --sparsity. basis: instead of --keep-bases, keep as many bases as fit beside the sparse entries.", rich_help_panel=_M)] = None,
+    basis_lr: Annotated[float, typer.Option("--basis-lr", help="basis: AdamW learning rate of the scales in the scale phase (linear decay).", rich_help_panel=_M)] = 1e-3,
+    basis_embeddings: Annotated[bool, typer.Option("--basis-embeddings/--no-basis-embeddings", help="basis: also rewrite the embedding tables (off: they stay the base's).", rich_help_panel=_M)] = False,
+    double_prune: Annotated[bool, typer.Option("--double-prune/--no-double-prune", help="basis: add a sparse diff of --sparsity on top of the scales (giving --sparsity implies it).", rich_help_panel=_M)] = False,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <output>.partial/.")] = False,
     force: ForceOpt = False,
@@ -65,7 +69,8 @@ def train(
     from diffcli.training import Reporter, TrainOptions, check_method_flags, train as run_train
 
     out = Output(json_, quiet)
-    check_method_flags(method, _given(ctx))
+    given = _given(ctx)
+    check_method_flags(method, given)
     options = TrainOptions(
         method=method, sparsity=parse_sparsity(sparsity), epochs=epochs, fixmask_epochs=fixmask_epochs, batch_size=batch_size,
         eval_batch_size=eval_batch_size, max_seq_length=max_seq_length, seed=seed, lr=lr, alpha_lr=alpha_lr,
@@ -73,7 +78,8 @@ def train(
         weight_decay=weight_decay, l0_lambda=l0_lambda,
         log_alpha_init=log_alpha_init, gate_l=gate_l, gate_r=gate_r, beta=beta, structured=structured,
         controller=controller, controller_rate=controller_rate, controller_warmup=controller_warmup,
-        grad_clip=grad_clip, rank=rank, budget=budget)
+        grad_clip=grad_clip, rank=rank, keep_bases=keep_bases, budget=budget, basis_lr=basis_lr, basis_embeddings=basis_embeddings,
+        double_prune=double_prune or (method == "basis" and "sparsity" in given))
     fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields is not None else None
     summary = run_train(task=task, data_dir=str(data_dir) if data_dir else None,
                         train_file=str(train_file) if train_file else None,
@@ -105,6 +111,10 @@ def _render(console, s: dict) -> None:
     if l0:
         console.print(f"after L0 (deterministic gates, density {l0.get('deterministic_density', 0):.3%}): "
                       f"{metrics(l0)}", markup=False)
+    if s.get("bases"):
+        b = s["bases"]
+        console.print(f"basis scaling: kept {b['kept']} of {b['total']} bases in {b['matrices']} matrices; best "
+                      f"scales at fixed epoch {b.get('best', {}).get('epoch')}: {metrics(b.get('best'))}", markup=False)
     console.print(f"after projection: {metrics(s.get('after_projection'))}", markup=False)
     best = s.get("after_fixmask") or {}
     console.print(f"after fixed mask (best: epoch {best.get('epoch')}): {metrics(best)}", markup=False)

@@ -73,6 +73,14 @@ class TrainMethod(ABC):
         """The diff of a method with its own fixed phase, from what `select` returned (`own_fixed_phase` only)."""
         raise NotImplementedError(f"--method {self.name} uses the shared fixed-mask phase")
 
+    def resume_fixed(self, run: "Run", state: Any, tensors: dict) -> None:
+        """Before the shared fixed-mask phase resumes: rebuild what the method's own phases left in the model
+        (`state`: what `setup` returned)."""
+
+    def finish(self, run: "Run", tensors: dict, diff):
+        """The trained diff, completed with what the method keeps beside the sparse δ (default: nothing)."""
+        return diff
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "options": list(self.options), "reparametrizes": self.reparametrizes,
                 "penalises": self.penalises, "fixed_phase": self.fixed_phase, "to_diff": self.to_diff}

@@ -12,7 +12,6 @@ stores B·A as low-rank records and δ as sparse ones, so the rebuilt model has 
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from diffcli.errors import InvalidValueError
 from diffcli.methods.l0 import DensityController
 from diffcli.methods.registry import TrainMethod, register
+from diffcli.train_options import budget_count, parse_budget
 from diffcli.trainloop import adamw, autocast, clip, evaluate_on, fmt_metrics, main_score
 
 if TYPE_CHECKING:
@@ -28,35 +28,10 @@ if TYPE_CHECKING:
     from diffcli.train_options import TrainOptions
     from diffcli.trainloop import Run
 
-_BUDGET = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*")
-
-
-def parse_budget(text: str | None) -> tuple[str, float] | None:
-    """'100000' → ('count', 100000); '0.5%' → ('fraction', 0.005); None stays None (the budget is --sparsity)."""
-    if text is None:
-        return None
-    m = _BUDGET.fullmatch(str(text))
-    if not m:
-        raise InvalidValueError(f"--budget {text!r} is not a parameter count (100000) or a percentage (0.5%)")
-    value = float(m.group(1))
-    if m.group(2):
-        if not 0 < value <= 100:
-            raise InvalidValueError(f"--budget {text} must be a percentage in (0, 100]")
-        return "fraction", value / 100
-    if value != int(value):
-        raise InvalidValueError(f"--budget {text} must be a whole number of parameters (or a percentage)")
-    return "count", float(int(value))
-
 
 def budget_params(opts: "TrainOptions", n: int) -> int:
     """The hard cap on updated parameters: --budget (a count or a fraction of N), else round(--sparsity·N)."""
-    parsed = parse_budget(opts.budget)
-    if parsed is None:
-        cap = round(opts.sparsity * n)
-    elif parsed[0] == "fraction":
-        cap = round(parsed[1] * n)
-    else:
-        cap = int(parsed[1])
+    cap = round(opts.sparsity * n) if opts.budget is None else budget_count(opts.budget, n)
     if not 1 <= cap <= n:
         raise InvalidValueError(f"--budget {opts.budget or f'{opts.sparsity:.4%}'} gives {cap} parameters; it must "
                                 f"lie in 1..{n} (N, the entries of the shared tensors)")

@@ -1,0 +1,477 @@
+"""Basis-scale records: the deterministic basis and probe, format v2 and checkpoint round trips, every reader
+(apply, DiffBank, verify, inspect), merge's refusal, and hostile files."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import struct
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from typer.testing import CliRunner
+
+from conftest import make_base, make_finetune
+from diffcli import artifact, checkpoint, svd_basis
+from diffcli.cli.app import app
+from diffcli.diff import BasisScales, TensorDiff
+from diffcli.errors import BaseMismatchError, FormatError, InvalidValueError
+
+MATRICES = ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.intermediate.dense.weight",
+            "encoder.layer.1.output.dense.weight")
+
+
+def with_bases(diff, base_dir, seed: int = 0):
+    """`diff` plus basis scales on three matrices: random a around 1, a quarter of the bases pruned."""
+    from diffcli.weights import WeightStore
+
+    store = WeightStore(base_dir)
+    gen = torch.Generator().manual_seed(seed)
+    for target, td in diff.tensors.items():
+        if td.base_name in MATRICES:
+            u, s, vh = svd_basis.canonical_svd(store[td.base_name])
+            a = 1 + 0.2 * torch.randn(s.numel(), generator=gen)
+            a[torch.randperm(s.numel(), generator=gen)[: s.numel() // 4]] = 0
+            diff.bases[target] = svd_basis.make_scales(u, s, vh, a)
+    store.release()
+    assert len(diff.bases) == len(MATRICES)
+    return diff
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from diffcli.extract import extract_diff
+    from diffcli.projection import project
+
+    root = tmp_path_factory.mktemp("basis")
+    base = make_base(root / "base")
+    ft = make_finetune(base, root / "ft")
+    diff = with_bases(project(extract_diff(str(base), str(ft)), 0.02).diff, base)
+    return {"root": root, "base": base, "diff": diff, "other": make_base(root / "other", seed=5)}
+
+
+def _expected_state(diff, base_dir):
+    """base + U·diag(σ⊙c)·Vᵀ + δ by the definition, in float64, per target name."""
+    from diffcli.weights import WeightStore
+
+    store = WeightStore(base_dir)
+    out = {}
+    for name, td in diff.tensors.items():
+        w = store[td.base_name].double()
+        if name in diff.bases:
+            bs = diff.bases[name]
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            lead = u.abs().argmax(0)
+            sign = torch.sign(u[lead, torch.arange(u.shape[1])])
+            c = bs.coefficients()
+            w = w + (u * sign * (s * c)) @ (vh * sign[:, None])
+        out[name] = w + td.dense().double()
+    store.release()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ basis and probe
+
+def test_canonical_svd_reconstructs_with_the_documented_signs():
+    w = torch.randn(12, 20, generator=torch.Generator().manual_seed(1))
+    u, s, vh = svd_basis.canonical_svd(w)
+    assert u.dtype == torch.float64 and u.shape == (12, 12) and vh.shape == (12, 20)
+    assert torch.allclose((u * s) @ vh, w.double(), atol=1e-12)
+    lead = u.abs().argmax(dim=0)
+    assert bool((u[lead, torch.arange(12)] > 0).all())
+    # the same basis from a different factorisation (of Wᵀ), put in the same canonical form
+    v2, s2, uh2 = torch.linalg.svd(w.double().T, full_matrices=False)
+    u2 = uh2.T
+    sign = torch.sign(u2[u2.abs().argmax(0), torch.arange(12)])
+    assert torch.allclose(u2 * sign, u, atol=1e-10) and torch.allclose((v2 * sign).T, vh, atol=1e-10)
+
+
+def test_probe_vectors_are_the_documented_splitmix64_stream():
+    """Golden values: a change here changes every probe ever written (docs/FORMAT.md, basis records)."""
+    def reference(stream: int, n: int) -> list[float]:
+        out = []
+        mask = (1 << 64) - 1
+        for j in range(n):
+            z = ((stream << 32) + j + 1) * 0x9E3779B97F4A7C15 & mask
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+            z ^= z >> 31
+            out.append((z >> 11) * 2.0 ** -52 - 1.0)
+        norm = sum(x * x for x in out) ** 0.5
+        return [x / norm for x in out]
+
+    for stream, n in ((0, 5), (3, 17), (7, 64)):
+        assert np.allclose(svd_basis.probe_vector(stream, n), reference(stream, n), rtol=0, atol=1e-15)
+    assert svd_basis.probe_vector(0, 3).round(12).tolist() == [round(x, 12) for x in reference(0, 3)]
+
+
+def test_resolve_is_the_definition_and_a_tampered_base_misses_the_probe():
+    w = torch.randn(16, 24, generator=torch.Generator().manual_seed(2))
+    u, s, vh = svd_basis.canonical_svd(w)
+    a = torch.linspace(0.5, 1.5, 16)
+    a[3] = 0
+    bs = svd_basis.make_scales(u, s, vh, a)
+    assert bs.nkept == 15 and 3 not in bs.kept.tolist()
+    td = TensorDiff.zeros("w", (16, 24), "float32", "0" * 32)
+    got, err = svd_basis.resolve("w", w, td, bs)
+    assert err < 1e-12
+    assert torch.allclose(got.values.double(), (u * (s * a.double())) @ vh - w.double(), atol=1e-6)
+    ones = svd_basis.make_scales(u, s, vh, torch.ones(16))  # a = 1 everywhere: the base, exactly
+    assert not bool(svd_basis.resolve("w", w, td, ones)[0].values.any())
+    tampered = w.clone()
+    tampered[0, 0] += 1e-2
+    with pytest.raises(BaseMismatchError, match="probe"):
+        svd_basis.resolve("w", tampered, td, bs)
+    with pytest.raises(BaseMismatchError, match="probe"):
+        svd_basis.resolve("w", torch.randn(16, 24), td, bs)
+
+
+def test_probe_tolerance_covers_the_recorded_value_error_and_no_more():
+    w = torch.randn(16, 24, generator=torch.Generator().manual_seed(3))
+    u, s, vh = svd_basis.canonical_svd(w)
+    bs = svd_basis.make_scales(u, s, vh, 1 + 0.1 * torch.randn(16, generator=torch.Generator().manual_seed(4)))
+    cast = bs.values.half().float()
+    err = float((cast - bs.values).abs().max())
+    assert err > 0
+    td = TensorDiff.zeros("w", (16, 24), "float32", "0" * 32)
+    lying = BasisScales(bs.rank, bs.kept, cast, bs.probe, 0.0)  # fp16 values without their recorded error
+    with pytest.raises(BaseMismatchError):
+        svd_basis.resolve("w", w, td, lying)
+    svd_basis.resolve("w", w, td, BasisScales(bs.rank, bs.kept, cast, bs.probe, err))
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+@pytest.mark.parametrize("values", ["fp32", "fp16", "int8"])
+def test_v2_round_trip_keeps_the_basis_records(models, values):
+    diff = models["diff"]
+    back = artifact.loads(artifact.pack(diff, values))
+    assert sorted(back.bases) == sorted(diff.bases)
+    for name, bs in diff.bases.items():
+        got = back.bases[name]
+        assert got.rank == bs.rank and torch.equal(got.kept, bs.kept) and got.probe == bs.probe
+        tol = 0 if values == "fp32" else (1e-3 if values == "fp16" else 2e-2)
+        assert torch.allclose(got.values, bs.values, atol=tol, rtol=0)
+        assert got.max_abs_error >= float((got.values - bs.values).abs().max())
+    assert back.nnz == diff.nnz and sorted(back.tensors) == sorted(diff.tensors)
+
+
+def test_checkpoint_round_trip_and_v1_refusal(models, tmp_path):
+    diff = models["diff"]
+    back = checkpoint.load(checkpoint.save(diff, tmp_path / "ck"))
+    for name, bs in diff.bases.items():
+        assert torch.equal(back.bases[name].values, bs.values) and back.bases[name].probe == bs.probe
+    assert artifact.pack(back) == artifact.pack(diff)
+    with pytest.raises(InvalidValueError, match="version 1 has no basis"):
+        artifact.pack(diff, version=1)
+
+
+def test_inspect_counts_the_scales_in_params(models, tmp_path):
+    from diffcli.report import inspect
+
+    diff = models["diff"]
+    path = tmp_path / "b.diff"
+    artifact.write(diff, path)
+    scales = sum(bs.nkept for bs in diff.bases.values())
+    for target in (path, checkpoint.save(diff, tmp_path / "ck")):
+        report = inspect(target)
+        assert report["totals"]["params"] == diff.nnz + scales
+        assert report["totals"]["nnz"] == diff.nnz
+        rows = [r for r in report["tensors"] if r["kind"] == "basis"]
+        assert sorted(r["tensor"] for r in rows) == sorted(diff.bases)
+    result = CliRunner().invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["totals"]["params"] == diff.nnz + scales
+
+
+def test_header_with_basis_records_matches_the_schema(models):
+    jsonschema = pytest.importorskip("jsonschema")
+    from pathlib import Path
+
+    schema = json.loads((Path(artifact.__file__).parent / "schema" / "header.schema.json").read_text())
+    header = artifact.loads_header(artifact.pack(models["diff"]))
+    jsonschema.validate(header, schema)
+    assert [r[0] for r in header["records"]].count("basis") == len(MATRICES)
+
+
+# ------------------------------------------------------------------------------------------ readers
+
+def test_apply_to_folder_rebuilds_base_plus_scales_plus_delta(models, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffcli.applying import apply_to_folder
+
+    path = tmp_path / "b.diff"
+    artifact.write(models["diff"], path, values="fp32")
+    report = apply_to_folder(models["base"], path, tmp_path / "out")
+    assert report.basis_probe_error is not None and report.basis_probe_error < 1e-9
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = _expected_state(models["diff"], models["base"])
+    for name in MATRICES:
+        target = next(t for t, td in models["diff"].tensors.items() if td.base_name == name)
+        assert torch.allclose(got[target].double(), want[target], atol=1e-5)
+
+
+def test_apply_force_on_a_tampered_base_still_refuses_with_exit_5(models, tmp_path):
+    """--force overrides the digest check, never the probe: the recomputed basis would be another."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "b.diff"
+    artifact.write(models["diff"], path)
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for f in models["base"].iterdir():
+        (tampered / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(tampered / "model.safetensors"))
+    state[MATRICES[0]][0, 0] += 0.05
+    save_file(state, str(tampered / "model.safetensors"), metadata={"format": "pt"})
+    result = CliRunner().invoke(app, ["apply", str(tampered), str(path), "-o", str(tmp_path / "out"), "--force"])
+    assert result.exit_code == 5, result.output
+    assert "probe" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["verify", str(path), "--base", str(tampered)])
+    assert result.exit_code == 5
+
+
+def test_verify_with_base_checks_the_probes(models, tmp_path):
+    path = tmp_path / "b.diff"
+    artifact.write(models["diff"], path)
+    report = artifact.verify(path, base=str(models["base"]))
+    assert any("basis probes of 3 matrices" in c for c in report.checks)
+    with pytest.raises(BaseMismatchError):
+        artifact.verify(path, base=str(models["other"]))
+
+
+def test_in_memory_apply_and_revert_are_exact(models):
+    from transformers import AutoModelForSequenceClassification
+
+    from diffcli.applying import apply_, revert_
+
+    model = AutoModelForSequenceClassification.from_pretrained(models["base"], num_labels=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    diff = artifact.loads(artifact.pack(models["diff"], "fp32"))
+    handle = apply_(model, diff)
+    want = _expected_state(diff, models["base"])
+    state = model.state_dict()
+    for target, w in want.items():
+        key = handle.names[target]
+        assert torch.allclose(state[key].double(), w, atol=1e-5), key
+    revert_(model, handle)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bank_switches_and_restores_the_base_bit_for_bit(models, tmp_path):
+    from diffcli.bank import DiffBank
+
+    path = tmp_path / "b.diff"
+    artifact.write(models["diff"], path, values="fp32")
+    bank = DiffBank(models["base"], device="cpu")
+    base_state = {k: v.clone() for k, v in bank.encoder.state_dict().items()}
+    bank.add("t", path)
+    with bank.use("t") as model:
+        enc = model.base_model.state_dict()
+        want = _expected_state(models["diff"], models["base"])
+        key = MATRICES[1]
+        target = next(t for t, td in models["diff"].tensors.items() if td.base_name == key)
+        assert torch.allclose(enc[key].double(), want[target], atol=1e-5)
+    plain = tmp_path / "plain.diff"  # the same sparse δ without the scales: switching goes through both paths
+    no_bases = copy.copy(models["diff"])
+    no_bases.bases = {}
+    artifact.write(no_bases, plain, values="fp32")
+    bank.add("plain", plain)
+    for name in ("plain", "t", "plain", "t"):
+        with bank.use(name) as model:
+            got = model.base_model.state_dict()[key].double()
+        scaled = torch.allclose(got, want[target], atol=1e-5)
+        assert scaled == (name == "t")
+    assert bank.task_nbytes("t") < 2 * 4 * sum(models["diff"].tensors[n].numel for n in models["diff"].bases) + 10**5
+    bank.reset()
+    assert all(torch.equal(base_state[k], v) for k, v in bank.encoder.state_dict().items())
+    with pytest.raises(BaseMismatchError):
+        DiffBank(models["other"], device="cpu").add("t", path)
+
+
+def test_merge_refuses_basis_records_with_one_line(models, tmp_path):
+    a, b = tmp_path / "a.diff", tmp_path / "b.diff"
+    artifact.write(models["diff"], a)
+    artifact.write(models["diff"], b)
+    result = CliRunner().invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "m.diff")])
+    assert result.exit_code == 2
+    assert "basis scales" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.diff").exists()
+
+
+# ------------------------------------------------------------------------------------------ hostile files
+
+def split_v2(data: bytes) -> tuple[dict, bytes]:
+    hlen = int.from_bytes(data[12:16], "little")
+    text = zstandard.ZstdDecompressor().decompress(data[20:20 + hlen])
+    return json.loads(text), data[20 + hlen + 32:]
+
+
+def build_v2(header: dict, payload: bytes) -> bytes:
+    """A version-2 file whose header digest is right, whatever the header says."""
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    frame = zstandard.ZstdCompressor(level=3).compress(text)
+    front = b"DIFFPRUN" + struct.pack("<HHI", 2, 0, len(frame)) + struct.pack("<I", len(text)) + frame
+    return front + hashlib.sha256(front).digest() + payload
+
+
+def _basis_index(header: dict) -> int:
+    return next(i for i, r in enumerate(header["records"]) if r[0] == "basis")
+
+
+def _set(field: int, value):
+    def mutate(h):
+        h["records"][_basis_index(h)][field] = value
+    return mutate
+
+
+def _move_basis(h):
+    i = _basis_index(h)
+    h["records"].insert(0, h["records"].pop(i))
+
+
+def _integer_tensor(h):
+    i = _basis_index(h)
+    h["records"][i - 1][3] = "int64"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_set(2, 7), "not min\\(out, in\\)"),
+    (_set(2, 10**6), "not min\\(out, in\\)"),
+    (_set(3, 10**6), "exceeds its"),
+    (_set(5, [0.0, 1.0]), "probe must be 4 finite numbers"),
+    (_set(5, ["x", 1.0, 2.0, 3.0]), "probe must be 4 finite numbers"),
+    (_set(5, [1e308, 1e308, 1e308, True]), "probe must be 4 finite numbers"),
+    (_move_basis, "must follow the sparse record"),
+    (_integer_tensor, "needs a 2-D float tensor"),
+    (lambda h: h["records"][_basis_index(h)].append(0), "must have 6 fields"),
+])
+def test_lying_basis_records_are_refused(models, tmp_path, mutate, message):
+    header, payload = split_v2(artifact.pack(models["diff"]))
+    mutate(header)
+    with pytest.raises(FormatError, match=message):
+        artifact.loads(build_v2(header, payload))
+    path = tmp_path / "x.diff"
+    path.write_bytes(build_v2(header, payload))
+    result = CliRunner().invoke(app, ["apply", str(models["base"]), str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 4 and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_scale_values_that_are_not_finite_are_refused_at_pack_and_at_read(models):
+    diff = models["diff"]
+    name = sorted(diff.bases)[0]
+    bs = diff.bases[name]
+    bad = BasisScales(bs.rank, bs.kept, bs.values.clone(), bs.probe)
+    bad.values[0] = float("nan")
+    saved = diff.bases[name]
+    diff.bases[name] = bad
+    try:
+        with pytest.raises(InvalidValueError, match="NaN"):
+            artifact.pack(diff)
+    finally:
+        diff.bases[name] = saved
+    header, payload = split_v2(artifact.pack(diff, "fp32"))
+    # an fp32 NaN planted in the values stream (with its checksum fixed) is refused when read
+    streams = ["positions", "values", "scales", "dense"]
+    blobs, off = {}, 0
+    for s in streams:
+        blobs[s] = payload[off:off + header["streams"][s]["length"]]
+        off += header["streams"][s]["length"]
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(blobs["values"]) if header["streams"]["values"]["codec"]
+                    == "zstd" else blobs["values"])
+    n = len(raw) // 4
+    planes = np.frombuffer(bytes(raw), np.uint8).reshape(4, n).copy()
+    nan = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+    planes[:, n - 1] = nan[::-1]  # the last stored value
+    blobs["values"] = planes.tobytes()
+    header["streams"]["values"].update(codec="raw", length=len(blobs["values"]),
+                                       sha256=hashlib.sha256(blobs["values"]).hexdigest())
+    with pytest.raises(FormatError, match="NaN"):
+        artifact.loads(build_v2(header, b"".join(blobs[s] for s in streams)))
+
+
+def test_fuzz_mutated_basis_files_give_typed_errors_or_consistent_diffs(models):
+    """Random lies in the header and damage to the bytes: a typed error, or a diff whose records obey the rules."""
+    from diffcli.errors import DiffpruneError
+
+    valid = artifact.pack(models["diff"])
+    header0, payload = split_v2(valid)
+    rng = random.Random(20261202)
+    outcomes = {"error": 0, "loaded": 0}
+    for _ in range(300):
+        if rng.random() < 0.5:
+            data = bytearray(valid)
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            data = bytes(data)
+        else:
+            header = json.loads(json.dumps(header0))
+            rec = header["records"][rng.choice([i for i, r in enumerate(header["records"]) if r[0] == "basis"])]
+            field = rng.randrange(1, 6)
+            rec[field] = rng.choice([0, 1, -1, 7, 31, 32, 2**62, None, "x", [], 1.5, True,
+                                     [0.0] * 4, [float(rng.random())] * 4])
+            data = build_v2(header, payload)
+        try:
+            diff = artifact.loads(data)
+        except DiffpruneError:
+            outcomes["error"] += 1
+            continue
+        for name, bs in diff.bases.items():
+            td = diff.tensors[name]
+            svd_basis.check_scales(name, td.shape, td.dtype, bs)
+        outcomes["loaded"] += 1
+    assert outcomes["error"] > 150 and sum(outcomes.values()) == 300
+
+
+@pytest.mark.parametrize("values", ["int4", "ternary"])
+def test_a_scale_quantized_to_zero_stays_a_kept_basis(models, values):
+    """Sparse entries coded 0 are dropped; a basis scale coded 0 must stay (a = 1), never become pruned (a = 0)."""
+    diff = models["diff"]
+    name = sorted(diff.bases)[0]
+    saved = diff.bases[name]
+    vals = saved.values.clone()
+    vals[: vals.numel() // 2] = 0.0  # a = 1 exactly: an unchanged basis
+    diff.bases[name] = BasisScales(saved.rank, saved.kept, vals, saved.probe)
+    try:
+        back = artifact.loads(artifact.pack(diff, values))
+    finally:
+        diff.bases[name] = saved
+    got = back.bases[name]
+    assert torch.equal(got.kept, saved.kept)
+    assert not bool(got.values[: vals.numel() // 2].any())
+
+
+def test_inspect_plot_draws_a_file_with_basis_records(models, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "b.diff"
+    artifact.write(models["diff"], path)
+    result = CliRunner().invoke(app, ["inspect", str(path), "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_a_probe_made_on_another_base_is_refused_with_exit_5(models, tmp_path):
+    """Digests of the right base, probe of another: the rebuild check alone catches it; nothing is written."""
+    from diffcli.weights import WeightStore
+
+    diff = copy.copy(models["diff"])
+    other = WeightStore(models["other"])
+    diff.bases = {}
+    for name, bs in models["diff"].bases.items():
+        u, s, vh = svd_basis.canonical_svd(other[diff.tensors[name].base_name])
+        diff.bases[name] = BasisScales(bs.rank, bs.kept, bs.values, svd_basis.probe(u, s, vh, bs.coefficients()))
+    other.release()
+    path = tmp_path / "b.diff"
+    artifact.write(diff, path)
+    for args in (["apply", str(models["base"]), str(path), "-o", str(tmp_path / "out")],
+                 ["verify", str(path), "--base", str(models["base"])]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 5 and "probe" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
