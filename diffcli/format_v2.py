@@ -154,12 +154,13 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
             positions.append(next(streams))
             rec[_COUNT[rec[0]] + 1] = len(positions[-1])
     vsize = quantize.FLOAT_QUANTIZERS.get(values, 1)
-    stored = {"positions": ("raw", b"".join(positions)),
+    # positions: zstd only when it is smaller (clustered positions, e.g. whole rows an L0 run kept; random ones are not)
+    stored = {"positions": codec.compress(b"".join(positions), 1, level=STREAM_LEVEL),
               "values": codec.compress(q.codes, vsize, level=STREAM_LEVEL),
               "scales": codec.compress(codec.to_planes(q.scales.astype("<f4").view(np.uint8), 4), 4,
                                        level=STREAM_LEVEL),
               "dense": codec.compress(b"".join(dense), 1, level=STREAM_LEVEL)}
-    raw_len = {"positions": len(stored["positions"][1]), "values": len(q.codes), "scales": 4 * q.scales.size,
+    raw_len = {"positions": sum(len(p) for p in positions), "values": len(q.codes), "scales": 4 * q.scales.size,
                "dense": sum(len(d) for d in dense)}
     value_info: dict[str, Any] = {"quantizer": values, "max_abs_error": q.max_abs_error,
                                   "max_rel_error": q.max_rel_error}

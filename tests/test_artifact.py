@@ -28,6 +28,19 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def test_clustered_positions_are_compressed_below_their_rice_code():
+    """Whole rows kept (as an L0 run with structured gates leaves them) cost far less than random positions."""
+    numel, rows = 1 << 20, 10
+    idx = torch.cat([torch.arange(r * 4096, r * 4096 + 1024) for r in range(rows)])  # 10 contiguous runs of 1024
+    vals = torch.linspace(1e-3, 2e-3, idx.numel())
+    td = TensorDiff("w", (1024, 1024), "float32", _digest("w"), vals, idx)
+    diff = Diff({"bert.w": td}, {}, {}, "b", fingerprint([td.digest]), {})
+    data = artifact.pack(diff, "fp16")
+    stream = artifact.loads_header(data)["streams"]["positions"]
+    assert stream["codec"] == "zstd" and stream["length"] < stream["raw_length"] / 8
+    assert torch.equal(artifact.loads(data).tensors["bert.w"].indices, idx)
+
+
 def golden_diff(reverse: bool = False) -> Diff:
     """A tiny diff with every feature: sparse, dense, empty and integer tensors, extras of four dtypes."""
     tensors = {
