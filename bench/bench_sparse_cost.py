@@ -53,6 +53,32 @@ def _hwm_mb() -> float | None:
     return None
 
 
+def _estimates(doc: dict) -> None:
+    """`memory_estimate`'s figure for every model and mode of `doc`, beside the measured peaks (in place)."""
+    import torch
+
+    from diffcli import memory_estimate
+    from diffcli.projection import budget
+
+    for m in doc["models"]:
+        model, shared, _ = _model(m, torch.device("meta") if m == "bert-large" else torch.device("cpu"))
+        n = sum(int(p.numel()) for name, p in model.named_parameters() if name in shared)
+        for mode in MODES:
+            est = memory_estimate.estimate(model, mode if mode == "full" else "sparse", batch_size=doc["batch_size"],
+                                           seq_len=doc["seq_len"], shared=shared, k=budget(doc["sparsity"], n),
+                                           mask_batch_size=None if mode == "full" else doc["fisher_batch_size"],
+                                           device=doc["device"])
+            doc["results"][m][mode]["estimate_mb"] = est.total / 2**20
+
+
+def _write(doc: dict, out: Path) -> None:
+    _estimates(doc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(_markdown(doc))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
 def _model(name: str, device):
     """(model, shared names, head names): the random BERT-large built here, or the bundled MiniLM as `train` builds it."""
     import torch
@@ -63,7 +89,8 @@ def _model(name: str, device):
         torch.manual_seed(0)
         cfg = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                          intermediate_size=4096, max_position_embeddings=512, num_labels=2)
-        model = BertForSequenceClassification(cfg)
+        with torch.device(device if device.type == "meta" else "cpu"):  # meta: sizes only, for the estimate
+            model = BertForSequenceClassification(cfg)
         names = [n for n, _ in model.named_parameters()]
         head = [n for n in names if n.startswith("classifier.")]
         return model.to(device), [n for n in names if n not in head], head
@@ -82,7 +109,7 @@ def _child(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from diffcli import masks, memory_estimate
+    from diffcli import masks
     from diffcli.projection import budget
     from diffcli.sparse_training import SparseDiffTrainer
     from diffcli.training import autocast
@@ -109,9 +136,6 @@ def _child(args) -> dict:
                  "parameters": sum(p.numel() for p in model.parameters())}
     n = sum(int(p.numel()) for name, p in model.named_parameters() if name in shared)
     k = budget(args.sparsity, n)
-    est = memory_estimate.estimate(model, "full" if args.child == "full" else "sparse", batch_size=args.batch_size,
-                                   seq_len=args.seq_len, shared=shared, k=k, device=dev)
-    out["estimate_mb"] = est.total / 2**20
     if args.child == "full":
         opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
 
@@ -132,6 +156,8 @@ def _child(args) -> dict:
         del fisher_batches
         trainer = SparseDiffTrainer(model, mask, head, lr=1e-3, total_steps=1000)
         del mask
+        if args.checkpointing:  # recompute each layer's activations in backward: less memory, one more forward
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         out["train_phase_peak_reset"] = _reset_hwm() and not cuda
 
         def step(b) -> None:
@@ -150,7 +176,9 @@ def _child(args) -> dict:
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    out.update(step_s_median=statistics.median(times), step_s_all=times, peak_rss_mb=_rss_mb())
+    # the reset above also resets ru_maxrss: the process peak is the larger of the two phases' peaks
+    out.update(step_s_median=statistics.median(times), step_s_all=times,
+               peak_rss_mb=max(_rss_mb(), out.get("rss_after_mask_mb", 0.0)))
     if out.get("train_phase_peak_reset"):
         out["train_phase_peak_rss_mb"] = _hwm_mb()  # the training steps' own peak, after the mask was chosen
     if cuda:
@@ -171,6 +199,7 @@ def _markdown(doc: dict) -> str:
              f"steps per mode and process, {doc['rounds']} alternated round(s) (medians of step time, max of memory); "
              f"sparse = Fisher mask at {doc['sparsity']:.2%} over {doc['fisher_batches']} batches of "
              f"{doc['fisher_batch_size']} examples, "
+             f"{'with activation checkpointing, ' if doc.get('checkpointing') else ''}"
              "then SparseDiffTrainer (AdamW at the k kept entries). Each mode runs in its own process; memory is "
              f"its {mem} (the sparse run's includes choosing the mask).", "",
              f"| model | mode | step s (median) | {mem} MB | estimate MB | step ratio | memory ratio | targets |",
@@ -208,13 +237,19 @@ def main() -> None:
     ap.add_argument("--fisher-batch-size", type=int, default=2,
                     help="examples per Fisher batch: choosing the mask's activations scale with it")
     ap.add_argument("--rounds", type=int, default=1, help="alternate full/sparse subprocesses this many times")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="sparse mode with activation (gradient) checkpointing; full finetuning without")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", help="default: bench/results/train_cost_sparse.json (-cuda on cuda), .md beside it")
+    ap.add_argument("--render", metavar="JSON", help="recompute the estimates of a results file and rewrite its .md")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args)))
+        return
+    if args.render:
+        _write(json.loads(Path(args.render).read_text()), Path(args.render))
         return
     if args.device == "auto":
         from diffcli.evaluation import pick_device
@@ -233,13 +268,13 @@ def main() -> None:
                 for flag in ("steps", "warmup", "batch_size", "seq_len", "threads", "sparsity", "fisher_batches",
                              "fisher_batch_size", "device"):
                     cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+                cmd += ["--checkpointing"] if args.checkpointing else []
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
                 if proc.returncode:
                     sys.exit(f"{m} {mode} failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 runs[mode].append(r)
-                print(f"{m:>10} {mode:>6}: step {r['step_s_median']:.3f} s, peak {r[mem_key]:.0f} MB "
-                      f"(estimate {r['estimate_mb']:.0f} MB)", flush=True)
+                print(f"{m:>10} {mode:>6}: step {r['step_s_median']:.3f} s, peak {r[mem_key]:.0f} MB", flush=True)
         res = {mode: dict(runs[mode][-1], step_s_median=statistics.median(x["step_s_median"] for x in runs[mode]),
                           **{mem_key: max(x[mem_key] for x in runs[mode])}) for mode in MODES}
         res["runs"] = runs
@@ -257,13 +292,10 @@ def main() -> None:
            "device": args.device, "threads": args.threads, "batch_size": args.batch_size, "seq_len": args.seq_len,
            "steps": args.steps, "warmup": args.warmup, "sparsity": args.sparsity,
            "fisher_batches": args.fisher_batches, "fisher_batch_size": args.fisher_batch_size,
-           "rounds": args.rounds, "memory": mem_key, "models": models,
+           "rounds": args.rounds, "checkpointing": args.checkpointing, "memory": mem_key, "models": models,
            "targets": {"step_time_ratio": TARGET_TIME, "peak_memory_ratio": TARGET_MEM}, "results": results}
     out = Path(args.out) if args.out else RESULTS / ("train_cost_sparse-cuda.json" if cuda else "train_cost_sparse.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(doc))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    _write(doc, out)
 
 
 if __name__ == "__main__":
