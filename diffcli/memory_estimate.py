@@ -1,17 +1,20 @@
 """Peak memory a training run needs, per method, before it starts: so `train` can stop in its first seconds.
 
-Counts, in bytes (P = all parameters, N = the shared base entries the diff covers, k = kept entries, all fp32):
+In bytes, all fp32 (P = all parameters, N = the shared base entries the diff covers, H = P − N the dense head,
+k = kept entries, T = the largest shared tensor, A = activations saved for backward):
 
-    full finetuning   16P                  weights, gradients, AdamW's two moments
-    L0 phase          4(P−N) + 56N + 16H   14 N-float buffers (θ₀, θ, dL/dθ, w and log α with grads and
-                                            AdamW moments, noise, group factor) + the dense head H
-    sparse fixed mask 4P + 8·T + 28k + 16H the model, one tensor's dense gradient (T = the largest tensor)
-                                            and its fp32 gather, δ/θ₀/grad/2 moments + int64 position at k
-    Fisher mask       4P + 2N + 8·T        the bfloat16 scores (the mask is chosen before training)
+    full finetuning    4P + 8P + max(4P, A)  weights, AdamW's moments, and the gradients filling up in backward
+                                             as the activations drain (the peak is the end of forward or of backward)
+    L0 phase           56N + 16H + A         14 N-float buffers (θ₀, θ, w, log α, noise, z_g, segment ids, three
+                                             gradients, four AdamW moments), all allocated up front
+    sparse fixed mask  4P + 8T + 28k + 16H + A   the model, one tensor's dense gradient and its gather, and
+                                             δ, θ₀, gradient, two moments and an int64 position per kept entry
+    choosing a Fisher mask  4P + 2N + 8T + A(mask batch)   bfloat16 scores, before training starts
 
-plus activations of a transformer layer saved for backward in fp32 (Korthikanti et al. 2022, eq. 2, at 4
-bytes): per layer b·s·(4·(8h + 2f) + 2h) + a·b·s²·(4·2 + 1), with b batch, s length, h hidden, f FFN
-width, a heads; plus a fixed process overhead on the CPU (torch and transformers themselves).
+A for a transformer encoder layer stack at batch b, length s, hidden h, FFN width f, a heads:
+per layer 4·b·s·(12h + 3f) + b·s·3h + a·b·s²·18, calibrated on measured peaks (random BERT-large, batch 8,
+length 128, CPU: `bench/results/train_cost_sparse.md`; Korthikanti et al. 2022, eq. 2 counts fewer tensors
+than the eager PyTorch attention and GELU keep). On the CPU a fixed process overhead is added.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     overhead: int
+    overlap: bool = False  # gradients fill up while activations drain (full finetuning): the larger one counts
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        moving = max(self.gradients, self.activations) if self.overlap else self.gradients + self.activations
+        return self.weights + self.optimizer + moving + self.overhead
 
     def to_dict(self) -> dict[str, Any]:
         return dict(asdict(self), total=self.total)
@@ -62,15 +67,16 @@ def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
         return 0
     f = _cfg(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * h)
     b, s = int(batch_size), int(seq_len)
-    per_layer = b * s * (4 * (8 * h + 2 * f) + 2 * h) + heads * b * s * s * 9
+    per_layer = 4 * b * s * (12 * h + 3 * f) + b * s * 3 * h + heads * b * s * s * 18
     return layers * per_layer + 4 * 4 * b * s * h  # + the embeddings' sum, norm and dropout
 
 
 def estimate(model: "torch.nn.Module", method: str, *, batch_size: int, seq_len: int,
-             shared: Iterable[str] | None = None, k: int | None = None, device: "str | torch.device" = "cpu"
-             ) -> MemoryEstimate:
-    """Bytes a training step of `method` needs at its peak; `shared` names the diff's base tensors (default:
-    every parameter), `k` the kept entries (sparse only)."""
+             shared: Iterable[str] | None = None, k: int | None = None, mask_batch_size: int | None = None,
+             device: "str | torch.device" = "cpu") -> MemoryEstimate:
+    """Bytes a run of `method` needs at its peak; `shared` names the diff's base tensors (default: every
+    parameter), `k` the kept entries (sparse only), `mask_batch_size` the batch a Fisher mask is chosen with
+    (sparse only; None when the mask is given)."""
     import torch
 
     if method not in METHODS:
@@ -84,17 +90,18 @@ def estimate(model: "torch.nn.Module", method: str, *, batch_size: int, seq_len:
     acts = activation_bytes(getattr(model, "config", None), batch_size, seq_len)
     overhead = CPU_OVERHEAD if torch.device(device).type == "cpu" else 0
     if method == "full":
-        return MemoryEstimate(method, 4 * p_all, 4 * p_all, 8 * p_all, acts, overhead)
+        return MemoryEstimate(method, 4 * p_all, 4 * p_all, 8 * p_all, acts, overhead, overlap=True)
     if method == "l0":  # θ₀, θ, w, log α, noise, z_g and segment ids; 3 gradients; 2 moments each for w, log α
         return MemoryEstimate(method, 4 * head + 4 * n * 7, 4 * head + 4 * n * 3, 8 * head + 4 * n * 4,
                               acts, overhead)
     if k is None:
         raise InvalidValueError("the sparse estimate needs k, the number of kept entries")
     kept = int(k)
-    sparse = MemoryEstimate(method, 4 * p_all, 8 * largest + 4 * kept + 4 * head, 16 * kept + 8 * kept + 8 * head,
+    sparse = MemoryEstimate(method, 4 * p_all, 8 * largest + 4 * kept + 4 * head, 24 * kept + 8 * head,
                             acts, overhead)
-    fisher = 4 * p_all + 2 * n + 8 * largest  # choosing a Fisher mask, before training: the larger peak counts
-    sparse.gradients += max(0, fisher - (sparse.weights + sparse.gradients + sparse.optimizer))
+    if mask_batch_size:  # choosing a Fisher mask comes first; when its peak is the larger, it counts
+        fisher = 2 * n + 8 * largest + activation_bytes(getattr(model, "config", None), mask_batch_size, seq_len)
+        sparse.gradients += max(0, fisher - (sparse.gradients + sparse.optimizer + sparse.activations))
     return sparse
 
 

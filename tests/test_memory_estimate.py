@@ -25,9 +25,12 @@ def test_counts_per_method(tiny_base):
     l0 = me.estimate(tm.model, "l0", **kw)
     sparse = me.estimate(tm.model, "sparse", k=round(0.005 * n), **kw)
     acts = me.activation_bytes(tm.model.config, 8, 16)
-    assert full.total - acts - me.CPU_OVERHEAD == 16 * p
+    assert full.total - me.CPU_OVERHEAD == 12 * p + max(4 * p, acts)
     assert l0.total - acts - me.CPU_OVERHEAD == 56 * n + 16 * (p - n)
     assert sparse.total < full.total < l0.total
+    fisher = me.estimate(tm.model, "sparse", k=round(0.005 * n), mask_batch_size=64, **kw)
+    assert fisher.total > sparse.total  # a Fisher mask chosen on a larger batch than training's sets the peak
+    assert me.estimate(tm.model, "sparse", k=round(0.005 * n), mask_batch_size=1, **kw).total == sparse.total
     assert sparse.activations == full.activations == acts > 0
     assert me.estimate(tm.model, "full", batch_size=8, seq_len=16, device="cuda").overhead == 0
     assert me.activation_bytes(tm.model.config, 16, 16) > acts  # grows with the batch
