@@ -22,8 +22,8 @@ def merge(
                                         "mean (average; all heads must have equal shapes).")] = "first",
     density: Annotated[Optional[float], typer.Option("--density", help="Trim each input to this fraction of its own "
                                                      "largest entries before merging (TIES trim), e.g. 0.2.")] = None,
-    values: Annotated[str, typer.Option("--values", help="Value precision of a packed OUT.diff: fp16, bf16 or "
-                                        "fp32 (exact).")] = "fp16",
+    values: Annotated[str, typer.Option("--values", help="Value format of a packed OUT.diff: fp16, bf16, "
+                                        "fp32 (exact), int8, int4 or ternary (as pack).")] = "fp16",
     force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
