@@ -48,7 +48,7 @@ def fit_density(diff, target_bytes: int, values: str, version: int, steps: int =
 
 
 def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
-             max_eval_samples: int | None = None) -> dict:
+             max_eval_samples: int | None = None, denser: Path | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -93,15 +93,20 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
             score(f"v2 {v} @ {d:.2%}", lower, v, 2, d)
     fitted, fit_d = fit_density(trained, lora_bytes, "fp16", 1)
     score(f"v1 fp16 @ LoRA bytes ({fit_d:.3%})", fitted, "fp16", 1, fit_d)
+    today_lora = rows[-1]
+    if denser is not None:  # a diff trained at a higher density: leaner values fill LoRA's bytes with more entries
+        dense_diff = load_diff(denser)
+        for v in LEAN:
+            fitted, fit_d = fit_density(dense_diff, lora_bytes, v, 2)
+            score(f"v2 {v} @ LoRA bytes of the {dense_diff.density:.1%} diff ({fit_d:.3%})", fitted, v, 2, fit_d)
 
     ref = rows[0]
     ours = [r for r in rows if r["version"] == 2]
     close = [r for r in ours if r["score"] >= ref["score"] - TOLERANCE]
     smallest = min(close, key=lambda r: r["bytes"]) if close else None
-    today_lora = rows[-1]
     fits = [r for r in ours if r["bytes"] <= lora_bytes]
     best_lora = max(fits, key=lambda r: r["score"]) if fits else None
-    return {"task": task, "checkpoint": str(ckpt), "metric": spec.metrics, "trained_density": density,
+    return {"task": task, "checkpoint": str(ckpt), "denser_checkpoint": denser and str(denser), "metric": spec.metrics, "trained_density": density,
             "lora_bytes": lora_bytes, "rows": rows, "reference": ref["label"],
             "smallest_within_tolerance": smallest and smallest["label"],
             "smallest_over_reference_bytes": smallest and smallest["bytes"] / ref["bytes"],
@@ -147,15 +152,18 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--base", default="minilm")
     ap.add_argument("--max-eval-samples", type=int, help="score only N dev examples (a smoke test, not a result)")
+    ap.add_argument("--denser", action="append", default=[], metavar="TASK=CHECKPOINT_FOLDER",
+                    help="a diff of TASK trained at a higher density: re-projected to LoRA's bytes in each lean format")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "size_score.json")
     args = ap.parse_args()
     result = json.loads(args.out.read_text()) if args.out.exists() else {"tasks": {}, "commands": []}
+    denser = {t: Path(c) for t, _, c in (d.partition("=") for d in args.denser)}
     command = "OMP_NUM_THREADS=1 python bench/bench_size_score.py --data-dir GLUE_DIR " + " ".join(
-        f"{c.split('=', 1)[0]}=CKPT" for c in args.checkpoints)
+        [f"--denser {t}=CKPT" for t in denser] + [f"{c.split('=', 1)[0]}=CKPT" for c in args.checkpoints])
     for item in args.checkpoints:
         task, _, ckpt = item.partition("=")
         result["tasks"][task] = run_task(task, Path(ckpt), args.base, args.data_dir, LORA_BYTES[task],
-                                      args.max_eval_samples)
+                                      args.max_eval_samples, denser.get(task))
         result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         if command not in result["commands"]:
             result["commands"].append(command)
