@@ -120,7 +120,8 @@ def _density_child(controller: bool, steps: int, batch_size: int, seq_len: int, 
 
     hf_logging.set_verbosity_error()
     from diffcli import tasks
-    from diffcli.training import Dist, L0Trainer, TrainOptions, _loader, build_task_model
+    from diffcli.training import Dist, L0Trainer, TrainOptions, build_task_model
+    from diffcli.trainloop import loader as _loader
     from diffcli.weights import resolve_model
 
     data_dir = os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "glue")

@@ -35,7 +35,7 @@ class _Layout:
 
     names: list[str]
     shapes: list[tuple[int, ...]]
-    offsets: list[int]          # global flat offsets, as training's FlatParams (for `_build_diff`)
+    offsets: list[int]          # global flat offsets, as training's FlatParams (for `build_diff`)
 
 
 class SparseDiffTrainer:
@@ -203,7 +203,7 @@ class SparseDiffTrainer:
         """
         import torch
 
-        from diffcli.training import _build_diff
+        from diffcli.trained_diff import build_diff
 
         gated = list(task_model.gated)
         stray = sorted(set(self.names) - set(gated))
@@ -223,4 +223,4 @@ class SparseDiffTrainer:
         best = {"best/values": torch.cat(vals) if vals else torch.zeros(0)}
         best.update({f"best/head/{n}": self._params[n].detach() for n in task_model.head})
         index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
-        return _build_diff(task_model, layout, index, best, model_ref=model_ref, meta=dict(meta or {}))
+        return build_diff(task_model, layout, index, best, model_ref=model_ref, meta=dict(meta or {}))

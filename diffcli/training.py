@@ -24,17 +24,12 @@ from diffcli.task_types import build_task_model
 from diffcli.taskmodel import TaskModel
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
 from diffcli.train_state import STATE_JSON, check_resume_options, load_state, partial_dir
-from diffcli.trained_diff import build_diff as _build_diff
-from diffcli.trained_diff import fill_budget as _fill_budget
-from diffcli.trained_diff import project as _project
 from diffcli.trainloop import Reporter, Run, autocast
-from diffcli.trainloop import loader as _loader
 
-# re-exported: the names other modules, the benchmarks and the tests import from here
-_init_dist = init_dist
+# re-exported: the public names the benchmarks and the tests import from here
 __all__ = ["DensityController", "Dist", "FILLS", "FIXMASK_STARTS", "L0Trainer", "Reporter", "TaskModel",
            "TrainOptions", "autocast", "build_task_model", "check_device", "fisher_diagonal", "option_names",
-           "partial_dir", "train", "_build_diff", "_fill_budget", "_init_dist", "_loader", "_project"]
+           "partial_dir", "train"]
 
 
 def train(*, task: str | None = None, data_dir: str | None = None, train_file: str | None = None,

@@ -49,7 +49,7 @@ def test_more_processes_than_gpus_is_a_clear_error_before_joining(monkeypatch):
     import torch.distributed as dist
 
     from diffcli.errors import InvalidValueError
-    from diffcli.training import _init_dist
+    from diffcli.dist import init_dist as _init_dist
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -12,8 +12,10 @@ import torch
 
 from diffcli import checkpoint
 from diffcli.errors import InvalidValueError, OutputExistsError
-from diffcli.training import (DensityController, L0Trainer, TrainOptions, _fill_budget, _project, build_task_model,
-                              fisher_diagonal, partial_dir, train)
+from diffcli.trained_diff import fill_budget as _fill_budget
+from diffcli.trained_diff import project as _project
+from diffcli.training import (DensityController, L0Trainer, TrainOptions, build_task_model, fisher_diagonal,
+                              partial_dir, train)
 from diffcli.weights import WeightStore, tensor_digest
 from tests.training_data import write_task
 
