@@ -14,7 +14,10 @@ k = kept entries, T = the largest shared tensor, A = activations saved for backw
 A for a transformer encoder layer stack at batch b, length s, hidden h, FFN width f, a heads:
 per layer 4·b·s·(12h + 3f) + b·s·3h + a·b·s²·18, calibrated on measured peaks (random BERT-large, batch 8,
 length 128, CPU: `bench/results/train_cost_sparse.md`; Korthikanti et al. 2022, eq. 2 counts fewer tensors
-than the eager PyTorch attention and GELU keep). On the CPU a fixed process overhead is added.
+than the eager PyTorch attention and GELU keep). With activation checkpointing of every n-th layer
+(`activations.checkpoint_activations`) the c = ⌈L/n⌉ checkpointed layers keep only their input, 4·b·s·h, and
+backward rebuilds one layer's activations at a time: (L − c)·layer + c·4·b·s·h + layer.
+On the CPU a fixed process overhead is added.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ def _cfg(config: Any, *names: str, default: int | None = None) -> int | None:
     return default
 
 
-def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
-    """fp32 activations a transformer saves for backward (see the module docstring); 0 when `config` lacks sizes."""
+def activation_bytes(config: Any, batch_size: int, seq_len: int, checkpoint_every: int = 0) -> int:
+    """fp32 activations a transformer saves for backward, every `checkpoint_every`-th layer checkpointed (0: none;
+    see the module docstring); 0 when `config` lacks sizes."""
     h = _cfg(config, "hidden_size", "n_embd", "d_model")
     layers = _cfg(config, "num_hidden_layers", "n_layer", "num_layers")
     heads = _cfg(config, "num_attention_heads", "n_head", "num_heads")
@@ -68,15 +72,19 @@ def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
     f = _cfg(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * h)
     b, s = int(batch_size), int(seq_len)
     per_layer = 4 * b * s * (12 * h + 3 * f) + b * s * 3 * h + heads * b * s * s * 18
-    return layers * per_layer + 4 * 4 * b * s * h  # + the embeddings' sum, norm and dropout
+    embeddings = 4 * 4 * b * s * h  # the embeddings' sum, norm and dropout
+    ckpt = -(-layers // checkpoint_every) if checkpoint_every else 0
+    if not ckpt:
+        return layers * per_layer + embeddings
+    return (layers - ckpt) * per_layer + ckpt * 4 * b * s * h + per_layer + embeddings
 
 
 def estimate(model: "torch.nn.Module", method: str, *, batch_size: int, seq_len: int,
              shared: Iterable[str] | None = None, k: int | None = None, mask_batch_size: int | None = None,
-             device: "str | torch.device" = "cpu") -> MemoryEstimate:
+             device: "str | torch.device" = "cpu", checkpoint_every: int = 0) -> MemoryEstimate:
     """Bytes a run of `method` needs at its peak; `shared` names the diff's base tensors (default: every
     parameter), `k` the kept entries (sparse only), `mask_batch_size` the batch a Fisher mask is chosen with
-    (sparse only; None when the mask is given)."""
+    (sparse only; None when the mask is given), `checkpoint_every` the activation checkpointing (0: off)."""
     import torch
 
     if method not in METHODS:
@@ -87,7 +95,7 @@ def estimate(model: "torch.nn.Module", method: str, *, batch_size: int, seq_len:
     n = sum(int(p.numel()) for name, p in params.items() if name in shared)
     head = p_all - n
     largest = max((int(p.numel()) for name, p in params.items() if name in shared), default=0)
-    acts = activation_bytes(getattr(model, "config", None), batch_size, seq_len)
+    acts = activation_bytes(getattr(model, "config", None), batch_size, seq_len, checkpoint_every)
     overhead = CPU_OVERHEAD if torch.device(device).type == "cpu" else 0
     if method == "full":
         return MemoryEstimate(method, 4 * p_all, 4 * p_all, 8 * p_all, acts, overhead, overlap=True)
@@ -100,7 +108,8 @@ def estimate(model: "torch.nn.Module", method: str, *, batch_size: int, seq_len:
     sparse = MemoryEstimate(method, 4 * p_all, 8 * largest + 4 * kept + 4 * head, 24 * kept + 8 * head,
                             acts, overhead)
     if mask_batch_size:  # choosing a Fisher mask comes first; when its peak is the larger, it counts
-        fisher = 2 * n + 8 * largest + activation_bytes(getattr(model, "config", None), mask_batch_size, seq_len)
+        fisher = 2 * n + 8 * largest + activation_bytes(getattr(model, "config", None), mask_batch_size, seq_len,
+                                                        checkpoint_every)
         sparse.gradients += max(0, fisher - (sparse.gradients + sparse.optimizer + sparse.activations))
     return sparse
 

@@ -106,7 +106,7 @@ def load_state(folder: Path) -> tuple[dict[str, "torch.Tensor"], dict]:
 
 
 # options that do not change the result; a resumed run may differ in these
-_RESUME_FREE = {"eval_batch_size"}
+_RESUME_FREE = {"eval_batch_size", "activation_checkpointing"}  # memory and speed only, not the maths
 
 
 def check_resume_options(saved: dict, now: dict) -> None:

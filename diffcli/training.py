@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from diffcli.activations import checkpoint_activations
 from diffcli.dist import Dist, check_device, init_dist, wrap_ddp
 from diffcli.errors import DataError, InvalidValueError, OutputExistsError
 from diffcli.fisher import fisher_diagonal
@@ -85,6 +86,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         rep = Reporter()
     started = time.monotonic()
     tm = kind.build(base_dir, task_data, opts.seed)
+    checkpoint_activations(tm.model, opts.activation_checkpointing)
     check_memory(tm, opts, dev)
     tm.model.to(dev)
     train_set = kind.encode(task_data.train, tm.tokenizer, task_data.spec, opts.max_seq_length)
@@ -165,16 +167,19 @@ def check_method_flags(method: str, given: list[str]) -> None:
                                 hint="drop them, or pick a method that takes them")
 
 
-def memory_needs(tm: TaskModel, opts: TrainOptions, device) -> dict[str, int]:
-    """Estimated peak bytes of this run for every method (`memory_estimate`), by method name."""
+def memory_needs(tm: TaskModel, opts: TrainOptions, device, checkpoint_every: int | None = None) -> dict[str, int]:
+    """Estimated peak bytes of this run for every method (`memory_estimate`), by method name; `checkpoint_every`
+    overrides the run's activation checkpointing."""
     from diffcli.methods import REGISTRY
     from diffcli.memory_estimate import estimate
     from diffcli.projection import budget
 
     params = dict(tm.model.named_parameters())
     k = budget(opts.sparsity, sum(int(params[n].numel()) for n in tm.gated))
+    every = opts.activation_checkpointing if checkpoint_every is None else checkpoint_every
     kinds = {kind: estimate(tm.model, kind, batch_size=opts.batch_size, seq_len=opts.max_seq_length,
-                            shared=tm.gated, k=k, device=device).total for kind in ("full", "l0", "sparse")}
+                            shared=tm.gated, k=k, device=device, checkpoint_every=every).total
+             for kind in ("full", "l0", "sparse")}
     return {name: kinds[m.memory] for name, m in REGISTRY.items()}
 
 
@@ -191,10 +196,13 @@ def check_memory(tm: TaskModel, opts: TrainOptions, device) -> None:
     need = needs[opts.method]
     if need <= free:
         return
-    fits = sorted((v, n) for n, v in needs.items() if v <= free)
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    hint = (", ".join(f"--method {n} needs about {gib(v)}" for v, n in fits) if fits else
-            "lower --batch-size or --max-seq-length, or use a device with more memory")
+    fits = [f"--method {n} needs about {gib(v)}" for v, n in sorted((v, n) for n, v in needs.items() if v <= free)]
+    if opts.activation_checkpointing != 1 and getattr(tm.model, "supports_gradient_checkpointing", False):
+        ckpt = memory_needs(tm, opts, device, checkpoint_every=1)[opts.method]
+        if ckpt <= free:
+            fits.insert(0, f"--activation-checkpointing 1 needs about {gib(ckpt)}")
+    hint = ", ".join(fits) if fits else "lower --batch-size or --max-seq-length, or use a device with more memory"
     raise InvalidValueError(f"--method {opts.method} needs about {gib(need)} on {device.type} but only {gib(free)} "
                             f"is free", hint=hint)
 

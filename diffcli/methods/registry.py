@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # TrainOptions fields every method takes; the rest belong to the methods that list them in `options`.
 SHARED_OPTIONS = ("method", "sparsity", "fixmask_epochs", "batch_size", "eval_batch_size", "max_seq_length", "seed",
-                  "fixmask_lr", "head_lr", "weight_decay", "grad_clip")
+                  "fixmask_lr", "head_lr", "weight_decay", "grad_clip", "activation_checkpointing")
 
 
 class TrainMethod(ABC):
