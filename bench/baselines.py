@@ -194,12 +194,12 @@ def run_baseline(cfg: BaselineConfig, out_dir: Path, log: Callable[[str], None] 
     """
     import torch
 
-    from diffcli import evaluation, metrics, tasks, weights
+    from diffcli import data_sources, evaluation, metrics, tasks, weights
     from diffcli.training import autocast, build_task_model
 
     base_dir = weights.resolve_model(cfg.model)
-    data = tasks.load_task(cfg.task, data_dir=cfg.data_dir, max_train_samples=cfg.max_train_samples,
-                           max_eval_samples=cfg.max_eval_samples)
+    data = data_sources.load_task(cfg.task, data_dir=cfg.data_dir, max_train_samples=cfg.max_train_samples,
+                                  max_eval_samples=cfg.max_eval_samples)
     spec = data.spec
     tm = build_task_model(base_dir, spec, cfg.seed)  # seeds torch, as train does
     model, tokenizer = tm.model, tm.tokenizer

@@ -36,7 +36,8 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from diffcli import evaluation
-    from diffcli.tasks import encode, load_task
+    from diffcli.data_sources import load_task
+    from diffcli.tasks import encode
     from diffcli.weights import bundled_minilm_path
 
     path = bundled_minilm_path()

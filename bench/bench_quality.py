@@ -374,12 +374,12 @@ def score_artifact(packed: Path, s: dict, data_dir: str) -> dict:
     from transformers import AutoTokenizer
 
     from baselines import load_model
-    from diffcli import applying, artifact, evaluation, tasks, weights
+    from diffcli import applying, artifact, data_sources, evaluation, weights
 
     torch.manual_seed(s["seed"])
     diff = artifact.load(packed)
     base_dir = weights.resolve_model(s["model"])
-    data = tasks.load_task(s["task"], data_dir=data_dir, max_eval_samples=s["max_eval_samples"], need_train=False)
+    data = data_sources.load_task(s["task"], data_dir=data_dir, max_eval_samples=s["max_eval_samples"], need_train=False)
     model = load_model(base_dir, data.spec)
     # check=False: the base is the bundled folder by construction; diffs written before the switch of
     # weights.tensor_digest to XXH3 (a95a67c) carry SHA-256 digests that the check would reject.
@@ -395,10 +395,10 @@ def majority_score(task: str, data_dir: str, max_train_samples: int | None, max_
     """
     import numpy as np
 
-    from diffcli import metrics, tasks
+    from diffcli import data_sources, metrics
 
-    data = tasks.load_task(task, data_dir=data_dir, max_train_samples=max_train_samples,
-                           max_eval_samples=max_eval_samples)
+    data = data_sources.load_task(task, data_dir=data_dir, max_train_samples=max_train_samples,
+                                  max_eval_samples=max_eval_samples)
     spec = data.spec
     dev = data.eval[spec.eval_splits[0]]
     labels = np.array([e.label for e in dev])
@@ -454,7 +454,7 @@ def build_report(suite: Suite, tasks: list[str], invocation: str) -> tuple[str, 
               "the table is assembled from that cache (`python bench/bench_quality.py --report-only` with the same flags).", ""]
     lines += ["## Settings", "",
               f"- Model: `{a.model}`{' (all-MiniLM-L6-v2, bundled)' if a.model == 'minilm' else ''}, seed {a.seed}, batch 32, max length 128, dynamic padding "
-              "(`tasks.collate`), same data loading/tokenisation/evaluation/metrics (`diffcli.tasks`, `diffcli.evaluation`, "
+              "(`tasks.collate`), same data loading/tokenisation/evaluation/metrics (`diffcli.data_sources`, `diffcli.tasks`, `diffcli.evaluation`, "
               "`diffcli.metrics`) for every method; dev sets in full"
               + (f" (capped at {a.max_eval_samples})" if a.max_eval_samples else "") + ".",
               "- Train-sample caps (first N rows): " + ", ".join(

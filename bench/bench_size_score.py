@@ -56,7 +56,7 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
     from diffcli.bank import DiffBank
     from diffcli.evaluation import evaluate
     from diffcli.sources import load_diff
-    from diffcli.tasks import load_task
+    from diffcli.data_sources import load_task
 
     torch.set_num_threads(1)
     trained = load_diff(ckpt)

@@ -119,13 +119,13 @@ def _density_child(controller: bool, steps: int, batch_size: int, seq_len: int, 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from diffcli import tasks
+    from diffcli import data_sources, tasks
     from diffcli.training import Dist, L0Trainer, TrainOptions, build_task_model
     from diffcli.trainloop import loader as _loader
     from diffcli.weights import resolve_model
 
     data_dir = os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "glue")
-    data = tasks.load_task("mrpc", data_dir=data_dir, max_eval_samples=1)
+    data = data_sources.load_task("mrpc", data_dir=data_dir, max_eval_samples=1)
     tm = build_task_model(resolve_model("minilm"), data.spec, seed=0)
     train_set = tasks.encode(data.train, tm.tokenizer, seq_len)
     opts = TrainOptions(sparsity=sparsity, controller=controller, batch_size=batch_size, max_seq_length=seq_len)

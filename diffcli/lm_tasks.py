@@ -25,7 +25,7 @@ class LMExample(NamedTuple):
 
 def _text_rows(path: Path) -> list[LMExample]:
     """A .txt file: every non-empty line is one text example."""
-    from diffcli.tasks import _read_text
+    from diffcli.data_sources import _read_text
 
     rows = [LMExample("", line.rstrip("\r"), f"{path}:{n}")
             for n, line in enumerate(_read_text(path).split("\n"), 1) if line.strip()]
@@ -42,7 +42,7 @@ def _as_text(value, where: str, field: str) -> str:
 
 def read_lm(path: str | Path) -> list[LMExample]:
     """Examples from a .txt file (one per line) or a table (jsonl, json, csv, tsv) with `text` or prompt+completion."""
-    from diffcli.tasks import _MISSING, read_table
+    from diffcli.data_sources import _MISSING, read_table
 
     path = Path(path).expanduser()
     if path.suffix.lower() == ".txt":
@@ -79,7 +79,8 @@ def read_lm(path: str | Path) -> list[LMExample]:
 def load(task: str | None, train_file, validation_file, *, max_train_samples: int | None = None,
          max_eval_samples: int | None = None, need_train: bool = True) -> "TaskData":
     """Read train/validation examples for causal-lm training or evaluation."""
-    from diffcli.tasks import TaskData, files_source
+    from diffcli.data_sources import files_source
+    from diffcli.tasks import TaskData
 
     if need_train and train_file is None:
         raise InvalidValueError("causal-lm training needs --train-file (jsonl with text or prompt/completion, "

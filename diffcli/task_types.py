@@ -108,14 +108,14 @@ class TaskType:
 
 
 class SequenceClassification(TaskType):
-    """One label (or a score) per text or text pair: GLUE and custom files (diffcli.tasks)."""
+    """One label (or a score) per text or text pair: GLUE and custom files (diffcli.data_sources)."""
 
     name = DEFAULT
     auto_class = "AutoModelForSequenceClassification"
     mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
 
     def load(self, task: str | None = None, **kw) -> "TaskData":
-        from diffcli.tasks import load_task
+        from diffcli.data_sources import load_task
 
         return load_task(task, **kw)
 
@@ -160,7 +160,7 @@ class _FileTaskType(TaskType):
             if kw.pop(key, None) is not None:
                 raise InvalidValueError(f"--{key.replace('_', '-')} applies only to --task-type {DEFAULT}; "
                                         f"{self.name} reads --train-file/--validation-file")
-        from diffcli.tasks import _check_limit
+        from diffcli.data_sources import _check_limit
 
         for key in ("max_train_samples", "max_eval_samples"):
             _check_limit(key, kw.get(key))

@@ -37,7 +37,7 @@ def _sentence(tokens, tags, where: str) -> TaggedSentence:
 
 
 def _read_json_rows(path: Path) -> list[TaggedSentence]:
-    from diffcli.tasks import read_table
+    from diffcli.data_sources import read_table
 
     table = read_table(path)
     missing = [c for c in ("tokens", "tags") if c not in table.columns]
@@ -51,7 +51,7 @@ def _read_json_rows(path: Path) -> list[TaggedSentence]:
 
 def _read_conll(path: Path) -> list[TaggedSentence]:
     """Token ... tag per line (whitespace-separated, first and last column), a blank line between sentences."""
-    from diffcli.tasks import _read_text
+    from diffcli.data_sources import _read_text
 
     out: list[TaggedSentence] = []
     tokens: list[str] = []
@@ -106,7 +106,8 @@ def load(task: str | None, train_file, validation_file, *, labels: Sequence[str]
          max_train_samples: int | None = None, max_eval_samples: int | None = None,
          need_train: bool = True) -> "TaskData":
     """Read train/validation sentences; the label set comes from train (or `labels`, e.g. a model's id2label)."""
-    from diffcli.tasks import TaskData, files_source
+    from diffcli.data_sources import files_source
+    from diffcli.tasks import TaskData
 
     if need_train and train_file is None:
         raise InvalidValueError("token classification needs --train-file (jsonl with tokens/tags, or CoNLL)")

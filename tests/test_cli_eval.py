@@ -42,7 +42,7 @@ def test_eval_matches_the_applied_model(env, tmp_path):
 
     from diffcli.applying import apply_to_folder
     from diffcli.evaluation import evaluate
-    from diffcli.tasks import load_task
+    from diffcli.data_sources import load_task
 
     root, base, diff, data = env
     res = _eval(env, "--task", "sst2", "--json")
@@ -137,7 +137,7 @@ def test_eval_on_minilm_and_glue_rte_matches_apply(tmp_path):
 
     from diffcli.applying import apply_to_folder
     from diffcli.evaluation import evaluate
-    from diffcli.tasks import load_task
+    from diffcli.data_sources import load_task
     from diffcli.weights import resolve_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -56,7 +56,7 @@ def test_train_prune_pack_apply_load(tmp_path, tiny_base):
     result = json.loads(run("eval", str(tiny_base), str(packed), "--validation-file", str(dev),
                             "--text-fields", "sentence", "--label-field", "label", "--json").stdout)
     from diffcli.evaluation import evaluate
-    from diffcli.tasks import load_task
+    from diffcli.data_sources import load_task
 
     data = load_task(validation_file=str(dev), train_file=str(train), text_fields=["sentence"], label_field="label")
     expected = evaluate(model, tokenizer, data)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from diffcli import checkpoint, example_data, tasks
+from diffcli import checkpoint, data_sources, example_data, tasks
 from diffcli.cli.app import app
 from diffcli.errors import HubUnavailableError, NotFoundError
-from diffcli.tasks import load_task
+from diffcli.data_sources import load_task
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--epochs", "1", "--fixmask-epochs", "1", "--batch-size", "8", "--sparsity", "2%",
@@ -87,7 +87,7 @@ def test_a_glue_folder_and_files_name_their_source(tmp_path):
 def test_the_hub_is_named_when_it_answers(monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)
     fake = tasks.TaskData(tasks.task_spec("rte"), [], {"validation": []})
-    monkeypatch.setattr(tasks, "_load_from_hub", lambda *a, **k: fake)
+    monkeypatch.setattr(data_sources, "_load_from_hub", lambda *a, **k: fake)
     assert load_task("rte").source["kind"] == "hub"
 
 
@@ -115,7 +115,7 @@ def test_really_offline_process_uses_the_example_set(tmp_path):
     """A fresh process with the hub switched off and an empty cache: what a new user's offline machine does."""
     env = {k: v for k, v in os.environ.items() if k != "GLUE_DIR"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
-    code = "from diffcli.tasks import load_task; print(load_task('rte', need_train=False).source['kind'])"
+    code = "from diffcli.data_sources import load_task; print(load_task('rte', need_train=False).source['kind'])"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "example"

@@ -132,7 +132,8 @@ def test_fisher_mask_is_the_top_k_of_the_fisher_diagonal_at_the_base(tmp_path, t
     from diffcli.dist import Dist
     from diffcli.fisher import fisher_diagonal
     from diffcli.task_types import build_task_model
-    from diffcli.tasks import encode, load_task
+    from diffcli.data_sources import load_task
+    from diffcli.tasks import encode
     from diffcli.trainloop import loader
 
     index = _mask(tmp_path, tiny_base, "f", "fisher", fill_samples=16)
@@ -168,7 +169,7 @@ def test_mask_methods_never_build_n_sized_flat_buffers(tmp_path, tiny_base, monk
 def test_a_run_the_device_cannot_hold_stops_first_naming_the_methods_that_fit(tmp_path, tiny_base, monkeypatch):
     from diffcli import memory_estimate
     from diffcli.task_types import build_task_model
-    from diffcli.tasks import load_task
+    from diffcli.data_sources import load_task
     from diffcli.training import memory_needs
 
     train_file, dev_file = write_task(tmp_path / "data")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from diffcli.errors import DataError, HubUnavailableError, InvalidValueError, NotFoundError
-from diffcli.tasks import GLUE_TASKS, Example, load_task, task_spec
+from diffcli.data_sources import load_task
+from diffcli.tasks import GLUE_TASKS, Example, task_spec
 from tests.conftest import GLUE_DIR
 
 MNLI_TRAIN_HEAD = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
