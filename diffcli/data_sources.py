@@ -1,7 +1,8 @@
-"""Where a task's examples come from: explicit csv/tsv/json files, a GLUE folder, the hub, or the bundled example set."""
+"""Where a task's examples come from: csv/tsv/json files, a GLUE folder, the hub, or the bundled example set."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from diffcli import example_data
+from diffcli import example_data, hub
 from diffcli.errors import DataError, DiffpruneError, HubUnavailableError, InvalidValueError, NotFoundError
 from diffcli.tasks import (GLUE_TASKS, Example, TaskData, TaskSpec, _label_parser, _norm_name, infer_labels,
                            task_spec)
@@ -291,7 +292,9 @@ def _load_from_glue_dir(spec: TaskSpec, root: Path, need_train: bool, max_train:
     return TaskData(spec, train, evals)
 
 
-def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_eval: int | None) -> TaskData:
+def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_eval: int | None,
+                   offline: str | None = None) -> TaskData:
+    """The task from the hub; with `offline` (why the hub cannot be used), from the local cache only, at once."""
     import datasets
 
     quiet = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
@@ -299,12 +302,14 @@ def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_
     try:
         for log in quiet:  # their retry warnings would print around our one error line
             log.setLevel(logging.ERROR)
-        ds = datasets.load_dataset(HUB_DATASET, spec.name)
+        with hub.datasets_offline() if offline else contextlib.nullcontext():
+            ds = datasets.load_dataset(HUB_DATASET, spec.name)
     except DiffpruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - offline, missing, or a hub error: all mean "no data"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HubUnavailableError(f"cannot load GLUE task {spec.name} from the hub ({HUB_DATASET}): {first[:200]}",
+        why = f"; {offline}, so only the local cache was looked at" if offline else ""
+        raise HubUnavailableError(f"cannot load GLUE task {spec.name} from the hub ({HUB_DATASET}): {first[:200]}{why}",
                                   hint="pass --data-dir with a folder in the GLUE layout (or set GLUE_DIR), "
                                        "or --train-file/--validation-file") from None
     finally:
@@ -413,8 +418,9 @@ def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
               text_fields: Sequence[str] | None = None, label_field: str | None = None,
               max_train_samples: int | None = None, max_eval_samples: int | None = None,
               need_train: bool = True, labels: Sequence[str] | None = None) -> TaskData:
-    """Load a task's examples from explicit files, else a GLUE folder (data_dir or $GLUE_DIR), else the hub, else
-    (RTE only, offline) the example set bundled with diffprune; `TaskData.source` says which.
+    """Load a task's examples from explicit files, else a GLUE folder (data_dir or $GLUE_DIR), else the hub (only its
+    local cache when the hub is off or unreachable: `hub.unavailable`), else (RTE only) the example set bundled with
+    diffprune; `TaskData.source` says which.
 
     With explicit files and no GLUE task, the task is "custom": labels are the sorted distinct train labels
     (or `labels`, e.g. a model's id2label, when given), and a numeric label column with non-integer values
@@ -439,9 +445,11 @@ def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
         data.source = {"kind": "glue-dir", "path": str(root), "name": f"GLUE folder {root}"
                        + (" (from GLUE_DIR)" if data_dir is None else "")}
         return data
-    logging.getLogger(__name__).info("no --data-dir or GLUE_DIR: loading %s from the hub (%s)", spec.name, HUB_DATASET)
+    offline = hub.unavailable(datasets=True)  # off or unreachable: the local cache at once, not the hub's retries
+    logging.getLogger(__name__).info("no --data-dir or GLUE_DIR: loading %s from %s (%s)", spec.name,
+                                     "the local hub cache" if offline else "the hub", offline or HUB_DATASET)
     try:
-        data = _load_from_hub(spec, need_train, max_train_samples, max_eval_samples)
+        data = _load_from_hub(spec, need_train, max_train_samples, max_eval_samples, offline)
     except HubUnavailableError as exc:
         if not example_data.covers(spec.name):
             raise
@@ -450,7 +458,8 @@ def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
         data.source = example_data.source(f"no --data-dir or GLUE_DIR, and {exc}")
         return data
     where = f"{HUB_DATASET}/{spec.name}"
-    data.source = {"kind": "hub", "path": where, "name": f"the hub ({where})"}
+    data.source = {"kind": "hub", "path": where,
+                   "name": f"the local hub cache ({where}; {offline})" if offline else f"the hub ({where})"}
     return data
 
 

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
+from diffcli import hub
 from diffcli.errors import FormatError, HubUnavailableError, InvalidValueError, NotFoundError
 
 if TYPE_CHECKING:
@@ -84,13 +85,15 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError)
 
+    offline = hub.unavailable()  # then only the local cache is looked at, at once, instead of retrying the network
     try:
-        folder = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
+        folder = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=offline is not None)
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise NotFoundError(f"no model {repo_id!r} on the hub (or it is gated)",
                             hint="check the name, or pass a local folder") from exc
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise HubUnavailableError(f"cannot download {repo_id!r}: the hub is unreachable and it is not cached") from exc
+        raise HubUnavailableError(f"cannot download {repo_id!r}: {offline or 'the hub is unreachable'} and no "
+                                  f"complete copy is in the local cache") from exc
     except (OSError, ValueError) as exc:
         raise HubUnavailableError(f"cannot download {repo_id!r}: {type(exc).__name__}") from exc
     path = Path(folder)
