@@ -15,8 +15,9 @@ A for a transformer encoder layer stack at batch b, length s, hidden h, FFN widt
 per layer 4·b·s·(12h + 3f) + b·s·3h + a·b·s²·18, calibrated on measured peaks (random BERT-large, batch 8,
 length 128, CPU: `bench/results/train_cost_sparse.md`; Korthikanti et al. 2022, eq. 2 counts fewer tensors
 than the eager PyTorch attention and GELU keep). With activation checkpointing of every n-th layer
-(`activations.checkpoint_activations`) the c = ⌈L/n⌉ checkpointed layers keep only their input, 4·b·s·h, and
-backward rebuilds one layer's activations at a time: (L − c)·layer + c·4·b·s·h + layer.
+(`activations.checkpoint_activations`: layers 0, n, 2n, ...) the c = ⌈L/n⌉ checkpointed layers keep only their
+input, 4·b·s·h, and backward rebuilds one of them at a time once the layers above it are done, beside the
+(n − 1)(c − 1) plain layers below the last one: max((L − c)·layer, ((n − 1)(c − 1) + 1)·layer) + c·4·b·s·h.
 On the CPU a fixed process overhead is added.
 """
 
@@ -76,7 +77,8 @@ def activation_bytes(config: Any, batch_size: int, seq_len: int, checkpoint_ever
     ckpt = -(-layers // checkpoint_every) if checkpoint_every else 0
     if not ckpt:
         return layers * per_layer + embeddings
-    return (layers - ckpt) * per_layer + ckpt * 4 * b * s * h + per_layer + embeddings
+    n = checkpoint_every
+    return max(layers - ckpt, (n - 1) * (ckpt - 1) + 1) * per_layer + ckpt * 4 * b * s * h + embeddings
 
 
 def estimate(model: "torch.nn.Module", method: str, *, batch_size: int, seq_len: int,

@@ -198,10 +198,12 @@ def check_memory(tm: TaskModel, opts: TrainOptions, device) -> None:
         return
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     fits = [f"--method {n} needs about {gib(v)}" for v, n in sorted((v, n) for n, v in needs.items() if v <= free)]
-    if opts.activation_checkpointing != 1 and getattr(tm.model, "supports_gradient_checkpointing", False):
-        ckpt = memory_needs(tm, opts, device, checkpoint_every=1)[opts.method]
-        if ckpt <= free:
-            fits.insert(0, f"--activation-checkpointing 1 needs about {gib(ckpt)}")
+    if getattr(tm.model, "supports_gradient_checkpointing", False):  # the least recompute that fits, first
+        for every in (2, 1):
+            ckpt = memory_needs(tm, opts, device, checkpoint_every=every)[opts.method]
+            if opts.activation_checkpointing not in range(1, every + 1) and ckpt <= free:
+                fits.insert(0, f"--activation-checkpointing {every} needs about {gib(ckpt)}")
+                break
     hint = ", ".join(fits) if fits else "lower --batch-size or --max-seq-length, or use a device with more memory"
     raise InvalidValueError(f"--method {opts.method} needs about {gib(need)} on {device.type} but only {gib(free)} "
                             f"is free", hint=hint)

@@ -127,8 +127,10 @@ def test_estimate_counts_checkpointed_layers(tiny_base):
     none, every2, every1 = (activation_bytes(cfg, 8, 128, n) for n in (0, 2, 1))
     layer = (none - 4 * 4 * 8 * 128 * 1024) // 24
     kept_input = 4 * 8 * 128 * 1024
-    assert every1 == 24 * kept_input + layer + 4 * 4 * 8 * 128 * 1024
-    assert every2 == 12 * layer + 12 * kept_input + layer + 4 * 4 * 8 * 128 * 1024
+    assert every1 == 24 * kept_input + layer + 4 * 4 * 8 * 128 * 1024  # inputs kept, one layer rebuilt at a time
+    assert every2 == 12 * layer + 12 * kept_input + 4 * 4 * 8 * 128 * 1024  # layer 22 rebuilt after 23 is freed
+    cfg.num_hidden_layers = 2  # layer 0 checkpointed: rebuilt after layer 1's activations are freed
+    assert activation_bytes(cfg, 8, 128, 2) == layer + kept_input + 4 * 4 * 8 * 128 * 1024
     assert every1 < every2 < none
     tm = build_task_model(tiny_base, _spec(), seed=0)
     full = estimate(tm.model, "sparse", batch_size=8, seq_len=128, shared=tm.gated, k=100)
@@ -136,18 +138,20 @@ def test_estimate_counts_checkpointed_layers(tiny_base):
     assert ckpt.activations < full.activations and ckpt.weights == full.weights
 
 
-def test_memory_hint_names_checkpointing_when_it_fits(tmp_path, tiny_base, monkeypatch):
+def test_memory_hint_names_checkpointing_when_it_fits(tmp_path, monkeypatch):
     from diffcli import training
     from diffcli.train_options import TrainOptions
 
-    tm = build_task_model(tiny_base, _spec(), seed=0)
+    tm = build_task_model(_deep_bert(tmp_path), _spec(), seed=0)
     opts = TrainOptions(method="fisher", batch_size=64, max_seq_length=512)
     needs = training.memory_needs(tm, opts, torch.device("cpu"))
     ckpt = training.memory_needs(tm, opts, torch.device("cpu"), checkpoint_every=1)
     assert ckpt["fisher"] < needs["fisher"]
-    free = (ckpt["fisher"] + needs["fisher"]) // 2  # fits with checkpointing only
-    monkeypatch.setattr("diffcli.memory_estimate.available_bytes", lambda device: free)
+    every2 = training.memory_needs(tm, opts, torch.device("cpu"), checkpoint_every=2)
+    assert ckpt["fisher"] < every2["fisher"] < needs["fisher"]
     monkeypatch.setattr(training, "_rss", lambda: 0)
-    with pytest.raises(InvalidValueError) as err:
-        training.check_memory(tm, opts, torch.device("cpu"))
-    assert "--activation-checkpointing 1 needs about" in err.value.hint
+    for free, named in (((ckpt["fisher"] + every2["fisher"]) // 2, "1"), ((every2["fisher"] + needs["fisher"]) // 2, "2")):
+        monkeypatch.setattr("diffcli.memory_estimate.available_bytes", lambda device, free=free: free)
+        with pytest.raises(InvalidValueError) as err:
+            training.check_memory(tm, opts, torch.device("cpu"))
+        assert f"--activation-checkpointing {named} needs about" in err.value.hint
