@@ -283,11 +283,14 @@ def test_torchrun_two_processes_train_basis_with_double_pruning(tmp_path, tiny_b
     run("verify", str(packed), "--base", str(tiny_base))
 
 
-def test_the_library_pruner_refuses_basis_with_one_line(tiny_base):
+def test_the_library_pruner_takes_basis_and_refuses_a_foreign_flag_with_one_line(tiny_base):
+    """basis runs through the library too (tests/test_api_methods.py trains it); its flags are checked as train's."""
     from transformers import AutoModelForSequenceClassification
 
     from diffcli.api import DiffPruner
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=2)
-    with pytest.raises(InvalidValueError, match="not --method basis"):
-        DiffPruner(model, tiny_base, method="basis")
+    pruner = DiffPruner(model, tiny_base, method="basis", keep_bases=0.25)
+    assert pruner.method_state.keep == round(0.25 * pruner.method_state.nbases)
+    with pytest.raises(InvalidValueError, match="--method basis does not take --alpha-lr"):
+        DiffPruner(model, tiny_base, method="basis", alpha_lr=0.1)
