@@ -186,3 +186,60 @@ def test_swr_first_phase_ends_with_project(task):
     pruner.project()
     with pytest.raises(InvalidValueError, match="project\\(\\) has ended it"):
         pruner.begin()
+
+
+class _Rows(torch.utils.data.Dataset):
+    """32 rows of random token ids, label = whether token 36 occurs."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, 45, (32, 10), generator=g)
+        self.rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": (r == 36).any().long()}
+                     for r in ids]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+@pytest.mark.parametrize("method", ["swr", "basis", "double"])
+def test_trainer_callback_trains_swr_and_basis_diffs_that_pack_verify_and_apply(task, tmp_path, method):
+    from transformers import Trainer, TrainingArguments
+
+    from diffcli import DiffPruningCallback
+
+    model = _model(task["base"])
+    options = {k: v for k, v in OPTIONS[method].items() if k != "method"}
+    cb = DiffPruningCallback(str(task["base"]), method=OPTIONS[method]["method"], fisher_batches=2, fixmask_lr=1e-2,
+                             **options)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=3,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[cb]).train()
+    diff = cb.diff
+    assert diff is not None and sorted(diff.extras) == ["classifier.bias", "classifier.weight"]
+    if method == "swr":
+        assert any(td.is_lowrank for td in diff.tensors.values()) and diff.nnz <= 3000
+    else:
+        kept = sum(bs.nkept for bs in diff.bases.values())
+        assert kept == round(0.5 * cb.pruner.method_state.nbases)
+        assert diff.nnz == kept + (round(0.02 * diff.budget_numel) if method == "double" else 0)
+    packed = tmp_path / "cb.diff"
+    artifact.write(diff, packed, values="fp32")
+    result = CliRunner().invoke(app, ["verify", str(packed), "--base", str(task["base"])])
+    assert result.exit_code == 0, result.output
+    _rebuilds(task, tmp_path, packed, model)
+
+
+def test_trainer_callback_refuses_a_multi_process_trainer_with_one_line(task):
+    from types import SimpleNamespace
+
+    from diffcli import DiffPruningCallback
+
+    cb = DiffPruningCallback(str(task["base"]), method="swr")
+    with pytest.raises(InvalidValueError, match="trains in one process, and this Trainer runs 2") as info:
+        cb.on_train_begin(SimpleNamespace(world_size=2), SimpleNamespace(max_steps=10), None,
+                          model=_model(task["base"]))
+    assert "\n" not in str(info.value) and cb.pruner is None
