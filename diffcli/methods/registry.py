@@ -54,9 +54,9 @@ class TrainMethod(ABC):
 
     @abstractmethod
     def setup(self, run: "Run") -> Any:
-        """The run's `DiffPruner` (`DiffPruner.for_task_model`; the fixed phase and the export drive it); set
-        `run.flat` to its layout. An `own_fixed_phase` method returns its own state for `select` and `build`
-        instead (swr: no sparse mask to fix). Called before DDP wraps the model."""
+        """The run's `DiffPruner` (`DiffPruner.for_task_model`; the method's phases, the fixed phase and the export
+        drive it); set `run.flat` to its layout. An `own_fixed_phase` method (swr: no sparse mask to fix) runs its
+        fixed phase in `select` and makes the diff in `build`. Called before DDP wraps the model."""
 
     def restore(self, run: "Run", state: Any, tensors: dict, saved: dict) -> None:
         """Put an interrupted run's state back (only for methods with resumable `phases`)."""
