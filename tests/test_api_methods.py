@@ -243,3 +243,31 @@ def test_trainer_callback_refuses_a_multi_process_trainer_with_one_line(task):
         cb.on_train_begin(SimpleNamespace(world_size=2), SimpleNamespace(max_steps=10), None,
                           model=_model(task["base"]))
     assert "\n" not in str(info.value) and cb.pruner is None
+
+
+@pytest.mark.parametrize("method", ["swr", "basis"])
+def test_export_right_after_the_choice_is_the_model_as_it_is(task, tmp_path, method):
+    """project() leaves the model at what it chose (swr: θ₀ + ẑ·Δ at the chosen units; basis: the pruned scales),
+    so a diff exported before any fixed step rebuilds it."""
+    from diffcli import DiffPruner
+    from diffcli.applying import apply_to_folder
+    from transformers import AutoModelForSequenceClassification
+
+    model = _model(task["base"])
+    batch = {"input_ids": torch.randint(5, 40, (8, 9), generator=torch.Generator().manual_seed(1)),
+             "attention_mask": torch.ones(8, 9, dtype=torch.long), "labels": torch.tensor([0, 1] * 4)}
+    options = {k: v for k, v in OPTIONS[method].items() if k != "method"}
+    pruner = DiffPruner(model, task["base"], method=OPTIONS[method]["method"], total_steps=3, **options)
+    model.train()
+    for _ in range(3):
+        pruner.begin()
+        model(**batch).loss.backward()
+        pruner.finish()
+    pruner.project()
+    diff = pruner.export()
+    assert diff.nnz > 0
+    apply_to_folder(str(task["base"]), diff, tmp_path / "merged")
+    rebuilt = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**inputs).logits, model.eval()(**inputs).logits, rtol=1e-5, atol=1e-5)

@@ -202,13 +202,21 @@ class SWRTrainer:
         return self.gate.prob_nonzero(self.log_alpha.detach()).tolist()
 
     def choose_units(self) -> dict[str, Any]:
-        """The units that fit the budget by gate probability (`choose`); what to record."""
+        """The units that fit the budget by gate probability (`choose`), ungated from now on at ẑ_u·Δ_u (the
+        model is θ₀ + Δ at them, θ₀ elsewhere); what to record."""
+        import torch
+
         probs = self.probabilities()
         picked = choose(self.units, probs, self.budget)
         self.chosen = [i for i, c in enumerate(picked) if c]
         cost = sum(self.units[i].cost for i in self.chosen)
         self.record = [{"tensor": u.name, "kind": u.kind, "shape": list(u.shape), "cost": u.cost,
                         "probability": round(p, 6), "chosen": c} for u, p, c in zip(self.units, probs, picked)]
+        with torch.no_grad():
+            zhat = self.gate.deterministic(self.log_alpha.detach())
+            for i in self.chosen:
+                self.factors[i][0].mul_(zhat[i])  # B (or δ) carries the final gate: Δ_u is ẑ_u·Δ_u from here on
+        self.write_([1.0] * len(self.units), self.chosen)  # the chosen units, ungated; the others dropped
         return {"budget": self.budget, "n": self.n, "cost": cost, "chosen": len(self.chosen),
                 "units": len(self.units), "rank": self.opts.rank}
 
@@ -217,13 +225,7 @@ class SWRFixed:
     """The fixed phase: only the chosen units' updates (ungated, from ẑ_u·Δ_u) and the head, AdamW, linear decay."""
 
     def __init__(self, tr: SWRTrainer, opts: "TrainOptions", total: int):
-        import torch
-
         self.tr, self.total, self.steps, self.grad_clip = tr, total, 0, opts.grad_clip
-        with torch.no_grad():
-            zhat = tr.gate.deterministic(tr.log_alpha.detach())
-            for i in tr.chosen:
-                tr.factors[i][0].mul_(zhat[i])  # B (or δ) carries the final gate: Δ_u starts at ẑ_u·Δ_u
         self.train = [t for i in tr.chosen for t in tr.factors[i]]
         groups = [{"params": self.train, "lr": opts.fixmask_lr}]
         if tr.head:
@@ -252,11 +254,13 @@ class SWRFixed:
         tr.write_(self.ones, tr.chosen)
         self.steps += 1
 
-    def snapshot(self, head_names: list[str]) -> dict[str, Any]:
-        """The chosen units' factors and the head, on the CPU (what `export(best=...)` takes)."""
-        tr = self.tr
-        return {"factors": {i: [t.detach().cpu().clone() for t in tr.factors[i]] for i in tr.chosen},
-                "head": {n: p.detach().cpu().clone() for n, p in zip(head_names, tr.head)}}
+
+
+def snapshot(tr: SWRTrainer, tm) -> dict[str, Any]:
+    """The chosen units' factors and the head as they are, on the CPU (what `export(best=...)` takes)."""
+    params = dict(tm.model.named_parameters())
+    return {"factors": {i: [t.detach().cpu().clone() for t in tr.factors[i]] for i in tr.chosen},
+            "head": {n: params[n].detach().cpu().clone() for n in tm.head}}
 
 
 def gated_phase(run: "Run", pruner: "DiffPruner") -> None:
@@ -291,9 +295,8 @@ def fixed_phase(run: "Run", pruner: "DiffPruner") -> dict[str, Any]:
     opts, rep, tm = run.opts, run.rep, run.tm
     fwd = run.ddp if run.ddp is not None else tm.model
     pruner.start_fixed(run.steps_per_epoch * opts.fixmask_epochs)
-    engine: SWRFixed = pruner.engine
     record = run.record
-    best = engine.snapshot(tm.head)
+    best = snapshot(pruner.phase, tm)
     if run.dist.main:
         metrics = evaluate_on(tm, run.task_data, opts, run.dev)
         record["projection"]["metrics"] = metrics
@@ -311,7 +314,7 @@ def fixed_phase(run: "Run", pruner: "DiffPruner") -> dict[str, Any]:
         if run.dist.main:
             entry["metrics"] = evaluate_on(tm, run.task_data, opts, run.dev)
             if run.keep_if_best(entry, "fixed", opts.fixmask_epochs):
-                best = engine.snapshot(tm.head)
+                best = snapshot(pruner.phase, tm)
         run.history.append(entry)
         run.epoch_done("fixmask", epoch + 1)
     return best
@@ -359,9 +362,7 @@ class SWRMethod(TrainMethod):
         if not pruner.chosen:
             raise InvalidValueError("nothing to export yet: call project() to choose the units first")
         if best is None:
-            params = dict(tm.model.named_parameters())
-            best = {"factors": {i: [t.detach().cpu().clone() for t in tr.factors[i]] for i in tr.chosen},
-                    "head": {n: params[n].detach().cpu().clone() for n in tm.head}}
+            best = snapshot(tr, tm)
         tensors = {}
         for i, u in enumerate(tr.units):
             dtype, digest = tm.base_info[u.name]
