@@ -41,6 +41,17 @@ if TYPE_CHECKING:
     from diffcli.diff import Diff
 
 
+def checked_options(method: str, options: dict[str, Any]) -> TrainOptions:
+    """`TrainOptions` for `method`, refused with one line as `train` refuses its flags (an unknown option, a value
+    out of range, an option the method does not take)."""
+    unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__) - {"method"})
+    if unknown:
+        raise InvalidValueError(f"unknown option {unknown[0]!r}; the options are TrainOptions' fields")
+    opts = TrainOptions(**{**options, "method": method})
+    opts.validate()
+    return opts
+
+
 class DiffPruner:
     """Diff training of `model` against the base it was loaded from (`base`: folder, alias or hub id).
 
@@ -54,11 +65,7 @@ class DiffPruner:
         from diffcli.taskmodel import attach_base
         from diffcli.weights import resolve_model
 
-        unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__))
-        if unknown:
-            raise InvalidValueError(f"unknown option {unknown[0]!r}; the options are TrainOptions' fields")
-        opts = TrainOptions(method=method, **options)
-        opts.validate()
+        opts = checked_options(method, options)
         tm = attach_base(model, resolve_model(str(base)))
         self._setup(tm, opts, str(base), next(model.parameters()).device, total_steps, own_head)
 

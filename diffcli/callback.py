@@ -22,7 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from diffcli.api import DiffPruner
+from diffcli.api import DiffPruner, checked_options
 from diffcli.errors import InvalidValueError
 
 
@@ -33,6 +33,7 @@ class DiffPruningCallback(TrainerCallback):
                  **options: Any):
         if not 0 <= switch < 1:
             raise InvalidValueError(f"switch is a fraction of the steps in [0, 1), got {switch}")
+        checked_options(method, options)  # refused here, before the Trainer starts
         self.base, self.method, self.options = base, method, options
         self.switch = 0.0 if method in ("fisher", "random") else switch
         self.fisher_batches = fisher_batches

@@ -271,3 +271,16 @@ def test_export_right_after_the_choice_is_the_model_as_it_is(task, tmp_path, met
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(**inputs).logits, model.eval()(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("swr", dict(alpha=0.1), "unknown option 'alpha'"),
+    ("swr", dict(structured=False), "--method swr does not take --structured"),
+    ("basis", dict(keep_bases=0), "--keep-bases is a fraction"),
+    ("nope", {}, "unknown --method 'nope'"),
+])
+def test_trainer_callback_refuses_bad_options_when_built(task, method, options, message):
+    from diffcli import DiffPruningCallback
+
+    with pytest.raises(InvalidValueError, match=message):
+        DiffPruningCallback(str(task["base"]), method=method, **options)
