@@ -20,7 +20,7 @@ ARGS = {"swr": ["--method", "swr", "--lr", "1e-2", "--rank", "2", "--budget", "3
         "double": ["--method", "basis", "--basis-lr", "1e-2", "--sparsity", "2%", "--fill-samples", "16"]}
 OPTIONS = {"swr": dict(method="swr", lr=1e-2, rank=2, budget="3000", alpha_lr=0.2),
            "basis": dict(method="basis", basis_lr=1e-2, keep_bases=0.5),
-           "double": dict(method="basis", basis_lr=1e-2, sparsity=0.02, double_prune=True, fill_samples=16)}
+           "double": dict(method="basis", basis_lr=1e-2, sparsity=0.02, fill_samples=16)}  # sparsity: double pruning
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def _model(base):
     ("swr", dict(rank=40), None, "--rank 40 exceeds the smaller dimension"),
     ("basis", dict(alpha_lr=0.1), None, "--method basis does not take --alpha-lr"),
     ("basis", dict(keep_bases=1.5), None, "--keep-bases is a fraction"),
-    ("basis", dict(budget="10", double_prune=True, sparsity=0.01), None, "must exceed the"),
+    ("basis", dict(budget="10", sparsity=0.01), None, "must exceed the"),
     ("l0", dict(rank=4), None, "--method l0 does not take --rank (taken by --method swr)"),
     ("l0", dict(keep_bases=0.5), None, "--method l0 does not take --keep-bases"),
     ("swr", {}, "choose_mask", "--method swr learns its mask: call project()"),
@@ -161,7 +161,7 @@ def _model(base):
     ("swr", {}, "finish", "finish() before begin()"),
     ("basis", {}, "choose_mask", "the bases are not pruned yet"),
     ("basis", {}, "export", "nothing to export yet"),
-    ("basis", dict(double_prune=True, sparsity=0.02), "project+choose_mask", "needs batches of training data"),
+    ("basis", dict(sparsity=0.02), "project+choose_mask", "needs batches of training data"),
     ("random", {}, "project", "--method random has no first phase to end: call choose_mask()"),
 ])
 def test_misuse_is_one_clear_error(task, method, options, call, message):
