@@ -138,7 +138,9 @@ class Diff:
 
     @property
     def nnz(self) -> int:
-        return sum(t.nnz for t in self.tensors.values())
+        """Stored update parameters: every tensor's (`TensorDiff.nnz`) and the kept scales of its basis records, as the
+        packed header's `nnz` counts them (docs/FORMAT.md)."""
+        return sum(t.nnz for t in self.tensors.values()) + sum(bs.nkept for bs in self.bases.values())
 
     @property
     def extras_numel(self) -> int:

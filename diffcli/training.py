@@ -92,7 +92,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     train_set = kind.encode(task_data.train, tm.tokenizer, task_data.spec, opts.max_seq_length)
     run = Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end)
 
-    pruner = method.setup(run)  # the run's DiffPruner (swr: its own trainer); sets run.flat and run.sparse
+    pruner = method.setup(run)  # the run's DiffPruner (every method's); sets run.flat and run.sparse
     run.ddp = wrap_ddp(tm.model, dist, dev)
     torch.manual_seed(opts.seed + dist.rank)  # dropout streams
     phase, done, tensors, saved = "select", 0, {}, None

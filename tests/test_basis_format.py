@@ -179,12 +179,27 @@ def test_inspect_counts_the_scales_in_params(models, tmp_path):
     scales = sum(bs.nkept for bs in diff.bases.values())
     for target in (path, checkpoint.save(diff, tmp_path / "ck")):
         report = inspect(target)
-        assert report["totals"]["params"] == diff.nnz + scales
-        assert report["totals"]["nnz"] == diff.nnz
+        assert report["totals"]["params"] == diff.nnz  # Diff.nnz counts the kept scales, as the header's nnz does
+        assert report["totals"]["nnz"] == diff.nnz - scales  # inspect's nnz: the budget tensors' entries
         rows = [r for r in report["tensors"] if r["kind"] == "basis"]
         assert sorted(r["tensor"] for r in rows) == sorted(diff.bases)
     result = CliRunner().invoke(app, ["inspect", str(path), "--json"])
-    assert result.exit_code == 0 and json.loads(result.stdout)["totals"]["params"] == diff.nnz + scales
+    assert result.exit_code == 0 and json.loads(result.stdout)["totals"]["params"] == diff.nnz
+
+
+def test_diff_nnz_is_the_packed_headers_nnz_with_basis_scales(models, tmp_path):
+    """Issue 10: Diff.nnz, the checkpoint's nnz, `pack`'s report and the header's nnz all count every stored
+    update parameter (sparse entries and the kept basis scales alike), as docs/FORMAT.md defines the header's."""
+    diff = models["diff"]
+    scales = sum(bs.nkept for bs in diff.bases.values())
+    sparse = sum(td.nnz for td in diff.tensors.values())
+    assert scales > 0 and sparse > 0 and diff.nnz == sparse + scales
+    report = artifact.write(diff, tmp_path / "b.diff", values="fp32")
+    header = artifact.read_header(tmp_path / "b.diff")
+    assert header["nnz"] == report.nnz == diff.nnz == artifact.load(tmp_path / "b.diff").nnz
+    assert report.density == diff.density == diff.nnz / diff.budget_numel
+    ck = checkpoint.save(diff, tmp_path / "ck")
+    assert json.loads((ck / checkpoint.META_FILE).read_text())["nnz"] == diff.nnz == checkpoint.load(ck).nnz
 
 
 def test_header_with_basis_records_matches_the_schema(models):

@@ -83,7 +83,8 @@ def test_basis_train_pack_verify_apply_reproduces_the_trained_model(trained):
     # every non-embedding 2-D weight of the tiny BERT: 2 layers × (4 of 32×32 + 2 of 32×64) + the pooler
     assert summary["bases"]["matrices"] == len(diff.bases) == 2 * 6 + 1 and total == 2 * 6 * 32 + 32
     assert sum(bs.nkept for bs in diff.bases.values()) == summary["bases"]["kept"] == round(0.5 * total)
-    assert not any("embeddings" in n for n in diff.bases) and diff.nnz == 0
+    assert not any("embeddings" in n for n in diff.bases) and all(td.nnz == 0 for td in diff.tensors.values())
+    assert diff.nnz == summary["bases"]["kept"] == summary["nnz"]  # the stored parameters: the kept scales alone
     assert diff.meta["method"] == "basis-scaling" and diff.meta["method_options"]["keep_bases"] == 0.5
 
     packed = root / "basis.diff"
@@ -106,7 +107,7 @@ def test_basis_train_pack_verify_apply_reproduces_the_trained_model(trained):
 def test_double_pruning_puts_both_kinds_in_one_file(trained):
     root, base = trained["root"], trained["base"]
     diff = checkpoint.load(root / "double")
-    assert diff.bases and diff.nnz == round(0.02 * diff.budget_numel)
+    assert diff.bases and diff.nnz == round(0.02 * diff.budget_numel) + sum(bs.nkept for bs in diff.bases.values())
     assert trained["double"]["method_options"]["double_prune"] is True
     packed = root / "double.diff"
     run("pack", str(root / "double"), "-o", str(packed))
@@ -116,7 +117,7 @@ def test_double_pruning_puts_both_kinds_in_one_file(trained):
     back = artifact.load(packed)
     assert back.nnz == diff.nnz and sorted(back.bases) == sorted(diff.bases)
     inspected = json.loads(run("inspect", str(packed), "--json").stdout)
-    assert inspected["totals"]["params"] == diff.nnz + sum(bs.nkept for bs in diff.bases.values())
+    assert inspected["totals"]["params"] == diff.nnz == header["nnz"]  # fp16 codes no scale to 0 here
     run("apply", str(base), str(packed), "-o", str(root / "merged2"))
     got = _logits(root / "merged2", TEXTS)
     assert torch.allclose(got, _in_memory_logits(base, back, TEXTS), atol=1e-5)
@@ -255,7 +256,7 @@ def test_budget_caps_scales_plus_sparse_entries(tmp_path, tiny_base):
     diff = checkpoint.load(out)
     sparse = round(0.005 * diff.budget_numel)
     assert summary["bases"]["kept"] == sum(bs.nkept for bs in diff.bases.values()) == 300 - sparse
-    assert diff.nnz + summary["bases"]["kept"] <= 300
+    assert diff.nnz == summary["nnz"] <= 300  # nnz counts the kept scales too, as the packed header does
 
 
 def test_torchrun_two_processes_train_basis_with_double_pruning(tmp_path, tiny_base):
@@ -283,11 +284,14 @@ def test_torchrun_two_processes_train_basis_with_double_pruning(tmp_path, tiny_b
     run("verify", str(packed), "--base", str(tiny_base))
 
 
-def test_the_library_pruner_refuses_basis_with_one_line(tiny_base):
+def test_the_library_pruner_takes_basis_and_refuses_a_foreign_flag_with_one_line(tiny_base):
+    """basis runs through the library too (tests/test_api_methods.py trains it); its flags are checked as train's."""
     from transformers import AutoModelForSequenceClassification
 
     from diffcli.api import DiffPruner
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=2)
-    with pytest.raises(InvalidValueError, match="not --method basis"):
-        DiffPruner(model, tiny_base, method="basis")
+    pruner = DiffPruner(model, tiny_base, method="basis", keep_bases=0.25)
+    assert pruner.method_state.keep == round(0.25 * pruner.method_state.nbases)
+    with pytest.raises(InvalidValueError, match="--method basis does not take --alpha-lr"):
+        DiffPruner(model, tiny_base, method="basis", alpha_lr=0.1)

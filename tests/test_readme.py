@@ -62,3 +62,25 @@ def test_readme_training_api_examples_run(tmp_path, monkeypatch, capsys):
         diff = checkpoint.load(tmp_path / name)
         assert 0 < diff.nnz <= budget(0.005, diff.budget_numel)
         assert sorted(diff.extras) == ["classifier.bias", "classifier.weight"]
+
+
+@pytest.mark.integration
+def test_readme_swr_and_basis_api_example_runs(tmp_path, monkeypatch, capsys):
+    """The swr/basis own-loop example (it continues the first training example): both diffs save and pack."""
+    from diffcli import artifact, checkpoint
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    own = next(b for b in blocks if "DiffPruner(" in b)
+    methods = next(b for b in blocks if 'method="swr"' in b or '("swr"' in b)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(own, "README.md", "exec"), scope)
+    exec(compile(methods, "README.md", "exec"), scope)
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "swr" in printed and "basis" in printed
+    swr, basis = checkpoint.load(tmp_path / "own-loop-swr"), checkpoint.load(tmp_path / "own-loop-basis")
+    assert any(td.is_lowrank for td in swr.tensors.values()) and 0 < swr.nnz <= round(0.01 * swr.budget_numel)
+    scales = sum(bs.nkept for bs in basis.bases.values())
+    assert scales > 0 and basis.nnz - scales == round(0.001 * basis.budget_numel)
+    for diff in (swr, basis):
+        assert artifact.loads(artifact.pack(diff, "fp32")).nnz == diff.nnz

@@ -163,11 +163,14 @@ def test_a_budget_every_unit_fits_chooses_all_without_a_penalty(tmp_path, tiny_b
     assert diff.meta["results"]["best"]["epoch"] == 0
 
 
-def test_the_library_pruner_refuses_swr_with_one_clear_error(tiny_base):
+def test_the_library_pruner_takes_swr_and_refuses_a_foreign_flag_with_one_clear_error(tiny_base):
+    """swr runs through the library too (tests/test_api_methods.py trains it); its flags are checked as train's."""
     from transformers import BertForSequenceClassification
 
     from diffcli.api import DiffPruner
 
     model = BertForSequenceClassification.from_pretrained(tiny_base, num_labels=2)
-    with pytest.raises(InvalidValueError, match="DiffPruner trains sparse masks; --method swr runs through"):
-        DiffPruner(model, str(tiny_base), method="swr")
+    pruner = DiffPruner(model, str(tiny_base), method="swr", rank=4, budget="3000")
+    assert pruner.phase.budget == 3000 and {u.kind for u in pruner.phase.units} == {"lowrank", "dense"}
+    with pytest.raises(InvalidValueError, match="--method swr does not take --fill"):
+        DiffPruner(model, str(tiny_base), method="swr", fill="fisher")

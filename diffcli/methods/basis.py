@@ -121,6 +121,73 @@ def matrices(model, names: list[str], embeddings: bool) -> list[str]:
     return [n for n in names if params[n].dim() == 2 and (embeddings or n not in emb)]
 
 
+class ScaleSteps:
+    """One optimizer over the live scales (and the head) at `lr`, linear decay to 0 over `total` steps: the step of
+    the scale phase (`accumulate`: importance += |a⊙dL/da|) and of the kept scales' fixed phase."""
+
+    def __init__(self, state: BasisScaling, head: list, opts: "TrainOptions", lr: float, total: int, *,
+                 accumulate: bool):
+        self.state, self.head, self.accumulate, self.grad_clip = state, head, accumulate, opts.grad_clip
+        groups = [{"params": [state.a], "lr": lr}]
+        if head:
+            groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else lr,
+                           "weight_decay": opts.weight_decay})
+        self.opt = adamw(groups, lr, 0.0, state.a.device)  # no decay on a: it would pull every scale toward 0
+        for g in self.opt.param_groups:
+            g["initial_lr"] = g["lr"]
+        self.total, self.steps = max(1, total), 0
+
+    def zero_grad(self) -> None:
+        zero_grads(self.state.flat, self.head)
+
+    def step(self) -> None:
+        import torch
+
+        state = self.state
+        state.backward_(self.accumulate)
+        clip([state.a] + self.head, self.grad_clip)
+        decay = max(0.0, 1.0 - self.steps / self.total)
+        for g in self.opt.param_groups:
+            g["lr"] = g["initial_lr"] * decay
+        self.opt.step()
+        with torch.no_grad():
+            state.a.mul_(state.alive)
+        state.write_()
+        self.steps += 1
+
+
+class BasisPhase:
+    """The scale phase of a `DiffPruner`: `begin()` clears dL/dθ, `finish()` steps the scales and sums importance."""
+
+    def __init__(self, pruner: "DiffPruner", total_steps: int):
+        from diffcli.diffmodel import FlatParams
+
+        opts, tm = pruner.opts, pruner.tm
+        chosen = chosen_matrices(tm, opts)
+        self.flat = FlatParams(tm.model, tm.gated, pruner.device)
+        self.state = BasisScaling(self.flat, chosen, pruner.device)
+        self.state.keep = bases_to_keep(opts, self.state.nbases, self.flat.numel)  # refused before any training
+        self.steps = ScaleSteps(self.state, pruner.head, opts, opts.basis_lr, total_steps, accumulate=True)
+
+    def begin(self) -> None:
+        self.steps.zero_grad()
+
+    def finish(self) -> dict[str, float]:
+        self.steps.step()
+        return {"live_bases": int(self.state.alive.sum())}
+
+
+def chosen_matrices(tm, opts: "TrainOptions") -> list[str]:
+    """The 2-D weights basis scaling rewrites; refused, one line, when the base has none."""
+    chosen = matrices(tm.model, tm.gated, opts.basis_embeddings)
+    if not chosen:
+        raise InvalidValueError("--method basis needs 2-D weights and this base has none"
+                                + ("" if opts.basis_embeddings else " outside its embeddings"),
+                                hint="pick another --method" + ("" if opts.basis_embeddings
+                                                                else " or pass --basis-embeddings"))
+    return chosen
+
+
 @register
 class BasisMethod(TrainMethod):
     """Learn a scale per SVD basis of every weight matrix, prune the unimportant bases, optionally add a sparse δ."""
@@ -148,56 +215,118 @@ class BasisMethod(TrainMethod):
         if not (math.isfinite(opts.basis_lr) and opts.basis_lr >= 0):
             raise InvalidValueError(f"--basis-lr must be a finite number ≥ 0, got {opts.basis_lr}")
 
+    # -- the library API ------------------------------------------------------------------------------------
+    def first_phase(self, pruner: "DiffPruner", total_steps: int) -> BasisPhase:
+        # flat: the scales write θ = θ₀ + U·diag(σ⊙(a−1))·Vᵀ into the N-sized buffers, and double pruning's
+        # fixed phase trains δ on top of them (θ₀ folded to the scaled model)
+        phase = BasisPhase(pruner, total_steps)
+        pruner.method_state = phase.state
+        pruner.flat_engine = True
+        return phase
+
+    def project(self, pruner: "DiffPruner", batches, world: int) -> dict[str, Any]:
+        """Basis pruning: the `keep` bases of largest accumulated importance stay, a = 0 at the others."""
+        state: BasisScaling = pruner.method_state
+        pruned = state.prune_(state.keep)
+        return {"total": state.nbases, "kept": state.keep, "pruned": pruned, "matrices": len(state.mats)}
+
+    def fixed_engine(self, pruner: "DiffPruner", total_steps: int, opts: "TrainOptions"):
+        """The kept scales (after project()); the sparse δ on the scaled model (after choose_mask())."""
+        if pruner.index is not None:
+            return pruner.mask_engine(total_steps, opts)
+        return ScaleSteps(pruner.method_state, pruner.head, opts, opts.fixmask_lr, total_steps, accumulate=False)
+
+    def choose_mask(self, pruner: "DiffPruner", batches, world: int) -> dict[str, Any]:
+        """Double pruning: fold the scales into θ₀, then the k = round(S·N) entries of largest empirical Fisher at
+        the scaled model (none without double_prune); `start_fixed()` then trains δ there."""
+        import torch
+
+        from diffcli.fisher import fisher_diagonal
+
+        state: BasisScaling = pruner.method_state
+        if not pruner.chosen:
+            raise InvalidValueError("the bases are not pruned yet: call project() after the scale phase")
+        if pruner.index is not None:
+            raise InvalidValueError("the double-pruning mask is chosen already")
+        opts, n = pruner.opts, state.flat.numel
+        k = round(opts.sparsity * n) if opts.double_prune else 0
+        if k and batches is None:
+            raise InvalidValueError("double pruning's Fisher mask needs batches of training data: choose_mask(batches)")
+        state.fold_()
+        pruner.phase = None
+        index = torch.zeros(0, dtype=torch.int64)
+        if k:
+            score = fisher_diagonal(pruner.tm.model, state.flat, pruner.head, batches, pruner.device, world)
+            top = torch.topk(score, min(k, score.numel()), sorted=False).indices
+            index = torch.sort(top.cpu()).values.to(torch.int64)
+        pruner.index, pruner.values = index, torch.zeros(index.numel())
+        return {"sparsity": opts.sparsity if k else 0.0, "k": k, "n": n, "kept": int(index.numel()),
+                "mask": "fisher" if k else None}
+
+    def export(self, pruner: "DiffPruner", meta: dict, best: dict | None):
+        """The sparse δ (empty without double pruning) and the head, with a basis record per scaled matrix (its
+        kept bases, a − 1 there and the probe); a `best` snapshot from `train` gets its records in `finish`."""
+        if not pruner.chosen and pruner.index is None:
+            raise InvalidValueError("nothing to export yet: call project() to prune the bases first")
+        diff = pruner.mask_diff(meta, best)
+        if best is None:
+            diff.bases.update(scale_records(pruner.tm, pruner.method_state))
+        return diff
+
+    # -- train ----------------------------------------------------------------------------------------------
     def setup(self, run: "Run") -> "DiffPruner":
         from diffcli.api import DiffPruner
 
-        tm = run.tm
-        chosen = matrices(tm.model, tm.gated, run.opts.basis_embeddings)
-        if not chosen:
-            raise InvalidValueError("--method basis needs 2-D weights and this base has none"
-                                    + ("" if run.opts.basis_embeddings else " outside its embeddings"),
-                                    hint="pick another --method" + ("" if run.opts.basis_embeddings
-                                                                    else " or pass --basis-embeddings"))
-        # flat: the scales write θ = θ₀ + U·diag(σ⊙(a−1))·Vᵀ into the N-sized buffers, and double pruning's
-        # fixed phase trains δ on top of them (θ₀ folded to the scaled model)
-        pruner = DiffPruner.for_task_model(tm, run.opts, run.dev, run.steps_per_epoch * run.opts.fixmask_epochs,
+        chosen_matrices(run.tm, run.opts)  # refused here, before anything else
+        pruner = DiffPruner.for_task_model(run.tm, run.opts, run.dev, run.steps_per_epoch * run.opts.epochs,
                                            base_ref=run.model_ref, flat=True)
         run.flat = pruner.layout
-        state = BasisScaling(run.flat, chosen, run.dev)
-        state.keep = bases_to_keep(run.opts, state.nbases, run.flat.numel)  # refused here, before any training
-        pruner.method_state = state
         return pruner
 
     def select(self, run: "Run", pruner: "DiffPruner", done: int) -> dict[str, "torch.Tensor"]:
         import torch
 
+        from diffcli.fisher import fisher_batches
+
         state: BasisScaling = pruner.method_state
         opts, tm = run.opts, run.tm
-        params = dict(tm.model.named_parameters())
-        head = [params[n] for n in tm.head]
+        head = pruner.head
         fwd = run.ddp if run.ddp is not None else tm.model
         record = run.record
-        _phase(run, state, head, fwd, "basis", opts.epochs, opts.basis_lr, accumulate=True)
-        keep = state.keep
-        pruned = state.prune_(keep)
-        record["bases"] = {"total": state.nbases, "kept": keep, "pruned": pruned, "matrices": len(state.mats)}
-        run.rep.line(f"basis pruning: kept {keep} of {state.nbases} bases in {len(state.mats)} matrices")
-        best = _phase(run, state, head, fwd, "basis-fixed", opts.fixmask_epochs, opts.fixmask_lr, accumulate=False,
-                      keep_best=True)
+
+        def scale_step(batch: dict) -> float:
+            pruner.begin()
+            loss = forward_backward(fwd, batch, run.dev)
+            pruner.finish()
+            return loss
+
+        _epochs(run, "basis", opts.epochs, opts.seed, scale_step)
+        bases = pruner.project()
+        record["bases"] = dict(bases)
+        run.rep.line(f"basis pruning: kept {bases['kept']} of {bases['total']} bases in {bases['matrices']} matrices")
+        pruner.start_fixed(opts.fixmask_epochs * run.steps_per_epoch)
+
+        def fixed_step(batch: dict) -> float:
+            loss = forward_backward(fwd, batch, run.dev)
+            pruner.fixed_step()
+            return loss
+
+        best = _epochs(run, "basis-fixed", opts.fixmask_epochs, opts.seed + 1, fixed_step, state=state, head=head)
         with torch.no_grad():
             state.a.copy_(best["a"])
             for p, t in zip(head, best["head"]):
                 p.copy_(t)
         state.write_()
         record["bases"]["best"] = best["record"]
-        state.fold_()
         out = {f"head/{n}": p.detach().clone().cpu() for n, p in zip(tm.head, head)}
-        out.update(_scale_tensors(run, state))
-        k = round(opts.sparsity * run.flat.numel) if opts.double_prune else 0
-        index = _fisher_top_k(run, state, head, k) if k else torch.zeros(0, dtype=torch.int64)
-        record["projection"] = {"sparsity": opts.sparsity if k else 0.0, "k": k, "n": run.flat.numel,
-                                "kept": int(index.numel()), "mask": "fisher" if k else None}
-        out.update({"mask/index": index, "mask/values": torch.zeros(index.numel())})
+        out.update(scale_tensors(tm, state))
+        double = opts.double_prune and round(opts.sparsity * state.flat.numel) > 0
+
+        def batches():  # read only when double pruning has a mask to choose
+            yield from fisher_batches(run)
+
+        record["projection"] = pruner.choose_mask(batches() if double else None, run.dist.world)
+        out.update({"mask/index": pruner.index, "mask/values": pruner.values})
         return out
 
     def resume_fixed(self, run: "Run", pruner: "DiffPruner", tensors: dict) -> None:
@@ -212,6 +341,7 @@ class BasisMethod(TrainMethod):
                 state.a[a + kept] = 1 + tensors[f"method/basis/values/{name}"].to(state.a.device)
         state.write_()
         state.fold_()
+        pruner.phase = None
 
     def finish(self, run: "Run", tensors: dict, diff):
         """The trained diff with its basis records (kept indices, a − 1, probe) read back from `tensors`."""
@@ -238,50 +368,23 @@ def bases_to_keep(opts: "TrainOptions", total: int, n: int) -> int:
     return min(total, budget - sparse)
 
 
-def _phase(run: "Run", state: BasisScaling, head: list, fwd, label: str, epochs: int, lr: float, *,
-           accumulate: bool, keep_best: bool = False) -> dict[str, Any]:
-    """Epochs training the live scales (and the head) at `lr`, linear decay; with `keep_best`, the best dev epoch
-    (epoch 0 = the start) as {"a", "head", "record"}."""
+def _epochs(run: "Run", label: str, epochs: int, seed: int, step, *, state: BasisScaling | None = None,
+            head: list | None = None) -> dict[str, Any]:
+    """`epochs` of `step` per batch, evaluated after each; with `state`, the best dev epoch (epoch 0 = the start)
+    as {"a", "head", "record"}, the same on every rank."""
     opts, dev, tm = run.opts, run.dev, run.tm
-    groups = [{"params": [state.a], "lr": lr}]
-    if head:
-        groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else lr,
-                       "weight_decay": opts.weight_decay})
-    opt = adamw(groups, lr, 0.0, dev)  # no decay on a: it would pull every scale toward 0, i.e. toward pruning
-    for g in opt.param_groups:
-        g["initial_lr"] = g["lr"]
-    total = max(1, epochs * run.steps_per_epoch)
-    steps = 0
+    head = head or []
 
     def snapshot(record: dict) -> dict[str, Any]:
         return {"a": state.a.detach().clone(), "head": [p.detach().clone() for p in head], "record": record}
 
     best = None
-    if keep_best and run.dist.main:
+    if state is not None and run.dist.main:
         metrics = evaluate_on(tm, run.task_data, opts, dev)
         best = snapshot({"epoch": 0, "score": main_score(run.spec, metrics), "metrics": metrics})
         run.rep.line(f"after basis pruning: {fmt_metrics(metrics)}")
-
-    def step(batch: dict) -> float:
-        nonlocal steps
-        import torch
-
-        zero_grads(state.flat, head)
-        loss = forward_backward(fwd, batch, dev)
-        state.backward_(accumulate)
-        clip([state.a] + head, opts.grad_clip)
-        decay = max(0.0, 1.0 - steps / total)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * decay
-        opt.step()
-        with torch.no_grad():
-            state.a.mul_(state.alive)
-        state.write_()
-        steps += 1
-        return loss
-
     for epoch in range(epochs):
-        mean = run.epoch(label, epoch, epochs, opts.seed + (0 if accumulate else 1), step)
+        mean = run.epoch(label, epoch, epochs, seed, step)
         entry: dict[str, Any] = {"phase": label, "epoch": epoch + 1, "loss": mean}
         if run.dist.main:
             entry["metrics"] = evaluate_on(tm, run.task_data, opts, dev)
@@ -293,7 +396,7 @@ def _phase(run: "Run", state: BasisScaling, head: list, fwd, label: str, epochs:
                          f"{'  (best)' if better else ''}")
         run.history.append(entry)
         run.epoch_done(label, epoch + 1)
-    if keep_best:
+    if state is not None:
         best = _broadcast_best(run, best, state, head)
     return best or {}
 
@@ -313,32 +416,25 @@ def _broadcast_best(run: "Run", best, state: BasisScaling, head: list) -> dict[s
     return {"a": a, "head": hs, "record": best["record"] if best is not None else {}}
 
 
-def _scale_tensors(run: "Run", state: BasisScaling) -> dict[str, "torch.Tensor"]:
+def scale_records(tm, state: BasisScaling) -> dict[str, Any]:
+    """Per scaled matrix its `BasisScales` (kept bases, a − 1 there, the probe), from the base's own SVD."""
+    from diffcli.weights import WeightStore
+
+    store = WeightStore(tm.base_dir)
+    try:
+        return state.scales(lambda name: store[tm.base_names[name]])
+    finally:
+        store.release()
+
+
+def scale_tensors(tm, state: BasisScaling) -> dict[str, "torch.Tensor"]:
     """The basis records as tensors (so the shared loop saves them with its state): kept, a − 1, rank, probe."""
     import torch
 
-    from diffcli.weights import WeightStore
-
-    store = WeightStore(run.tm.base_dir)
-    try:
-        scales = state.scales(lambda name: store[run.tm.base_names[name]])
-    finally:
-        store.release()
     out = {}
-    for name, bs in scales.items():
+    for name, bs in scale_records(tm, state).items():
         out[f"method/basis/kept/{name}"] = bs.kept
         out[f"method/basis/values/{name}"] = bs.values
         out[f"method/basis/rank/{name}"] = torch.tensor(bs.rank, dtype=torch.int64)
         out[f"method/basis/probe/{name}"] = torch.tensor(bs.probe, dtype=torch.float64)
     return out
-
-
-def _fisher_top_k(run: "Run", state: BasisScaling, head: list, k: int) -> "torch.Tensor":
-    """Double pruning's mask: the k entries of largest empirical Fisher at the scaled model, sorted."""
-    import torch
-
-    from diffcli.fisher import fisher_scores
-
-    score = fisher_scores(run, state.flat, head)
-    top = torch.topk(score, min(k, score.numel()), sorted=False).indices
-    return torch.sort(top.cpu()).values.to(torch.int64)

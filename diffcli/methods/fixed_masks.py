@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+from diffcli.errors import InvalidValueError
 from diffcli.methods.registry import TrainMethod, register
 from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_backward
 
@@ -55,6 +56,25 @@ class MaskMethod(TrainMethod):
 
     def before_mask(self, run: "Run") -> None:
         """In `train`, what runs before the mask is chosen (magnitude: the short dense finetune)."""
+
+    def project(self, pruner: "DiffPruner", batches, world: int) -> dict:
+        raise InvalidValueError(f"--method {self.name} has no first phase to end: call choose_mask()")
+
+    def choose_mask(self, pruner: "DiffPruner", batches, world: int) -> dict:
+        """The k-entry mask on the model as it is (`mask`), as sorted flat positions and their start values."""
+        import torch
+
+        from diffcli.projection import budget
+        from diffcli.trained_diff import join_index
+
+        if self.name == "fisher" and batches is None:
+            raise InvalidValueError("the Fisher mask needs batches of training data")
+        mask, values, info = self.mask(pruner.tm, pruner.layout, pruner.opts, lambda: batches, world)
+        pruner.index = join_index(pruner.layout, mask)
+        pruner.values = torch.zeros(pruner.index.numel()) if values is None else values.cpu().to(torch.float32)
+        info.update({"sparsity": pruner.opts.sparsity, "k": budget(pruner.opts.sparsity, pruner.layout.numel),
+                     "n": pruner.layout.numel, "kept": int(pruner.index.numel()), "mask": self.name})
+        return info
 
     def mask(self, tm, layout, opts, batches, world: int = 1) -> tuple[dict, "torch.Tensor | None", dict]:
         """{tensor: kept positions}, their start values in flat order (None: zeros), what to record.

@@ -226,6 +226,20 @@ class L0Method(TrainMethod):
                          f"phase)")
         return pruner
 
+    def first_phase(self, pruner: "DiffPruner", total_steps: int) -> L0Trainer:
+        tm = pruner.tm
+        return L0Trainer(tm.model, tm.gated, pruner.head_names, pruner.opts, pruner.device, total_steps)
+
+    def project(self, pruner: "DiffPruner", batches, world: int) -> dict:
+        """Exactly k entries of the deterministic δ, topped up by `--fill` (`gate_mask`); frees w, log α, optimisers."""
+        from diffcli.errors import InvalidValueError
+
+        if pruner.opts.fill == "fisher" and batches is None:
+            raise InvalidValueError("fill='fisher' needs batches of training data: project(batches)")
+        pruner.index, pruner.values, info = gate_mask(pruner.tm, pruner.phase, pruner.opts, lambda: batches, world)
+        pruner.phase = None
+        return info
+
     def restore(self, run: "Run", state: "DiffPruner", tensors: dict, saved: dict) -> None:
         _restore_l0(state.l0, tensors, saved)
         restore_rng(tensors, run.dev, state.l0.gd.generator)

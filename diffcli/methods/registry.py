@@ -18,6 +18,7 @@ from diffcli.errors import InvalidValueError
 if TYPE_CHECKING:
     import torch
 
+    from diffcli.api import DiffPruner
     from diffcli.train_options import TrainOptions
     from diffcli.trainloop import Run
 
@@ -53,9 +54,9 @@ class TrainMethod(ABC):
 
     @abstractmethod
     def setup(self, run: "Run") -> Any:
-        """The run's `DiffPruner` (`DiffPruner.for_task_model`; the fixed phase and the export drive it); set
-        `run.flat` to its layout. An `own_fixed_phase` method returns its own state for `select` and `build`
-        instead (swr: no sparse mask to fix). Called before DDP wraps the model."""
+        """The run's `DiffPruner` (`DiffPruner.for_task_model`; the method's phases, the fixed phase and the export
+        drive it); set `run.flat` to its layout. An `own_fixed_phase` method (swr: no sparse mask to fix) runs its
+        fixed phase in `select` and makes the diff in `build`. Called before DDP wraps the model."""
 
     def restore(self, run: "Run", state: Any, tensors: dict, saved: dict) -> None:
         """Put an interrupted run's state back (only for methods with resumable `phases`)."""
@@ -80,6 +81,29 @@ class TrainMethod(ABC):
     def finish(self, run: "Run", tensors: dict, diff):
         """The trained diff, completed with what the method keeps beside the sparse δ (default: nothing)."""
         return diff
+
+    # -- the library API (`DiffPruner` dispatches every phase call to its method) ---------------------------------
+    def first_phase(self, pruner: "DiffPruner", total_steps: int) -> Any:
+        """The object whose `begin()`/`finish()` run this method's first phase in a `DiffPruner` (None: no such phase;
+        its `flat`, when it has one, is the pruner's layout)."""
+        return None
+
+    def project(self, pruner: "DiffPruner", batches, world: int) -> dict[str, Any]:
+        """`DiffPruner.project()`: end the first phase with the method's choice; returns what to record."""
+        raise InvalidValueError(f"--method {self.name} has no phase to end: call choose_mask()")
+
+    def choose_mask(self, pruner: "DiffPruner", batches, world: int) -> dict[str, Any]:
+        """`DiffPruner.choose_mask()`: a mask of k entries chosen in one pass (sets `pruner.index`, `pruner.values`)."""
+        raise InvalidValueError(f"--method {self.name} learns its mask: call project() after its phase")
+
+    def fixed_engine(self, pruner: "DiffPruner", total_steps: int, opts: "TrainOptions") -> Any:
+        """`DiffPruner.start_fixed()`: the engine (`step`, `zero_grad`, `values`) of the fixed phase; default: δ at the
+        chosen mask's entries (`DiffPruner.mask_engine`)."""
+        return pruner.mask_engine(total_steps, opts)
+
+    def export(self, pruner: "DiffPruner", meta: dict, best: dict | None):
+        """`DiffPruner.export()`: the trained Diff; default: δ at the mask's entries and the head (`build_diff`)."""
+        return pruner.mask_diff(meta, best)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "options": list(self.options), "reparametrizes": self.reparametrizes,

@@ -7,23 +7,28 @@ would hold as many parameters as the matrix itself). A hard-concrete gate z_u pe
 the budget by λ, steered by the l0 method's `DensityController`. At the end the units are taken by gate
 probability while they fit the budget (never over it); a fixed phase trains only those, ungated; the diff
 stores B·A as low-rank records and δ as sparse ones, so the rebuilt model has the base's architecture.
+
+The model runs as it is: θ₀ + z·Δ is written into the flat θ (`diffmodel.FlatParams`) before the forward pass,
+and the factors' and gates' gradients come from dL/dθ after it, through the surrogate Σ_u z_u·⟨Δ_u, dL/dθ_u⟩
+(⟨B·A, G⟩ = ⟨B, G·Aᵀ⟩: no dense B·A on the backward path), so a `DiffPruner` drives it from any loop.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from diffcli.errors import InvalidValueError
 from diffcli.methods.l0 import DensityController
 from diffcli.methods.registry import TrainMethod, register
 from diffcli.train_options import budget_count, parse_budget
-from diffcli.trainloop import adamw, autocast, clip, evaluate_on, fmt_metrics, main_score
+from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score, zero_grads
 
 if TYPE_CHECKING:
     import torch
+
+    from diffcli.api import DiffPruner
 
     from diffcli.train_options import TrainOptions
     from diffcli.trainloop import Run
@@ -77,67 +82,116 @@ def choose(units: list[Unit], probs: list[float], budget: int) -> list[bool]:
 
 
 class SWRTrainer:
-    """The units' candidate updates, their gates and optimisers; forwards through θ₀ + z·Δ without touching θ₀."""
+    """The units' candidate updates, their gates and optimisers over the flat θ (the first phase of a `DiffPruner`)."""
 
-    def __init__(self, run: "Run"):
+    def __init__(self, tm, opts: "TrainOptions", device: "torch.device", head: list, total_steps: int):
         import torch
 
-        opts, tm, dev = run.opts, run.tm, run.dev
-        self.run, self.opts, self.dev = run, opts, dev
+        from diffcli.diffmodel import FlatParams
+
+        self.opts, self.dev, self.head = opts, device, head
         self.gate = opts.gate()
-        params = dict(tm.model.named_parameters())
-        self.params = {n: params[n] for n in tm.gated}
-        for p in self.params.values():
-            p.requires_grad_(False)
-        self.head = [params[n] for n in tm.head]
-        self.units = plan_units({n: tuple(p.shape) for n, p in self.params.items()}, opts.rank)
-        self.n = sum(p.numel() for p in self.params.values())
+        self.flat = FlatParams(tm.model, tm.gated, device)
+        self.units = plan_units(dict(zip(self.flat.names, self.flat.shapes)), opts.rank)
+        self.n = self.flat.numel
         self.budget = budget_params(opts, self.n)
-        self.costs = torch.tensor([float(u.cost) for u in self.units], device=dev)
-        self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
+        self.costs = torch.tensor([float(u.cost) for u in self.units], device=device)
+        self.generator = torch.Generator(device=device).manual_seed(opts.seed)
         self.factors: list[list[torch.Tensor]] = []
         for u in self.units:
             if u.kind == "lowrank":
                 out, inp = u.shape
                 bound = 1 / math.sqrt(inp)  # LoRA: kaiming_uniform(a=√5) on A, B = 0
-                a = torch.empty(opts.rank, inp, device=dev).uniform_(-bound, bound, generator=self.generator)
-                self.factors.append([torch.zeros(out, opts.rank, device=dev, requires_grad=True),
+                a = torch.empty(opts.rank, inp, device=device).uniform_(-bound, bound, generator=self.generator)
+                self.factors.append([torch.zeros(out, opts.rank, device=device, requires_grad=True),
                                      a.requires_grad_(True)])
             else:
-                self.factors.append([torch.zeros(u.shape, device=dev, requires_grad=True)])
-        self.log_alpha = torch.full((len(self.units),), float(opts.log_alpha_init), device=dev, requires_grad=True)
+                self.factors.append([torch.zeros(u.shape, device=device, requires_grad=True)])
+        self.log_alpha = torch.full((len(self.units),), float(opts.log_alpha_init), device=device, requires_grad=True)
+        self.every = [t for f in self.factors for t in f]
+        groups = [{"params": self.every, "lr": opts.lr}]
+        if head:
+            groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.lr})
+        self.opt_w = adamw(groups, opts.lr, opts.weight_decay, device)
+        self.opt_a = adamw([{"params": [self.log_alpha], "lr": opts.alpha_lr}], opts.alpha_lr, 0.0, device)
+        for g in self.opt_w.param_groups:
+            g["initial_lr"] = g["lr"]
+        self.total = max(1, total_steps)
+        self.fits_all = float(self.costs.sum()) <= self.budget
+        self.controller = DensityController(self.budget / self.n, opts.l0_lambda, opts.controller_rate,
+                                            int(round(opts.controller_warmup * self.total)),
+                                            start=self.expected_density(), enabled=opts.controller,
+                                            speed=0.5 * opts.alpha_lr)
+        self.lam = 0.0 if self.fits_all else self.controller.lam
         self.step_count = 0
-        self.lam = 0.0
+        self.noise: "torch.Tensor | None" = None
+        self.chosen: list[int] = []
+        self.record: list[dict[str, Any]] = []  # every unit's probability, cost and choice (after `choose_units`)
 
     def delta(self, i: int) -> "torch.Tensor":
         f = self.factors[i]
         return f[0] @ f[1] if len(f) == 2 else f[0]
 
-    def effective(self, gates: "torch.Tensor", which: list[int]) -> dict[str, "torch.Tensor"]:
-        """θ₀_u + g_u·Δ_u for the units in `which` (differentiable in the factors and the gates)."""
-        return {self.units[i].name: self.params[self.units[i].name] + gates[i] * self.delta(i) for i in which}
-
-    def loss(self, batch: dict, gates: "torch.Tensor", which: list[int]) -> "torch.Tensor":
-        from torch.func import functional_call
-
-        with autocast(self.dev):
-            return functional_call(self.run.tm.model, self.effective(gates, which), args=(), kwargs=batch).loss
-
-    @contextmanager
-    def applied(self, gates: "torch.Tensor", which: list[int]) -> Iterator[None]:
-        """The model's tensors set to θ₀ + g·Δ (for evaluation); θ₀ is put back, the same tensor objects."""
+    def write_(self, gates: list[float], which: list[int]) -> None:
+        """θ = θ₀ + g_u·Δ_u for the units in `which`, θ₀ elsewhere."""
         import torch
 
-        old = {}
         with torch.no_grad():
-            for name, t in self.effective(gates.detach(), which).items():
-                old[name] = self.params[name].data
-                self.params[name].data = t.detach()
-        try:
-            yield
-        finally:
-            for name, t in old.items():
-                self.params[name].data = t
+            self.flat.theta.copy_(self.flat.theta0)
+            for i in which:
+                seg = self.flat.theta[self.flat.offsets[i]:self.flat.offsets[i + 1]].view(self.units[i].shape)
+                f = self.factors[i]
+                if len(f) == 2:
+                    seg.addmm_(f[0], f[1], alpha=gates[i])
+                else:
+                    seg.add_(f[0].reshape(seg.shape), alpha=gates[i])
+
+    def surrogate(self, gates: "torch.Tensor", which: list[int]) -> "torch.Tensor":
+        """Σ_u g_u·⟨Δ_u, dL/dθ_u⟩: its gradient is dL/d(factors) and dL/dg (dL/dθ collected from the model)."""
+        self.flat.collect_grads_()
+        total = gates.new_zeros(())
+        for i in which:
+            g = self.flat.grad[self.flat.offsets[i]:self.flat.offsets[i + 1]].view(self.units[i].shape)
+            f = self.factors[i]
+            inner = (f[0] * (g @ f[1].T)).sum() if len(f) == 2 else (f[0].reshape(g.shape) * g).sum()
+            total = total + gates[i] * inner
+        return total
+
+    def begin(self) -> None:
+        """Sample the unit gates, write θ = θ₀ + z·Δ, clear dL/dθ."""
+        self.noise = self.gate.noise((len(self.units),), self.generator).to(self.dev)
+        z = self.gate.sample(self.log_alpha.detach(), self.noise)
+        self.write_(z.tolist(), list(range(len(self.units))))
+        zero_grads(self.flat, self.head)
+
+    def finish(self) -> dict[str, float]:
+        """Gradients of B·A, δ and log α (with λ·Σ P(z_u ≠ 0)·c_u), clip, the two AdamW steps, the controller."""
+        if self.noise is None:
+            from diffcli.errors import InvalidValueError
+
+            raise InvalidValueError("finish() before begin(): call begin() before each forward pass")
+        for t in self.every + [self.log_alpha]:
+            t.grad = None
+        z = self.gate.sample(self.log_alpha, self.noise)
+        penalty = self.lam * (self.gate.prob_nonzero(self.log_alpha) * self.costs).sum()
+        (self.surrogate(z, list(range(len(self.units)))) + penalty).backward()
+        clip(self.every + self.head, self.opts.grad_clip)
+        clip([self.log_alpha], self.opts.grad_clip)
+        decay = max(0.0, 1.0 - self.step_count / self.total)
+        for g in self.opt_w.param_groups:
+            g["lr"] = g["initial_lr"] * decay
+        self.opt_w.step()
+        self.opt_a.step()
+        density = self.expected_density()
+        if not self.fits_all:
+            self.lam = self.controller.update(self.step_count, density)
+        self.step_count += 1
+        self.noise = None
+        return {"expected_density": density, "expected_cost": round(density * self.n), "lambda": self.lam}
+
+    def set_deterministic_(self) -> None:
+        """θ = θ₀ + ẑ·Δ with the deterministic gates (to evaluate the first phase)."""
+        self.write_(self.gate.deterministic(self.log_alpha.detach()).tolist(), list(range(len(self.units))))
 
     def expected_density(self) -> float:
         """E[cost]/N = Σ_u P(z_u ≠ 0)·c_u / N."""
@@ -147,119 +201,120 @@ class SWRTrainer:
     def probabilities(self) -> list[float]:
         return self.gate.prob_nonzero(self.log_alpha.detach()).tolist()
 
+    def choose_units(self) -> dict[str, Any]:
+        """The units that fit the budget by gate probability (`choose`), ungated from now on at ẑ_u·Δ_u (the
+        model is θ₀ + Δ at them, θ₀ elsewhere); what to record."""
+        import torch
 
-def gated_phase(run: "Run", tr: SWRTrainer) -> None:
-    """`--epochs` of sampled gates, task loss + λ·Σ P(z_u ≠ 0)·c_u, λ steered so E[cost] meets the budget."""
-    import torch
+        probs = self.probabilities()
+        picked = choose(self.units, probs, self.budget)
+        self.chosen = [i for i, c in enumerate(picked) if c]
+        cost = sum(self.units[i].cost for i in self.chosen)
+        self.record = [{"tensor": u.name, "kind": u.kind, "shape": list(u.shape), "cost": u.cost,
+                        "probability": round(p, 6), "chosen": c} for u, p, c in zip(self.units, probs, picked)]
+        with torch.no_grad():
+            zhat = self.gate.deterministic(self.log_alpha.detach())
+            for i in self.chosen:
+                self.factors[i][0].mul_(zhat[i])  # B (or δ) carries the final gate: Δ_u is ẑ_u·Δ_u from here on
+        self.write_([1.0] * len(self.units), self.chosen)  # the chosen units, ungated; the others dropped
+        return {"budget": self.budget, "n": self.n, "cost": cost, "chosen": len(self.chosen),
+                "units": len(self.units), "rank": self.opts.rank}
 
+
+class SWRFixed:
+    """The fixed phase: only the chosen units' updates (ungated, from ẑ_u·Δ_u) and the head, AdamW, linear decay."""
+
+    def __init__(self, tr: SWRTrainer, opts: "TrainOptions", total: int):
+        self.tr, self.total, self.steps, self.grad_clip = tr, total, 0, opts.grad_clip
+        self.train = [t for i in tr.chosen for t in tr.factors[i]]
+        groups = [{"params": self.train, "lr": opts.fixmask_lr}]
+        if tr.head:
+            groups.append({"params": tr.head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
+        self.opt = adamw(groups, opts.fixmask_lr, opts.weight_decay, tr.dev)
+        for g in self.opt.param_groups:
+            g["initial_lr"] = g["lr"]
+        self.ones = [1.0] * len(tr.units)
+        tr.write_(self.ones, tr.chosen)
+
+    def zero_grad(self) -> None:
+        zero_grads(self.tr.flat, self.tr.head)
+
+    def step(self) -> None:
+        import torch
+
+        tr = self.tr
+        for t in self.train:
+            t.grad = None
+        tr.surrogate(torch.ones(len(tr.units), device=tr.dev), tr.chosen).backward()
+        clip(self.train + tr.head, self.grad_clip)
+        decay = max(0.0, 1.0 - self.steps / self.total)
+        for g in self.opt.param_groups:
+            g["lr"] = g["initial_lr"] * decay
+        self.opt.step()
+        tr.write_(self.ones, tr.chosen)
+        self.steps += 1
+
+
+
+def snapshot(tr: SWRTrainer, tm) -> dict[str, Any]:
+    """The chosen units' factors and the head as they are, on the CPU (what `export(best=...)` takes)."""
+    params = dict(tm.model.named_parameters())
+    return {"factors": {i: [t.detach().cpu().clone() for t in tr.factors[i]] for i in tr.chosen},
+            "head": {n: params[n].detach().cpu().clone() for n in tm.head}}
+
+
+def gated_phase(run: "Run", pruner: "DiffPruner") -> None:
+    """`--epochs` of sampled gates (the pruner's begin/finish around each step), evaluating the deterministic gates."""
     opts, rep = run.opts, run.rep
-    total = max(1, run.steps_per_epoch * opts.epochs)
-    all_units = list(range(len(tr.units)))
-    every = [t for f in tr.factors for t in f]
-    groups = [{"params": every, "lr": opts.lr}]
-    if tr.head:
-        groups.append({"params": tr.head, "lr": opts.head_lr if opts.head_lr is not None else opts.lr})
-    opt_w = adamw(groups, opts.lr, opts.weight_decay, run.dev)
-    opt_a = adamw([{"params": [tr.log_alpha], "lr": opts.alpha_lr}], opts.alpha_lr, 0.0, run.dev)
-    for g in opt_w.param_groups:
-        g["initial_lr"] = g["lr"]
-    fits_all = float(tr.costs.sum()) <= tr.budget
-    start = tr.expected_density()
-    controller = DensityController(tr.budget / tr.n, opts.l0_lambda, opts.controller_rate,
-                                   int(round(opts.controller_warmup * total)), start=start,
-                                   enabled=opts.controller, speed=0.5 * opts.alpha_lr)
-    tr.lam = 0.0 if fits_all else controller.lam
-    if fits_all:
+    tr: SWRTrainer = pruner.phase
+    fwd = run.ddp if run.ddp is not None else run.tm.model
+    if tr.fits_all:
         rep.line(f"every unit fits the budget ({int(tr.costs.sum())} ≤ {tr.budget} parameters): no penalty")
 
     def step(batch: dict) -> float:
-        noise = tr.gate.noise((len(tr.units),), tr.generator)
-        z = tr.gate.sample(tr.log_alpha, noise.to(tr.dev))
-        opt_w.zero_grad(set_to_none=True)
-        opt_a.zero_grad(set_to_none=True)
-        loss = tr.loss(batch, z, all_units)
-        penalty = tr.lam * (tr.gate.prob_nonzero(tr.log_alpha) * tr.costs).sum()
-        (loss + penalty).backward()
-        clip(every + tr.head, opts.grad_clip)
-        clip([tr.log_alpha], opts.grad_clip)
-        decay = max(0.0, 1.0 - tr.step_count / total)
-        for g in opt_w.param_groups:
-            g["lr"] = g["initial_lr"] * decay
-        opt_w.step()
-        opt_a.step()
-        if not fits_all:
-            tr.lam = controller.update(tr.step_count, tr.expected_density())
-        tr.step_count += 1
-        return float(loss.detach())
+        pruner.begin()
+        loss = forward_backward(fwd, batch, run.dev)
+        pruner.finish()
+        return loss
 
     for epoch in range(opts.epochs):
         mean_loss = run.epoch("gated", epoch, opts.epochs, opts.seed, step)
         entry = {"phase": "gated", "epoch": epoch + 1, "loss": mean_loss, "expected_density": tr.expected_density(),
                  "expected_cost": round(tr.expected_density() * tr.n), "lambda": tr.lam}
         if run.dist.main:
-            with tr.applied(tr.gate.deterministic(tr.log_alpha.detach()), all_units):
-                entry["metrics"] = evaluate_on(run.tm, run.task_data, opts, run.dev)
+            tr.set_deterministic_()
+            entry["metrics"] = evaluate_on(run.tm, run.task_data, opts, run.dev)
             rep.line(f"gated epoch {epoch + 1}/{opts.epochs}: loss {mean_loss:.4f} expected cost "
                      f"{entry['expected_cost']:,} of budget {tr.budget:,} | {fmt_metrics(entry['metrics'])}")
         run.history.append(entry)
         run.epoch_done("gated", epoch + 1)
 
 
-def fixed_phase(run: "Run", tr: SWRTrainer, chosen: list[int]) -> dict[str, Any]:
-    """Train only the chosen units' updates (ungated, starting at ẑ_u·Δ_u) and the head; the best dev epoch."""
-    import torch
-
+def fixed_phase(run: "Run", pruner: "DiffPruner") -> dict[str, Any]:
+    """Train only the chosen units' updates and the head (the pruner's fixed phase); the best dev epoch's snapshot."""
     opts, rep, tm = run.opts, run.rep, run.tm
-    ones = torch.ones(len(tr.units), device=tr.dev)
-    with torch.no_grad():
-        zhat = tr.gate.deterministic(tr.log_alpha.detach())
-        for i in chosen:
-            tr.factors[i][0].mul_(zhat[i])  # B (or δ) carries the final gate: Δ_u starts at ẑ_u·Δ_u
-    train = [t for i in chosen for t in tr.factors[i]]
-    groups = [{"params": train, "lr": opts.fixmask_lr}]
-    if tr.head:
-        groups.append({"params": tr.head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
-    opt = adamw(groups, opts.fixmask_lr, opts.weight_decay, run.dev)
-    for g in opt.param_groups:
-        g["initial_lr"] = g["lr"]
-    total = max(1, run.steps_per_epoch * opts.fixmask_epochs)
-    count = {"step": 0}
-
-    def snapshot() -> dict[str, Any]:
-        return {"factors": {i: [t.detach().cpu().clone() for t in tr.factors[i]] for i in chosen},
-                "head": {n: p.detach().cpu().clone() for n, p in zip(tm.head, tr.head)}}
-
-    def evaluate() -> dict:
-        with tr.applied(ones, chosen):
-            return evaluate_on(tm, run.task_data, opts, run.dev)
-
+    fwd = run.ddp if run.ddp is not None else tm.model
+    pruner.start_fixed(run.steps_per_epoch * opts.fixmask_epochs)
     record = run.record
-    best = snapshot()
+    best = snapshot(pruner.phase, tm)
     if run.dist.main:
-        metrics = evaluate()
+        metrics = evaluate_on(tm, run.task_data, opts, run.dev)
         record["projection"]["metrics"] = metrics
         record["best"] = {"epoch": 0, "score": main_score(run.spec, metrics), "metrics": metrics}
         rep.line(f"chosen units, before the fixed phase: {fmt_metrics(metrics)}")
 
     def step(batch: dict) -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = tr.loss(batch, ones, chosen)
-        loss.backward()
-        clip(train + tr.head, opts.grad_clip)
-        decay = max(0.0, 1.0 - count["step"] / total)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * decay
-        opt.step()
-        count["step"] += 1
-        return float(loss.detach())
+        loss = forward_backward(fwd, batch, run.dev)
+        pruner.fixed_step()
+        return loss
 
     for epoch in range(opts.fixmask_epochs):
         mean_loss = run.epoch("fixed", epoch, opts.fixmask_epochs, opts.seed + 1, step)
         entry = {"phase": "fixmask", "epoch": epoch + 1, "loss": mean_loss}
         if run.dist.main:
-            entry["metrics"] = evaluate()
+            entry["metrics"] = evaluate_on(tm, run.task_data, opts, run.dev)
             if run.keep_if_best(entry, "fixed", opts.fixmask_epochs):
-                best = snapshot()
+                best = snapshot(pruner.phase, tm)
         run.history.append(entry)
         run.epoch_done("fixmask", epoch + 1)
     return best
@@ -279,44 +334,37 @@ class SWRMethod(TrainMethod):
     fixed_phase = "the units taken by gate probability while they fit --budget (a hard cap), ungated, and the head"
     to_diff = "B·A as low-rank records, δ as sparse records, after the best fixed epoch"
     own_fixed_phase = True
-    memory = "full"  # θ₀, θ₀ + z·Δ and its gradient per unit, B·A: full finetuning's 16P bounds it
+    memory = "full"  # θ₀, θ and dL/dθ (flat), the factors and their AdamW states: full finetuning's 16P bounds it
     epochs_phase = "gated"
 
     def check(self, opts: "TrainOptions") -> None:
         super().check(opts)
         parse_budget(opts.budget)
 
-    def setup(self, run: "Run") -> SWRTrainer:
-        if run.dist.world > 1:
-            raise InvalidValueError("--method swr trains in one process", hint="run it without torchrun")
-        tr = SWRTrainer(run)
-        low = sum(u.kind == "lowrank" for u in tr.units)
-        run.rep.line(f"swr: {len(tr.units)} units ({low} rank-{run.opts.rank}, {len(tr.units) - low} dense), "
-                     f"candidate cost {int(tr.costs.sum()):,}, budget {tr.budget:,} of N = {tr.n:,}")
-        return tr
+    # -- the library API ------------------------------------------------------------------------------------
+    def first_phase(self, pruner: "DiffPruner", total_steps: int) -> SWRTrainer:
+        return SWRTrainer(pruner.tm, pruner.opts, pruner.device, pruner.head, total_steps)
 
-    def select(self, run: "Run", state: SWRTrainer, done: int) -> dict[str, Any]:
-        tr = state
-        gated_phase(run, tr)
-        probs = tr.probabilities()
-        chosen = choose(tr.units, probs, tr.budget)
-        cost = sum(u.cost for u, c in zip(tr.units, chosen) if c)
-        run.record["units"] = [{"tensor": u.name, "kind": u.kind, "shape": list(u.shape), "cost": u.cost,
-                                "probability": round(p, 6), "chosen": c} for u, p, c in zip(tr.units, probs, chosen)]
-        run.record["projection"] = {"budget": tr.budget, "n": tr.n, "cost": cost, "chosen": sum(chosen),
-                                    "units": len(tr.units), "rank": run.opts.rank}
-        run.rep.line(f"chosen {sum(chosen)} of {len(tr.units)} units: {cost:,} of the {tr.budget:,}-parameter budget")
-        return fixed_phase(run, tr, [i for i, c in enumerate(chosen) if c])
+    def project(self, pruner: "DiffPruner", batches, world: int) -> dict[str, Any]:
+        return pruner.phase.choose_units()
 
-    def build(self, run: "Run", state: SWRTrainer, best: dict[str, Any], *, model_ref: str, meta: dict):
-        """The Diff: low-rank and dense records for the chosen units, zeros for the others, the head as extras."""
+    def fixed_engine(self, pruner: "DiffPruner", total_steps: int, opts: "TrainOptions") -> SWRFixed:
+        return SWRFixed(pruner.phase, opts, total_steps)
+
+    def export(self, pruner: "DiffPruner", meta: dict, best: dict | None):
+        """Low-rank and dense records for the chosen units, zeros for the others, the head as extras."""
         from diffcli import lowrank
         from diffcli.diff import TensorDiff
         from diffcli.trained_diff import assemble_diff
 
-        tm = run.tm
+        tr: SWRTrainer = pruner.phase
+        tm = pruner.tm
+        if not pruner.chosen:
+            raise InvalidValueError("nothing to export yet: call project() to choose the units first")
+        if best is None:
+            best = snapshot(tr, tm)
         tensors = {}
-        for i, u in enumerate(state.units):
+        for i, u in enumerate(tr.units):
             dtype, digest = tm.base_info[u.name]
             bname = tm.base_names[u.name]
             f = best["factors"].get(i)
@@ -327,4 +375,32 @@ class SWRMethod(TrainMethod):
             else:
                 tensors[u.name] = TensorDiff(bname, u.shape, dtype, digest, f[0].reshape(u.shape)).sparse()
         head = {n: best["head"][n] for n in tm.head}
-        return assemble_diff(tm, tensors, head, model_ref=model_ref, meta={**meta, "units": run.record["units"]})
+        return assemble_diff(tm, tensors, head, model_ref=pruner.base_ref, meta={**meta, "units": tr.record})
+
+    # -- train ----------------------------------------------------------------------------------------------
+    def setup(self, run: "Run") -> "DiffPruner":
+        from diffcli.api import DiffPruner
+
+        if run.dist.world > 1:
+            raise InvalidValueError("--method swr trains in one process", hint="run it without torchrun")
+        pruner = DiffPruner.for_task_model(run.tm, run.opts, run.dev, run.steps_per_epoch * run.opts.epochs,
+                                           base_ref=run.model_ref, flat=True)
+        tr: SWRTrainer = pruner.phase
+        run.flat = pruner.layout
+        low = sum(u.kind == "lowrank" for u in tr.units)
+        run.rep.line(f"swr: {len(tr.units)} units ({low} rank-{run.opts.rank}, {len(tr.units) - low} dense), "
+                     f"candidate cost {int(tr.costs.sum()):,}, budget {tr.budget:,} of N = {tr.n:,}")
+        return pruner
+
+    def select(self, run: "Run", pruner: "DiffPruner", done: int) -> dict[str, Any]:
+        gated_phase(run, pruner)
+        info = pruner.project()
+        run.record["units"] = pruner.phase.record
+        run.record["projection"] = info
+        run.rep.line(f"chosen {info['chosen']} of {info['units']} units: {info['cost']:,} of the "
+                     f"{info['budget']:,}-parameter budget")
+        return fixed_phase(run, pruner)
+
+    def build(self, run: "Run", pruner: "DiffPruner", best: dict[str, Any], *, model_ref: str, meta: dict):
+        """The Diff from the best fixed epoch's snapshot (the pruner's export)."""
+        return pruner.export(meta=meta, best=best)
