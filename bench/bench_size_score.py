@@ -106,7 +106,8 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
     smallest = min(close, key=lambda r: r["bytes"]) if close else None
     fits = [r for r in ours if r["bytes"] <= lora_bytes]
     best_lora = max(fits, key=lambda r: r["score"]) if fits else None
-    return {"task": task, "checkpoint": str(ckpt), "denser_checkpoint": denser and str(denser), "metric": spec.metrics, "trained_density": density,
+    return {"task": task, "checkpoint": str(ckpt), "denser_checkpoint": denser and str(denser),
+            "training": training_of(trained), "metric": spec.metrics, "trained_density": density,
             "lora_bytes": lora_bytes, "rows": rows, "reference": ref["label"],
             "smallest_within_tolerance": smallest and smallest["label"],
             "smallest_over_reference_bytes": smallest and smallest["bytes"] / ref["bytes"],
@@ -116,17 +117,30 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
             "lora_bytes_target_met": bool(best_lora and best_lora["score"] > today_lora["score"])}
 
 
+def training_of(diff) -> str:
+    """How the checkpoint was trained, from its meta: train examples, method and epochs, seed."""
+    meta = diff.meta or {}
+    data, hp = meta.get("data") or {}, meta.get("hyperparameters") or {}
+    n = data.get("train_examples")
+    cap = data.get("max_train_samples")
+    rows = f"{n:,} train examples" + (f" (capped at {cap:,})" if cap else " (the full train set)") if n else "?"
+    return (f"{rows}, --method {hp.get('method', 'l0')} --epochs {hp.get('epochs')} --fixmask-epochs "
+            f"{hp.get('fixmask_epochs')} --seed {hp.get('seed')}")
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Size at equal score: format v2 value formats on trained MiniLM diffs (GLUE dev)", "",
              f"Date: {result['date']}. Machine: CPU only (2 cores shared with other jobs), one torch thread.", "",
              "## Command", "", "```", *result["commands"], "```", "",
-             "Checkpoints: `diffprune train` defaults at 0.5% on capped GLUE, seed 42 (see each task's `checkpoint`). "
+             "Checkpoints: `diffprune train` defaults at 0.5%, seed 42; how each was trained (train examples, "
+             "epochs) is under its task. "
              "Every file is decoded from its bytes and scored on the full dev set with `DiffBank` + "
              "`evaluation.evaluate` (the code behind `diffprune eval`). Lower densities: the trained δ "
              "re-projected by magnitude, no retraining. Score: GLUE metric x100.", ""]
     for task, t in result["tasks"].items():
         ref = next(r for r in t["rows"] if r["label"] == t["reference"])
         lines += [f"## {task} (LoRA adapter {t['lora_bytes']:,} B)", "",
+                  f"Trained on {t.get('training') or 'capped GLUE (before this field was recorded)'}.", "",
                   "| file | density | bytes | / today | header | positions | values | dense | max rel err | score | Δ |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
