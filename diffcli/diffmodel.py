@@ -340,16 +340,18 @@ class MaskedDiff:
         self.index = index.to(dev)
         self.values = values.detach().to(dev, torch.float32).clone().requires_grad_(True)
         self.values.grad = torch.zeros_like(self.values)
+        self.stored = None  # `qat.StoredValues`: θ gets what a packed file will hold (train --values)
         with torch.no_grad():
             flat.theta.copy_(flat.theta0)
         self.write_()
 
     def write_(self) -> None:
-        """θ = θ₀ + δ on the kept positions (everything else stays exactly θ₀)."""
+        """θ = θ₀ + δ on the kept positions (everything else stays exactly θ₀); δ as stored under `train --values`."""
         import torch
 
         with torch.no_grad():
-            self.flat.theta.index_copy_(0, self.index, self.flat.theta0.index_select(0, self.index) + self.values)
+            delta = self.values if self.stored is None else self.stored(self.values)
+            self.flat.theta.index_copy_(0, self.index, self.flat.theta0.index_select(0, self.index) + delta)
 
     def backward_(self) -> None:
         """dL/dvalues = dL/dθ at the kept positions."""

@@ -31,6 +31,11 @@ class FlatEngine:
 
         self.flat, self.head, self.total, self.steps = flat, head, total, 0
         self.md = MaskedDiff(flat, index, values)
+        if opts.values is not None:  # quantization-aware: θ = θ₀ + what `pack --values` stores for δ
+            from diffcli.qat import StoredValues
+
+            self.md.stored = StoredValues.for_flat(flat.offsets, self.md.index, opts.values)
+            self.md.write_()
         groups = [{"params": [self.md.values], "lr": opts.fixmask_lr}]
         if head:
             groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
@@ -81,7 +86,7 @@ class SparseEngine:
 
         self.trainer = SparseDiffTrainer(model, split_index(layout, index), head=head_names, lr=opts.fixmask_lr,
                                          head_lr=opts.head_lr, weight_decay=opts.weight_decay,
-                                         max_grad_norm=opts.grad_clip, total_steps=total)
+                                         max_grad_norm=opts.grad_clip, total_steps=total, values=opts.values)
         with torch.no_grad():
             self.trainer.delta.copy_(values.to(self.trainer.delta.device, torch.float32))
         self.trainer._write()

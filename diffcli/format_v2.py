@@ -62,11 +62,6 @@ def _check_positions(parts: list[np.ndarray], counts: np.ndarray, numels: list[i
         raise InvalidValueError("a sparse diff has unsorted or out-of-range positions")
 
 
-def _fit_block(block: int, counts: np.ndarray) -> int:
-    """The block size stored: 0 for float casts, else the requested size but never more than the values."""
-    return min(block, max(int(counts.sum()), 1)) if block else 0
-
-
 def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> tuple[bytes, dict[str, Any]]:
     """Serialise a Diff as version 2; returns the file bytes and size statistics."""
     from diffcli.weights import DIGEST_ALGORITHM
@@ -125,23 +120,15 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
         raise InvalidValueError(f"diff {bad!r} holds NaN or infinite values")
     count_arr = np.asarray([v.size for v in value_parts], dtype=np.int64)
     _check_positions(idx_parts, np.asarray([p.size for p in idx_parts], dtype=np.int64), numels)
-    q = quantize.quantize(all_values, count_arr, values, _fit_block(block, count_arr))
-    if q.codes_int is not None and all_values.size and not q.codes_int.all():
-        # sparse entries whose code is 0 add nothing: drop them from the positions, then fit scales to the rest
-        # (low-rank factors keep every entry: B·A needs them all; a basis scale coded 0 stays: dropping it would
-        # prune its basis, a = 0 instead of 1)
-        keep = (q.codes_int != 0) | np.repeat(np.asarray([k != "sparse" for k in seg_kind], dtype=bool), count_arr)
+    # sparse entries coded 0 add nothing: dropped from the positions, the scales refit to the rest (low-rank
+    # factors keep every entry: B·A needs them all; a basis scale coded 0 stays: dropping it would prune its basis)
+    q, keep, kept_counts = quantize.quantize_stored(all_values, count_arr, values, block,
+                                                    droppable=np.asarray([k == "sparse" for k in seg_kind], dtype=bool))
+    if not keep.all():
         ends = np.cumsum(count_arr)[~np.asarray(factor_seg, dtype=bool)]
         idx_parts = [p[keep[e - p.size:e]] for p, e in zip(idx_parts, ends.tolist())]
-        kept = iter([p.size for p in idx_parts])
-        kept_counts = np.asarray([c if f else next(kept) for c, f in zip(count_arr.tolist(), factor_seg)],
-                                 dtype=np.int64)
-        q2 = quantize.quantize(all_values[keep], kept_counts, values, _fit_block(block, kept_counts), refit=True)
-        back = np.zeros_like(all_values)
-        back[keep] = q2.values
-        q2.max_abs_error, q2.max_rel_error = quantize.errors(all_values, back, count_arr)
-        q, count_arr = q2, kept_counts
-    block = _fit_block(block, count_arr)
+    count_arr = kept_counts
+    block = quantize.fit_block(block, count_arr)
     nnz = int(count_arr.sum())  # every stored value: sparse entries, low-rank factors, basis scales
     if nnz and not np.isfinite(q.values).all():
         raise InvalidValueError(f"the diff has values beyond the {values} range", hint="pack with --values bf16 or fp32")

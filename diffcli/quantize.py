@@ -123,6 +123,34 @@ def quantize(values: np.ndarray, counts: np.ndarray, quantizer: str, block: int,
     return Quantized(codes, scales, back, max_abs, max_rel, None if quantizer in FLOAT_QUANTIZERS else q)
 
 
+def fit_block(block: int, counts: np.ndarray) -> int:
+    """The block size stored: 0 for float casts, else the requested size but never more than the values."""
+    return min(block, max(int(counts.sum()), 1)) if block else 0
+
+
+def quantize_stored(values: np.ndarray, counts: np.ndarray, quantizer: str, block: int,
+                    droppable: np.ndarray | None = None) -> tuple[Quantized, np.ndarray, np.ndarray]:
+    """What a v2 file stores for these values (docs/FORMAT.md §5): quantize; in `droppable` segments (default all)
+    entries coded 0 add nothing, so they are dropped and the scales refit to the rest (a second pass).
+
+    Returns the Quantized kept values (its errors measured against all of `values`), the keep mask and the kept
+    count per segment."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    counts = np.asarray(counts, dtype=np.int64)
+    q = quantize(values, counts, quantizer, fit_block(block, counts))
+    if q.codes_int is None or not values.size or q.codes_int.all():
+        return q, np.ones(values.size, dtype=bool), counts
+    drop = np.ones(counts.size, dtype=bool) if droppable is None else np.asarray(droppable, dtype=bool)
+    keep = (q.codes_int != 0) | np.repeat(~drop, counts)
+    seg = np.repeat(np.arange(counts.size), counts)
+    kept_counts = np.bincount(seg[keep], minlength=counts.size).astype(np.int64)
+    q2 = quantize(values[keep], kept_counts, quantizer, fit_block(block, kept_counts), refit=True)
+    back = np.zeros_like(values)
+    back[keep] = q2.values
+    q2.max_abs_error, q2.max_rel_error = errors(values, back, counts)
+    return q2, keep, kept_counts
+
+
 def errors(values: np.ndarray, back: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
     """max |v − v′|, and the largest over tensors of max |v − v′| / max |v| (0 for an all-zero tensor)."""
     if not values.size:

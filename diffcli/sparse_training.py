@@ -45,7 +45,7 @@ class SparseDiffTrainer:
     def __init__(self, model: "torch.nn.Module", mask: Mapping[str, "torch.Tensor"], head: Iterable[str] = (), *,
                  lr: float = 1e-3, head_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 total_steps: int | None = None, warmup_steps: int = 0):
+                 total_steps: int | None = None, warmup_steps: int = 0, values: str | None = None):
         import torch
 
         params = dict(model.named_parameters())
@@ -76,6 +76,11 @@ class SparseDiffTrainer:
             self._seg[name] = (k, k + int(idx.numel()))
             k += int(idx.numel())
         self.k = k
+        self.stored = None  # `qat.StoredValues`: θ gets what `pack --values` will store for δ (quantization-aware)
+        if values is not None:
+            from diffcli.qat import StoredValues
+
+            self.stored = StoredValues.for_segments([b - a for a, b in self._seg.values()], values)
         dev = params[self.names[0]].device if self.names else torch.device("cpu")
         self.base_values = torch.empty(k, dtype=torch.float32, device=dev)
         with torch.no_grad():
@@ -134,11 +139,12 @@ class SparseDiffTrainer:
         import torch
 
         with torch.no_grad():
+            delta = self.delta if self.stored is None else self.stored(self.delta)
             for name in self.names:
                 a, b = self._seg[name]
                 if b > a:
                     p = self._params[name]
-                    p.view(-1).index_copy_(0, self.index[name], (self.base_values[a:b] + self.delta[a:b]).to(p.dtype))
+                    p.view(-1).index_copy_(0, self.index[name], (self.base_values[a:b] + delta[a:b]).to(p.dtype))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.delta.grad.zero_()

@@ -60,6 +60,7 @@ class TrainOptions:
     basis_lr: float = 1e-3  # basis: AdamW learning rate of the scales a in the scale phase
     basis_embeddings: bool = False  # basis: also rewrite the embedding tables
     double_prune: bool = False  # basis: add a sparse δ of --sparsity on top of the scales (`train --sparsity`)
+    values: str | None = None  # quantization-aware fixed phase: θ = θ₀ + δ as `pack --values` stores it (`qat`)
     activation_checkpointing: int = 0  # recompute every n-th layer's activations in backward (0: off; `activations`)
 
     def validate(self) -> None:
@@ -91,6 +92,11 @@ class TrainOptions:
         if type(self.activation_checkpointing) is not int or self.activation_checkpointing < 0:
             raise InvalidValueError(f"--activation-checkpointing must be a whole number ≥ 0 (every n-th layer; 0: off), "
                                     f"got {self.activation_checkpointing}")
+        if self.values is not None:
+            from diffcli.quantize import QUANTIZERS
+
+            if self.values not in QUANTIZERS:
+                raise InvalidValueError(f"--values {self.values!r} is not one of {', '.join(QUANTIZERS)}")
         if self.fill_samples < 1:
             raise InvalidValueError(f"--fill-samples must be at least 1, got {self.fill_samples}")
         if not math.isfinite(self.log_alpha_init):

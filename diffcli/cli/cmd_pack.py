@@ -12,8 +12,9 @@ from diffcli.cli.output import ForceOpt, JsonOpt, Output, QuietOpt
 def pack(
     checkpoint: Annotated[str, typer.Argument(help="A diff checkpoint folder (from train/prune) or a .diff file.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output .diff file; '-' writes it to stdout.")],
-    values: Annotated[str, typer.Option("--values", help="Value format: fp16, bf16, fp32 (exact), int8, int4 or "
-                                                         "ternary (block absmax / ternary scales).")] = "fp16",
+    values: Annotated[Optional[str], typer.Option("--values", help="Value format: fp16, bf16, fp32 (exact), int8, int4 "
+                                                         "or ternary (block absmax / ternary scales). Default: the "
+                                                         "one `train --values` trained with, else fp16.")] = None,
     block: Annotated[Optional[int], typer.Option("--block", help="Values per scale for int8/int4/ternary "
                                                                  "(default 256, 64, 256).")] = None,
     format_version: Annotated[int, typer.Option("--format-version", help="2 (default), or 1 for readers "

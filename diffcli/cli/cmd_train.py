@@ -58,6 +58,7 @@ def train(
     basis_lr: Annotated[float, typer.Option("--basis-lr", help="basis: AdamW learning rate of the scales in the scale phase (linear decay).", rich_help_panel=_M)] = 1e-3,
     basis_embeddings: Annotated[bool, typer.Option("--basis-embeddings/--no-basis-embeddings", help="basis: also rewrite the embedding tables (off: they stay the base's).", rich_help_panel=_M)] = False,
     double_prune: Annotated[bool, typer.Option("--double-prune/--no-double-prune", help="basis: add a sparse diff of --sparsity on top of the scales (giving --sparsity implies it).", rich_help_panel=_M)] = False,
+    values: Annotated[Optional[str], typer.Option("--values", help="Quantization-aware fixed phase: train with δ as `pack --values` stores it (fp16, bf16, fp32, int8, int4, ternary; default: full precision). pack then uses it by default.", rich_help_panel=_M)] = None,
     activation_checkpointing: Annotated[int, typer.Option("--activation-checkpointing", help="Recompute the activations of every n-th layer in backward instead of keeping them: less memory, a slower step (1: every layer; 0: off).")] = 0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <output>.partial/.")] = False,
@@ -81,7 +82,7 @@ def train(
         controller=controller, controller_rate=controller_rate, controller_warmup=controller_warmup,
         grad_clip=grad_clip, rank=rank, keep_bases=keep_bases, budget=budget, basis_lr=basis_lr, basis_embeddings=basis_embeddings,
         double_prune=double_prune or (method == "basis" and "sparsity" in given),
-        activation_checkpointing=activation_checkpointing)
+        values=values, activation_checkpointing=activation_checkpointing)
     fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields is not None else None
     summary = run_train(task=task, data_dir=str(data_dir) if data_dir else None,
                         train_file=str(train_file) if train_file else None,

@@ -91,7 +91,7 @@ class FisherMask(MaskMethod):
 
     name = "fisher"
     meta_name = "fisher-mask"
-    options = ("fill_samples",)
+    options = ("fill_samples", "values")
 
     def mask(self, tm, layout, opts, batches, world: int = 1):
         import torch
@@ -115,6 +115,7 @@ class RandomMask(MaskMethod):
 
     name = "random"
     meta_name = "random-mask"
+    options = ("values",)
 
     def mask(self, tm, layout, opts, batches, world: int = 1):
         from diffcli.masks import random_mask
@@ -128,7 +129,7 @@ class MagnitudeMask(MaskMethod):
 
     name = "magnitude"
     meta_name = "magnitude-mask"
-    options = ("epochs", "lr")
+    options = ("epochs", "lr", "values")
     fixed_phase = "the k entries of largest |δ| of the dense run, starting at that δ, and its head"
     epochs_phase = "dense"
     memory = "full"

@@ -198,7 +198,7 @@ class L0Method(TrainMethod):
     name = "l0"
     meta_name = "l0-diff-pruning"
     options = ("epochs", "lr", "alpha_lr", "fixmask_start", "fill", "fill_samples", "l0_lambda", "log_alpha_init",
-               "gate_l", "gate_r", "beta", "structured", "controller", "controller_rate", "controller_warmup")
+               "gate_l", "gate_r", "beta", "structured", "controller", "controller_rate", "controller_warmup", "values")
     reparametrizes = "θ = θ₀ + z⊙z_g⊙w, z (and z_g per tensor) hard-concrete gates with parameters log α"
     penalises = "λ·E[‖z‖₀] (eq. 5 of Guo et al.), λ steered by the density controller toward --sparsity"
     fixed_phase = "the k = round(S·N) entries of the exact top-k projection of the deterministic δ, and the head"
