@@ -47,41 +47,56 @@ def fit_density(diff, target_bytes: int, values: str, version: int, steps: int =
     return best, lo
 
 
-def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
-             max_eval_samples: int | None = None, denser: Path | None = None) -> dict:
-    import torch
-    from transformers import AutoTokenizer
+class Scorer:
+    """Packs a diff, decodes the file and scores it on a task's full dev set (`DiffBank` + `evaluation.evaluate`,
+    the code behind `diffprune eval`); `rows` collects one row per file."""
 
-    from diffcli import artifact, metrics, projection
-    from diffcli.bank import DiffBank
-    from diffcli.evaluation import evaluate
-    from diffcli.sources import load_diff
-    from diffcli.data_sources import load_task
+    def __init__(self, task: str, base: str, data_dir: str, max_eval_samples: int | None = None):
+        import torch
+        from transformers import AutoTokenizer
 
-    torch.set_num_threads(1)
-    trained = load_diff(ckpt)
-    data = load_task(task, data_dir=data_dir, need_train=False, max_eval_samples=max_eval_samples)
-    spec = data.spec
-    bank = DiffBank(base, device="cpu")
-    tokenizer = AutoTokenizer.from_pretrained(bank.folder)
-    rows = []
+        from diffcli.bank import DiffBank
+        from diffcli.data_sources import load_task
 
-    def score(label: str, diff, values: str, version: int, density: float) -> None:
+        torch.set_num_threads(1)
+        self.task = task
+        self.data = load_task(task, data_dir=data_dir, need_train=False, max_eval_samples=max_eval_samples)
+        self.spec = self.data.spec
+        self.bank = DiffBank(base, device="cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.bank.folder)
+        self.rows: list[dict] = []
+
+    def score(self, label: str, diff, values: str, version: int, density: float) -> dict:
+        from diffcli import artifact, metrics
+        from diffcli.evaluation import evaluate
+
         blob = artifact.pack(diff, values, version=version)
         back = artifact.loads(blob)
         header = artifact.loads_header(blob)
         _rows, described = artifact.describe(header)
         split = {"header": len(blob) - sum(described["bytes"].values()), **described["bytes"]}
-        bank.add(label, back)
+        self.bank.add(label, back)
         t0 = time.perf_counter()
-        with bank.use(label) as model:
-            dev = evaluate(model, tokenizer, data, max_seq_length=128, batch_size=64)
-        s = 100 * metrics.main_score(spec, dev[spec.eval_splits[0]])
-        rows.append({"label": label, "version": version, "values": values, "density": density, "nnz": back.nnz,
-                     "bytes": len(blob), "split": split, "max_abs_error": described["values"]["max_abs_error"],
-                     "max_rel_error": described["values"]["max_rel_error"], "score": s,
-                     "eval_s": time.perf_counter() - t0})
-        print(f"{task:5s} {label:28s} {len(blob):>9,} B  score {s:6.2f}", flush=True)
+        with self.bank.use(label) as model:
+            dev = evaluate(model, self.tokenizer, self.data, max_seq_length=128, batch_size=64)
+        s = 100 * metrics.main_score(self.spec, dev[self.spec.eval_splits[0]])
+        row = {"label": label, "version": version, "values": values, "density": density, "nnz": back.nnz,
+               "bytes": len(blob), "split": split, "max_abs_error": described["values"]["max_abs_error"],
+               "max_rel_error": described["values"]["max_rel_error"], "score": s,
+               "eval_s": time.perf_counter() - t0}
+        self.rows.append(row)
+        print(f"{self.task:5s} {label:28s} {len(blob):>9,} B  score {s:6.2f}", flush=True)
+        return row
+
+
+def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
+             max_eval_samples: int | None = None, denser: Path | None = None) -> dict:
+    from diffcli import projection
+    from diffcli.sources import load_diff
+
+    trained = load_diff(ckpt)
+    scorer = Scorer(task, base, data_dir, max_eval_samples)
+    spec, rows, score = scorer.spec, scorer.rows, scorer.score
 
     density = trained.density
     score("v1 fp16 (today)", trained, "fp16", 1, density)
