@@ -139,8 +139,9 @@ def training_of(diff) -> str:
     n = data.get("train_examples")
     cap = data.get("max_train_samples")
     rows = f"{n:,} train examples" + (f" (capped at {cap:,})" if cap else " (the full train set)") if n else "?"
-    return (f"{rows}, --method {hp.get('method', 'l0')} --epochs {hp.get('epochs')} --fixmask-epochs "
-            f"{hp.get('fixmask_epochs')} --seed {hp.get('seed')}")
+    method = hp.get("method", "l0")
+    first = f" --epochs {hp.get('epochs')}" if method not in ("fisher", "random") else ""  # they have no first phase
+    return f"{rows}, --method {method}{first} --fixmask-epochs {hp.get('fixmask_epochs')} --seed {hp.get('seed')}"
 
 
 def write_markdown(result: dict, path: Path) -> None:
