@@ -190,14 +190,14 @@ def _packed(diff) -> int:
 
 
 def _shared(diff, keep_bases: bool):
-    """The template emptied: every shared tensor with no entry, the head kept; basis records kept or dropped."""
+    """The template emptied: every shared tensor with no entry, the head and meta kept (a trained run's meta is of
+    the same kind: options, history, results), basis records kept or dropped."""
     from dataclasses import replace
 
     from diffcli.diff import TensorDiff
 
     tensors = {n: TensorDiff.zeros(t.base_name, t.shape, t.dtype, t.digest) for n, t in diff.tensors.items()}
-    meta = {k: v for k, v in diff.meta.items() if keep_bases or k not in ("bases", "history")}
-    return replace(diff, tensors=tensors, bases=dict(diff.bases) if keep_bases else {}, meta=meta)
+    return replace(diff, tensors=tensors, bases=dict(diff.bases) if keep_bases else {}, meta=dict(diff.meta))
 
 
 def _synthetic_sparse(diff, density: float, keep_bases: bool):
