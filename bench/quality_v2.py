@@ -9,6 +9,7 @@ and several lanes share the work (lock files). The table is assembled from whate
     python bench/quality_v2.py --jobs 8             # cuda: 8 runs at a time
     python bench/quality_v2.py --report-only        # assemble bench/results/quality-v2.md/json from the cache
     python bench/quality_v2.py --quick --tasks rte  # smoke check: capped data, one seed, one lr per method
+    python bench/quality_v2.py --table methods      # issue 10: l0, swr, basis at matched bytes (quality_v2_methods.py)
 """
 
 from __future__ import annotations
