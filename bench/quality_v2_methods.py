@@ -297,7 +297,7 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
           "cola Matthews). Floors (most frequent train label; stsb the mean): "
           + ", ".join(f"{t} {v:.2f}" for t, v in doc["majority"].items() if v is not None) + ".", ""]
     L += ["## Bytes and cost (first seed, at the chosen lr)", "",
-          "| task | method | lr | target bytes | size setting | stored bytes | nnz / params | score | best epoch "
+          "| task | method | lr | target bytes | size setting | stored bytes | stored params | score | best epoch "
           "| train time | peak memory | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         for m in methods:
@@ -313,8 +313,9 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
             note = []
             if r.get("trimmed"):
                 note.append(f"trimmed from {rules.fmt_bytes(r['trimmed']['from_bytes'])}")
-            if s.get("target_bytes") and r["bytes"] > s["target_bytes"]:
-                note.append(f"over by {r['bytes'] - s['target_bytes']} B")
+            if s.get("target_bytes"):
+                note.append(f"{r['bytes'] / s['target_bytes']:.1%} of the target"
+                            + (f", over by {r['bytes'] - s['target_bytes']} B" if r["bytes"] > s["target_bytes"] else ""))
             L.append(f"| {t} | {LABELS[m]} | {s['lr']:g} | {rules.fmt_bytes(s.get('target_bytes'))} | {setting} | "
                      f"{r['bytes']:,} B | {r.get('params', r.get('nnz'))} | {r['score']:.2f} | {r.get('best_epoch')} | "
                      f"{r['train_seconds'] / 60:.1f} min | {rules.fmt_bytes(mem)} | {'; '.join(note)} |")

@@ -323,7 +323,7 @@ def test_methods_table_renders_with_missing_cells(tmp_path, monkeypatch):
     doc, text = render()
     row = next(ln for ln in text.splitlines() if ln.startswith("| rte |"))
     assert row.count("| 51.00 (1)") == 1 and "failed (every lr)" in row and "lr tuning: 0/1 done" in row
-    assert "| rte | swr @ B_basis | 0.001 | 7.0 kB | --budget 3500 | 6,999 B |" in text
+    assert "| rte | swr @ B_basis | 0.001 | 7.0 kB | --budget 3500 | 6,999 B | 10 | 52.00 |" in text and "100.0% of the target" in text
     assert "| rte | basis (own size) | 0.001 | — | --keep-bases 0.5 | 7,000 B |" in text
     assert "## Failed runs" in text and "boom" in text
 
