@@ -7,8 +7,8 @@ lanes, --quick); only the methods and their sizes differ. `basis` (default --kee
 - `@basis` runs fit B_basis, `@lora` runs fit LoRA's adapter: the fp16 safetensors file of LoRA r=8 on query and
   value plus the head, exactly as the quality table's lora-qv run stores it (`baselines.lora_file_bytes`).
 - l0 and basis+double: `--sparsity` from a bisection on synthetic diffs (the basis run's file as the template:
-  its header, head and, for basis+double, its basis records; uniformly random positions, values like a trained
-  δ's) packed exactly as the run's file will be. Random positions compress worse than trained masks, so the
+  its header, head and, for basis+double, its basis records; uniformly random positions, small
+  random values) packed exactly as the run's file will be. Random positions compress worse than trained masks, so the
   trained file comes out at or below the target; an l0 file that still exceeds it is re-projected (exact top-k,
   bisection, no retraining: `bench_size_score.fit_density`) and the table says so.
 - swr: `--budget` (parameters) from the same bisection, the units taken cheapest first (dense biases and
