@@ -293,7 +293,8 @@ def test_methods_table_runs_basis_first_then_sizes_every_run_to_its_target(tmp_p
     assert {t for t, *_ in sized} == {"rte.diff"} and ("rte.diff", "basis", True, 9000) in sized
     args = {m: q.diffprune_args(s[m], tmp_path / "c", "d", True) for m in s}
     assert args["swr@lora"][args["swr@lora"].index("--budget") + 1] == "4500" and "--sparsity" not in args["swr@lora"]
-    assert args["l0@basis"][args["l0@basis"].index("--sparsity") + 1] == "0.0007"
+    assert args["l0@basis"][args["l0@basis"].index("--sparsity") + 1] == "0.000875"  # oversized 1.25x, then trimmed
+    assert s["l0@basis"]["fitted_sparsity"] == "0.0007" and args["basis2@lora"][args["basis2@lora"].index("--sparsity") + 1] == "0.0009"
     assert args["basis2@lora"][args["basis2@lora"].index("--method") + 1] == "basis"
     assert "--sparsity" in args["basis2@lora"] and args["basis2@lora"][args["basis2@lora"].index("--epochs") + 1] == "2"
     n = len(sized)
