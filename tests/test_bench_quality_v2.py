@@ -347,3 +347,21 @@ def test_methods_sizing_fits_a_real_file_under_its_target(tmp_path, tiny_base, t
             assert mt._packed(mt._synthetic_sparse(base, 1.05 * float(got["sparsity"]), False)) > target - 200
         else:
             assert 0 < got["budget"] and mt._packed(mt._synthetic_swr(base, base.budget_numel)) > target
+
+
+@pytest.mark.integration
+def test_methods_table_trims_an_l0_file_over_its_target_and_leaves_others(tmp_path, tiny_base, tiny_finetune):
+    from diffcli import artifact, projection
+    from diffcli.extract import extract_diff
+
+    mt = _load("quality_v2_methods")
+    diff = projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.05).diff
+    size = len(artifact.pack(diff, "fp16"))
+    suite = mt.MethodsSuite(mt.MethodsProtocol(), tmp_path)
+    target = size - 400
+    fitted, info = suite.fit({"dp_method": "l0", "target_bytes": target}, diff, size)
+    assert len(artifact.pack(fitted, "fp16")) <= target < size and fitted.nnz < diff.nnz
+    assert info["trimmed"]["from_bytes"] == size and info["trimmed"]["from_nnz"] == diff.nnz
+    for s in ({"dp_method": "swr", "target_bytes": target}, {"dp_method": "l0", "target_bytes": size},
+              {"dp_method": "basis"}):  # swr is never cut; a file within its target or without one is kept
+        assert suite.fit(s, diff, size) == (diff, {})
