@@ -9,6 +9,7 @@ and several lanes share the work (lock files). The table is assembled from whate
     python bench/quality_v2.py --jobs 8             # cuda: 8 runs at a time
     python bench/quality_v2.py --report-only        # assemble bench/results/quality-v2.md/json from the cache
     python bench/quality_v2.py --quick --tasks rte  # smoke check: capped data, one seed, one lr per method
+    python bench/quality_v2.py --table methods      # issue 10: l0, swr, basis at matched bytes (quality_v2_methods.py)
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def diffprune_args(s: dict, ckpt: Path, data_dir: str, with_method_flag: bool) -
            *(["--epochs", str(s["first_epochs"])] if s["first_epochs"] else []),
            "--fixmask-epochs", str(s["fixmask_epochs"]),
            "--fixmask-lr", f"{s['lr']:g}", "--batch-size", str(s["batch_size"]),
-           "--max-seq-length", str(s["max_seq_length"]), "--seed", str(s["seed"]), "--sparsity", s["sparsity"],
+           "--max-seq-length", str(s["max_seq_length"]), "--seed", str(s["seed"]),
+           *(["--sparsity", s["sparsity"]] if s.get("sparsity") else []),  # basis alone: none (it means double pruning)
+           *(["--budget", str(s["budget"])] if s.get("budget") is not None else []),  # the methods table's swr
            "-o", str(ckpt), "--json", "--force", "--resume"]
     if with_method_flag:
         cmd += ["--method", s["dp_method"]]
@@ -136,7 +139,7 @@ def trainer_methods() -> set[str]:
                               cwd=REPO, env={**os.environ, "COLUMNS": "400", "NO_COLOR": "1"})
         _help_text = proc.stdout
     line = next((ln for ln in _help_text.splitlines() if "--method " in ln), "")  # one line at COLUMNS=400
-    return {"l0"} | {m for m in DIFFPRUNE.values() if m in line}
+    return {"l0"} | {m for m in (*DIFFPRUNE.values(), "swr", "basis") if m in line}
 
 
 _contents: dict[tuple, bytes] = {}
@@ -182,6 +185,17 @@ class Suite:
                     return None
                 s["match_bytes"] = ref
         return s
+
+    def waiting(self, task: str, method: str) -> str | None:
+        """What a run of `method` waits for before its settings exist (None: nothing)."""
+        return "the dp-l0 .diff bytes" if method == "lora-all" and self.diff_bytes(task) is None else None
+
+    def is_diffprune(self, method: str) -> bool:
+        return method in DIFFPRUNE
+
+    def fit(self, s: dict, diff, packed_bytes: int) -> tuple[object, dict]:
+        """The diff to score, fitted to a byte target if the table has one (here: as trained), and what was done."""
+        return diff, {}
 
     def diff_bytes(self, task: str) -> int | None:
         """The .diff file size lora-all is matched to: dp-l0 at the first seed and the middle fixed-mask lr."""
@@ -273,7 +287,7 @@ class Suite:
         usage = run_dir / "usage.json"
         usage.unlink(missing_ok=True)
         data_dir = self.p.data_dir
-        if run.method in DIFFPRUNE:
+        if self.is_diffprune(run.method):
             ckpt = run_dir / "ckpt"
             resumed = (run_dir / "ckpt.partial").is_dir()
             args = diffprune_args(s, ckpt, data_dir, with_method_flag="--method " in (_help_text or ""))
@@ -289,7 +303,7 @@ class Suite:
             raise RuntimeError(f"exit {proc.returncode}: {(run_dir / 'log.txt').read_text()[-1500:]}")
         out = json.loads(proc.stdout)
         mem = json.loads(usage.read_text()) if usage.is_file() else {}
-        if run.method in DIFFPRUNE:
+        if self.is_diffprune(run.method):
             result = self._score_diff(s, ckpt, out, run_dir)
         else:
             result = {k: v for k, v in out.items() if k not in ("settings",)}
@@ -300,11 +314,14 @@ class Suite:
 
     def _score_diff(self, s: dict, ckpt: Path, summary: dict, run_dir: Path) -> dict:
         """Pack the checkpoint to a fp16 .diff and score base + that file; the L0 density path from its history."""
-        from diffcli import artifact, checkpoint, metrics, tasks
+        from diffcli import artifact, checkpoint, metrics, report, tasks
 
         diff = checkpoint.load(ckpt)
         packed = run_dir / f"{s['task']}.diff"
         artifact.write(diff, packed, values="fp16", force=True)
+        diff, fitted = self.fit(s, diff, packed.stat().st_size)
+        if fitted:
+            artifact.write(diff, packed, values="fp16", force=True)
         with _score_lock:  # one scoring at a time in this process (--jobs threads share it)
             dev = score_artifact(packed, s, self.p.data_dir)
         spec = tasks.task_spec(s["task"])
@@ -312,8 +329,10 @@ class Suite:
                  "deterministic_density": h.get("deterministic_density"), "lambda": h.get("lambda")}
                 for h in (diff.meta.get("history") or []) if h.get("phase") == "l0"]
         best = summary.get("after_fixmask") or {}
+        params = report.summarize(report.rows_from_diff(diff), {})["totals"]["params"]
         return {"score": 100 * metrics.main_score(spec, dev[spec.eval_splits[0]]), "metrics": dev,
-                "best_epoch": best.get("epoch"), "bytes": packed.stat().st_size, "nnz": diff.nnz,
+                "best_epoch": best.get("epoch"), "bytes": packed.stat().st_size, "nnz": diff.nnz, "params": params,
+                "diff_path": str(packed), **fitted,
                 "density": diff.density, "l0_density_path": path,
                 "train_summary": {k: summary.get(k) for k in ("after_l0", "after_projection", "after_fixmask",
                                                               "epochs", "seconds")}}
@@ -362,8 +381,10 @@ def present_tasks(tasks: list[str], data_dir: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", choices=("quality", "methods"), default="quality",
+                    help="quality: diffprune vs baselines (issue 11); methods: l0/swr/basis at matched bytes (issue 10)")
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", help="default: every method of the table")
     ap.add_argument("--quick", action="store_true", help="capped data, one seed, one lr: a smoke check")
     ap.add_argument("--quick-train", type=int, default=256, help="--quick: train examples per task")
     ap.add_argument("--quick-eval", type=int, default=256, help="--quick: dev examples per task")
@@ -381,11 +402,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def protocol_from(args: argparse.Namespace) -> Protocol:
+    import quality_v2_methods as mt
+
+    known, cls = (tuple(mt.METHODS), mt.MethodsProtocol) if args.table == "methods" else (METHODS, Protocol)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    methods = [m.strip() for m in (args.methods or ",".join(known)).split(",") if m.strip()]
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise SystemExit(f"error: unknown method(s) {', '.join(bad)} (hint: choose from {', '.join(METHODS)})")
+        raise SystemExit(f"error: unknown method(s) {', '.join(bad)} (hint: choose from {', '.join(known)})")
     if "lora-all" in methods and "dp-l0" not in methods:
         raise SystemExit("error: lora-all needs dp-l0 (hint: its rank is matched to dp-l0's .diff bytes)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -393,7 +417,7 @@ def protocol_from(args: argparse.Namespace) -> Protocol:
     l0 = args.l0_epochs if args.l0_epochs is not None else (1 if args.quick else 5)
     if not 0 < l0 < epochs:
         raise SystemExit(f"error: --l0-epochs {l0} must leave fixed-mask epochs of --epochs {epochs} (hint: 0 < l0 < E)")
-    return Protocol(quick=args.quick, tasks=present_tasks(tasks, args.data_dir), methods=methods,
+    return cls(quick=args.quick, tasks=present_tasks(tasks, args.data_dir), methods=methods,
                     seeds=seeds[:1] if args.quick else seeds, epochs=epochs, l0_epochs=l0, model=args.model,
                     data_dir=args.data_dir, max_train_samples=args.quick_train if args.quick else None,
                     max_eval_samples=args.quick_eval if args.quick else None)
@@ -408,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     if not proto.tasks:
         print(f"error: no task data under {args.data_dir} (hint: --data-dir or $GLUE_DIR)", file=sys.stderr)
         return 3
-    suite = Suite(proto, Path(args.work_dir) / ("quick" if proto.quick else "full"))
+    import quality_v2_methods as mt
+
+    table = mt.MethodsSuite if args.table == "methods" else Suite
+    suite = table(proto, Path(args.work_dir) / ("quick" if proto.quick else "full"))
     trainer_methods()
     if not args.report_only:
         suite.lane(jobs=args.jobs)
@@ -425,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
            "trainer_methods": sorted(trainer_methods()), "commands": commands,
            "majority": {t: _floor(t, proto) for t in proto.tasks}}
     doc.update(report.assemble(suite))
-    text = report.render(suite, doc, commands)
-    stem = "quality-v2-quick" if proto.quick else "quality-v2"
+    text = (mt.render if args.table == "methods" else report.render)(suite, doc, commands)
+    stem = ("methods-v2" if args.table == "methods" else "quality-v2") + ("-quick" if proto.quick else "")
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.md").write_text(text)

@@ -18,8 +18,9 @@ def cell(suite: Suite, task: str, method: str, seed: int) -> tuple[dict | None, 
         scores = suite.grid_scores(task, method)
         if scores and all(v is None for v in scores.values()) and len(scores) == len(suite.p.grid(method)):
             return None, "failed (every lr)"
-        if method == "lora-all" and suite.diff_bytes(task) is None:
-            return None, "waiting (needs the dp-l0 .diff bytes)"
+        why = suite.waiting(task, method)
+        if why:
+            return None, f"waiting (needs {why})"
         return None, f"lr tuning: {len(scores)}/{len(suite.p.grid(method))} done"
     run = Run(task, method, lr, seed)
     hit = suite.cached(run)
@@ -66,7 +67,7 @@ def _brief(r: dict | None) -> dict | None:
     if r is None:
         return None
     keep = ("score", "best_epoch", "bytes", "train_seconds", "resumed", "peak_rss_bytes", "cuda_peak_allocated",
-            "device", "density", "nnz", "lora_rank", "score_before_fp16", "l0_density_path", "metrics", "command",
+            "device", "density", "nnz", "params", "trimmed", "lora_rank", "score_before_fp16", "l0_density_path", "metrics", "command",
             "settings", "finished")
     out = {k: r[k] for k in keep if k in r}
     if "command" in out:  # paths relative to the repository, as a reader would type them
@@ -110,32 +111,59 @@ def environment() -> dict:
             "platform": platform.platform()}
 
 
-def render(suite: Suite, doc: dict, commands: list[str]) -> str:
-    """The markdown results file."""
-    p, env, table = suite.p, doc["environment"], doc["table"]
-    tasks, methods = p.tasks, p.methods
-    L: list[str] = []
-    title = "# Quality v2: diffprune 0.5% vs full finetuning, LoRA, BitFit and a linear probe at equal compute"
-    L += [title + (" — QUICK PROTOCOL (smoke check, not a result)" if p.quick else ""), ""]
+def model_name(p) -> str:
+    return "the bundled MiniLM (all-MiniLM-L6-v2)" if p.model == "minilm" else f"`{p.model}`"
+
+
+def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[str]:
+    """Title (QUICK-labelled), what the table compares, progress, date and machine, and the commands."""
+    env = doc["environment"]
+    L = [title + (" — QUICK PROTOCOL (smoke check, not a result)" if p.quick else ""), ""]
     if p.quick:
         L += [f"**Quick protocol**: train sets capped at {p.max_train_samples}, dev at {p.max_eval_samples}, "
               f"seed {p.seeds[0]} only, one lr per method, {p.epochs} epochs. It checks the pipeline; its numbers "
               "say nothing about quality.", ""]
-    model = "the bundled MiniLM (all-MiniLM-L6-v2)" if p.model == "minilm" else f"`{p.model}`"
-    L += [f"What it compares: on {model} and GLUE dev, a diffprune {p.sparsity} diff "
-          "(the L0 mask, and random / magnitude / Fisher masks as ablations) against full finetuning, LoRA r=8 on "
-          "query+value, LoRA on every linear layer at the .diff's bytes, BitFit and the head alone, every method "
-          f"with {p.epochs} epochs over the train set, its best dev epoch, and {len(p.grid('full'))} learning "
-          f"rate(s) tuned on seed {p.seeds[0]}.", "",
-          f"Progress: {doc['progress']['finished']} of {doc['progress']['planned']} runs finished, "
-          f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted).", "",
-          f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
-          + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
-          "## Commands", "", "```"] + commands + ["```", ""]
+    return L + [what, "",
+                f"Progress: {doc['progress']['finished']} of {doc['progress']['planned']} runs finished, "
+                f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted).", "",
+                f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
+                + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
+                "## Commands", "", "```"] + commands + ["```", ""]
+
+
+def tasks_line(p) -> str:
+    train = f"capped at {p.max_train_samples}" if p.max_train_samples else "in full"
+    dev = f"capped at {p.max_eval_samples}" if p.max_eval_samples else "in full"
+    return f"- Tasks: {', '.join(p.tasks)}; train sets {train}, dev sets {dev}. Seeds {p.seeds}."
+
+
+def tuning(p, table: dict, labels: dict, available=lambda m: True) -> list[str]:
+    """The first seed's dev score per lr of every (task, method), the chosen one starred."""
+    L = ["", f"## Learning-rate tuning (seed {p.seeds[0]}: dev score per lr; * = chosen)", ""]
+    for t in p.tasks:
+        for m in p.methods:
+            c = table[t][m]
+            tried = ", ".join(f"{lr} → {'failed' if s is None else f'{s:.2f}'}"
+                              + ("*" if c["lr"] is not None and float(lr) == c["lr"] else "")
+                              for lr, s in c["grid"].items())
+            none = "not run (method unavailable)" if not available(m) else "nothing yet"
+            L.append(f"- {t} {labels[m]}: {tried or none}")
+    return L
+
+
+def render(suite: Suite, doc: dict, commands: list[str]) -> str:
+    """The markdown results file."""
+    p, table = suite.p, doc["table"]
+    tasks, methods = p.tasks, p.methods
+    title = "# Quality v2: diffprune 0.5% vs full finetuning, LoRA, BitFit and a linear probe at equal compute"
+    L = preamble(p, doc, commands, title,
+                 f"What it compares: on {model_name(p)} and GLUE dev, a diffprune {p.sparsity} diff "
+                 "(the L0 mask, and random / magnitude / Fisher masks as ablations) against full finetuning, LoRA r=8 "
+                 "on query+value, LoRA on every linear layer at the .diff's bytes, BitFit and the head alone, every "
+                 f"method with {p.epochs} epochs over the train set, its best dev epoch, and {len(p.grid('full'))} "
+                 f"learning rate(s) tuned on seed {p.seeds[0]}.")
     L += ["## Protocol", "",
-          f"- Tasks: {', '.join(tasks)}; train sets " + (f"capped at {p.max_train_samples}" if p.max_train_samples
-                                                        else "in full") + ", dev sets "
-          + (f"capped at {p.max_eval_samples}" if p.max_eval_samples else "in full") + f". Seeds {p.seeds}.",
+          tasks_line(p),
           f"- Equal compute: {p.epochs} epochs in all, batch {p.batch_size}, max length {p.max_seq_length}. "
           f"diffprune L0: {p.split('dp-l0')[0]} L0 + {p.split('dp-l0')[1]} fixed-mask epochs; magnitude: "
           f"{p.split('dp-magnitude')[0]} dense + {p.split('dp-magnitude')[1]} fixed-mask epochs; random and Fisher: "
@@ -160,14 +188,10 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "| task | metric floor | " + " | ".join(LABELS[m] for m in methods) + " |",
           "|---|---|" + "---|" * len(methods)]
     for t in tasks:
-        row = [_cell_text(table[t][m]) for m in methods]
+        row = [cell_text(table[t][m]) for m in methods]
         floor = doc["majority"].get(t)
         L.append(f"| {t} | {'—' if floor is None else f'{floor:.2f}'} | " + " | ".join(row) + " |")
-    avg = []
-    for m in methods:
-        vals = [table[t][m]["mean"] for t in tasks]
-        avg.append("—" if None in vals or not vals else f"{sum(vals) / len(vals):.2f}")
-    L += ["| **average** | | " + " | ".join(avg) + " |", "",
+    L += ["| **average** | | " + " | ".join(averages(table, tasks, methods)) + " |", "",
           "`metric floor`: always predicting the most frequent train label (stsb: the mean). Scores: GLUE metric ×100 "
           "(rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, cola Matthews).", ""]
     L += ["## Bytes and cost (per run, at the chosen lr; mean over seeds, memory the maximum)", "",
@@ -208,15 +232,7 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
                              f"{r.get('best_epoch')} | {rules.fmt_bytes(r.get('bytes'))} | "
                              f"{r['train_seconds'] / 60:.1f} min{' (resumed: last part only)' if r.get('resumed') else ''}"
                              " | ok |")
-    L += ["", f"## Learning-rate tuning (seed {p.seeds[0]}: dev score per lr; * = chosen)", ""]
-    for t in tasks:
-        for m in methods:
-            c = table[t][m]
-            tried = ", ".join(f"{lr} → {'failed' if s is None else f'{s:.2f}'}"
-                              + ("*" if c["lr"] is not None and float(lr) == c["lr"] else "")
-                              for lr, s in c["grid"].items())
-            none = "not run (method unavailable)" if not suite.available(m) else "nothing yet"
-            L.append(f"- {t} {LABELS[m]}: {tried or none}")
+    L += tuning(p, table, LABELS, suite.available)
     L += ["", "## L0 phase: density path (expected / deterministic-gate density after each L0 epoch)", ""]
     for t in tasks:
         for seed, c in doc["cells"][t].get("dp-l0", {}).items():
@@ -229,7 +245,16 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
     return "\n".join(L) + "\n"
 
 
-def _cell_text(c: dict) -> str:
+def averages(table: dict, tasks: list[str], methods: list[str]) -> list[str]:
+    """Each method's task average of the means ('—' while a task is missing)."""
+    out = []
+    for m in methods:
+        vals = [table[t][m]["mean"] for t in tasks]
+        out.append("—" if None in vals or not vals else f"{sum(vals) / len(vals):.2f}")
+    return out
+
+
+def cell_text(c: dict) -> str:
     if c["n"]:
         return rules.fmt_score(c["mean"], c["std"], c["n"])
     return c["status"][0] if c["status"] else "—"
