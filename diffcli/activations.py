@@ -29,17 +29,16 @@ def checkpoint_activations(model: "torch.nn.Module", every: int = 1) -> int:
                                 hint="train without --activation-checkpointing")
     kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients of inputs that do not require grad
     enable = getattr(model, "activation_checkpointing_enable", None)
+    layers = checkpointable_layers(model)
     if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
         enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+    elif every > 1 and not layers:
+        raise InvalidValueError(f"checkpointing every {every}-th layer needs transformers ≥ 4.52 (per-layer "
+                                "checkpointing)", hint="pass --activation-checkpointing 1, or upgrade transformers")
     else:  # older transformers: every layer, then switch off all but every n-th where layers are separate units
-        layers = checkpointable_layers(model)
-        if every > 1 and not layers:
-            raise InvalidValueError(f"checkpointing every {every}-th layer needs transformers ≥ 4.52 (per-layer "
-                                    "checkpointing)", hint="pass --activation-checkpointing 1, or upgrade transformers")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i % every == 0
-    layers = checkpointable_layers(model)
     return sum(1 for layer in layers if layer.gradient_checkpointing) if layers else 1
 
 

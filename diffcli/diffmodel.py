@@ -332,7 +332,7 @@ def torch_mul_out(a: "torch.Tensor", b, out: "torch.Tensor") -> "torch.Tensor":
 class MaskedDiff:
     """Fixed-mask phase state: δ lives only on sorted flat positions `index` with trainable `values`."""
 
-    def __init__(self, flat: FlatParams, index: "torch.Tensor", values: "torch.Tensor"):
+    def __init__(self, flat: FlatParams, index: "torch.Tensor", values: "torch.Tensor", stored=None):
         import torch
 
         self.flat = flat
@@ -340,7 +340,7 @@ class MaskedDiff:
         self.index = index.to(dev)
         self.values = values.detach().to(dev, torch.float32).clone().requires_grad_(True)
         self.values.grad = torch.zeros_like(self.values)
-        self.stored = None  # `qat.StoredValues`: θ gets what a packed file will hold (train --values)
+        self.stored = stored  # `qat.StoredValues`: θ gets what a packed file will hold (train --values)
         with torch.no_grad():
             flat.theta.copy_(flat.theta0)
         self.write_()

@@ -30,12 +30,12 @@ class FlatEngine:
         from diffcli.diffmodel import MaskedDiff
 
         self.flat, self.head, self.total, self.steps = flat, head, total, 0
-        self.md = MaskedDiff(flat, index, values)
+        stored = None
         if opts.values is not None:  # quantization-aware: θ = θ₀ + what `pack --values` stores for δ
             from diffcli.qat import StoredValues
 
-            self.md.stored = StoredValues.for_flat(flat.offsets, self.md.index, opts.values)
-            self.md.write_()
+            stored = StoredValues.for_flat(flat.offsets, index, opts.values)
+        self.md = MaskedDiff(flat, index, values, stored)
         groups = [{"params": [self.md.values], "lr": opts.fixmask_lr}]
         if head:
             groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
