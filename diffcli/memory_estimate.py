@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
-from diffcli.errors import DiffpruneError, InvalidValueError
+from diffcli.errors import InvalidValueError
 
 if TYPE_CHECKING:
     import torch
@@ -132,20 +132,3 @@ def available_bytes(device: "str | torch.device") -> int | None:
     except OSError:
         return None
     return None
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def check_fits(estimates: dict[str, MemoryEstimate], method: str, available: int | None, device: str) -> None:
-    """Raise one clear error when `method` needs more than `available` bytes, naming a method that fits."""
-    if available is None or estimates[method].total <= available:
-        return
-    need = estimates[method].total
-    fits = sorted((e.total, m) for m, e in estimates.items() if m != method and e.total <= available)
-    hint = (f"the sparse fixed-mask method needs {_gib(fits[0][0])}" if fits and fits[0][1] == "sparse" else
-            f"method {fits[0][1]} needs {_gib(fits[0][0])}" if fits else
-            "lower --batch-size or --max-seq-length, or use a device with more memory")
-    raise DiffpruneError(f"training with {method} needs about {_gib(need)} but {device} has {_gib(available)} free",
-                         hint=hint)

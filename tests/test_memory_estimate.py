@@ -1,11 +1,12 @@
-"""The memory estimate: the methods' order, its terms, and the one-line refusal that names a method that fits."""
+"""The memory estimate: the methods' order, its terms, and `train`'s one-line refusal when a run does not fit."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from diffcli import memory_estimate as me
-from diffcli.errors import DiffpruneError, InvalidValueError
+from diffcli.errors import InvalidValueError
 from diffcli.training import build_task_model
 
 
@@ -45,19 +46,21 @@ def test_sparse_needs_k_and_methods_are_checked(tiny_base):
         me.estimate(tm.model, "lora", batch_size=1, seq_len=8)
 
 
-def test_check_fits_names_the_method_that_fits(tiny_base):
+def test_check_memory_refuses_only_what_does_not_fit(tiny_base, monkeypatch):
+    from diffcli import training
+    from diffcli.train_options import TrainOptions
+
     tm = _tm(tiny_base)
-    kw = dict(batch_size=8, seq_len=16, shared=tm.gated)
-    est = {m: me.estimate(tm.model, m, k=100, **kw) for m in me.METHODS}
-    me.check_fits(est, "l0", None, "cpu")  # unknown free memory: no refusal
-    me.check_fits(est, "l0", est["l0"].total, "cpu")
-    between = (est["sparse"].total + est["full"].total) // 2
-    with pytest.raises(DiffpruneError, match=r"training with l0 needs about .* GiB but cpu has") as e:
-        me.check_fits(est, "l0", between, "cpu")
-    assert "sparse fixed-mask" in e.value.hint
-    with pytest.raises(DiffpruneError) as e:
-        me.check_fits(est, "l0", 1, "cuda:0")
-    assert "--batch-size" in e.value.hint
+    opts = TrainOptions(sparsity=0.02, batch_size=8, max_seq_length=16)
+    need = training.memory_needs(tm, opts, torch.device("cpu"))["l0"]
+    monkeypatch.setattr(training, "_rss", lambda: 0)
+    for free in (None, need):  # unknown free memory, or exactly enough: no refusal
+        monkeypatch.setattr(me, "available_bytes", lambda device, free=free: free)
+        training.check_memory(tm, opts, torch.device("cpu"))
+    monkeypatch.setattr(me, "available_bytes", lambda device: 1)  # nothing fits: the hint says what to lower
+    with pytest.raises(InvalidValueError, match=r"--method l0 needs about .* GiB on cpu but only") as e:
+        training.check_memory(tm, opts, torch.device("cpu"))
+    assert "--batch-size" in e.value.hint and "--method" not in e.value.hint
 
 
 def test_available_bytes_on_cpu():
