@@ -10,7 +10,9 @@ stores B·A as low-rank records and δ as sparse ones, so the rebuilt model has 
 
 The model runs as it is: θ₀ + z·Δ is written into the flat θ (`diffmodel.FlatParams`) before the forward pass,
 and the factors' and gates' gradients come from dL/dθ after it, through the surrogate Σ_u z_u·⟨Δ_u, dL/dθ_u⟩
-(⟨B·A, G⟩ = ⟨B, G·Aᵀ⟩: no dense B·A on the backward path), so a `DiffPruner` drives it from any loop.
+(⟨B·A, G⟩ = ⟨B, G·Aᵀ⟩: no dense B·A on the backward path), so a `DiffPruner` drives it from any loop. Under
+torchrun DDP averages dL/dθ in place in that flat gradient, so ranks that draw the same gates (the generator is
+seeded with --seed on every rank) take the same steps. `train` saves both phases after every epoch (`restore`).
 """
 
 from __future__ import annotations
