@@ -37,8 +37,8 @@ class TrainMethod(ABC):
     penalises: ClassVar[str]            # what it penalises or constrains
     fixed_phase: ClassVar[str]          # what the fixed-mask phase trains
     to_diff: ClassVar[str]              # how the result becomes a diff
-    phases: ClassVar[tuple[str, ...]] = ()  # resumable phases (saved per epoch) that `select` runs (the fixed
-    #                                         phase "fixmask" too for an `own_fixed_phase` method)
+    # resumable phases (saved per epoch) that `select` runs; an `own_fixed_phase` method lists its fixed phase too
+    phases: ClassVar[tuple[str, ...]] = ()
     epochs_phase: ClassVar[str | None] = None  # the phase `--epochs` counts, when the method takes it
     own_fixed_phase: ClassVar[bool] = False  # `select` trains the fixed phase itself and `build` makes the diff
     memory: ClassVar[str]               # its peak, as `memory_estimate.estimate` names it: full, l0 or sparse
