@@ -110,7 +110,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
             method.resume_fixed(run, pruner, tensors)
         rep.line(f"resuming {phase} phase after epoch {done}")
 
-    if phase != "fixmask":
+    if phase == "select" or phase in method.phases:  # a fresh run, or one stopped in a phase of the method's own
         tensors = method.select(run, pruner, done)
         done, saved = 0, None
     if method.own_fixed_phase:  # select trained its own fixed phase (swr: no sparse mask); the method builds the diff

@@ -62,3 +62,31 @@ def test_more_processes_than_gpus_is_a_clear_error_before_joining(monkeypatch):
         with pytest.raises(InvalidValueError, match=r"--nproc_per_node 1 .*--device cpu"):
             _init_dist(None)
     assert joined == []
+
+
+def test_swr_under_torchrun_every_rank_trains_the_same_units_and_rank_0_writes_one_checkpoint(tmp_path, tiny_base):
+    train, dev = write_task(tmp_path / "data", n_train=64)
+    out, ranks = tmp_path / "ckpt", tmp_path / "ranks.json"
+    budget = 3000
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "tests", "swr_ddp_ranks.py"), str(ranks), "train", "--train-file", str(train),
+           "--validation-file", str(dev), "--model", str(tiny_base), "--method", "swr", "--rank", "4", "--budget",
+           str(budget), "--alpha-lr", "0.2", "--epochs", "1", "--fixmask-epochs", "1", "--batch-size", "8",
+           "--lr", "1e-3", "--device", "cpu", "-o", str(out), "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # exactly one JSON document: rank 1 printed nothing
+    assert summary["world_size"] == 2 and summary["method"] == "swr"
+    diff = checkpoint.load(out)
+    assert diff.meta["world_size"] == 2 and sorted(diff.extras) == ["classifier.bias", "classifier.weight"]
+    chosen = [u for u in diff.meta["units"] if u["chosen"]]
+    assert chosen and sum(u["cost"] for u in chosen) <= budget and diff.nnz <= budget
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ckpt", "data", "ranks.json"]  # one writer
+    assert sorted(p.name for p in out.iterdir()) == ["diff.safetensors", "diffprune.json"]
+    # same gate noise and A init on every rank, and dL/dθ averaged by DDP before the factors', gates' and head's
+    # steps: the ranks saw different batches (different losses) yet hold the same tensors bit for bit
+    record = json.loads(ranks.read_text())
+    assert record["after_choice"]["same"] and record["after_fixed"]["same"], record
+    assert record["after_choice"]["chosen"] == [i for i, u in enumerate(diff.meta["units"]) if u["chosen"]]
+    assert record["fixed_losses"][0] != record["fixed_losses"][1]

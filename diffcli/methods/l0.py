@@ -72,6 +72,10 @@ class DensityController:
     def state(self) -> dict[str, float | None]:
         return {"log_scale": self.log_scale, "start": self.start, "last": self.last}
 
+    def load(self, state: dict) -> None:
+        """Undo `state()` (a resumed run steers λ on from where the interrupted one stopped)."""
+        self.log_scale, self.start, self.last = float(state["log_scale"]), float(state["start"]), state.get("last")
+
 
 def _logit(p: float) -> float:
     p = min(max(p, 1e-12), 1 - 1e-12)
@@ -80,6 +84,28 @@ def _logit(p: float) -> float:
 
 def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+
+def gated_state(trainer, device: "torch.device", generator) -> tuple[dict[str, "torch.Tensor"], dict]:
+    """What a gated phase steered by the density controller (l0's, swr's) needs beside its own tensors to continue
+    after an epoch: both AdamW states and the RNG streams (dropout, gate noise) as tensors; the step, λ and the
+    controller as JSON. `trainer` has `opt_w`, `opt_a`, `step_count`, `lam` and `controller`."""
+    tensors = {**optimizer_tensors(trainer.opt_w, "opt_w"), **optimizer_tensors(trainer.opt_a, "opt_a"),
+               **rng_tensors(device, generator)}
+    return tensors, {"step": trainer.step_count, "controller": trainer.controller.state(), "lam": trainer.lam}
+
+
+def restore_gated(trainer, tensors: dict, saved: dict, device: "torch.device", generator) -> None:
+    """Undo `gated_state` on a freshly built trainer of the same run."""
+    load_optimizer(trainer.opt_w, tensors, "opt_w")
+    load_optimizer(trainer.opt_a, tensors, "opt_a")
+    for group in trainer.opt_w.param_groups:  # the schedule's base lr, lost with the state dict
+        group["initial_lr"] = group.get("initial_lr", group["lr"])
+    restore_rng(tensors, device, generator)
+    trainer.step_count = int(saved["step"])
+    trainer.controller.load(saved["controller"])
+    trainer.lam = float(saved["lam"])
 
 
 
@@ -163,12 +189,10 @@ def _l0_tensors(trainer: L0Trainer) -> dict[str, "torch.Tensor"]:
         out["l0/group_log_alpha"] = gd.group_log_alpha.detach()
     for i, p in enumerate(trainer.head):
         out[f"l0/head/{i}"] = p.detach()
-    out.update(optimizer_tensors(trainer.opt_w, "opt_w"))
-    out.update(optimizer_tensors(trainer.opt_a, "opt_a"))
     return out
 
 
-def _restore_l0(trainer: L0Trainer, tensors: dict, saved: dict) -> None:
+def _restore_l0(trainer: L0Trainer, tensors: dict) -> None:
     import torch
 
     gd = trainer.gd
@@ -179,15 +203,6 @@ def _restore_l0(trainer: L0Trainer, tensors: dict, saved: dict) -> None:
             gd.group_log_alpha.copy_(tensors["l0/group_log_alpha"])
         for i, p in enumerate(trainer.head):
             p.copy_(tensors[f"l0/head/{i}"])
-    load_optimizer(trainer.opt_w, tensors, "opt_w")
-    load_optimizer(trainer.opt_a, tensors, "opt_a")
-    for group in trainer.opt_w.param_groups:  # the schedule's base lr, lost with the state dict
-        group["initial_lr"] = group.get("initial_lr", group["lr"])
-    trainer.step_count = int(saved["step"])
-    trainer.controller.log_scale = float(saved["controller"]["log_scale"])
-    trainer.controller.start = float(saved["controller"]["start"])
-    trainer.controller.last = saved["controller"].get("last")
-    trainer.lam = float(saved["lam"])
 
 
 
@@ -241,8 +256,8 @@ class L0Method(TrainMethod):
         return info
 
     def restore(self, run: "Run", state: "DiffPruner", tensors: dict, saved: dict) -> None:
-        _restore_l0(state.l0, tensors, saved)
-        restore_rng(tensors, run.dev, state.l0.gd.generator)
+        _restore_l0(state.l0, tensors)
+        restore_gated(state.l0, tensors, saved, run.dev, state.l0.gd.generator)
 
     def select(self, run: "Run", state: "DiffPruner", done: int) -> dict[str, "torch.Tensor"]:
         l0_phase(run, state, done)
@@ -277,9 +292,8 @@ def l0_phase(run: "Run", pruner: "DiffPruner", done: int) -> None:
                      f"{entry['expected_density']:.3%} deterministic density "
                      f"{entry['deterministic_density']:.3%} | {fmt_metrics(entry['metrics'])}")
         run.history.append(entry)
-        state = {"phase": "l0", "epochs_done": epoch + 1, "step": trainer.step_count,
-                 "controller": trainer.controller.state(), "lam": trainer.lam}
-        run.save({**_l0_tensors(trainer), **rng_tensors(run.dev, trainer.gd.generator)}, state)
+        gated, state = gated_state(trainer, run.dev, trainer.gd.generator)
+        run.save({**_l0_tensors(trainer), **gated}, {"phase": "l0", "epochs_done": epoch + 1, **state})
         run.epoch_done("l0", epoch + 1)
 
 

@@ -37,7 +37,8 @@ class TrainMethod(ABC):
     penalises: ClassVar[str]            # what it penalises or constrains
     fixed_phase: ClassVar[str]          # what the fixed-mask phase trains
     to_diff: ClassVar[str]              # how the result becomes a diff
-    phases: ClassVar[tuple[str, ...]] = ()  # resumable phases (saved per epoch) before the fixed mask
+    # resumable phases (saved per epoch) that `select` runs; an `own_fixed_phase` method lists its fixed phase too
+    phases: ClassVar[tuple[str, ...]] = ()
     epochs_phase: ClassVar[str | None] = None  # the phase `--epochs` counts, when the method takes it
     own_fixed_phase: ClassVar[bool] = False  # `select` trains the fixed phase itself and `build` makes the diff
     memory: ClassVar[str]               # its peak, as `memory_estimate.estimate` names it: full, l0 or sparse
@@ -59,11 +60,13 @@ class TrainMethod(ABC):
         fixed phase in `select` and makes the diff in `build`. Called before DDP wraps the model."""
 
     def restore(self, run: "Run", state: Any, tensors: dict, saved: dict) -> None:
-        """Put an interrupted run's state back (only for methods with resumable `phases`)."""
+        """Put an interrupted run's state back, in the phase `saved["phase"]` (one of `phases`), so that `select`
+        continues it."""
 
     @abstractmethod
     def select(self, run: "Run", state: Any, done: int) -> dict[str, "torch.Tensor"]:
-        """Run the method's phases (from epoch `done` of the first) and return the fixed phase's start.
+        """Run the method's phases (from epoch `done` of the phase `restore` put back, else of the first) and return
+        the fixed phase's start (an `own_fixed_phase` method: the best fixed epoch's snapshot, for `build`).
 
         The result holds `mask/index` (sorted flat positions, exactly k = round(S·N) unless fewer are usable),
         `mask/values` (δ there) and `head/<name>` for every new tensor; `run.record["projection"]` says how it

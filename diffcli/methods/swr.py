@@ -10,7 +10,9 @@ stores B·A as low-rank records and δ as sparse ones, so the rebuilt model has 
 
 The model runs as it is: θ₀ + z·Δ is written into the flat θ (`diffmodel.FlatParams`) before the forward pass,
 and the factors' and gates' gradients come from dL/dθ after it, through the surrogate Σ_u z_u·⟨Δ_u, dL/dθ_u⟩
-(⟨B·A, G⟩ = ⟨B, G·Aᵀ⟩: no dense B·A on the backward path), so a `DiffPruner` drives it from any loop.
+(⟨B·A, G⟩ = ⟨B, G·Aᵀ⟩: no dense B·A on the backward path), so a `DiffPruner` drives it from any loop. Under
+torchrun DDP averages dL/dθ in place in that flat gradient, so ranks that draw the same gates (the generator is
+seeded with --seed on every rank) take the same steps. `train` saves both phases after every epoch (`restore`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diffcli.errors import InvalidValueError
-from diffcli.methods.l0 import DensityController
+from diffcli.methods.l0 import DensityController, gated_state, restore_gated
 from diffcli.methods.registry import TrainMethod, register
 from diffcli.train_options import budget_count, parse_budget
+from diffcli.train_state import load_optimizer, optimizer_tensors, restore_rng, rng_tensors
 from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score, zero_grads
 
 if TYPE_CHECKING:
@@ -127,6 +130,13 @@ class SWRTrainer:
         self.noise: "torch.Tensor | None" = None
         self.chosen: list[int] = []
         self.record: list[dict[str, Any]] = []  # every unit's probability, cost and choice (after `choose_units`)
+
+    def tensors(self) -> dict[str, "torch.Tensor"]:
+        """What the phases train, by its name in the resumable state: every unit's factors (or δ), log α, the head."""
+        out = {f"swr/factor/{i}/{j}": t for i, f in enumerate(self.factors) for j, t in enumerate(f)}
+        out["swr/log_alpha"] = self.log_alpha
+        out.update({f"swr/head/{j}": p for j, p in enumerate(self.head)})
+        return out
 
     def delta(self, i: int) -> "torch.Tensor":
         f = self.factors[i]
@@ -234,6 +244,7 @@ class SWRFixed:
         for g in self.opt.param_groups:
             g["initial_lr"] = g["lr"]
         self.ones = [1.0] * len(tr.units)
+        self.best: dict[str, Any] | None = None  # `train`'s best epoch so far (a `snapshot`), kept for resume
         tr.write_(self.ones, tr.chosen)
 
     def zero_grad(self) -> None:
@@ -254,6 +265,14 @@ class SWRFixed:
         tr.write_(self.ones, tr.chosen)
         self.steps += 1
 
+    def state(self) -> dict[str, "torch.Tensor"]:
+        return optimizer_tensors(self.opt, "opt_m")
+
+    def resume(self, tensors: dict, steps: int) -> None:
+        """The optimiser and schedule after `steps` (the factors and the head are back already)."""
+        load_optimizer(self.opt, tensors, "opt_m")
+        self.steps = steps
+
 
 
 def snapshot(tr: SWRTrainer, tm) -> dict[str, Any]:
@@ -263,8 +282,33 @@ def snapshot(tr: SWRTrainer, tm) -> dict[str, Any]:
             "head": {n: params[n].detach().cpu().clone() for n in tm.head}}
 
 
-def gated_phase(run: "Run", pruner: "DiffPruner") -> None:
-    """`--epochs` of sampled gates (the pruner's begin/finish around each step), evaluating the deterministic gates."""
+def snapshot_tensors(best: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+    """A `snapshot` as named tensors (the resumable state keeps the best fixed epoch's)."""
+    out = {f"best/factor/{i}/{j}": t for i, f in best["factors"].items() for j, t in enumerate(f)}
+    out.update({f"best/head/{n}": t for n, t in best["head"].items()})
+    return out
+
+
+def snapshot_from(tensors: dict[str, "torch.Tensor"]) -> dict[str, Any]:
+    """Undo `snapshot_tensors`."""
+    factors: dict[int, dict[int, "torch.Tensor"]] = {}
+    head = {}
+    for key, t in tensors.items():
+        if key.startswith("best/factor/"):
+            i, j = key[len("best/factor/"):].split("/")
+            factors.setdefault(int(i), {})[int(j)] = t
+        elif key.startswith("best/head/"):
+            head[key[len("best/head/"):]] = t
+    return {"factors": {i: [f[j] for j in sorted(f)] for i, f in factors.items()}, "head": head}
+
+
+def _trained(tr: SWRTrainer) -> dict[str, "torch.Tensor"]:
+    return {k: t.detach() for k, t in tr.tensors().items()}
+
+
+def gated_phase(run: "Run", pruner: "DiffPruner", done: int) -> None:
+    """Epochs `done+1..--epochs` of sampled gates (the pruner's begin/finish around each step), evaluating the
+    deterministic gates; the resumable state after each."""
     opts, rep = run.opts, run.rep
     tr: SWRTrainer = pruner.phase
     fwd = run.ddp if run.ddp is not None else run.tm.model
@@ -277,7 +321,7 @@ def gated_phase(run: "Run", pruner: "DiffPruner") -> None:
         pruner.finish()
         return loss
 
-    for epoch in range(opts.epochs):
+    for epoch in range(done, opts.epochs):
         mean_loss = run.epoch("gated", epoch, opts.epochs, opts.seed, step)
         entry = {"phase": "gated", "epoch": epoch + 1, "loss": mean_loss, "expected_density": tr.expected_density(),
                  "expected_cost": round(tr.expected_density() * tr.n), "lambda": tr.lam}
@@ -287,37 +331,45 @@ def gated_phase(run: "Run", pruner: "DiffPruner") -> None:
             rep.line(f"gated epoch {epoch + 1}/{opts.epochs}: loss {mean_loss:.4f} expected cost "
                      f"{entry['expected_cost']:,} of budget {tr.budget:,} | {fmt_metrics(entry['metrics'])}")
         run.history.append(entry)
+        gated, state = gated_state(tr, run.dev, tr.generator)
+        run.save({**_trained(tr), **gated}, {"phase": "gated", "epochs_done": epoch + 1, **state})
         run.epoch_done("gated", epoch + 1)
 
 
-def fixed_phase(run: "Run", pruner: "DiffPruner") -> dict[str, Any]:
-    """Train only the chosen units' updates and the head (the pruner's fixed phase); the best dev epoch's snapshot."""
+def fixed_phase(run: "Run", pruner: "DiffPruner", done: int) -> dict[str, Any]:
+    """Train only the chosen units' updates and the head (the pruner's fixed phase) from epoch `done` (its engine
+    put back by `restore` when done > 0); the resumable state after each epoch; the best dev epoch's snapshot."""
     opts, rep, tm = run.opts, run.rep, run.tm
+    tr: SWRTrainer = pruner.phase
     fwd = run.ddp if run.ddp is not None else tm.model
-    pruner.start_fixed(run.steps_per_epoch * opts.fixmask_epochs)
     record = run.record
-    best = snapshot(pruner.phase, tm)
-    if run.dist.main:
-        metrics = evaluate_on(tm, run.task_data, opts, run.dev)
-        record["projection"]["metrics"] = metrics
-        record["best"] = {"epoch": 0, "score": main_score(run.spec, metrics), "metrics": metrics}
-        rep.line(f"chosen units, before the fixed phase: {fmt_metrics(metrics)}")
+    if not done:
+        pruner.start_fixed(run.steps_per_epoch * opts.fixmask_epochs)
+        pruner.engine.best = snapshot(tr, tm)
+        if run.dist.main:
+            metrics = evaluate_on(tm, run.task_data, opts, run.dev)
+            record["projection"]["metrics"] = metrics
+            record["best"] = {"epoch": 0, "score": main_score(run.spec, metrics), "metrics": metrics}
+            rep.line(f"chosen units, before the fixed phase: {fmt_metrics(metrics)}")
+    engine: SWRFixed = pruner.engine
 
     def step(batch: dict) -> float:
         loss = forward_backward(fwd, batch, run.dev)
         pruner.fixed_step()
         return loss
 
-    for epoch in range(opts.fixmask_epochs):
+    for epoch in range(done, opts.fixmask_epochs):
         mean_loss = run.epoch("fixed", epoch, opts.fixmask_epochs, opts.seed + 1, step)
         entry = {"phase": "fixmask", "epoch": epoch + 1, "loss": mean_loss}
         if run.dist.main:
             entry["metrics"] = evaluate_on(tm, run.task_data, opts, run.dev)
             if run.keep_if_best(entry, "fixed", opts.fixmask_epochs):
-                best = snapshot(pruner.phase, tm)
+                engine.best = snapshot(tr, tm)
         run.history.append(entry)
+        run.save({**_trained(tr), **snapshot_tensors(engine.best), **engine.state(), **rng_tensors(run.dev, None)},
+                 {"phase": "fixmask", "epochs_done": epoch + 1, "step": engine.steps})
         run.epoch_done("fixmask", epoch + 1)
-    return best
+    return engine.best
 
 
 @register
@@ -334,6 +386,7 @@ class SWRMethod(TrainMethod):
     fixed_phase = "the units taken by gate probability while they fit --budget (a hard cap), ungated, and the head"
     to_diff = "B·A as low-rank records, δ as sparse records, after the best fixed epoch"
     own_fixed_phase = True
+    phases = ("gated", "fixmask")  # both resumable; the fixed phase is swr's own (`select` runs it)
     memory = "full"  # θ₀, θ and dL/dθ (flat), the factors and their AdamW states: full finetuning's 16P bounds it
     epochs_phase = "gated"
 
@@ -381,8 +434,6 @@ class SWRMethod(TrainMethod):
     def setup(self, run: "Run") -> "DiffPruner":
         from diffcli.api import DiffPruner
 
-        if run.dist.world > 1:
-            raise InvalidValueError("--method swr trains in one process", hint="run it without torchrun")
         pruner = DiffPruner.for_task_model(run.tm, run.opts, run.dev, run.steps_per_epoch * run.opts.epochs,
                                            base_ref=run.model_ref, flat=True)
         tr: SWRTrainer = pruner.phase
@@ -392,14 +443,36 @@ class SWRMethod(TrainMethod):
                      f"candidate cost {int(tr.costs.sum()):,}, budget {tr.budget:,} of N = {tr.n:,}")
         return pruner
 
+    def restore(self, run: "Run", pruner: "DiffPruner", tensors: dict, saved: dict) -> None:
+        """The factors, gates and head; then the gated phase's optimisers, controller and RNG streams, or the fixed
+        phase's chosen units (from the record), its optimiser and best epoch so far."""
+        import torch
+
+        tr: SWRTrainer = pruner.phase
+        with torch.no_grad():
+            for key, t in tr.tensors().items():
+                t.copy_(tensors[key])
+        if saved["phase"] == "gated":
+            restore_gated(tr, tensors, saved, run.dev, tr.generator)
+            return
+        tr.record = run.record["units"]
+        tr.chosen = [i for i, u in enumerate(tr.record) if u["chosen"]]
+        pruner.info, pruner.chosen = run.record["projection"], True
+        pruner.start_fixed(run.steps_per_epoch * run.opts.fixmask_epochs)  # θ = θ₀ + Δ at the chosen units
+        pruner.engine.resume(tensors, int(saved["step"]))
+        pruner.engine.best = snapshot_from(tensors)
+        restore_rng(tensors, run.dev, None)
+
     def select(self, run: "Run", pruner: "DiffPruner", done: int) -> dict[str, Any]:
-        gated_phase(run, pruner)
-        info = pruner.project()
-        run.record["units"] = pruner.phase.record
-        run.record["projection"] = info
-        run.rep.line(f"chosen {info['chosen']} of {info['units']} units: {info['cost']:,} of the "
-                     f"{info['budget']:,}-parameter budget")
-        return fixed_phase(run, pruner)
+        if not pruner.chosen:  # a fresh run, or one resumed in the gated phase
+            gated_phase(run, pruner, done)
+            info = pruner.project()
+            run.record["units"] = pruner.phase.record
+            run.record["projection"] = info
+            run.rep.line(f"chosen {info['chosen']} of {info['units']} units: {info['cost']:,} of the "
+                         f"{info['budget']:,}-parameter budget")
+            done = 0
+        return fixed_phase(run, pruner, done)
 
     def build(self, run: "Run", pruner: "DiffPruner", best: dict[str, Any], *, model_ref: str, meta: dict):
         """The Diff from the best fixed epoch's snapshot (the pruner's export)."""
