@@ -1,7 +1,8 @@
 """Resumable training state in `<output>.partial/`: safetensors tensors + a JSON document, no pickle.
 
 Written atomically after every finished epoch (the folder is replaced as a whole), read by `train --resume`.
-Optimiser states are flattened to "<prefix>/<param id>/<key>" tensors; RNG states are uint8 tensors.
+Optimiser states are flattened to "<prefix>/<param id>/<key>" tensors; RNG states are uint8 tensors, under
+torchrun every rank's (`gather_rng`), so that each rank resumes its own streams (`own_rng`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from diffcli.errors import InvalidValueError
 
 if TYPE_CHECKING:
     import torch
+
+    from diffcli.dist import Dist
 
 PARTIAL_SUFFIX = ".partial"
 STATE_TENSORS = "state.safetensors"
@@ -67,6 +70,43 @@ def rng_tensors(device: "torch.device", gen: "torch.Generator | None") -> dict[s
     if gen is not None:
         out["rng/gate"] = gen.get_state()
     return out
+
+
+def gather_rng(tensors: dict[str, "torch.Tensor"], dist: "Dist", device: "torch.device") -> dict[str, "torch.Tensor"]:
+    """`tensors` plus every rank's RNG states as `rng/<stream>/<rank>` beside the one-process keys (a collective)."""
+    out = {k: v for k, v in tensors.items() if not _per_rank(k)}
+    if dist.world <= 1:
+        return out
+    import torch
+    import torch.distributed as td
+
+    on = device if td.get_backend() == "nccl" else torch.device("cpu")  # nccl gathers cuda tensors, gloo cpu ones
+    for key in sorted(k for k in out if k.startswith("rng/")):
+        mine = out[key].to(on)
+        every = [torch.empty_like(mine) for _ in range(dist.world)]  # a stream's state has one size on every rank
+        td.all_gather(every, mine)
+        out.update({f"{key}/{rank}": t.cpu() for rank, t in enumerate(every)})
+    return out
+
+
+def own_rng(tensors: dict[str, "torch.Tensor"], rank: int) -> dict[str, "torch.Tensor"]:
+    """Saved tensors with this rank's RNG states (`rng/<stream>/<rank>`, when saved) under the one-process keys."""
+    own = {k.rsplit("/", 1)[0]: v for k, v in tensors.items() if _per_rank(k) and k.rsplit("/", 1)[1] == str(rank)}
+    return {**{k: v for k, v in tensors.items() if not _per_rank(k)}, **own}
+
+
+def _per_rank(key: str) -> bool:
+    return key.startswith("rng/") and key.count("/") == 2
+
+
+def check_resume_world(saved: dict, world: int, work: Path) -> None:
+    """Refuse to resume with another number of processes: the data split, the steps and the RNG streams differ."""
+    was = saved.get("world_size")  # absent in folders written before it was recorded: not checked
+    if was is not None and int(was) != world:
+        was = int(was)
+        how = f"torchrun --nproc_per_node {was}" if was > 1 else "one process (without torchrun)"
+        raise InvalidValueError(f"the interrupted run at {work} trained with {was} processes, now {world}",
+                                hint=f"resume it with {how}, or pass --force without --resume to start over")
 
 
 def restore_rng(tensors: dict, device: "torch.device", gen: "torch.Generator | None") -> None:

@@ -24,7 +24,8 @@ from diffcli.methods.l0 import DensityController, L0Trainer
 from diffcli.task_types import build_task_model
 from diffcli.taskmodel import TaskModel
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
-from diffcli.train_state import STATE_JSON, check_resume_options, load_state, partial_dir
+from diffcli.train_state import (STATE_JSON, check_resume_options, check_resume_world, load_state, own_rng,
+                                 partial_dir)
 from diffcli.trainloop import Reporter, Run, autocast
 
 # re-exported: the public names the benchmarks and the tests import from here
@@ -99,6 +100,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if resuming:
         tensors, saved = load_state(work)
         check_resume_options(saved["options"], run.opt_dict)
+        check_resume_world(saved, dist.world, work)
+        tensors = own_rng(tensors, dist.rank)  # each rank's dropout stream, not rank 0's on every rank
         if saved.get("task") != task_data.spec.name or saved.get("model") != model:
             raise InvalidValueError(f"the interrupted run at {work} trained {saved.get('task')} on "
                                     f"{saved.get('model')}", hint="pass --force without --resume to start over")

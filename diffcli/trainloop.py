@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from diffcli.dist import Dist
-from diffcli.train_state import save_state
+from diffcli.train_state import gather_rng, save_state
 
 if TYPE_CHECKING:
     import torch
@@ -153,10 +153,11 @@ class Run:
         return self.record["history"]
 
     def save(self, tensors: dict, state: dict) -> None:
-        """The resumable state after an epoch (rank 0 writes; every rank waits for it)."""
+        """The resumable state after an epoch, with every rank's RNG states (rank 0 writes; every rank waits)."""
+        tensors = gather_rng(tensors, self.dist, self.dev)
         if self.dist.main:
             state.update({"options": self.opt_dict, "task": self.spec.name, "model": self.model_ref,
-                          "record": self.record})
+                          "record": self.record, "world_size": self.dist.world})
             save_state(self.work, tensors, state)
         self.dist.barrier()
 
