@@ -297,7 +297,7 @@ class BasisMethod(TrainMethod):
             pruner.info, pruner.chosen = dict(run.record["bases"]), True
             pruner.start_fixed(run.opts.fixmask_epochs * run.steps_per_epoch)
             steps = pruner.engine
-            steps.best = _snapshot_from(tensors, saved["best"], state.a.device) if "best" in saved else None
+            steps.best = _snapshot_from(tensors, saved["best"], state.a.device)
         else:
             steps = pruner.phase.steps
         steps.resume(tensors, int(saved["step"]))
