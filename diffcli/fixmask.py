@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from diffcli.dist import wrap_ddp
 from diffcli.train_state import load_optimizer, optimizer_tensors, restore_rng, rng_tensors
-from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score, zero_grads
+from diffcli.trainloop import (LinearDecay, adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score,
+                               zero_grads)
 
 if TYPE_CHECKING:
     import torch
@@ -22,14 +23,14 @@ if TYPE_CHECKING:
     from diffcli.trainloop import Run
 
 
-class FlatEngine:
+class FlatEngine(LinearDecay):
     """δ on the kept flat positions of `FlatParams`; θ₀, θ and dL/dθ stay N-sized."""
 
     def __init__(self, flat, index: "torch.Tensor", values: "torch.Tensor", head: list, opts: "TrainOptions",
                  device: "torch.device", total: int):
         from diffcli.diffmodel import MaskedDiff
 
-        self.flat, self.head, self.total, self.steps = flat, head, total, 0
+        self.flat, self.head = flat, head
         stored = None
         if opts.values is not None:  # quantization-aware: θ = θ₀ + what `pack --values` stores for δ
             from diffcli.qat import StoredValues
@@ -39,9 +40,7 @@ class FlatEngine:
         groups = [{"params": [self.md.values], "lr": opts.fixmask_lr}]
         if head:
             groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
-        self.opt = adamw(groups, opts.fixmask_lr, opts.weight_decay, device)
-        for g in self.opt.param_groups:
-            g["initial_lr"] = g["lr"]
+        self.schedule(adamw(groups, opts.fixmask_lr, opts.weight_decay, device), total)
         self.grad_clip = opts.grad_clip
 
     @property
@@ -54,24 +53,17 @@ class FlatEngine:
     def step(self) -> None:
         self.md.backward_()
         clip([self.md.values] + self.head, self.grad_clip)
-        decay = max(0.0, 1.0 - self.steps / self.total)
-        for g in self.opt.param_groups:
-            g["lr"] = g["initial_lr"] * decay
-        self.opt.step()
+        self.opt_step()
         self.md.write_()
         self.steps += 1
 
     def resume(self, tensors: dict, steps: int) -> None:
         import torch
 
-        self.steps = steps
-        load_optimizer(self.opt, tensors, "opt_m")
+        super().resume(tensors, steps)
         with torch.no_grad():
             self.md.values.copy_(tensors["mask/values"])
         self.md.write_()
-
-    def state(self) -> dict[str, "torch.Tensor"]:
-        return optimizer_tensors(self.opt, "opt_m")
 
 
 class SparseEngine:

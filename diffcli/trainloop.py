@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from diffcli.dist import Dist
-from diffcli.train_state import gather_rng, save_state
+from diffcli.train_state import gather_rng, load_optimizer, optimizer_tensors, save_state
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +74,36 @@ def adamw(params, lr: float, weight_decay: float, device: "torch.device"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # fused not available for this device/dtype
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+class LinearDecay:
+    """A fixed phase's AdamW `opt` (the fixed-mask engine's, swr's, basis's), its learning rates decaying linearly
+    to 0 over `total` steps; its state and step count are what a resumed run needs to continue it."""
+
+    opt: Any
+    total: int
+    steps: int
+
+    def schedule(self, opt, total: int) -> None:
+        """Take `opt` at step 0, its groups' learning rates as the schedule's start."""
+        self.opt, self.total, self.steps = opt, total, 0
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+
+    def opt_step(self) -> None:
+        """One AdamW step at lr·max(0, 1 − steps/total) (the caller counts `steps`)."""
+        decay = max(0.0, 1.0 - self.steps / self.total)
+        for g in self.opt.param_groups:
+            g["lr"] = g["initial_lr"] * decay
+        self.opt.step()
+
+    def state(self) -> dict[str, "torch.Tensor"]:
+        return optimizer_tensors(self.opt, "opt_m")
+
+    def resume(self, tensors: dict, steps: int) -> None:
+        """The optimiser and schedule after `steps` (what it trains is put back by the caller)."""
+        load_optimizer(self.opt, tensors, "opt_m")
+        self.steps = steps
 
 
 def autocast(device: "torch.device"):

@@ -295,3 +295,82 @@ def test_the_library_pruner_takes_basis_and_refuses_a_foreign_flag_with_one_line
     assert pruner.method_state.keep == round(0.25 * pruner.method_state.nbases)
     with pytest.raises(InvalidValueError, match="--method basis does not take --alpha-lr"):
         DiffPruner(model, tiny_base, method="basis", alpha_lr=0.1)
+
+
+# Dev scores by the epoch just trained (`Run.epoch` notes it): the kept scales' best epoch is the first (so the
+# resumed run must restore its snapshot), the sparse phase rises (so double pruning keeps δ). Anything else: 0.
+SCRIPTED = {("basis-fixed", 1): 2.0, ("basis-fixed", 2): 1.0, ("basis-fixed", 3): 1.5,
+            **{("fixed-mask", e): 10.0 + e for e in (1, 2)}}
+
+
+def scripted_scores(mp) -> None:
+    from diffcli.trainloop import Run
+
+    current = [None]
+    epoch = Run.epoch
+
+    def noted(self, label, i, epochs, seed, step):
+        current[0] = (label, i + 1)
+        return epoch(self, label, i, epochs, seed, step)
+
+    mp.setattr(Run, "epoch", noted)
+    for where in ("diffcli.fixmask", "diffcli.trainloop", "diffcli.methods.basis"):
+        mp.setattr(f"{where}.main_score", lambda spec, results: SCRIPTED.get(current[0], 0.0))
+
+
+@pytest.fixture(scope="module")
+def resume_task(tmp_path_factory):
+    """A base, data and the uninterrupted runs (one per double-pruning setting, made when first asked for)."""
+    from conftest import make_base
+
+    root = tmp_path_factory.mktemp("basis-resume")
+    return {"root": root, "base": make_base(root / "base"), "data": write_task(root / "data"), "full": {}}
+
+
+def _basis_run(task, out: str, double: bool, **kw):
+    from diffcli.training import TrainOptions, train
+
+    train_file, dev = task["data"]
+    opts = TrainOptions(method="basis", epochs=2, fixmask_epochs=3, batch_size=8, basis_lr=1e-2, fixmask_lr=1e-2,
+                        keep_bases=0.5, seed=3, **(dict(double_prune=True, sparsity=0.02) if double else {}))
+    with pytest.MonkeyPatch.context() as mp:
+        scripted_scores(mp)
+        return train(train_file=str(train_file), validation_file=str(dev), model=str(task["base"]),
+                     output=task["root"] / out, options=opts, **kw)
+
+
+@pytest.mark.parametrize("stop_at, double", [(("basis", 1), False), (("basis-fixed", 1), False),
+                                             (("basis", 2), True), (("basis-fixed", 1), True),
+                                             (("basis-fixed", 3), True)])
+def test_basis_resume_after_interruption_matches_the_uninterrupted_run(resume_task, stop_at, double):
+    """Interrupted after an epoch of the scale phase or of the kept scales' fixed phase (the last one included),
+    --resume gives the uninterrupted checkpoint bit for bit: the same steps on the same restored values."""
+    from diffcli.training import partial_dir
+
+    if double not in resume_task["full"]:
+        _basis_run(resume_task, f"full-{double}", double)
+        resume_task["full"][double] = checkpoint.load(resume_task["root"] / f"full-{double}")
+    out = f"cut-{stop_at[0]}-{stop_at[1]}-{double}"
+
+    def interrupt(phase, epoch):
+        if (phase, epoch) == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _basis_run(resume_task, out, double, on_epoch_end=interrupt)
+    state = json.loads((partial_dir(resume_task["root"] / out) / "state.json").read_text())
+    assert (state["phase"], state["epochs_done"]) == stop_at
+    _basis_run(resume_task, out, double, resume=True)
+    full, cut = resume_task["full"][double], checkpoint.load(resume_task["root"] / out)
+    assert full.meta["results"]["bases"]["best"]["epoch"] == 1  # the scripted best: the snapshot before epochs 2, 3
+    assert (full.nnz > sum(bs.nkept for bs in full.bases.values())) == double  # double pruning kept a sparse δ
+    assert sorted(full.bases) == sorted(cut.bases) and full.extras.keys() == cut.extras.keys()
+    for name, bs in full.bases.items():
+        got = cut.bases[name]
+        assert torch.equal(bs.kept, got.kept) and torch.equal(bs.values, got.values) and bs.probe == got.probe, name
+    for name, td in full.tensors.items():
+        assert torch.equal(td.dense(), cut.tensors[name].dense()), name
+    for name, t in full.extras.items():
+        assert torch.equal(t, cut.extras[name]), name
+    for key in ("history", "results"):  # every epoch's loss and metrics, the pruning and the best epochs
+        assert cut.meta[key] == full.meta[key], key

@@ -5,7 +5,8 @@ learned scale a (init 1); θ is written as θ₀ + U·diag(σ⊙(a−1))·Vᵀ, 
 dL/da_i = σ_i·u_iᵀ(dL/dW)v_i comes from dL/dθ by hand (as the l0 gates do). Importance |a_i·dL/da_i| is summed
 over the scale phase; the least important bases are pruned (a_i = 0) to `--keep-bases`, a fixed phase trains
 the rest, and with `--sparsity` (double pruning) a sparse δ on top of the scaled model is chosen by the
-empirical Fisher and trained by the shared fixed-mask phase. docs/METHODS.md has the equations and defaults.
+empirical Fisher and trained by the shared fixed-mask phase. `train` saves both scale phases after every epoch
+(`restore`). docs/METHODS.md has the equations and defaults.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from diffcli.errors import InvalidValueError
 from diffcli.methods.registry import TrainMethod, register
 from diffcli.train_options import budget_count, parse_budget
-from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score, zero_grads
+from diffcli.train_state import restore_rng, rng_tensors
+from diffcli.trainloop import (LinearDecay, adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score,
+                               zero_grads)
 
 if TYPE_CHECKING:
     import torch
@@ -121,35 +124,32 @@ def matrices(model, names: list[str], embeddings: bool) -> list[str]:
     return [n for n in names if params[n].dim() == 2 and (embeddings or n not in emb)]
 
 
-class ScaleSteps:
+class ScaleSteps(LinearDecay):
     """One optimizer over the live scales (and the head) at `lr`, linear decay to 0 over `total` steps: the step of
-    the scale phase (`accumulate`: importance += |a⊙dL/da|) and of the kept scales' fixed phase."""
+    the scale phase (`accumulate`: importance += |a⊙dL/da|) and of the kept scales' fixed phase (`best`: its best
+    dev epoch so far, {"a", "head", "record"}, kept for resume)."""
 
     def __init__(self, state: BasisScaling, head: list, opts: "TrainOptions", lr: float, total: int, *,
                  accumulate: bool):
-        self.state, self.head, self.accumulate, self.grad_clip = state, head, accumulate, opts.grad_clip
+        self.scaling, self.head, self.accumulate, self.grad_clip = state, head, accumulate, opts.grad_clip
         groups = [{"params": [state.a], "lr": lr}]
         if head:
             groups.append({"params": head, "lr": opts.head_lr if opts.head_lr is not None else lr,
                            "weight_decay": opts.weight_decay})
-        self.opt = adamw(groups, lr, 0.0, state.a.device)  # no decay on a: it would pull every scale toward 0
-        for g in self.opt.param_groups:
-            g["initial_lr"] = g["lr"]
-        self.total, self.steps = max(1, total), 0
+        # no decay on a: it would pull every scale toward 0
+        self.schedule(adamw(groups, lr, 0.0, state.a.device), max(1, total))
+        self.best: dict[str, Any] | None = None
 
     def zero_grad(self) -> None:
-        zero_grads(self.state.flat, self.head)
+        zero_grads(self.scaling.flat, self.head)
 
     def step(self) -> None:
         import torch
 
-        state = self.state
+        state = self.scaling
         state.backward_(self.accumulate)
         clip([state.a] + self.head, self.grad_clip)
-        decay = max(0.0, 1.0 - self.steps / self.total)
-        for g in self.opt.param_groups:
-            g["lr"] = g["initial_lr"] * decay
-        self.opt.step()
+        self.opt_step()
         with torch.no_grad():
             state.a.mul_(state.alive)
         state.write_()
@@ -201,6 +201,7 @@ class BasisMethod(TrainMethod):
     fixed_phase = ("the kept scales and the head (own fixed phase); with --sparsity, then the k = round(S·N) "
                    "entries of largest empirical Fisher on the scaled model (shared fixed-mask phase)")
     to_diff = "basis records (a − 1 at kept bases, pruned bases, a probe) plus the sparse δ and the head"
+    phases = ("basis", "basis-fixed")  # resumable: the scale phase and the kept scales' fixed phase (`restore`)
     epochs_phase = "basis"
     memory = "l0"  # θ₀, θ, dL/dθ and float32 U, Vᵀ (≤ 2N): within l0's θ₀, θ, w, log α and their states
 
@@ -283,6 +284,26 @@ class BasisMethod(TrainMethod):
         run.flat = pruner.layout
         return pruner
 
+    def restore(self, run: "Run", pruner: "DiffPruner", tensors: dict, saved: dict) -> None:
+        """The scales, live bases, importance and head, the phase's optimiser and step, the dropout RNG; in the fixed
+        scale phase also the pruning's record (the pruner is past `project`) and the best epoch so far."""
+        import torch
+
+        state: BasisScaling = pruner.method_state
+        with torch.no_grad():
+            for key, t in _trained(state, pruner.head).items():
+                t.copy_(tensors[key])
+        if saved["phase"] == "basis-fixed":
+            pruner.info, pruner.chosen = dict(run.record["bases"]), True
+            pruner.start_fixed(run.opts.fixmask_epochs * run.steps_per_epoch)
+            steps = pruner.engine
+            steps.best = _snapshot_from(tensors, saved["best"], state.a.device)
+        else:
+            steps = pruner.phase.steps
+        steps.resume(tensors, int(saved["step"]))
+        restore_rng(tensors, run.dev, None)
+        state.write_()
+
     def select(self, run: "Run", pruner: "DiffPruner", done: int) -> dict[str, "torch.Tensor"]:
         import torch
 
@@ -294,24 +315,28 @@ class BasisMethod(TrainMethod):
         fwd = run.ddp if run.ddp is not None else tm.model
         record = run.record
 
-        def scale_step(batch: dict) -> float:
-            pruner.begin()
-            loss = forward_backward(fwd, batch, run.dev)
-            pruner.finish()
-            return loss
+        if not pruner.chosen:  # a fresh run, or one resumed in the scale phase
+            def scale_step(batch: dict) -> float:
+                pruner.begin()
+                loss = forward_backward(fwd, batch, run.dev)
+                pruner.finish()
+                return loss
 
-        _epochs(run, "basis", opts.epochs, opts.seed, scale_step)
-        bases = pruner.project()
-        record["bases"] = dict(bases)
-        run.rep.line(f"basis pruning: kept {bases['kept']} of {bases['total']} bases in {bases['matrices']} matrices")
-        pruner.start_fixed(opts.fixmask_epochs * run.steps_per_epoch)
+            _epochs(run, "basis", opts.epochs, opts.seed, scale_step, pruner.phase.steps, done)
+            bases = pruner.project()
+            record["bases"] = dict(bases)
+            run.rep.line(f"basis pruning: kept {bases['kept']} of {bases['total']} bases in {bases['matrices']} "
+                         "matrices")
+            pruner.start_fixed(opts.fixmask_epochs * run.steps_per_epoch)
+            done = 0
 
         def fixed_step(batch: dict) -> float:
             loss = forward_backward(fwd, batch, run.dev)
             pruner.fixed_step()
             return loss
 
-        best = _epochs(run, "basis-fixed", opts.fixmask_epochs, opts.seed + 1, fixed_step, state=state, head=head)
+        best = _epochs(run, "basis-fixed", opts.fixmask_epochs, opts.seed + 1, fixed_step, pruner.engine, done,
+                       keep_best=True)
         with torch.no_grad():
             state.a.copy_(best["a"])
             for p, t in zip(head, best["head"]):
@@ -368,37 +393,58 @@ def bases_to_keep(opts: "TrainOptions", total: int, n: int) -> int:
     return min(total, budget - sparse)
 
 
-def _epochs(run: "Run", label: str, epochs: int, seed: int, step, *, state: BasisScaling | None = None,
-            head: list | None = None) -> dict[str, Any]:
-    """`epochs` of `step` per batch, evaluated after each; with `state`, the best dev epoch (epoch 0 = the start)
-    as {"a", "head", "record"}, the same on every rank."""
+def _epochs(run: "Run", label: str, epochs: int, seed: int, step, steps: ScaleSteps, done: int, *,
+            keep_best: bool = False) -> dict[str, Any]:
+    """Epochs `done+1..epochs` of `step` per batch, evaluated after each, the resumable state saved after each; with
+    `keep_best`, the best dev epoch (epoch 0 = the start) as {"a", "head", "record"}, the same on every rank."""
     opts, dev, tm = run.opts, run.dev, run.tm
-    head = head or []
+    state, head = steps.scaling, steps.head
 
     def snapshot(record: dict) -> dict[str, Any]:
         return {"a": state.a.detach().clone(), "head": [p.detach().clone() for p in head], "record": record}
 
-    best = None
-    if state is not None and run.dist.main:
+    if keep_best and not done and run.dist.main:
         metrics = evaluate_on(tm, run.task_data, opts, dev)
-        best = snapshot({"epoch": 0, "score": main_score(run.spec, metrics), "metrics": metrics})
+        steps.best = snapshot({"epoch": 0, "score": main_score(run.spec, metrics), "metrics": metrics})
         run.rep.line(f"after basis pruning: {fmt_metrics(metrics)}")
-    for epoch in range(epochs):
+    for epoch in range(done, epochs):
         mean = run.epoch(label, epoch, epochs, seed, step)
         entry: dict[str, Any] = {"phase": label, "epoch": epoch + 1, "loss": mean}
         if run.dist.main:
             entry["metrics"] = evaluate_on(tm, run.task_data, opts, dev)
-            better = best is not None and main_score(run.spec, entry["metrics"]) > best["record"]["score"]
+            better = keep_best and main_score(run.spec, entry["metrics"]) > steps.best["record"]["score"]
             if better:
-                best = snapshot({"epoch": epoch + 1, "score": main_score(run.spec, entry["metrics"]),
-                                 "metrics": entry["metrics"]})
+                steps.best = snapshot({"epoch": epoch + 1, "score": main_score(run.spec, entry["metrics"]),
+                                       "metrics": entry["metrics"]})
             run.rep.line(f"{label} epoch {epoch + 1}/{epochs}: loss {mean:.4f} | {fmt_metrics(entry['metrics'])}"
                          f"{'  (best)' if better else ''}")
         run.history.append(entry)
+        kept = steps.best if keep_best and run.dist.main else None
+        run.save({**_trained(state, head), **steps.state(), **rng_tensors(dev, None), **_snapshot_tensors(kept)},
+                 {"phase": label, "epochs_done": epoch + 1, "step": steps.steps,
+                  **({"best": kept["record"]} if kept else {})})
         run.epoch_done(label, epoch + 1)
-    if state is not None:
-        best = _broadcast_best(run, best, state, head)
-    return best or {}
+    return _broadcast_best(run, steps.best, state, head) if keep_best else {}
+
+
+def _trained(state: BasisScaling, head: list) -> dict[str, "torch.Tensor"]:
+    """What the scale phases train or accumulate, by its name in the resumable state."""
+    return {"basis/a": state.a.detach(), "basis/alive": state.alive, "basis/importance": state.importance,
+            **{f"basis/head/{j}": p.detach() for j, p in enumerate(head)}}
+
+
+def _snapshot_tensors(best: dict[str, Any] | None) -> dict[str, "torch.Tensor"]:
+    """The fixed scale phase's best epoch so far as named tensors (its record goes to the JSON state)."""
+    if best is None:
+        return {}
+    return {"best/a": best["a"], **{f"best/head/{j}": t for j, t in enumerate(best["head"])}}
+
+
+def _snapshot_from(tensors: dict[str, "torch.Tensor"], record: dict, device: "torch.device") -> dict[str, Any]:
+    """Undo `_snapshot_tensors`."""
+    heads = sorted(((int(k[len("best/head/"):]), t) for k, t in tensors.items() if k.startswith("best/head/")),
+                   key=lambda jt: jt[0])
+    return {"a": tensors["best/a"].to(device), "head": [t.to(device) for _, t in heads], "record": record}
 
 
 def _broadcast_best(run: "Run", best, state: BasisScaling, head: list) -> dict[str, Any]:

@@ -25,8 +25,9 @@ from diffcli.errors import InvalidValueError
 from diffcli.methods.l0 import DensityController, gated_state, restore_gated
 from diffcli.methods.registry import TrainMethod, register
 from diffcli.train_options import budget_count, parse_budget
-from diffcli.train_state import load_optimizer, optimizer_tensors, restore_rng, rng_tensors
-from diffcli.trainloop import adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score, zero_grads
+from diffcli.train_state import restore_rng, rng_tensors
+from diffcli.trainloop import (LinearDecay, adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score,
+                               zero_grads)
 
 if TYPE_CHECKING:
     import torch
@@ -231,18 +232,16 @@ class SWRTrainer:
                 "units": len(self.units), "rank": self.opts.rank}
 
 
-class SWRFixed:
+class SWRFixed(LinearDecay):
     """The fixed phase: only the chosen units' updates (ungated, from ẑ_u·Δ_u) and the head, AdamW, linear decay."""
 
     def __init__(self, tr: SWRTrainer, opts: "TrainOptions", total: int):
-        self.tr, self.total, self.steps, self.grad_clip = tr, total, 0, opts.grad_clip
+        self.tr, self.grad_clip = tr, opts.grad_clip
         self.train = [t for i in tr.chosen for t in tr.factors[i]]
         groups = [{"params": self.train, "lr": opts.fixmask_lr}]
         if tr.head:
             groups.append({"params": tr.head, "lr": opts.head_lr if opts.head_lr is not None else opts.fixmask_lr})
-        self.opt = adamw(groups, opts.fixmask_lr, opts.weight_decay, tr.dev)
-        for g in self.opt.param_groups:
-            g["initial_lr"] = g["lr"]
+        self.schedule(adamw(groups, opts.fixmask_lr, opts.weight_decay, tr.dev), total)
         self.ones = [1.0] * len(tr.units)
         self.best: dict[str, Any] | None = None  # `train`'s best epoch so far (a `snapshot`), kept for resume
         tr.write_(self.ones, tr.chosen)
@@ -258,20 +257,9 @@ class SWRFixed:
             t.grad = None
         tr.surrogate(torch.ones(len(tr.units), device=tr.dev), tr.chosen).backward()
         clip(self.train + tr.head, self.grad_clip)
-        decay = max(0.0, 1.0 - self.steps / self.total)
-        for g in self.opt.param_groups:
-            g["lr"] = g["initial_lr"] * decay
-        self.opt.step()
+        self.opt_step()
         tr.write_(self.ones, tr.chosen)
         self.steps += 1
-
-    def state(self) -> dict[str, "torch.Tensor"]:
-        return optimizer_tensors(self.opt, "opt_m")
-
-    def resume(self, tensors: dict, steps: int) -> None:
-        """The optimiser and schedule after `steps` (the factors and the head are back already)."""
-        load_optimizer(self.opt, tensors, "opt_m")
-        self.steps = steps
 
 
 
