@@ -122,7 +122,8 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
     fits = [r for r in ours if r["bytes"] <= lora_bytes]
     best_lora = max(fits, key=lambda r: r["score"]) if fits else None
     return {"task": task, "checkpoint": str(ckpt), "denser_checkpoint": denser and str(denser),
-            "training": training_of(trained), "metric": spec.metrics, "trained_density": density,
+            "training": training_of(trained),
+            "denser_training": denser and f"{dense_diff.density:.1%}, " + training_of(dense_diff), "metric": spec.metrics, "trained_density": density,
             "lora_bytes": lora_bytes, "rows": rows, "reference": ref["label"],
             "smallest_within_tolerance": smallest and smallest["label"],
             "smallest_over_reference_bytes": smallest and smallest["bytes"] / ref["bytes"],
@@ -157,6 +158,8 @@ def write_markdown(result: dict, path: Path) -> None:
         ref = next(r for r in t["rows"] if r["label"] == t["reference"])
         lines += [f"## {task} (LoRA adapter {t['lora_bytes']:,} B)", "",
                   f"Trained on {t.get('training') or 'capped GLUE (before this field was recorded)'}.", "",
+                  *([f"The denser diff (rows \"of the ... diff\"): {t['denser_training']}.", ""]
+                    if t.get("denser_training") else []),
                   "| file | density | bytes | / today | header | positions | values | dense | max rel err | score | Δ |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
