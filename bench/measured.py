@@ -3,8 +3,8 @@
     python bench/measured.py USAGE.json -m diffcli train ...
     python bench/measured.py USAGE.json bench/baselines.py full rte ...
 
-USAGE.json gets the process's peak RSS (bytes) and, when the run used cuda, torch's peak allocated memory.
-The run's exit status is passed on.
+USAGE.json gets the process's peak RSS (bytes), torch's peak allocated memory when the run used cuda, and the
+repository files the run imported (`imported`, which keys its cache entry: code_record.py). The exit status is passed on.
 """
 
 from __future__ import annotations
@@ -15,14 +15,31 @@ import runpy
 import sys
 from pathlib import Path
 
+import code_record
 
-def usage() -> dict:
-    """Peak RSS of this process (ru_maxrss is KiB on Linux) and cuda peak allocated when cuda was used."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def usage(entry: str | None = None) -> dict:
+    """Peak RSS of this process (ru_maxrss is KiB on Linux), cuda peak allocated when cuda was used, files imported."""
     out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cuda_peak_allocated": None}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_allocated"] = int(torch.cuda.max_memory_allocated())
+    out["imported"] = code_record.imported(REPO, extra=(entry,) if entry else ())
     return out
+
+
+def entry_file(rest: list[str]) -> str | None:
+    """The file the run starts in: the script, or the module that `-m` runs (its __main__ leaves sys.modules)."""
+    if rest[0] != "-m":
+        return rest[0]
+    import importlib.util
+
+    spec = importlib.util.find_spec(rest[1])
+    if spec is not None and spec.submodule_search_locations:
+        spec = importlib.util.find_spec(rest[1] + ".__main__")
+    return spec.origin if spec is not None else None
 
 
 def main() -> None:
@@ -30,6 +47,7 @@ def main() -> None:
         raise SystemExit("usage: measured.py USAGE.json (-m MODULE | SCRIPT) ARGS...")
     out, rest = sys.argv[1], sys.argv[2:]
     code = 0
+    entry = entry_file(rest)
     try:
         if rest[0] == "-m":
             sys.argv = [rest[1]] + rest[2:]
@@ -44,7 +62,7 @@ def main() -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         with open(out, "w") as fh:
-            json.dump(usage(), fh)
+            json.dump(usage(entry), fh)
     raise SystemExit(code)
 
 

@@ -2,7 +2,8 @@
 
 Every method gets E epochs in all (diffprune's phases count together), its best dev epoch, and the same number of
 learning rates, tuned on the first seed and kept for the others. Each (task, method, lr, seed) is one process,
-cached in bench/work/v2/ under a hash of its settings and of the code that trains it, so background lanes resume
+cached in bench/work/v2/ under a hash of its settings; the entry records the code that trained it (every repository
+file the run imported: code_record.py) and is retrained only when one of those files changes. Background lanes resume
 and several lanes share the work (lock files). The table is assembled from whatever is cached.
 
     python bench/quality_v2.py                      # one lane of the full protocol (start several: they share)
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import code_record  # noqa: E402
 import quality_v2_rules as rules  # noqa: E402
 from bench_quality import _write_json_atomic, claim, majority_score, score_artifact  # noqa: E402
 
@@ -46,10 +49,6 @@ LABELS = {"full": "full FT", "lora-qv": "LoRA q,v r=8", "lora-all": "LoRA all-li
 LR_GRID = {"full": (2e-5, 5e-5, 1e-4), "lora-qv": (5e-4, 1e-3, 2e-3), "lora-all": (5e-4, 1e-3, 2e-3),
            "bitfit": (1e-3, 3e-3, 1e-2), "head": (1e-3, 3e-3, 1e-2),
            **{m: (3e-4, 1e-3, 3e-3) for m in DIFFPRUNE}}
-# The files whose content keys the cache: a change there retrains, a change elsewhere (this harness) does not.
-# Training now spans many modules (methods/, the loop, the fixed phase, the format): key on the whole library.
-LIBRARY_CODE = tuple(sorted(str(p.relative_to(REPO)) for p in (REPO / "diffcli").rglob("*.py")))
-TRAIN_CODE = {"baseline": LIBRARY_CODE + ("bench/baselines.py",), "diffprune": LIBRARY_CODE}
 _score_lock = threading.Lock()
 
 
@@ -142,29 +141,13 @@ def trainer_methods() -> set[str]:
     return {"l0"} | {m for m in (*DIFFPRUNE.values(), "swr", "basis") if m in line}
 
 
-_contents: dict[tuple, bytes] = {}
-
-
-def code_hash(kind: str) -> str:
-    """A hash of the files that train `kind` (each file re-read only when its size or mtime changed)."""
-    h = hashlib.sha256()
-    for rel in TRAIN_CODE[kind]:
-        f = REPO / rel
-        if f.is_file():
-            st = f.stat()
-            key = (rel, st.st_mtime_ns, st.st_size)
-            if key not in _contents:
-                _contents[key] = f.read_bytes()
-            h.update(rel.encode() + b"\0" + _contents[key])
-    return h.hexdigest()[:12]
-
-
 class Suite:
     """The protocol, its cache of finished runs, and the order runs become ready in."""
 
-    def __init__(self, proto: Protocol, work: Path):
+    def __init__(self, proto: Protocol, work: Path, code_root: Path = REPO):
         self.p = proto
         self.work = work
+        self.code = code_record.Snapshot(code_root)
 
     # -------------------------------------------------------------------------------- settings and cache
     def settings(self, run: Run) -> dict | None:
@@ -176,9 +159,9 @@ class Suite:
         if run.method in DIFFPRUNE:
             first, fix = p.split(run.method)
             s.update(dp_method=DIFFPRUNE[run.method], first_epochs=first, fixmask_epochs=fix, sparsity=p.sparsity,
-                     values="fp16", code=code_hash("diffprune"))
+                     values="fp16")
         else:
-            s.update(store="fp16-trained", code=code_hash("baseline"))
+            s.update(store="fp16-trained")
             if run.method == "lora-all":
                 ref = self.diff_bytes(run.task)
                 if ref is None:
@@ -211,13 +194,18 @@ class Suite:
         s = self.settings(run)
         if s is None:
             return None
-        path = self.work / f"{self.stem(run, s)}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self._entry(self.work / f"{self.stem(run, s)}.json")
 
     def failed(self, run: Run) -> dict | None:
         s = self.settings(run)
-        path = None if s is None else self.work / f"{self.stem(run, s)}.failed.json"
-        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+        return None if s is None else self._entry(self.work / f"{self.stem(run, s)}.failed.json")
+
+    def _entry(self, path: Path) -> dict | None:
+        """A cache entry, unless a file its run imported has changed since (then the run is due again)."""
+        if not path.is_file():
+            return None
+        entry = json.loads(path.read_text())
+        return None if self.code.stale(entry.get("code")) else entry
 
     def available(self, method: str) -> bool:
         return method not in DIFFPRUNE or DIFFPRUNE[method] in trainer_methods()
@@ -267,20 +255,46 @@ class Suite:
             if self.cached(run) is not None or self.failed(run) is not None:  # finished while we looked
                 return False
             print(f"running: {stem}", flush=True)
+            run_dir = self.work / "runs" / stem
+            at_start = self.code.library()
+            self._drop_partial_of_other_code(run_dir, at_start)
             try:
-                result = self._execute(run, s, self.work / "runs" / stem)
+                result = self._execute(run, s, run_dir)
             except Exception as exc:  # noqa: BLE001 - recorded, the lane goes on with the next run
                 print(f"FAILED: {stem}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 _write_json_atomic(self.work / f"{stem}.failed.json",
                                    {"settings": s, "error": f"{type(exc).__name__}: {exc}"[-3000:],
-                                    "finished": _now()})
+                                    "code": self._used_code(run_dir, at_start, None), "finished": _now()})
                 return True
-            result.update(settings=s, finished=_now())
+            result.update(settings=s, code=self._used_code(run_dir, at_start, result.pop("imported", None)),
+                          finished=_now())
             _write_json_atomic(self.work / f"{stem}.json", result)
             print(f"done: {stem}: score {result['score']:.2f}, {result['train_seconds'] / 60:.1f} min", flush=True)
             return True
         finally:
             lock.unlink(missing_ok=True)
+
+    def _used_code(self, run_dir: Path, at_start: dict, imported: list | None) -> dict:
+        """The files the run's process imported plus the library modules this lane packed and scored it with;
+        every file of the library when the run's process left no record (a failure before it wrote one)."""
+        if imported is None:
+            usage = run_dir / "usage.json"
+            imported = json.loads(usage.read_text()).get("imported") if usage.is_file() else None
+        if imported is None:
+            return at_start
+        lane = code_record.imported(self.code.root, roots=("diffcli",))
+        return code_record.record(at_start, list(imported) + lane, self.code)
+
+    def _drop_partial_of_other_code(self, run_dir: Path, at_start: dict) -> None:
+        """An interrupted run resumes only under the library code it started with; otherwise it starts over."""
+        mark = run_dir / "code-start.json"
+        library = {k: v for k, v in at_start.items() if k.startswith("diffcli/")}
+        partial = run_dir / "ckpt.partial"
+        if partial.is_dir() and (not mark.is_file() or json.loads(mark.read_text()) != library):
+            print(f"  the interrupted run in {run_dir.name} used other code: starting it over", flush=True)
+            shutil.rmtree(partial)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(mark, library)
 
     def _execute(self, run: Run, s: dict, run_dir: Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +323,7 @@ class Suite:
             result = {k: v for k, v in out.items() if k not in ("settings",)}
         result.update(method=run.method, task=run.task, train_seconds=seconds, resumed=resumed,
                       peak_rss_bytes=mem.get("peak_rss_bytes"), cuda_peak_allocated=mem.get("cuda_peak_allocated"),
+                      imported=mem.get("imported"),
                       command=" ".join(shlex.quote(c) for c in ["python"] + cmd[1:]))
         return result
 

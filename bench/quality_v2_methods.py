@@ -78,7 +78,7 @@ class MethodsSuite(q.Suite):
              "epochs": p.epochs, "batch_size": p.batch_size, "max_seq_length": p.max_seq_length,
              "max_train_samples": p.max_train_samples, "max_eval_samples": p.max_eval_samples,
              "dp_method": trainer, "first_epochs": first, "fixmask_epochs": fix, "values": "fp16",
-             "sparsity": None, "code": q.code_hash("diffprune")}
+             "sparsity": None}
         if target is None:
             return s  # basis alone: no --sparsity (it would turn double pruning on), default --keep-bases
         ref = self.reference(run.task)

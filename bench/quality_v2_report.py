@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 
+import code_record
 import quality_v2_rules as rules
 from quality_v2 import LABELS, REPO, Run, Suite
 
@@ -70,6 +71,7 @@ def _brief(r: dict | None) -> dict | None:
             "device", "density", "nnz", "params", "trimmed", "lora_rank", "score_before_fp16", "l0_density_path", "metrics", "command",
             "settings", "finished")
     out = {k: r[k] for k in keep if k in r}
+    out["code"] = code_record.digest_of(r.get("code"))  # the full record (file: hash) stays in the cache entry
     if "command" in out:  # paths relative to the repository, as a reader would type them
         out["command"] = out["command"].replace(f"{REPO}/", "")
     return out

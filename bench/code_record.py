@@ -1,0 +1,83 @@
+"""Which repository files a benchmark run imported, and their content hashes: a cached run stays valid until one changes.
+
+A run's cache entry records {path: hash} for every module of `diffcli/` and `bench/` its process imported (plus the
+library modules the lane used to pack and score it). A later lookup re-hashes those files only: a change to a file
+the run never imported (the CLI's output, plots, another method) leaves its cell cached; a change to one it imported
+retrains it. Hashes are taken when the run starts, so a file edited while it trains makes the cell stale, not wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+ROOTS = ("diffcli", "bench")
+# The measuring wrapper and this module decide nothing a run computes.
+NOT_CODE = ("bench/measured.py", "bench/code_record.py")
+
+
+class Snapshot:
+    """Content hashes of the repository's Python files, each re-read only when its size or mtime changed."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._memo: dict[str, tuple[tuple[int, int], str]] = {}
+
+    def digest(self, rel: str) -> str | None:
+        """sha256 (16 hex digits) of one file's bytes; None when it no longer exists."""
+        f = self.root / rel
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        hit = self._memo.get(rel)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, hashlib.sha256(f.read_bytes()).hexdigest()[:16])
+            self._memo[rel] = hit
+        return hit[1]
+
+    def library(self, roots: tuple[str, ...] = ROOTS) -> dict[str, str]:
+        """Every Python file under `roots` with its hash (what a run could import)."""
+        out = {}
+        for top in roots:
+            for f in sorted((self.root / top).rglob("*.py")):
+                rel = f.relative_to(self.root).as_posix()
+                if rel not in NOT_CODE:
+                    out[rel] = self.digest(rel)
+        return out
+
+    def stale(self, code: dict | None) -> list[str]:
+        """The recorded files whose content differs now (all of them when nothing was recorded)."""
+        if not code:
+            return ["(no code recorded)"]
+        return [rel for rel, h in sorted(code.items()) if self.digest(rel) != h]
+
+
+def imported(root: Path, roots: tuple[str, ...] = ROOTS, extra: tuple[str, ...] = ()) -> list[str]:
+    """Repository files (relative paths) of the modules this process has imported, plus `extra` paths."""
+    root = Path(root).resolve()
+    tops = tuple(root / t for t in roots)
+    out = set()
+    for path in [getattr(m, "__file__", None) for m in list(sys.modules.values())] + list(extra):
+        if not path:
+            continue
+        p = Path(path).resolve()
+        if any(p.is_relative_to(t) for t in tops) and p.suffix == ".py":
+            rel = p.relative_to(root).as_posix()
+            if rel not in NOT_CODE:
+                out.add(rel)
+    return sorted(out)
+
+
+def record(at_start: dict[str, str], files: list[str], snap: Snapshot) -> dict[str, str]:
+    """{file: hash} of the files a run imported, hashed as they were when it started (new files: as they are now)."""
+    return {rel: at_start.get(rel) or snap.digest(rel) for rel in sorted(set(files))}
+
+
+def digest_of(code: dict | None) -> str | None:
+    """One short hash of a whole record, for tables (the record itself stays in the cache entry)."""
+    if not code:
+        return None
+    return hashlib.sha256(repr(sorted(code.items())).encode()).hexdigest()[:12]
