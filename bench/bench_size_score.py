@@ -149,8 +149,8 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Size at equal score: format v2 value formats on trained MiniLM diffs (GLUE dev)", "",
              f"Date: {result['date']}. Machine: CPU only (2 cores shared with other jobs), one torch thread.", "",
              "## Command", "", "```", *result["commands"], "```", "",
-             "Checkpoints: `diffprune train` defaults at 0.5%, seed 42; how each was trained (train examples, "
-             "epochs) is under its task. "
+             "Checkpoints: `diffprune train` defaults at 0.5%; how each was trained (train examples, "
+             "epochs, seed) is under its task. "
              "Every file is decoded from its bytes and scored on the full dev set with `DiffBank` + "
              "`evaluation.evaluate` (the code behind `diffprune eval`). Lower densities: the trained δ "
              "re-projected by magnitude, no retraining. Score: GLUE metric x100.", ""]
