@@ -46,11 +46,16 @@ def check_device(device_hint: str | None) -> None:
             raise InvalidValueError("--device cuda was asked for but no CUDA GPU is visible")
 
 
+def launched_world() -> int:
+    """The number of processes torchrun started (1 without torchrun), known before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_dist(device_hint: str | None) -> tuple[Dist, "torch.device"]:
     """Join the torchrun process group when launched by it (gloo on CPU, nccl on GPU); pick the device."""
     import torch
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     use_cuda = torch.cuda.is_available() and device_hint != "cpu"
     if world > 1:
         import torch.distributed as dist

@@ -131,6 +131,28 @@ def save_state(folder: Path, tensors: dict[str, "torch.Tensor"], state: dict) ->
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def read_state(folder: Path) -> dict:
+    """The interrupted run's state.json alone (cheap): what the resume checks read before anything is built."""
+    from diffcli.errors import FormatError
+
+    try:
+        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        missing = [k for k in ("options", "phase", "epochs_done") if not isinstance(state, dict) or k not in state]
+        if missing or not (folder / STATE_TENSORS).is_file():
+            raise ValueError(f"{STATE_JSON} lacks {', '.join(missing)}" if missing else f"{STATE_TENSORS} is missing")
+        return state
+    except Exception as exc:  # noqa: BLE001 - any unreadable work folder is the same failure
+        raise FormatError(f"cannot resume from {folder}: {exc}",
+                          hint="pass --force without --resume to start over") from exc
+
+
+def check_resume_source(saved: dict, task: str, model: str, work: Path) -> None:
+    """Refuse to resume a run of another task or base model."""
+    if saved.get("task") != task or saved.get("model") != model:
+        raise InvalidValueError(f"the interrupted run at {work} trained {saved.get('task')} on {saved.get('model')}",
+                                hint="pass --force without --resume to start over")
+
+
 def load_state(folder: Path) -> tuple[dict[str, "torch.Tensor"], dict]:
     from safetensors.torch import load_file
 

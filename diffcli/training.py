@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from diffcli.activations import checkpoint_activations
-from diffcli.dist import Dist, check_device, init_dist, wrap_ddp
+from diffcli.dist import Dist, check_device, init_dist, launched_world, wrap_ddp
 from diffcli.errors import DataError, InvalidValueError, OutputExistsError
 from diffcli.fisher import fisher_diagonal
 from diffcli.fixmask import fixmask_phase
@@ -24,8 +25,8 @@ from diffcli.methods.l0 import DensityController, L0Trainer
 from diffcli.task_types import build_task_model
 from diffcli.taskmodel import TaskModel
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
-from diffcli.train_state import (STATE_JSON, check_resume_options, check_resume_world, load_state, own_rng,
-                                 partial_dir)
+from diffcli.train_state import (STATE_JSON, check_resume_options, check_resume_source, check_resume_world,
+                                 load_state, own_rng, partial_dir, read_state)
 from diffcli.trainloop import Reporter, Run, autocast
 
 # re-exported: the public names the benchmarks and the tests import from here
@@ -68,6 +69,10 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         if not force:
             raise OutputExistsError(f"{work} holds an interrupted run",
                                     hint="pass --resume to continue it, or --force to start over")
+    interrupted = read_state(work) if resuming else None  # what cannot resume is refused before anything is built
+    if interrupted is not None:
+        check_resume_options(interrupted["options"], asdict(opts))
+        check_resume_world(interrupted, launched_world(), work)
     base_dir = resolve_model(model)
     kind.check(base_dir)  # an architecture that cannot serve the task type: refused before any data is read
     task_data = kind.load(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
@@ -81,6 +86,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if not task_data.eval or not any(task_data.eval.values()):
         raise DataError("training needs evaluation data to pick the best checkpoint",
                         hint="pass --validation-file")
+    if interrupted is not None:
+        check_resume_source(interrupted, task_data.spec.name, model, work)
 
     dist, dev = init_dist(device)
     if not dist.main:
@@ -98,13 +105,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     torch.manual_seed(opts.seed + dist.rank)  # dropout streams
     phase, done, tensors, saved = "select", 0, {}, None
     if resuming:
-        tensors, saved = load_state(work)
-        check_resume_options(saved["options"], run.opt_dict)
-        check_resume_world(saved, dist.world, work)
+        tensors, saved = load_state(work)  # its options, world size, task and model were checked above
         tensors = own_rng(tensors, dist.rank)  # each rank's dropout stream, not rank 0's on every rank
-        if saved.get("task") != task_data.spec.name or saved.get("model") != model:
-            raise InvalidValueError(f"the interrupted run at {work} trained {saved.get('task')} on "
-                                    f"{saved.get('model')}", hint="pass --force without --resume to start over")
         phase, done = saved["phase"], int(saved["epochs_done"])
         run.record = saved["record"]
         if phase in method.phases:

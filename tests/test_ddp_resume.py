@@ -39,8 +39,11 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stop", ["l0:1", "fixmask:1"])
-def test_resumed_two_process_run_writes_the_uninterrupted_checkpoint_bit_for_bit(tmp_path, uninterrupted, stop):
+def test_resumed_two_process_run_writes_the_uninterrupted_checkpoint_bit_for_bit(tmp_path, uninterrupted, stop,
+                                                                                  monkeypatch):
     from safetensors.torch import load_file
+
+    import diffcli.weights
 
     args, full = uninterrupted
     cut, work = tmp_path / "cut", tmp_path / "cut.partial"
@@ -51,8 +54,10 @@ def test_resumed_two_process_run_writes_the_uninterrupted_checkpoint_bit_for_bit
     saved = load_file(str(work / "state.safetensors"))  # each rank's dropout stream; rank 0's also as one process's
     assert saved["rng/cpu"].equal(saved["rng/cpu/0"]) and not saved["rng/cpu/0"].equal(saved["rng/cpu/1"])
 
-    # another number of processes: one line, nothing trained, the work folder kept
-    one = CliRunner().invoke(app, [*args, "-o", str(cut), "--resume"])
+    # another number of processes: one line, nothing trained, the work folder kept, refused before the model is read
+    with monkeypatch.context() as m:
+        m.setattr(diffcli.weights, "resolve_model", lambda *a, **k: pytest.fail("the base model was read"))
+        one = CliRunner().invoke(app, [*args, "-o", str(cut), "--resume"])
     assert one.exit_code == 2 and "error: the interrupted run at" in one.stderr, one.output
     assert "with 2 processes, now 1" in one.stderr and "--nproc_per_node 2" in one.stderr
     assert "Traceback" not in one.output and one.stdout == "" and (work / "state.json").is_file()
