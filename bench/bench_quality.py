@@ -29,6 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from run_cache import claim  # noqa: E402
+from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
+from run_cache import write_text_atomic as _write_text_atomic  # noqa: E402
+from scoring import majority_score, score_artifact  # noqa: E402
+
 TASKS = ("rte", "mrpc", "stsb", "cola")
 METHODS = ("full", "lora", "diffprune", "diffprune-matched")
 # Train-sample caps (None = the whole train set); recorded in the results.
@@ -46,20 +51,6 @@ def _glue_dir() -> str:
 def settings_key(settings: dict) -> str:
     """A short stable hash of a run's settings: the cache key."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Suite:
@@ -299,32 +290,6 @@ def _summary_from_checkpoint(ckpt: Path, saved: Path) -> dict:
             "code": {"commit": None, "note": "rebuilt from the checkpoint meta; trainer version not recorded"}}
 
 
-def claim(cache: Path) -> Path | None:
-    """A lock file next to a run's cache entry, so parallel invocations never train the same run twice.
-
-    Returns the lock path, or None when a live process holds it (a stale lock of a dead process is taken over).
-    """
-    lock = cache.with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-                os.kill(pid, 0)
-                return None
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)
-                continue
-            except PermissionError:
-                return None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        return lock
-    return None
-
-
 def code_version() -> dict:
     """The commit and the trainer files' hashes a diffprune run used (the trainer may change between runs)."""
     out = {}
@@ -366,49 +331,6 @@ def fit_bytes(ckpt: Path, target_bytes: int, values: str = "fp16", steps: int = 
         else:
             hi = mid
     return best, lo
-
-
-def score_artifact(packed: Path, s: dict, data_dir: str) -> dict:
-    """Dev metrics of base + the packed .diff (fp16 values as shipped), via the shared evaluation code."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from baselines import load_model
-    from diffcli import applying, artifact, data_sources, evaluation, weights
-
-    torch.manual_seed(s["seed"])
-    diff = artifact.load(packed)
-    base_dir = weights.resolve_model(s["model"])
-    data = data_sources.load_task(s["task"], data_dir=data_dir, max_eval_samples=s["max_eval_samples"], need_train=False)
-    model = load_model(base_dir, data.spec)
-    # check=False: the base is the bundled folder by construction; diffs written before the switch of
-    # weights.tensor_digest to XXH3 (a95a67c) carry SHA-256 digests that the check would reject.
-    applying.apply_(model, diff, check=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    return evaluation.evaluate(model, tokenizer, data, max_seq_length=s["max_seq_length"])
-
-
-def majority_score(task: str, data_dir: str, max_train_samples: int | None, max_eval_samples: int | None) -> float:
-    """The dev score of always predicting the most frequent train label (regression: the mean), ×100.
-
-    The floor a model that learned nothing reaches; a score at this value means the run did not learn the task.
-    """
-    import numpy as np
-
-    from diffcli import data_sources, metrics
-
-    data = data_sources.load_task(task, data_dir=data_dir, max_train_samples=max_train_samples,
-                                  max_eval_samples=max_eval_samples)
-    spec = data.spec
-    dev = data.eval[spec.eval_splits[0]]
-    labels = np.array([e.label for e in dev])
-    train = np.array([e.label for e in data.train])
-    if spec.is_regression:
-        preds = np.full((len(dev), 1), float(train.mean()))
-    else:
-        preds = np.zeros((len(dev), spec.num_labels))
-        preds[:, int(np.bincount(train.astype(int), minlength=spec.num_labels).argmax())] = 1.0
-    return 100 * metrics.main_score(spec, metrics.compute(spec, preds, labels))
 
 
 def _fmt_bytes(n: int | None) -> str:

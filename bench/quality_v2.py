@@ -35,7 +35,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import code_record  # noqa: E402
 import quality_v2_rules as rules  # noqa: E402
-from bench_quality import _write_json_atomic, claim, majority_score, score_artifact  # noqa: E402
+from run_cache import claim  # noqa: E402
+from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
+from scoring import majority_score, score_artifact  # noqa: E402
 
 TASKS = ("rte", "mrpc", "stsb", "cola")
 TASK_FOLDERS = {"rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B", "cola": "CoLA"}
