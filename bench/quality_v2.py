@@ -51,6 +51,8 @@ LABELS = {"full": "full FT", "lora-qv": "LoRA q,v r=8", "lora-all": "LoRA all-li
 LR_GRID = {"full": (2e-5, 5e-5, 1e-4), "lora-qv": (5e-4, 1e-3, 2e-3), "lora-all": (5e-4, 1e-3, 2e-3),
            "bitfit": (1e-3, 3e-3, 1e-2), "head": (1e-3, 3e-3, 1e-2),
            **{m: (3e-4, 1e-3, 3e-3) for m in DIFFPRUNE}}
+# Besides the library, the files this lane packs and scores a diffprune run with (scoring.py loads its model).
+SCORING_CODE = ("bench/scoring.py", "bench/baselines.py")
 _score_lock = threading.Lock()
 
 
@@ -284,7 +286,7 @@ class Suite:
             imported = json.loads(usage.read_text()).get("imported") if usage.is_file() else None
         if imported is None:
             return at_start
-        lane = code_record.imported(self.code.root, roots=("diffcli",))
+        lane = code_record.imported(self.code.root, roots=("diffcli",)) + list(SCORING_CODE)
         return code_record.record(at_start, list(imported) + lane, self.code)
 
     def _drop_partial_of_other_code(self, run_dir: Path, at_start: dict) -> None:

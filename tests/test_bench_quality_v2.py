@@ -266,7 +266,7 @@ def test_a_cached_run_is_retrained_when_a_file_it_imported_changes_and_only_then
     suite.lane(wait_s=0)
     assert len(executed) == 2
     entry = suite.cached(q.Run("rte", "full", q.LR_GRID["full"][1], 1))
-    assert set(entry["code"]) == {"diffcli/train.py"}
+    assert set(entry["code"]) == {"diffcli/train.py", *q.SCORING_CODE}  # what it imported, and the lane's scoring
     executed.clear()
     _touch(root / "diffcli/plot.py", "x = 1\n")      # a file no run imported: every cell stays cached
     (root / "diffcli/new.py").write_text("y = 2\n")
@@ -289,7 +289,7 @@ def test_a_failure_is_retried_after_the_code_it_ran_changes(tmp_path, monkeypatc
     assert len(executed) == 2 and len(list(suite.work.glob("*.failed.json"))) == 2
     suite.lane(wait_s=0)
     assert len(executed) == 2                          # recorded, not retried
-    _touch(root / "bench/baselines.py", "w = 4\n")  # not imported by the failed runs
+    _touch(root / "diffcli/plot.py", "w = 4\n")  # not imported by the failed runs
     suite.lane(wait_s=0)
     assert len(executed) == 2
     _touch(root / "diffcli/train.py", "fix = 1\n")
