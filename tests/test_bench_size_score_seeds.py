@@ -20,10 +20,10 @@ def _row(label, version, nbytes, score):
     return {"label": label, "version": version, "bytes": nbytes, "score": score}
 
 
-def _entry(seed, today, best_v2, fp16, denser=None):
+def _entry(seed, today, best_v2, fp16, denser=None, v1_lower=50.0):
     rows = [_row("v1 fp16 (today)", 1, 340, 60.0), _row("v2 fp16", 2, 290, fp16), _row("v2 int4", 2, 140, best_v2),
             _row("v2 ternary", 2, 80, 59.0), _row("v2 int8 @ 0.25%", 2, 110, 50.0),
-            _row("v1 fp16 @ LoRA bytes (0.433%)", 1, 300, today)]
+            _row("v1 fp16 @ 0.25%", 1, 160, v1_lower), _row("v1 fp16 @ LoRA bytes (0.433%)", 1, 300, today)]
     if denser is not None:  # only some seeds have a denser diff: never a candidate
         rows.append(_row("v2 int4 @ LoRA bytes of the 1.0% diff (1.000%)", 2, 259, denser))
     return {"task": "rte", "training": f"2,490 train examples, --method l0 --epochs 5 --fixmask-epochs 3 --seed {seed}",
@@ -38,11 +38,19 @@ def test_means_over_seeds_and_verdicts_on_the_means_with_the_same_candidates_for
     assert s["today_mean_std"] == pytest.approx((61.0, 1.0))
     assert s["best_mean_std"] == pytest.approx((62.0, 1.0))
     assert s["fixed_mean_std"][0] == pytest.approx(60.0)
-    assert s["best_over_today"] and not s["fixed_over_today"]
+    assert s["best_over_today"] and not s["fixed_over_refit"]
     assert s["half_bytes_every_seed"]  # ternary at 80/340 keeps within 0.5 point of 60.0 on every seed
     text = sss.render(s, "cmd")
-    assert "| mean ± std | | 60.00 ± 0.00 | 61.00 ± 1.00 | 62.00 ± 1.00 | 60.00 ± 1.00 | |" in text
+    assert "| mean ± std | | 60.00 ± 0.00 | 61.00 ± 1.00 | 62.00 ± 1.00 | 61.00 ± 1.00 | 60.00 ± 1.00 | |" in text
     assert "target: higher: met" in text
+
+
+def test_today_gets_its_best_file_at_the_same_densities_as_v2():
+    # a lower-density v1 file that scores above the re-projected one is today's best at LoRA's bytes
+    s = sss.summarize("rte", [_entry(42, 61.0, 62.0, 61.0, v1_lower=63.0), _entry(43, 61.0, 62.0, 61.0)])
+    assert s["seeds"][0]["today"] == 63.0 and s["seeds"][0]["today_label"] == "v1 fp16 @ 0.25%"
+    assert s["seeds"][1]["today_label"] == "v1 fp16 @ LoRA bytes (0.433%)" and s["refit_mean_std"][0] == 61.0
+    assert s["today_mean_std"][0] == 62.0 and not s["best_over_today"]  # a tie is not higher
 
 
 def test_a_seed_whose_lean_files_lose_score_misses_half_bytes_and_ties_are_not_higher():

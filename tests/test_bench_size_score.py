@@ -1,0 +1,45 @@
+"""bench/bench_size_score.py on a tiny model: every candidate file is scored, and each format's best at LoRA's bytes
+is chosen among the same densities."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_size_score", REPO / "bench" / "bench_size_score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_both_formats_get_the_same_densities_and_their_best_file_that_fits(tmp_path, tiny_base, tiny_finetune):
+    from diffcli import checkpoint, projection
+    from diffcli.extract import extract_diff
+    from tests.test_bench_quality_smoke import _tiny_rte
+
+    bss = _load()
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.05).diff, ckpt)
+    glue = _tiny_rte(tmp_path / "glue")
+    full = bss.run_task("rte", ckpt, str(tiny_base), str(glue), lora_bytes=10**9, max_eval_samples=8)
+    labels = [r["label"] for r in full["rows"]]
+    for d in bss.DENSITIES:  # today's format at every lower density v2 gets
+        assert f"v1 fp16 @ {d:.2%}" in labels and f"v2 int8 @ {d:.2%}" in labels
+    v1 = [r for r in full["rows"] if r["version"] == 1]
+    assert full["today_at_lora_bytes"] == max(r["score"] for r in v1)  # every v1 file fits 1 GB
+    assert full["best_at_lora_bytes"] == max(r["score"] for r in full["rows"] if r["version"] == 2)
+    assert full["lora_bytes_target_met"] == (full["best_at_lora_bytes"] > full["today_at_lora_bytes"])
+
+    # a byte limit under the 0.5% v1 file: today's candidates are the re-projected and the lower-density files
+    limit = next(r for r in v1 if r["label"] == "v1 fp16 (today)")["bytes"] - 1
+    tight = bss.run_task("rte", ckpt, str(tiny_base), str(glue), lora_bytes=limit, max_eval_samples=8)
+    fits = [r for r in tight["rows"] if r["version"] == 1 and r["bytes"] <= limit]
+    assert {r["label"].split(" (")[0] for r in fits} >= {"v1 fp16 @ LoRA bytes"}
+    assert tight["today_at_lora_bytes_label"] in [r["label"] for r in fits]
+    assert tight["today_at_lora_bytes"] == max(r["score"] for r in fits)
