@@ -204,6 +204,16 @@ class Suite:
         s = self.settings(run)
         return None if s is None else self._entry(self.work / f"{self.stem(run, s)}.failed.json")
 
+    def stale_entries(self) -> int:
+        """Cached runs (finished or failed) that no longer count: a file their run imported has changed since."""
+        n = 0
+        for f in self.work.glob("*.json"):
+            try:
+                n += bool(self.code.stale(json.loads(f.read_text()).get("code")))
+            except (OSError, ValueError):
+                continue
+        return n
+
     def _entry(self, path: Path) -> dict | None:
         """A cache entry, unless a file its run imported has changed since (then the run is due again)."""
         if not path.is_file():

@@ -57,6 +57,7 @@ def assemble(suite: Suite) -> dict:
                 progress["planned"] += len(p.grid(m)) + len(p.seeds) - 1
                 progress["finished"] += sum(v is not None for v in grid) + later.count("ok")
                 progress["failed"] += sum(v is None for v in grid) + later.count("failed")
+    progress["stale"] = suite.stale_entries()
     means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
     per_seed = {seed: rules.verdicts(sc, p.tasks) for seed, sc in per_seed_scores.items()}
     return {"progress": progress, "table": table, "cells": cells, "per_seed_verdicts": {str(k): v for k, v in per_seed.items()},
@@ -127,7 +128,9 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
               "say nothing about quality.", ""]
     return L + [what, "",
                 f"Progress: {doc['progress']['finished']} of {doc['progress']['planned']} runs finished, "
-                f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted).", "",
+                f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted)"
+                + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since, so "
+                   "they run again" if doc["progress"].get("stale") else "") + ".", "",
                 f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
                 "## Commands", "", "```"] + commands + ["```", ""]

@@ -212,7 +212,7 @@ def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_
     assert doc["cells"]["rte"]["dp-random"]["2"]["status"] == "not run (method unavailable)"
     assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
     assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
-    assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2)}
+    assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0}
     executed.clear()
     suite.lane(wait_s=0)  # everything cached: nothing runs again
     assert executed == []
@@ -272,8 +272,14 @@ def test_a_cached_run_is_retrained_when_a_file_it_imported_changes_and_only_then
     (root / "diffcli/new.py").write_text("y = 2\n")
     suite.lane(wait_s=0)
     assert executed == []
+    assert suite.stale_entries() == 0
     _touch(root / "diffcli/train.py", "z = 3\n")     # a file every run imported: every cell is due again
     assert suite.cached(q.Run("rte", "full", q.LR_GRID["full"][1], 1)) is None
+    assert suite.stale_entries() == 2
+    report = _load("quality_v2_report")
+    doc = report.assemble(suite)
+    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    assert "2 cached runs left out: code they imported has changed since" in text
     suite.lane(wait_s=0)
     assert len(executed) == 2
     executed.clear()
