@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(load_run(mask, int(seed), Path(prefix), args.metric))
     summary = summarize(runs)
     header = args.header.read_text().strip() if args.header else ""
-    command = "python bench/mask_ablation_table.py --task " + args.task + " " + " ".join(
-        f"{r['mask']}:{r['seed']}=RUN" for r in runs)
+    command = " ".join(["python bench/mask_ablation_table.py --task", args.task,
+                        *(["--header", args.header.as_posix()] if args.header else []), "--out", args.out.as_posix(),
+                        *(f"{r['mask']}:{r['seed']}=RUN" for r in runs)])
     args.out.write_text(render(args.task, runs, summary, header, command))
     args.out.with_suffix(".json").write_text(json.dumps({"runs": runs, "summary": summary, "command": command},
                                                         indent=1) + "\n")
