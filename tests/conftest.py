@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,16 @@ def tiny_base(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_finetune(tiny_base: Path, tmp_path: Path) -> Path:
     return make_finetune(tiny_base, tmp_path / "ft")
+
+
+def load_bench(name: str):
+    """A script of bench/ as a module (bench/ on sys.path for its own imports; registered so dataclasses resolve)."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("mask_ablation_table", REPO / "bench" / "mask_ablation_table.py")
-mat = importlib.util.module_from_spec(spec)
-sys.modules["mask_ablation_table"] = mat
-spec.loader.exec_module(mat)
+from tests.conftest import load_bench
+
+mat = load_bench("mask_ablation_table")
 
 
 def _run(folder: Path, name: str, l0: int, fixmask: int, packed: float, nbytes: int) -> str:

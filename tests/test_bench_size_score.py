@@ -3,19 +3,7 @@ is chosen among the same densities."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_size_score", REPO / "bench" / "bench_size_score.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_bench
 
 
 def test_both_formats_get_the_same_densities_and_their_best_file_that_fits(tmp_path, tiny_base, tiny_finetune):
@@ -23,7 +11,7 @@ def test_both_formats_get_the_same_densities_and_their_best_file_that_fits(tmp_p
     from diffcli.extract import extract_diff
     from tests.test_bench_quality_smoke import _tiny_rte
 
-    bss = _load()
+    bss = load_bench("bench_size_score")
     ckpt = tmp_path / "ckpt"
     checkpoint.save(projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.05).diff, ckpt)
     glue = _tiny_rte(tmp_path / "glue")

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("size_score_seeds", REPO / "bench" / "size_score_seeds.py")
-sss = importlib.util.module_from_spec(spec)
-sys.modules["size_score_seeds"] = sss
-spec.loader.exec_module(sss)
+from tests.conftest import load_bench
+
+sss = load_bench("size_score_seeds")
 
 
 def _row(label, version, nbytes, score):
