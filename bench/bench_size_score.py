@@ -118,9 +118,7 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
             score(f"v2 {v} @ LoRA bytes of the {dense_diff.density:.1%} diff ({fit_d:.3%})", fitted, v, 2, fit_d)
 
     ref = rows[0]
-    ours = [r for r in rows if r["version"] == 2]
-    close = [r for r in ours if r["score"] >= ref["score"] - TOLERANCE]
-    smallest = min(close, key=lambda r: r["bytes"]) if close else None
+    smallest = smallest_close(rows, ref)
     best_lora = best_fitting(rows, 2, lora_bytes)
     return {"task": task, "checkpoint": str(ckpt), "denser_checkpoint": denser and str(denser),
             "training": training_of(trained),
@@ -133,6 +131,12 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
             "best_at_lora_bytes": best_lora and best_lora["score"],
             "best_at_lora_bytes_label": best_lora and best_lora["label"],
             "lora_bytes_target_met": bool(best_lora and best_lora["score"] > today_lora["score"])}
+
+
+def smallest_close(rows: list[dict], ref: dict) -> dict | None:
+    """The smallest v2 file within TOLERANCE points of the reference's score (None when none is)."""
+    close = [r for r in rows if r["version"] == 2 and r["score"] >= ref["score"] - TOLERANCE]
+    return min(close, key=lambda r: r["bytes"]) if close else None
 
 
 def best_fitting(rows: list[dict], version: int, max_bytes: int) -> dict | None:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_size_score import best_fitting  # noqa: E402
+from bench_size_score import best_fitting, smallest_close  # noqa: E402
 
 FIXED = "v2 fp16"
 
@@ -33,8 +33,7 @@ def seed_row(t: dict) -> dict:
     best = best_fitting(rows, 2, t["lora_bytes"])
     fixed = next(r for r in rows if r["label"] == FIXED)
     refit = next(r for r in rows if r["label"].startswith("v1 fp16 @ LoRA bytes"))
-    close = [r for r in rows if r["version"] == 2 and r["score"] >= ref["score"] - 0.5]
-    smallest = min(close, key=lambda r: r["bytes"]) if close else None
+    smallest = smallest_close(rows, ref)
     seed = (t.get("training") or "").rpartition("--seed ")[2] or "?"
     return {"seed": seed, "training": t.get("training"), "reference": ref["score"], "today": today["score"],
             "today_label": today["label"], "best": best["score"], "best_label": best["label"],
