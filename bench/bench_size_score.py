@@ -165,7 +165,8 @@ def write_markdown(result: dict, path: Path) -> None:
              "epochs, seed) is under its task. "
              "Every file is decoded from its bytes and scored on the full dev set with `DiffBank` + "
              "`evaluation.evaluate` (the code behind `diffprune eval`). Lower densities: the trained δ "
-             "re-projected by magnitude, no retraining. Score: GLUE metric x100.", ""]
+             "re-projected by magnitude, no retraining; today's format (v1 fp16) gets the same lower densities, and at "
+             "LoRA's bytes each format's best file that fits is compared. Score: GLUE metric x100.", ""]
     for task, t in result["tasks"].items():
         ref = next(r for r in t["rows"] if r["label"] == t["reference"])
         lines += [f"## {task} (LoRA adapter {t['lora_bytes']:,} B)", "",
