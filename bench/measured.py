@@ -47,6 +47,7 @@ def main() -> None:
         raise SystemExit("usage: measured.py USAGE.json (-m MODULE | SCRIPT) ARGS...")
     out, rest = sys.argv[1], sys.argv[2:]
     code = 0
+    sys.path.insert(0, str(REPO))  # the run imports this checkout's code, the code its entry records (not an installed copy)
     entry = entry_file(rest)
     try:
         if rest[0] == "-m":

@@ -2,9 +2,11 @@
 
 Every method gets E epochs in all (diffprune's phases count together), its best dev epoch, and the same number of
 learning rates, tuned on the first seed and kept for the others. Each (task, method, lr, seed) is one process,
-cached in bench/work/v2/ under a hash of its settings; the entry records the code that trained it (every repository
-file the run imported: code_record.py) and is retrained only when one of those files changes. Background lanes resume
-and several lanes share the work (lock files). The table is assembled from whatever is cached.
+cached under a hash of its settings; the entry records the code that trained it (every repository file the run
+imported: code_record.py) and is retrained only when one of those files changes. The full protocol keeps its entries in
+bench/results/quality-v2-runs/ (tracked: the table fills over several sessions and machines, a fresh checkout resumes
+where the last one stopped); checkpoints, logs and locks stay in bench/work/v2/. Background lanes resume and several
+lanes share the work (lock files). The table is assembled from whatever is cached.
 
     python bench/quality_v2.py                      # one lane of the full protocol (start several: they share)
     python bench/quality_v2.py --jobs 8             # cuda: 8 runs at a time
@@ -148,9 +150,10 @@ def trainer_methods() -> set[str]:
 class Suite:
     """The protocol, its cache of finished runs, and the order runs become ready in."""
 
-    def __init__(self, proto: Protocol, work: Path, code_root: Path = REPO):
+    def __init__(self, proto: Protocol, work: Path, code_root: Path = REPO, store: Path | None = None):
         self.p = proto
-        self.work = work
+        self.work = work  # run folders (checkpoints, logs) and locks: this machine's scratch
+        self.store = Path(store) if store is not None else work  # finished and failed runs' entries
         self.code = code_record.Snapshot(code_root)
 
     # -------------------------------------------------------------------------------- settings and cache
@@ -198,16 +201,16 @@ class Suite:
         s = self.settings(run)
         if s is None:
             return None
-        return self._entry(self.work / f"{self.stem(run, s)}.json")
+        return self._entry(self.store / f"{self.stem(run, s)}.json")
 
     def failed(self, run: Run) -> dict | None:
         s = self.settings(run)
-        return None if s is None else self._entry(self.work / f"{self.stem(run, s)}.failed.json")
+        return None if s is None else self._entry(self.store / f"{self.stem(run, s)}.failed.json")
 
     def stale_entries(self) -> int:
         """Cached runs (finished or failed) that no longer count: a file their run imported has changed since."""
         n = 0
-        for f in self.work.glob("*.json"):
+        for f in self.store.glob("*.json"):
             try:
                 n += bool(self.code.stale(json.loads(f.read_text()).get("code")))
             except (OSError, ValueError):
@@ -276,13 +279,13 @@ class Suite:
                 result = self._execute(run, s, run_dir)
             except Exception as exc:  # noqa: BLE001 - recorded, the lane goes on with the next run
                 print(f"FAILED: {stem}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-                _write_json_atomic(self.work / f"{stem}.failed.json",
+                _write_json_atomic(self.store / f"{stem}.failed.json",
                                    {"settings": s, "error": f"{type(exc).__name__}: {exc}"[-3000:],
                                     "code": self._used_code(run_dir, at_start, None), "finished": _now()})
                 return True
             result.update(settings=s, code=self._used_code(run_dir, at_start, result.pop("imported", None)),
                           finished=_now())
-            _write_json_atomic(self.work / f"{stem}.json", result)
+            _write_json_atomic(self.store / f"{stem}.json", result)
             print(f"done: {stem}: score {result['score']:.2f}, {result['train_seconds'] / 60:.1f} min", flush=True)
             return True
         finally:
@@ -425,7 +428,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time in this process (one process per run)")
     ap.add_argument("--report-only", action="store_true", help="only assemble the table from the cache")
     ap.add_argument("--no-report", action="store_true", help="run, but do not rewrite bench/results")
-    ap.add_argument("--work-dir", default=str(REPO / "bench" / "work" / "v2"))
+    ap.add_argument("--work-dir", default=str(REPO / "bench" / "work" / "v2"),
+                    help="run folders (checkpoints, logs) and locks")
+    ap.add_argument("--store-dir", help="finished runs' entries (default: the full protocol's tracked "
+                    "bench/results/{quality,methods}-v2-runs/, so the table fills across sessions; --quick: the work dir)")
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     return ap.parse_args(argv)
 
@@ -464,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     import quality_v2_methods as mt
 
     table = mt.MethodsSuite if args.table == "methods" else Suite
-    suite = table(proto, Path(args.work_dir) / ("quick" if proto.quick else "full"))
+    work = Path(args.work_dir) / ("quick" if proto.quick else "full")
+    store = args.store_dir or (None if proto.quick else Path(args.results_dir) / f"{args.table}-v2-runs")
+    suite = table(proto, work, store=store)
     trainer_methods()
     if not args.report_only:
         suite.lane(jobs=args.jobs)

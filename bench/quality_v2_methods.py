@@ -60,8 +60,8 @@ class MethodsSuite(q.Suite):
 
     table = "methods"
 
-    def __init__(self, proto: MethodsProtocol, work: Path):
-        super().__init__(proto, work)
+    def __init__(self, proto: MethodsProtocol, work: Path, store: Path | None = None):
+        super().__init__(proto, work, store=store)
         self._sizes: dict[tuple, dict] = {}
 
     def is_diffprune(self, method: str) -> bool:
@@ -121,7 +121,7 @@ class MethodsSuite(q.Suite):
         return self._sizes[key]
 
     def _memo(self, name: str, compute) -> dict:
-        path = self.work / "sizes" / f"{name}.json"
+        path = self.store / "sizes" / f"{name}.json"  # with the entries: a later session has no .diff to refit
         if path.is_file():
             return json.loads(path.read_text())
         value = compute()

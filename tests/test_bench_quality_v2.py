@@ -332,6 +332,57 @@ def test_measured_records_the_repository_files_a_run_imported(tmp_path):
     assert "diffcli/__main__.py" in got and "diffcli/cli/app.py" in got
 
 
+def test_measured_runs_the_checkouts_own_code_not_another_copy_on_the_path(tmp_path):
+    """A lane in a second worktree must train (and record) that worktree's library, not an installed or other copy."""
+    import os
+    import subprocess
+
+    other = tmp_path / "other" / "diffcli"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("raise SystemExit('imported another copy of diffcli')\n")
+    usage = tmp_path / "usage.json"
+    script = tmp_path / "run.py"
+    script.write_text("import diffcli.metrics\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "other")}
+    for args in ([str(script)], ["-m", "diffcli", "--help"]):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "measured.py"), str(usage), *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "diffcli/__init__.py" in json.loads(usage.read_text())["imported"]
+
+
+def test_finished_runs_live_in_the_store_so_a_fresh_checkout_resumes_from_them(tmp_path, monkeypatch):
+    q, report, suite, executed = _fake_suite(tmp_path, monkeypatch)
+    store = tmp_path / "results" / "quality-v2-runs"
+    suite = q.Suite(suite.p, tmp_path / "work", store=store)
+    suite.lane(wait_s=0)
+    n = len(executed)
+    assert n and len(list(store.glob("*.json"))) == n and not list((tmp_path / "work").glob("*.json"))
+    fresh = q.Suite(suite.p, tmp_path / "another-machine", store=store)  # no run folders, same entries
+    assert fresh.plan() == []
+    fresh.lane(wait_s=0)
+    assert len(executed) == n
+    assert report.assemble(fresh)["progress"]["finished"] == n
+
+
+def test_the_full_protocol_keeps_its_entries_under_the_results_folder(tmp_path, monkeypatch):
+    q = _load("quality_v2")
+    monkeypatch.setattr(q, "trainer_methods", lambda: {"l0"})
+    (tmp_path / "glue" / "RTE").mkdir(parents=True)
+    results = tmp_path / "results"
+    argv = ["--tasks", "rte", "--methods", "head", "--data-dir", str(tmp_path / "glue"), "--results-dir", str(results),
+            "--work-dir", str(tmp_path / "work"), "--report-only"]
+    proto = q.protocol_from(q.parse_args(argv))
+    suite = q.Suite(proto, tmp_path / "elsewhere", store=results / "quality-v2-runs")
+    run = q.Run("rte", "head", q.LR_GRID["head"][1], 42)
+    code = {"bench/scoring.py": suite.code.digest("bench/scoring.py")}
+    (results / "quality-v2-runs").mkdir(parents=True)
+    (results / "quality-v2-runs" / f"{suite.stem(run, suite.settings(run))}.json").write_text(json.dumps(
+        {"score": 61.0, "bytes": 1000, "train_seconds": 2.0, "peak_rss_bytes": 1, "code": code}))
+    assert q.main(argv) == 0
+    assert json.loads((results / "quality-v2.json").read_text())["progress"]["finished"] == 1
+
+
 # ----------------------------------------------------------------------------------------------- the methods table
 def _methods_suite(tmp_path, monkeypatch, basis_bytes=7000, lora_bytes=9000):
     """The methods table on instant fakes: basis's .diff is basis_bytes, LoRA's adapter lora_bytes; sizing faked."""
