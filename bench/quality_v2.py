@@ -10,6 +10,7 @@ lanes share the work (lock files). The table is assembled from whatever is cache
 
     python bench/quality_v2.py                      # one lane of the full protocol (start several: they share)
     python bench/quality_v2.py --jobs 8             # cuda: 8 runs at a time
+    python bench/quality_v2.py --hours 2.5          # a lane that starts no run it cannot finish within 2.5 h
     python bench/quality_v2.py --report-only        # assemble bench/results/quality-v2.md/json from the cache
     python bench/quality_v2.py --quick --tasks rte  # smoke check: capped data, one seed, one lr per method
     python bench/quality_v2.py --table methods      # issue 10: l0, swr, basis at matched bytes (quality_v2_methods.py)
@@ -369,11 +370,39 @@ class Suite:
                 "train_summary": {k: summary.get(k) for k in ("after_l0", "after_projection", "after_fixmask",
                                                               "epochs", "seconds")}}
 
-    def lane(self, jobs: int = 1, wait_s: float = 30.0) -> None:
-        """Take ready runs until none is left; wait while other lanes hold runs that later ones depend on."""
+    def expected_seconds(self, run: Run) -> float | None:
+        """A run's likely wall time: the longest finished run of its task and method, else of its task, else any."""
+        done = []
+        for f in self.store.glob("*.json"):
+            try:
+                e = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code")):
+                done.append((e.get("task"), e.get("method"), e["train_seconds"]))
+        for same in (lambda t, m: t == run.task and m == run.method, lambda t, m: t == run.task, lambda t, m: True):
+            times = [sec for t, m, sec in done if same(t, m)]
+            if times:
+                return max(times)
+        return None
+
+    def lane(self, jobs: int = 1, wait_s: float = 30.0, hours: float | None = None) -> None:
+        """Take ready runs until none is left; wait while other lanes hold runs that later ones depend on.
+
+        hours: take no run that is not expected to finish within that many hours of the lane's start (a session or
+        a machine lease ends there; an unfinished run is lost, a cheaper one that fits still runs).
+        """
+        stop_at = None if hours is None else time.time() + 3600 * hours
+
+        def fits(run: Run) -> bool:
+            expected = self.expected_seconds(run) if stop_at is not None else None
+            return expected is None or time.time() + expected <= stop_at
+
         def worker() -> None:
             while True:
-                ready = self.plan()
+                if stop_at is not None and time.time() >= stop_at:
+                    return
+                ready = [r for r in self.plan() if fits(r)]
                 took = any(self.run_one(r) for r in ready)
                 if took:
                     continue
@@ -427,6 +456,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "glue"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time in this process (one process per run)")
     ap.add_argument("--report-only", action="store_true", help="only assemble the table from the cache")
+    ap.add_argument("--hours", type=float, help="take only runs expected to end within this many hours "
+                    "(the longest finished run of the same task and method): before a session or lease ends")
     ap.add_argument("--no-report", action="store_true", help="run, but do not rewrite bench/results")
     ap.add_argument("--work-dir", default=str(REPO / "bench" / "work" / "v2"),
                     help="run folders (checkpoints, logs) and locks")
@@ -475,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = table(proto, work, store=store)
     trainer_methods()
     if not args.report_only:
-        suite.lane(jobs=args.jobs)
+        suite.lane(jobs=args.jobs, hours=args.hours)
     if args.no_report:
         return 0
     shown = [a for a in argv if a not in ("--report-only", "--no-report")]

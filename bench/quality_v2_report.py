@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 
 import code_record
@@ -73,8 +74,8 @@ def _brief(r: dict | None) -> dict | None:
             "settings", "finished")
     out = {k: r[k] for k in keep if k in r}
     out["code"] = code_record.digest_of(r.get("code"))  # the full record (file: hash) stays in the cache entry
-    if "command" in out:  # paths relative to the repository, as a reader would type them
-        out["command"] = out["command"].replace(f"{REPO}/", "")
+    if "command" in out:  # paths relative to the repository (whichever checkout ran it), as a reader would type them
+        out["command"] = re.sub(r"(?<!\S)/\S*?/(bench|diffcli)/", r"\1/", out["command"].replace(f"{REPO}/", ""))
     return out
 
 

@@ -225,6 +225,32 @@ def test_a_failed_run_is_recorded_not_retried_and_never_chosen(tmp_path, monkeyp
                                                       "majority": {}}, ["cmd"])
 
 
+def test_a_lane_with_hours_takes_only_runs_expected_to_end_in_time(tmp_path, monkeypatch):
+    q, report, suite, executed = _fake_suite(tmp_path, monkeypatch)
+    real = q.Suite._execute
+
+    def slow(self, run, s, run_dir):
+        return {**real(self, run, s, run_dir), "train_seconds": 7200.0, "task": run.task, "method": run.method}
+
+    monkeypatch.setattr(q.Suite, "_execute", slow)
+    suite.lane(wait_s=0, hours=1.0)   # the first run has no record to go by; after it, every rte run looks 2 h long
+    assert executed == [("full", q.LR_GRID["full"][1], 1, None)]
+    assert suite.expected_seconds(q.Run("rte", "dp-l0", 1e-3, 1)) == 7200.0
+    suite.lane(wait_s=0, hours=1.9)
+    assert len(executed) == 1
+    suite.lane(wait_s=0, hours=3.0)   # 2 h fit in 3: the lane goes on (its fake runs take no real time)
+    assert len(executed) == 3 * (3 + 2)
+
+
+def test_a_runs_command_is_shown_relative_to_the_checkout_that_ran_it():
+    report = _load("quality_v2_report")
+    cmd = ("python /work/wt-x/bench/measured.py /work/wt-x/bench/work/v2/full/runs/r/usage.json -m diffcli train "
+           f"--data-dir /data/glue -o {REPO}/bench/work/v2/full/runs/r/ckpt")
+    assert report._brief({"score": 1.0, "command": cmd})["command"] == (
+        "python bench/measured.py bench/work/v2/full/runs/r/usage.json -m diffcli train --data-dir /data/glue "
+        "-o bench/work/v2/full/runs/r/ckpt")
+
+
 # ----------------------------------------------------------------------------------------------- the code a run used
 def _code_suite(tmp_path, monkeypatch, imports=("diffcli/train.py",), fail=False):
     """A Suite over a repository of three files whose fake runs import `imports`; the partial each run saw."""
