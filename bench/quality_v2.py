@@ -370,8 +370,8 @@ class Suite:
                 "train_summary": {k: summary.get(k) for k in ("after_l0", "after_projection", "after_fixmask",
                                                               "epochs", "seconds")}}
 
-    def expected_seconds(self, run: Run) -> float | None:
-        """A run's likely wall time: the longest finished run of its task and method, else of its task, else any."""
+    def finished_times(self) -> list[tuple[str, str, float]]:
+        """(task, method, wall seconds) of every finished run that still counts."""
         done = []
         for f in self.store.glob("*.json"):
             try:
@@ -380,6 +380,11 @@ class Suite:
                 continue
             if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code")):
                 done.append((e.get("task"), e.get("method"), e["train_seconds"]))
+        return done
+
+    def expected_seconds(self, run: Run, done: list | None = None) -> float | None:
+        """A run's likely wall time: the longest finished run of its task and method, else of its task, else any."""
+        done = self.finished_times() if done is None else done
         for same in (lambda t, m: t == run.task and m == run.method, lambda t, m: t == run.task, lambda t, m: True):
             times = [sec for t, m, sec in done if same(t, m)]
             if times:

@@ -36,6 +36,7 @@ def assemble(suite: Suite) -> dict:
     p = suite.p
     cells, table, per_seed_scores = {}, {}, {s: {} for s in p.seeds}
     progress = {"finished": 0, "failed": 0, "planned": 0}
+    times, left_seconds = suite.finished_times(), 0.0
     for task in p.tasks:
         cells[task], table[task] = {}, {}
         for m in p.methods:
@@ -58,6 +59,11 @@ def assemble(suite: Suite) -> dict:
                 progress["planned"] += len(p.grid(m)) + len(p.seeds) - 1
                 progress["finished"] += sum(v is not None for v in grid) + later.count("ok")
                 progress["failed"] += sum(v is None for v in grid) + later.count("failed")
+                left = len(p.grid(m)) + len(p.seeds) - 1 - sum(1 for _ in grid) - later.count("ok") - later.count("failed")
+                if left and left_seconds is not None:
+                    est = suite.expected_seconds(Run(task, m, 0.0, 0), times)
+                    left_seconds = None if est is None else left_seconds + left * est
+    progress["hours_left"] = None if left_seconds is None else round(left_seconds / 3600, 1)
     progress["stale"] = suite.stale_entries()
     means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
     per_seed = {seed: rules.verdicts(sc, p.tasks) for seed, sc in per_seed_scores.items()}
@@ -131,7 +137,10 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                 f"Progress: {doc['progress']['finished']} of {doc['progress']['planned']} runs finished, "
                 f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted)"
                 + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since, so "
-                   "they run again" if doc["progress"].get("stale") else "") + ".", "",
+                   "they run again" if doc["progress"].get("stale") else "")
+                + (f"; the runs left need about {doc['progress']['hours_left']:g} hours of one lane at the run times "
+                   "measured so far (each task and method's longest run; the task's longest where it has none)"
+                   if doc["progress"].get("hours_left") else "") + ".", "",
                 f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
                 "## Commands", "", "```"] + commands + ["```", ""]

@@ -203,7 +203,8 @@ def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_
     assert doc["cells"]["rte"]["dp-random"]["2"]["status"] == "not run (method unavailable)"
     assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
     assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
-    assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0}
+    assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0,
+                               "hours_left": 0.0}
     executed.clear()
     suite.lane(wait_s=0)  # everything cached: nothing runs again
     assert executed == []
@@ -236,6 +237,7 @@ def test_a_lane_with_hours_takes_only_runs_expected_to_end_in_time(tmp_path, mon
     suite.lane(wait_s=0, hours=1.0)   # the first run has no record to go by; after it, every rte run looks 2 h long
     assert executed == [("full", q.LR_GRID["full"][1], 1, None)]
     assert suite.expected_seconds(q.Run("rte", "dp-l0", 1e-3, 1)) == 7200.0
+    assert report.assemble(suite)["progress"]["hours_left"] == 14 * 2.0  # 15 planned runs, one done, each 2 h
     suite.lane(wait_s=0, hours=1.9)
     assert len(executed) == 1
     suite.lane(wait_s=0, hours=3.0)   # 2 h fit in 3: the lane goes on (its fake runs take no real time)
