@@ -195,7 +195,8 @@ def run_baseline(cfg: BaselineConfig, out_dir: Path, log: Callable[[str], None] 
     import torch
 
     from diffcli import data_sources, evaluation, metrics, tasks, weights
-    from diffcli.training import autocast, build_task_model
+    from diffcli.dist import autocast
+    from diffcli.task_types import build_task_model  # not via diffcli.training: a baseline imports no method's code
 
     base_dir = weights.resolve_model(cfg.model)
     data = data_sources.load_task(cfg.task, data_dir=cfg.data_dir, max_train_samples=cfg.max_train_samples,

@@ -127,7 +127,7 @@ def _child(args) -> dict:
     from diffcli.activations import checkpoint_activations
     from diffcli.projection import budget
     from diffcli.sparse_training import SparseDiffTrainer
-    from diffcli.training import autocast
+    from diffcli.dist import autocast
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

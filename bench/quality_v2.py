@@ -282,25 +282,27 @@ class Suite:
                 print(f"FAILED: {stem}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 _write_json_atomic(self.store / f"{stem}.failed.json",
                                    {"settings": s, "error": f"{type(exc).__name__}: {exc}"[-3000:],
-                                    "code": self._used_code(run_dir, at_start, None), "finished": _now()})
+                                    "code": self._used_code(run_dir, at_start, None, self.is_diffprune(run.method)),
+                                    "finished": _now()})
                 return True
-            result.update(settings=s, code=self._used_code(run_dir, at_start, result.pop("imported", None)),
-                          finished=_now())
+            result.update(settings=s, code=self._used_code(run_dir, at_start, result.pop("imported", None),
+                                                           self.is_diffprune(run.method)), finished=_now())
             _write_json_atomic(self.store / f"{stem}.json", result)
             print(f"done: {stem}: score {result['score']:.2f}, {result['train_seconds'] / 60:.1f} min", flush=True)
             return True
         finally:
             lock.unlink(missing_ok=True)
 
-    def _used_code(self, run_dir: Path, at_start: dict, imported: list | None) -> dict:
-        """The files the run's process imported plus the library modules this lane packed and scored it with;
-        every file of the library when the run's process left no record (a failure before it wrote one)."""
+    def _used_code(self, run_dir: Path, at_start: dict, imported: list | None, diffprune: bool) -> dict:
+        """The files the run's process imported, plus (a diffprune run) the library modules this lane packed and
+        scored it with; every file of the library when the run's process left no record (a failure before it wrote
+        one). A baseline scores itself: its process's imports are all it used."""
         if imported is None:
             usage = run_dir / "usage.json"
             imported = json.loads(usage.read_text()).get("imported") if usage.is_file() else None
         if imported is None:
             return at_start
-        lane = code_record.imported(self.code.root, roots=("diffcli",)) + list(SCORING_CODE)
+        lane = code_record.imported(self.code.root, roots=("diffcli",)) + list(SCORING_CODE) if diffprune else []
         return code_record.record(at_start, list(imported) + lane, self.code)
 
     def _drop_partial_of_other_code(self, run_dir: Path, at_start: dict) -> None:

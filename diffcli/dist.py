@@ -84,3 +84,14 @@ def wrap_ddp(model, dist: Dist, device: "torch.device"):
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def autocast(device: "torch.device"):
+    """The precision every training loop here runs under: bf16 autocast on a cuda GPU that has it, fp32 elsewhere."""
+    from contextlib import nullcontext
+
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

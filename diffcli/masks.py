@@ -136,7 +136,7 @@ def fisher_scores(model: "torch.nn.Module", names: Iterable[str], batches: Itera
     """
     import torch
 
-    from diffcli.training import autocast
+    from diffcli.dist import autocast
 
     dtype = dtype or torch.bfloat16
     names = list(names)

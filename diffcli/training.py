@@ -172,11 +172,12 @@ def check_method_flags(method: str, given: list[str]) -> None:
                                 hint="drop them, or pick a method that takes them")
 
 
-def memory_needs(tm: TaskModel, opts: TrainOptions, device, checkpoint_every: int | None = None) -> dict[str, int]:
-    """Estimated peak bytes of this run for every method (`memory_estimate`), by method name; `checkpoint_every`
-    overrides the run's activation checkpointing."""
-    from diffcli.methods import REGISTRY
+def memory_needs(tm: TaskModel, opts: TrainOptions, device, checkpoint_every: int | None = None,
+                 methods: list[str] | None = None) -> dict[str, int]:
+    """Estimated peak bytes of this run for `methods` (default: every method; `memory_estimate`), by method name;
+    `checkpoint_every` overrides the run's activation checkpointing."""
     from diffcli.memory_estimate import estimate
+    from diffcli.methods import all_methods
     from diffcli.projection import budget
 
     params = dict(tm.model.named_parameters())
@@ -185,7 +186,8 @@ def memory_needs(tm: TaskModel, opts: TrainOptions, device, checkpoint_every: in
     kinds = {kind: estimate(tm.model, kind, batch_size=opts.batch_size, seq_len=opts.max_seq_length,
                             shared=tm.gated, k=k, device=device, checkpoint_every=every).total
              for kind in ("full", "l0", "sparse")}
-    return {name: kinds[m.memory] for name, m in REGISTRY.items()}
+    chosen = all_methods() if methods is None else {name: get_method(name) for name in methods}
+    return {name: kinds[m.memory] for name, m in chosen.items()}
 
 
 def check_memory(tm: TaskModel, opts: TrainOptions, device) -> None:
@@ -197,15 +199,15 @@ def check_memory(tm: TaskModel, opts: TrainOptions, device) -> None:
         return
     if device.type == "cpu":  # the process (the model included) already holds part of what the estimate counts
         free += _rss()
-    needs = memory_needs(tm, opts, device)
-    need = needs[opts.method]
+    need = memory_needs(tm, opts, device, methods=[opts.method])[opts.method]
     if need <= free:
         return
+    needs = memory_needs(tm, opts, device)  # which methods would fit (imports every method: the refusal path only)
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     fits = [f"--method {n} needs about {gib(v)}" for v, n in sorted((v, n) for n, v in needs.items() if v <= free)]
     if getattr(tm.model, "supports_gradient_checkpointing", False):  # the least recompute that fits, first
         for every in (2, 1):
-            ckpt = memory_needs(tm, opts, device, checkpoint_every=every)[opts.method]
+            ckpt = memory_needs(tm, opts, device, checkpoint_every=every, methods=[opts.method])[opts.method]
             if opts.activation_checkpointing not in range(1, every + 1) and ckpt <= free:
                 fits.insert(0, f"--activation-checkpointing {every} needs about {gib(ckpt)}")
                 break

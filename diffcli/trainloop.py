@@ -5,12 +5,12 @@ resumable per-epoch state, and the fixed-mask phase that finetunes the kept entr
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
-from diffcli.dist import Dist
+from diffcli.dist import Dist, autocast  # noqa: F401  (autocast: re-exported for the loops)
 from diffcli.train_state import gather_rng, load_optimizer, optimizer_tensors, save_state
 
 if TYPE_CHECKING:
@@ -104,15 +104,6 @@ class LinearDecay:
         """The optimiser and schedule after `steps` (what it trains is put back by the caller)."""
         load_optimizer(self.opt, tensors, "opt_m")
         self.steps = steps
-
-
-def autocast(device: "torch.device"):
-    """The precision every training loop here runs under: bf16 autocast on a cuda GPU that has it, fp32 elsewhere."""
-    import torch
-
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def clip(tensors: list["torch.Tensor"], max_norm: float) -> None:

@@ -150,6 +150,14 @@ def test_quick_protocol_runs_every_kind_and_reports_missing_cells(tmp_path: Path
     assert cells["dp-l0"]["l0_density_path"] and cells["dp-l0"]["density"] < 0.0051
     text = (results / "quality-v2-quick.md").read_text()
     assert "QUICK PROTOCOL" in text and "| rte |" in text and "## Targets" in text
+    # a run's cache key is the code it ran: a baseline no method's or trainer's code, an l0 run not swr's or basis's
+    full = json.loads(next((work / "quick").glob("rte-full-*[0-9a-f].json")).read_text())["code"]
+    assert "bench/baselines.py" in full and "diffcli/tasks.py" in full
+    assert not [f for f in full if f.startswith("diffcli/methods/") or f in ("diffcli/training.py",
+                                                                            "diffcli/artifact.py")]
+    l0 = json.loads(next((work / "quick" / "runs").glob("rte-dp-l0-*/usage.json")).read_text())["imported"]
+    assert "diffcli/methods/l0.py" in l0 and "diffcli/cli/cmd_train.py" in l0
+    assert not {"diffcli/methods/swr.py", "diffcli/methods/basis.py", "diffcli/cli/cmd_inspect.py"} & set(l0)
 
     # A rerun trains nothing; the report of an empty cache marks every cell missing.
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if "runs" not in p.parts}
@@ -285,7 +293,9 @@ def test_a_cached_run_is_retrained_when_a_file_it_imported_changes_and_only_then
     suite.lane(wait_s=0)
     assert len(executed) == 2
     entry = suite.cached(q.Run("rte", "full", q.LR_GRID["full"][1], 1))
-    assert set(entry["code"]) == {"diffcli/train.py", *q.SCORING_CODE}  # what it imported, and the lane's scoring
+    assert set(entry["code"]) == {"diffcli/train.py"}  # a baseline: what its process imported, nothing else
+    dp = suite.cached(q.Run("rte", "dp-l0", q.LR_GRID["dp-l0"][1], 1))
+    assert set(dp["code"]) >= {"diffcli/train.py", *q.SCORING_CODE}  # a diffprune run: and the lane's scoring
     executed.clear()
     _touch(root / "diffcli/plot.py", "x = 1\n")      # a file no run imported: every cell stays cached
     (root / "diffcli/new.py").write_text("y = 2\n")

@@ -24,9 +24,9 @@ def _complete(words: str, cword: int) -> list[str]:
 
 
 def test_bash_completion_lists_every_command_and_options():
-    from diffcli.cli.commands import COMMANDS
+    from diffcli.cli.commands import names
 
-    assert set(_complete("diffprune ", 1)) == {name for name, _ in COMMANDS}
+    assert set(_complete("diffprune ", 1)) == set(names())
     assert "--json" in _complete("diffprune inspect --", 2)
     for shell_file, needle in (("diffprune.bash", "complete_bash"), ("_diffprune", "complete_zsh"),
                                ("diffprune.fish", "complete_fish")):

@@ -139,12 +139,17 @@ def test_fused_gate_gradients_match_autograd(tiny_base, structured, compiled, mo
     loss = torch.func.functional_call(model, params, args=(), kwargs=_batch()).loss
     (loss + l0_penalty(gate, la, lg, lam)).backward()
 
-    assert torch.allclose(gd.w.grad, w.grad, rtol=1e-4, atol=1e-9)
-    assert torch.allclose(gd.log_alpha.grad, la.grad, rtol=1e-4, atol=1e-9)
+    assert _close(gd.w.grad, w.grad) and _close(gd.log_alpha.grad, la.grad)
     assert float(gd.w.grad.abs().sum()) > 0 and float(gd.log_alpha.grad.abs().sum()) > 0
     if structured:
-        assert torch.allclose(gd.group_log_alpha.grad, lg.grad, rtol=1e-4, atol=1e-9)
+        assert _close(gd.group_log_alpha.grad, lg.grad)
     assert stats["expected_density"] == pytest.approx(expected_density(gate, la, lg, flat.sizes), rel=1e-5)
+
+
+def _close(got, want) -> bool:
+    """Equal up to float32 summation order: 1e-4 relative, and 1e-6 of the gradient's largest entry absolute (an
+    entry near zero is a difference of large terms, whose rounding no fixed atol bounds across CPUs)."""
+    return torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
 def test_deterministic_delta_uses_eval_gates(tiny_base):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from diffcli import checkpoint
 from diffcli.cli.app import app
 from diffcli.errors import InvalidValueError
-from diffcli.methods import REGISTRY, SHARED_OPTIONS, get_method
+from diffcli.methods import CATALOG, SHARED_OPTIONS, all_methods, get_method
 from diffcli.training import TrainOptions, partial_dir, train
 from tests.training_data import write_task
 
@@ -41,9 +41,10 @@ def _run(tmp_path, base, out: str, method: str, **kw):
 
 def test_every_method_says_what_it_does_and_owns_its_options():
     fields = set(TrainOptions.__dataclass_fields__)
-    assert set(REGISTRY) >= {"l0", *MASKS}
+    methods = all_methods()
+    assert list(methods) == list(CATALOG) and set(methods) >= {"l0", *MASKS, "swr", "basis"}
     owned = set(SHARED_OPTIONS)
-    for name, m in REGISTRY.items():
+    for name, m in methods.items():
         d = m.describe()
         assert d["name"] == name and all(d[k] for k in ("reparametrizes", "penalises", "fixed_phase", "to_diff"))
         assert set(m.options) <= fields and not set(m.options) & set(SHARED_OPTIONS)
@@ -51,6 +52,22 @@ def test_every_method_says_what_it_does_and_owns_its_options():
     assert owned == fields  # every option is shared or belongs to a method
     with pytest.raises(InvalidValueError, match="unknown --method 'lora'"):
         get_method("lora")
+
+
+def test_a_run_imports_its_own_methods_code_and_no_other_commands():
+    """What a benchmark run imports keys its cache: an l0 run must not depend on swr's, basis's or inspect's code."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from diffcli.cli.app import run; from diffcli.methods import get_method; "
+            "rc = run(['train', '--help']); get_method('l0'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('diffcli.methods.', 'diffcli.cli.cmd_'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = eval(out.strip().splitlines()[-1])
+    assert "diffcli.methods.l0" in loaded and "diffcli.cli.cmd_train" in loaded
+    assert not {"diffcli.methods.swr", "diffcli.methods.basis", "diffcli.methods.fixed_masks",
+                "diffcli.cli.cmd_inspect", "diffcli.cli.cmd_merge", "diffcli.cli.cmd_apply"} & set(loaded)
+    assert get_method("basis").name == "basis"  # asked for: imported then
 
 
 def test_an_option_of_another_method_is_refused_by_the_library():

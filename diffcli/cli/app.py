@@ -13,14 +13,15 @@ from diffcli import __version__
 from diffcli.cli._errors import EXIT_USAGE, classify
 from diffcli.cli.output import Output
 
-app = typer.Typer(
-    name="diffprune",
-    help="Learn, prune, pack, apply and inspect sparse task diffs of a frozen pretrained model.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+def _new_app() -> typer.Typer:
+    return typer.Typer(
+        name="diffprune",
+        help="Learn, prune, pack, apply and inspect sparse task diffs of a frozen pretrained model.",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
 
 
 def _version(value: bool) -> None:
@@ -29,7 +30,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
@@ -56,21 +56,43 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
-def _register() -> None:
-    """Attach every subcommand; their modules import torch only inside the command bodies."""
+def build(only: str | None = None) -> typer.Typer:
+    """The app with every subcommand, or with `only` that one (its module alone is imported: `diffprune train`
+    imports no other command's code). Command modules import torch only inside the command bodies."""
+    import importlib
+
     from diffcli.cli import commands
 
-    for name, fn in commands.COMMANDS:
-        app.command(name)(guarded(fn))
+    new = _new_app()
+    new.callback()(_root)
+    for name, module, attr in commands.COMMANDS:
+        if only is None or name == only:
+            new.command(name)(guarded(getattr(importlib.import_module(module), attr)))
+    return new
 
 
-_register()
+_full: typer.Typer | None = None
+
+
+def __getattr__(name: str):
+    """`app`: the app with every subcommand (tests, completion scripts), built on first use."""
+    global _full
+    if name == "app":
+        if _full is None:
+            _full = build()
+        return _full
+    raise AttributeError(name)
 
 
 def run(argv: list[str] | None = None) -> int:
     """Entry point that turns usage errors into one line as well; returns the exit code."""
+    from diffcli.cli.commands import names
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    # `diffprune CMD ...` builds CMD alone; anything else (root help, a typo, completion) the whole app
+    target = build(args[0]) if args and args[0] in names() else __getattr__("app")
     try:
-        rv = app(args=argv, prog_name="diffprune", standalone_mode=False)
+        rv = target(args=argv, prog_name="diffprune", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:

@@ -1,16 +1,16 @@
-"""Registry of subcommands, in the order `--help` lists them."""
-
-from diffcli.cli import cmd_apply, cmd_eval, cmd_inspect, cmd_merge, cmd_pack, cmd_prune, cmd_verify
-
-from diffcli.cli import cmd_train  # noqa: E402
+"""Registry of subcommands, in the order `--help` lists them: name, module, function (imported when built)."""
 
 COMMANDS = [
-    ("train", cmd_train.train),
-    ("prune", cmd_prune.prune),
-    ("pack", cmd_pack.pack),
-    ("verify", cmd_verify.verify),
-    ("inspect", cmd_inspect.inspect),
-    ("apply", cmd_apply.apply),
-    ("eval", cmd_eval.eval_),
-    ("merge", cmd_merge.merge),
+    ("train", "diffcli.cli.cmd_train", "train"),
+    ("prune", "diffcli.cli.cmd_prune", "prune"),
+    ("pack", "diffcli.cli.cmd_pack", "pack"),
+    ("verify", "diffcli.cli.cmd_verify", "verify"),
+    ("inspect", "diffcli.cli.cmd_inspect", "inspect"),
+    ("apply", "diffcli.cli.cmd_apply", "apply"),
+    ("eval", "diffcli.cli.cmd_eval", "eval_"),
+    ("merge", "diffcli.cli.cmd_merge", "merge"),
 ]
+
+
+def names() -> list[str]:
+    return [name for name, _, _ in COMMANDS]
