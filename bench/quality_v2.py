@@ -287,11 +287,16 @@ class Suite:
                 return True
             result.update(settings=s, code=self._used_code(run_dir, at_start, result.pop("imported", None),
                                                            self.is_diffprune(run.method)), finished=_now())
+            result.update(self.keep(run, result, run_dir))
             _write_json_atomic(self.store / f"{stem}.json", result)
             print(f"done: {stem}: score {result['score']:.2f}, {result['train_seconds'] / 60:.1f} min", flush=True)
             return True
         finally:
             lock.unlink(missing_ok=True)
+
+    def keep(self, run: Run, result: dict, run_dir: Path) -> dict:
+        """Files a later session needs from a finished run, copied beside the entries; what to add to its entry."""
+        return {}
 
     def _used_code(self, run_dir: Path, at_start: dict, imported: list | None, diffprune: bool) -> dict:
         """The files the run's process imported, plus (a diffprune run) the library modules this lane packed and

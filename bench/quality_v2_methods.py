@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import quality_v2 as q
@@ -110,12 +111,24 @@ class MethodsSuite(q.Suite):
                                                     lambda: {"bytes": lora_adapter_bytes(task, self.p)})["bytes"]}
         return self._sizes[key]["bytes"]
 
+    def keep(self, run: q.Run, result: dict, run_dir: Path) -> dict:
+        """A basis run's .diff, kept beside the entries: the runs sized to it read it as their template, in later
+        sessions too (the run folder is scratch; a basis file is ~22 kB)."""
+        if METHODS[run.method][1] is not None or not Path(result.get("diff_path", "")).is_file():
+            return {}
+        kept = self.store / "refs" / f"{run_dir.name}.diff"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result["diff_path"], kept)
+        return {"kept_diff": kept.relative_to(self.store).as_posix()}
+
     def size(self, task: str, method: str, target_bytes: int, ref: dict) -> dict:
         """The --sparsity (l0, basis+double) or --budget (swr) whose file fits target_bytes; memoised on disk."""
         key = (task, method, target_bytes, ref["finished"])
         if key not in self._sizes:
             name = f"size-{task}-{method}-{target_bytes}-{_digest(ref)}"
             template = ref["diff_path"]
+            if not Path(template).is_file() and ref.get("kept_diff"):  # another session's scratch: the kept copy
+                template = str(self.store / ref["kept_diff"])
             self._sizes[key] = self._memo(name, lambda: fit_size(Path(template), METHODS[method][0], method in DOUBLE,
                                                                   target_bytes))
         return self._sizes[key]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -441,6 +442,8 @@ def _methods_suite(tmp_path, monkeypatch, basis_bytes=7000, lora_bytes=9000):
 
     def fake(self, run, s, run_dir):
         executed.append((run.method, s))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "rte.diff").write_bytes(f"a {run.method} file".encode())
         size = basis_bytes if run.method == "basis" else s["target_bytes"] - 1
         return {"score": 50.0 + len(executed), "bytes": size, "train_seconds": 60.0, "peak_rss_bytes": 2e9,
                 "diff_path": str(run_dir / "rte.diff"), "nnz": 10, "params": 10}
@@ -490,6 +493,15 @@ def test_methods_table_runs_basis_first_then_sizes_every_run_to_its_target(tmp_p
     assert executed == [] and len(sized) == n
     fresh = mt.MethodsSuite(suite.p, suite.work)
     assert fresh.settings(q.Run("rte", "l0@lora", 1e-3, 42)) == s["l0@lora"] and len(sized) == n
+    # a later session: other scratch, same entries; a size not memoised yet is fitted to the kept basis file
+    kept = list((suite.store / "refs").glob("*.diff"))
+    assert [k.read_bytes() for k in kept] == [b"a basis file"]
+    shutil.rmtree(suite.work / "runs")
+    for memo in (suite.store / "sizes").glob("size-rte-swr@lora-*.json"):
+        memo.unlink()
+    later = mt.MethodsSuite(suite.p, tmp_path / "later-scratch", store=suite.store)
+    assert later.settings(q.Run("rte", "swr@lora", 1e-3, 42)) == s["swr@lora"]
+    assert sized[-1] == (kept[0].name, "swr", False, 9000)
 
 
 def test_methods_table_renders_with_missing_cells(tmp_path, monkeypatch):
