@@ -11,6 +11,7 @@ lanes share the work (lock files). The table is assembled from whatever is cache
     python bench/quality_v2.py                      # one lane of the full protocol (start several: they share)
     python bench/quality_v2.py --jobs 8             # cuda: 8 runs at a time
     python bench/quality_v2.py --hours 2.5          # a lane that starts no run it cannot finish within 2.5 h
+    bench/quality_lanes.sh 2 15:10                  # 2 such lanes, from a frozen worktree of HEAD, until 15:10
     python bench/quality_v2.py --report-only        # assemble bench/results/quality-v2.md/json from the cache
     python bench/quality_v2.py --quick --tasks rte  # smoke check: capped data, one seed, one lr per method
     python bench/quality_v2.py --table methods      # issue 10: l0, swr, basis at matched bytes (quality_v2_methods.py)
