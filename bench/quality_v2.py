@@ -211,13 +211,15 @@ class Suite:
 
     def stale_entries(self) -> int:
         """Cached runs (finished or failed) that no longer count: a file their run imported has changed since."""
-        n = 0
+        return sum(bool(self.code.stale(e.get("code"))) for e in self._stored())
+
+    def _stored(self):
+        """Every entry in the store (finished and failed runs), parsed; unreadable files are skipped."""
         for f in self.store.glob("*.json"):
             try:
-                n += bool(self.code.stale(json.loads(f.read_text()).get("code")))
+                yield json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
-        return n
 
     def _entry(self, path: Path) -> dict | None:
         """A cache entry, unless a file its run imported has changed since (then the run is due again)."""
@@ -380,15 +382,8 @@ class Suite:
 
     def finished_times(self) -> list[tuple[str, str, float]]:
         """(task, method, wall seconds) of every finished run that still counts."""
-        done = []
-        for f in self.store.glob("*.json"):
-            try:
-                e = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code")):
-                done.append((e.get("task"), e.get("method"), e["train_seconds"]))
-        return done
+        return [(e.get("task"), e.get("method"), e["train_seconds"]) for e in self._stored()
+                if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code"))]
 
     def expected_seconds(self, run: Run, done: list | None = None) -> float | None:
         """A run's likely wall time: the longest finished run of its task and method, else of its task, else any."""
@@ -407,15 +402,16 @@ class Suite:
         """
         stop_at = None if hours is None else time.time() + 3600 * hours
 
-        def fits(run: Run) -> bool:
-            expected = self.expected_seconds(run) if stop_at is not None else None
+        def fits(run: Run, done: list) -> bool:
+            expected = self.expected_seconds(run, done) if stop_at is not None else None
             return expected is None or time.time() + expected <= stop_at
 
         def worker() -> None:
             while True:
                 if stop_at is not None and time.time() >= stop_at:
                     return
-                ready = [r for r in self.plan() if fits(r)]
+                done = self.finished_times() if stop_at is not None else []  # read the store once per look
+                ready = [r for r in self.plan() if fits(r, done)]
                 took = any(self.run_one(r) for r in ready)
                 if took:
                     continue

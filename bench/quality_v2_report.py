@@ -59,7 +59,7 @@ def assemble(suite: Suite) -> dict:
                 progress["planned"] += len(p.grid(m)) + len(p.seeds) - 1
                 progress["finished"] += sum(v is not None for v in grid) + later.count("ok")
                 progress["failed"] += sum(v is None for v in grid) + later.count("failed")
-                left = len(p.grid(m)) + len(p.seeds) - 1 - sum(1 for _ in grid) - later.count("ok") - later.count("failed")
+                left = len(p.grid(m)) + len(p.seeds) - 1 - len(grid) - later.count("ok") - later.count("failed")
                 if left and left_seconds is not None:
                     est = suite.expected_seconds(Run(task, m, 0.0, 0), times)
                     left_seconds = None if est is None else left_seconds + left * est
