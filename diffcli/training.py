@@ -9,6 +9,7 @@ the fixed phase and the export are a `DiffPruner`'s (`diffcli.api`), the library
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import time
 from dataclasses import asdict
@@ -89,6 +90,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if interrupted is not None:
         check_resume_source(interrupted, task_data.spec.name, model, work)
 
+    if launched_world() > 1 and not _group_joined():  # ours to leave: a caller's own group stays theirs
+        atexit.register(_leave_group)
     dist, dev = init_dist(device)
     if not dist.main:
         rep = Reporter()
@@ -155,6 +158,20 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         }
     dist.barrier()
     return summary
+
+def _group_joined() -> bool:
+    import torch.distributed as td
+
+    return td.is_available() and td.is_initialized()
+
+
+def _leave_group() -> None:
+    """Destroy the process group at exit, while Python still runs: gloo's threads otherwise abort the rank (SIGABRT)."""
+    import torch.distributed as td
+
+    if td.is_initialized():
+        td.destroy_process_group()
+
 
 def method_options(opts: TrainOptions) -> dict[str, Any]:
     """The options the run's method takes, by name (recorded in the checkpoint and the summary)."""

@@ -19,9 +19,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                          ids=["gates", "fisher-fill"])
 def test_torchrun_two_processes_write_one_complete_checkpoint(tmp_path, tiny_base, extra):
     train, dev = write_task(tmp_path / "data", n_train=64)
-    out = tmp_path / "ckpt"
+    out, exits = tmp_path / "ckpt", tmp_path / "exits"
+    exits.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffcli", "train", "--train-file", str(train), "--validation-file", str(dev),
+           os.path.join(REPO, "tests", "ddp_exit_probe.py"), str(exits),  # `diffprune` itself, plus an exit record
+           "train", "--train-file", str(train), "--validation-file", str(dev),
            "--model", str(tiny_base), "--epochs", "1", "--fixmask-epochs", "1", "--batch-size", "8",
            "--sparsity", "2%", "--lr", "1e-3", "--device", "cpu", "-o", str(out), "--json", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -34,8 +36,10 @@ def test_torchrun_two_processes_write_one_complete_checkpoint(tmp_path, tiny_bas
     assert diff.meta["world_size"] == 2
     assert sorted(diff.extras) == ["classifier.bias", "classifier.weight"]
     # one writer: no second checkpoint, no leftover work folder or temporary folder next to the output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ckpt", "data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ckpt", "data", "exits"]
     assert sorted(p.name for p in out.iterdir()) == ["diff.safetensors", "diffprune.json"]
+    # each rank left its process group before Python's teardown (else gloo's threads may abort it: SIGABRT)
+    assert [json.loads((exits / f"rank-{r}.json").read_text()) for r in (0, 1)] == [{"joined_at_exit": False}] * 2
     proj = summary["after_projection"]
     if extra:  # the gates start shut: the Fisher, summed over both ranks' batches, supplies the mask
         assert proj["fill"] == "fisher" and proj["filled"] > 0
