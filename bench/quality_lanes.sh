@@ -23,7 +23,11 @@ py=${PYTHON:-$repo/.venv/bin/python}
 hours=$("$py" -c "import sys, time; h = ($until_s - time.time()) / 3600; print(f'{h:.2f}') if h > 0 else sys.exit(1)") \
   || { echo "error: $(date -d "@$until_s") has passed" >&2; exit 2; }
 table=quality
-for a in "$@"; do [ "$a" = methods ] && table=methods; done
+data=(--data-dir "${GLUE_DIR:-$(cd "$repo/.." && pwd)/shared/glue}")  # the worktree's own ../shared is not there
+for a in "$@"; do
+  [ "$a" = methods ] && table=methods
+  [ "$a" = --data-dir ] && data=()
+done
 commit=$(git -C "$repo" rev-parse --short HEAD)
 tree=$repo/bench/work/tree-$commit
 if [ ! -d "$tree" ]; then
@@ -31,7 +35,7 @@ if [ ! -d "$tree" ]; then
 fi
 for i in $(seq 1 "$lanes"); do
   (cd "$tree" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup "$py" bench/quality_v2.py --no-report --hours "$hours" \
-      --store-dir "$repo/bench/results/$table-v2-runs" --work-dir "$repo/bench/work/v2" "$@" \
+      --store-dir "$repo/bench/results/$table-v2-runs" --work-dir "$repo/bench/work/v2" "${data[@]}" "$@" \
       >"$repo/bench/work/lane-$i.log" 2>&1 &)
   sleep 5  # the lanes claim runs one after another
 done
