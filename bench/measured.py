@@ -3,13 +3,16 @@
     python bench/measured.py USAGE.json -m diffcli train ...
     python bench/measured.py USAGE.json bench/baselines.py full rte ...
 
-USAGE.json gets the process's peak RSS (bytes), torch's peak allocated memory when the run used cuda, and the
-repository files the run imported (`imported`, which keys its cache entry: code_record.py). The exit status is passed on.
+USAGE.json gets the process's peak RSS (bytes), torch's peak allocated memory when the run used cuda, the machine it
+ran on (train times compare only within one machine), and the repository files the run imported (`imported`, which
+keys its cache entry: code_record.py). The exit status is passed on.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 import runpy
 import sys
@@ -26,8 +29,32 @@ def usage(entry: str | None = None) -> dict:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_allocated"] = int(torch.cuda.max_memory_allocated())
+    out["machine"] = machine(torch)
     out["imported"] = code_record.imported(REPO, extra=(entry,) if entry else ())
     return out
+
+
+def machine(torch=None) -> dict:
+    """The CPU (model name and family/model/stepping from /proc/cpuinfo), cores, threads and GPU of this process."""
+    cpu: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "stepping") and key not in cpu:
+                    cpu[key] = value.strip()
+                elif not line.strip() and cpu:
+                    break
+    except OSError:
+        pass
+    name = cpu.get("model name") or platform.processor() or platform.machine()
+    ident = "/".join(cpu[k] for k in ("cpu family", "model", "stepping") if k in cpu)
+    gpu = None
+    if torch is not None and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    return {"cpu": f"{name} (family/model/stepping {ident})" if ident else name, "cores": os.cpu_count(),
+            "threads": torch.get_num_threads() if torch is not None else None, "gpu": gpu}
 
 
 def entry_file(rest: list[str]) -> str | None:

@@ -351,7 +351,7 @@ class Suite:
             result = {k: v for k, v in out.items() if k not in ("settings",)}
         result.update(method=run.method, task=run.task, train_seconds=seconds, resumed=resumed,
                       peak_rss_bytes=mem.get("peak_rss_bytes"), cuda_peak_allocated=mem.get("cuda_peak_allocated"),
-                      imported=mem.get("imported"),
+                      machine=mem.get("machine"), imported=mem.get("imported"),
                       command=" ".join(shlex.quote(c) for c in ["python"] + cmd[1:]))
         return result
 

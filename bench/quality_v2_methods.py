@@ -316,15 +316,16 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
           "Scores: GLUE metric ×100 (rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, "
           "cola Matthews). Floors (most frequent train label; stsb the mean): "
           + ", ".join(f"{t} {v:.2f}" for t, v in doc["majority"].items() if v is not None) + ".", ""]
+    letters = report.machine_letters(doc)
     L += ["## Bytes and cost (first seed, at the chosen lr)", "",
           "| task | method | lr | target bytes | size setting | stored bytes | stored params | score | best epoch "
-          "| train time | peak memory | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| train time | machine | peak memory | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         for m in methods:
             c = cells[t][m][str(p.seeds[0])]
             r = c["result"]
             if r is None:
-                L.append(f"| {t} | {LABELS[m]} | | | | | | | | | | {c['status']} |")
+                L.append(f"| {t} | {LABELS[m]} | | | | | | | | | | | {c['status']} |")
                 continue
             s = r["settings"]
             setting = (f"--budget {s['budget']}" if s.get("budget") is not None
@@ -338,7 +339,9 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
                             + (f", over by {r['bytes'] - s['target_bytes']} B" if r["bytes"] > s["target_bytes"] else ""))
             L.append(f"| {t} | {LABELS[m]} | {s['lr']:g} | {rules.fmt_bytes(s.get('target_bytes'))} | {setting} | "
                      f"{r['bytes']:,} B | {r.get('params', r.get('nnz'))} | {r['score']:.2f} | {r.get('best_epoch')} | "
-                     f"{r['train_seconds'] / 60:.1f} min | {rules.fmt_bytes(mem)} | {'; '.join(note)} |")
+                     f"{r['train_seconds'] / 60:.1f} min | {letters[r.get('machine')]} | {rules.fmt_bytes(mem)} | "
+                     f"{'; '.join(note)} |")
+    L += [""] + report.machine_legend(letters)
     L += report.tuning(p, table, LABELS, suite.available)
     failed = [(t, m, suite.failed(q.Run(t, m, lr, p.seeds[0]))) for t in tasks for m in methods for lr in p.grid(m)]
     failed = [(t, m, f) for t, m, f in failed if f]

@@ -50,6 +50,7 @@ def assemble(suite: Suite) -> dict:
                               "train_seconds": _avg([r.get("train_seconds") for r in runs]),
                               "peak_rss_bytes": _max([r.get("peak_rss_bytes") for r in runs]),
                               "cuda_peak_allocated": _max([r.get("cuda_peak_allocated") for r in runs]),
+                              "machines": sorted({machine_text(r.get("machine")) for r in runs}, key=str),
                               "status": sorted({st for _, st in got.values() if st != "ok"})}
             for seed, (r, _) in got.items():
                 per_seed_scores[seed].setdefault(task, {})[m] = r["score"] if r else None
@@ -79,10 +80,40 @@ def _brief(r: dict | None) -> dict | None:
             "device", "density", "nnz", "params", "trimmed", "lora_rank", "score_before_fp16", "l0_density_path", "metrics", "command",
             "settings", "finished")
     out = {k: r[k] for k in keep if k in r}
+    out["machine"] = machine_text(r.get("machine"))
     out["code"] = code_record.digest_of(r.get("code"))  # the full record (file: hash) stays in the cache entry
     if "command" in out:  # paths relative to the repository (whichever checkout ran it), as a reader would type them
         out["command"] = re.sub(r"(?<!\S)/\S*?/(bench|diffcli)/", r"\1/", out["command"].replace(f"{REPO}/", ""))
     return out
+
+
+def machine_text(m: dict | None) -> str | None:
+    """A run's machine in one phrase (None: the entry predates recording it)."""
+    if not m:
+        return None
+    return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('threads')} thread(s), "
+            + (m["gpu"] if m.get("gpu") else "no GPU"))
+
+
+def machine_letters(doc: dict) -> dict:
+    """A letter per machine the table's runs ran on, in order of each one's first finished run; '?' for none."""
+    runs = sorted((c["result"] for by_m in doc["cells"].values() for by_seed in by_m.values()
+                   for c in by_seed.values() if c["result"] is not None), key=lambda r: r.get("finished") or "")
+    letters: dict = {}
+    for r in runs:
+        text = r.get("machine")
+        if text not in letters:
+            letters[text] = "?" if text is None else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[sum(k is not None for k in letters)]
+    return letters
+
+
+def machine_legend(letters: dict) -> list[str]:
+    """The legend of machine_letters, and why train times compare only within one letter."""
+    lines = [f"- {letter}: {text}" for text, letter in letters.items() if text is not None]
+    if None in letters:
+        lines.append("- ?: not recorded (entries finished before runs recorded their machine, 2026-12-02)")
+    return ["Machines (train times compare only between runs on the same machine; memory and bytes do not depend "
+            "on it):", ""] + lines + [""]
 
 
 def _avg(xs):
@@ -209,8 +240,9 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
     L += ["| **average** | | " + " | ".join(averages(table, tasks, methods)) + " |", "",
           "`metric floor`: always predicting the most frequent train label (stsb: the mean). Scores: GLUE metric ×100 "
           "(rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, cola Matthews).", ""]
+    letters = machine_letters(doc)
     L += ["## Bytes and cost (per run, at the chosen lr; mean over seeds, memory the maximum)", "",
-          "| task | method | lr | stored bytes | train time | peak memory |", "|---|---|---|---|---|---|"]
+          "| task | method | lr | stored bytes | train time | machine | peak memory |", "|---|---|---|---|---|---|---|"]
     for t in tasks:
         for m in methods:
             c = table[t][m]
@@ -219,8 +251,10 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
             mem = c["cuda_peak_allocated"] or c["peak_rss_bytes"]
             kind = "cuda alloc" if c["cuda_peak_allocated"] else "RSS"
             L.append(f"| {t} | {LABELS[m]} | {c['lr']:g} | {rules.fmt_bytes(c['bytes'])} | "
-                     f"{(c['train_seconds'] or 0) / 60:.1f} min | {rules.fmt_bytes(mem)} {kind} |")
+                     f"{(c['train_seconds'] or 0) / 60:.1f} min | {', '.join(letters[x] for x in c['machines'])} | "
+                     f"{rules.fmt_bytes(mem)} {kind} |")
     L.append("")
+    L += machine_legend(letters)
     # targets
     L += ["## Targets (issue 11)", "", "| target | on the means | seeds passing |", "|---|---|---|"]
     for key, text in rules.TARGETS:
@@ -234,19 +268,19 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
         f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in cm.items()), ""]
     # per seed
     L += ["## Per seed", "", "Best epoch of diffprune: the fixed-mask epoch (0: the projected diff before it).", "",
-          "| task | method | seed | lr | score | best epoch | bytes | train time | status |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| task | method | seed | lr | score | best epoch | bytes | train time | machine | status |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         for m in methods:
             for seed, c in doc["cells"][t][m].items():
                 r = c["result"]
                 if r is None:
-                    L.append(f"| {t} | {LABELS[m]} | {seed} | | | | | | {c['status']} |")
+                    L.append(f"| {t} | {LABELS[m]} | {seed} | | | | | | | {c['status']} |")
                 else:
                     L.append(f"| {t} | {LABELS[m]} | {seed} | {r['settings']['lr']:g} | {r['score']:.2f} | "
                              f"{r.get('best_epoch')} | {rules.fmt_bytes(r.get('bytes'))} | "
                              f"{r['train_seconds'] / 60:.1f} min{' (resumed: last part only)' if r.get('resumed') else ''}"
-                             " | ok |")
+                             f" | {letters[r.get('machine')]} | ok |")
     L += tuning(p, table, LABELS, suite.available)
     L += ["", "## L0 phase: density path (expected / deterministic-gate density after each L0 epoch)", ""]
     for t in tasks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -144,6 +145,7 @@ def test_quick_protocol_runs_every_kind_and_reports_missing_cells(tmp_path: Path
         r = c["result"]
         assert 0.0 <= r["score"] <= 100.0 and r["bytes"] > 0 and r["train_seconds"] > 0, m
         assert r["peak_rss_bytes"] > 0, m
+        assert ", 1 thread(s), " in r["machine"], (m, r["machine"])  # OMP_NUM_THREADS=1 reached the run
     cells = {m: doc["cells"]["rte"][m]["42"]["result"] for m in ("full", "bitfit", "head", "lora-all", "dp-l0")}
     # bytes are file sizes: the head < BitFit < full; LoRA all-linear fits in the .diff's bytes
     assert cells["head"]["bytes"] < cells["bitfit"]["bytes"] < cells["full"]["bytes"]
@@ -362,13 +364,31 @@ def test_measured_records_the_repository_files_a_run_imported(tmp_path):
     script.write_text("import diffcli.metrics\n")
     subprocess.run([sys.executable, str(REPO / "bench" / "measured.py"), str(usage), str(script)], check=True,
                    cwd=REPO)
-    got = json.loads(usage.read_text())["imported"]
+    written = json.loads(usage.read_text())
+    got = written["imported"]
     assert "diffcli/metrics.py" in got and "diffcli/__init__.py" in got
+    assert written["machine"]["cores"] == os.cpu_count() and written["machine"]["cpu"]
     assert "diffcli/artifact.py" not in got and "bench/measured.py" not in got
     subprocess.run([sys.executable, str(REPO / "bench" / "measured.py"), str(usage), "-m", "diffcli", "--help"],
                    check=True, cwd=REPO, capture_output=True)
     got = json.loads(usage.read_text())["imported"]
     assert "diffcli/__main__.py" in got and "diffcli/cli/app.py" in got
+
+
+def test_report_letters_each_machine_and_marks_entries_without_one():
+    """Train times from two machines must not read as one comparison: each run's row names its machine."""
+    report = _load("quality_v2_report")
+    fast = {"cpu": "CPU X", "cores": 2, "threads": 1, "gpu": None}
+    slow = dict(fast, cpu="CPU Y")
+    runs = {"a": {"finished": "2026-01-02", "machine": fast}, "b": {"finished": "2026-01-01"},
+            "c": {"finished": "2026-01-03", "machine": slow}, "d": {"finished": "2026-01-04", "machine": dict(fast)}}
+    doc = {"cells": {"rte": {m: {"42": {"status": "ok", "result": report._brief(r)}} for m, r in runs.items()}}}
+    letters = report.machine_letters(doc)
+    assert letters == {None: "?", report.machine_text(fast): "A", report.machine_text(slow): "B"}
+    legend = "\n".join(report.machine_legend(letters))
+    assert "- A: CPU X, 2 cores, 1 thread(s), no GPU" in legend and "- B: CPU Y" in legend
+    assert "- ?: not recorded" in legend
+    assert "?: not recorded" not in "\n".join(report.machine_legend({report.machine_text(fast): "A"}))
 
 
 def test_measured_runs_the_checkouts_own_code_not_another_copy_on_the_path(tmp_path):
