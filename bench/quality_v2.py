@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import code_record  # noqa: E402
+import measured  # noqa: E402
 import quality_v2_rules as rules  # noqa: E402
 from run_cache import claim  # noqa: E402
 from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
@@ -147,6 +149,21 @@ def trainer_methods() -> set[str]:
         _help_text = proc.stdout
     line = next((ln for ln in _help_text.splitlines() if "--method " in ln), "")  # one line at COLUMNS=400
     return {"l0"} | {m for m in (*DIFFPRUNE.values(), "swr", "basis") if m in line}
+
+
+def _machine_key(m: dict | None) -> tuple | None:
+    """What makes two runs' times comparable: the CPU, its cores and the GPU (threads are one per lane)."""
+    return None if not m else (m.get("cpu"), m.get("cores"), m.get("gpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _this_machine() -> tuple | None:
+    """_machine_key of the machine this process runs on (its GPU too, when torch sees one)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    return _machine_key(measured.machine(torch))
 
 
 class Suite:
@@ -380,18 +397,22 @@ class Suite:
                 "train_summary": {k: summary.get(k) for k in ("after_l0", "after_projection", "after_fixmask",
                                                               "epochs", "seconds")}}
 
-    def finished_times(self) -> list[tuple[str, str, float]]:
-        """(task, method, wall seconds) of every finished run that still counts."""
-        return [(e.get("task"), e.get("method"), e["train_seconds"]) for e in self._stored()
+    def finished_times(self) -> list[tuple[str, str, float, bool]]:
+        """(task, method, wall seconds, ran on this machine) of every finished run that still counts."""
+        here = _this_machine()
+        return [(e.get("task"), e.get("method"), e["train_seconds"], _machine_key(e.get("machine")) == here)
+                for e in self._stored()
                 if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code"))]
 
     def expected_seconds(self, run: Run, done: list | None = None) -> float | None:
-        """A run's likely wall time: the longest finished run of its task and method, else of its task, else any."""
+        """A run's likely wall time: the longest finished run of its task and method on this machine, else on any
+        machine (machines differ ~3x in speed), else the same for its task, else any run's."""
         done = self.finished_times() if done is None else done
         for same in (lambda t, m: t == run.task and m == run.method, lambda t, m: t == run.task, lambda t, m: True):
-            times = [sec for t, m, sec in done if same(t, m)]
-            if times:
-                return max(times)
+            for mine in (True, False):
+                times = [sec for t, m, sec, here in done if same(t, m) and (here or not mine)]
+                if times:
+                    return max(times)
         return None
 
     def lane(self, jobs: int = 1, wait_s: float = 30.0, hours: float | None = None) -> None:

@@ -170,7 +170,8 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                 + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since, so "
                    "they run again" if doc["progress"].get("stale") else "")
                 + (f"; the runs left need about {doc['progress']['hours_left']:g} hours of one lane at the run times "
-                   "measured so far (each task and method's longest run; the task's longest where it has none)"
+                   "measured so far (each task and method's longest run on this machine, else on any; the task's "
+                   "longest where it has none)"
                    if doc["progress"].get("hours_left") else "") + ".", "",
                 f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",

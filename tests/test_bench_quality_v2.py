@@ -255,6 +255,26 @@ def test_a_lane_with_hours_takes_only_runs_expected_to_end_in_time(tmp_path, mon
     assert len(executed) == 3 * (3 + 2)
 
 
+def test_a_lane_judges_a_runs_time_by_this_machine_first(tmp_path, monkeypatch):
+    """A run measured on a 3x slower machine must not keep a lane here from a run that fits (nor a fast one elsewhere
+    make it start one that does not)."""
+    q, _report, suite, _executed = _fake_suite(tmp_path, monkeypatch)
+    here = {"cpu": "CPU H", "cores": 2, "gpu": None}
+    monkeypatch.setattr(q, "_this_machine", lambda: q._machine_key(here))
+    entries = [{"task": "rte", "method": "full", "train_seconds": 4800.0, "machine": dict(here, cpu="CPU S")},
+               {"task": "rte", "method": "full", "train_seconds": 1500.0, "machine": dict(here, threads=1)},
+               {"task": "rte", "method": "bitfit", "train_seconds": 2500.0},
+               {"task": "mrpc", "method": "head", "train_seconds": 900.0, "machine": here}]
+    monkeypatch.setattr(q.Suite, "_stored", lambda self: entries)
+    monkeypatch.setattr(suite.code, "stale", lambda code: False)  # these fake entries name no code
+    assert suite.expected_seconds(q.Run("rte", "full", 1e-4, 42)) == 1500.0      # here, not the slow machine's
+    assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) == 2500.0    # none here: any machine's
+    assert suite.expected_seconds(q.Run("rte", "head", 1e-3, 42)) == 1500.0      # the task's, here first
+    assert suite.expected_seconds(q.Run("stsb", "head", 1e-3, 42)) == 1500.0     # the longest run here
+    entries[1]["machine"] = dict(here, cpu="CPU F")
+    assert suite.expected_seconds(q.Run("rte", "full", 1e-4, 42)) == 4800.0      # nothing here: the longest
+
+
 def test_a_runs_command_is_shown_relative_to_the_checkout_that_ran_it():
     report = _load("quality_v2_report")
     cmd = ("python /work/wt-x/bench/measured.py /work/wt-x/bench/work/v2/full/runs/r/usage.json -m diffcli train "
