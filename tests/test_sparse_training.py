@@ -93,7 +93,12 @@ def test_sparse_adamw_gives_the_delta_of_dense_adamw_on_a_masked_diff(tiny_base,
     for n in tm.gated:
         idx, vals = got[n]
         ref = want_delta[n].detach().reshape(-1)
-        assert torch.allclose(vals, ref[idx], rtol=1e-4, atol=1e-7), n
+        if n.endswith("attention.self.key.bias"):
+            # softmax is shift-invariant, so this gradient is 0 in exact arithmetic and both runs step on rounding
+            # noise (CI saw 1.2e-7 against 2.6e-8 on one core): both must stay at that noise, far below a real step
+            assert vals.abs().max() < 1e-6 and ref.abs().max() < 1e-6, n
+        else:
+            assert torch.allclose(vals, ref[idx], rtol=1e-4, atol=1e-7), n
         outside = torch.ones(ref.numel(), dtype=torch.bool)
         outside[idx] = False
         assert not ref[outside].any()  # the reference never moves an entry outside the mask
