@@ -174,6 +174,7 @@ class Suite:
         self.work = work  # run folders (checkpoints, logs) and locks: this machine's scratch
         self.store = Path(store) if store is not None else work  # finished and failed runs' entries
         self.code = code_record.Snapshot(code_root)
+        self._task_work: dict | None = None  # task_work(), read or measured when first needed
 
     # -------------------------------------------------------------------------------- settings and cache
     def settings(self, run: Run) -> dict | None:
@@ -404,16 +405,71 @@ class Suite:
                 for e in self._stored()
                 if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code"))]
 
-    def expected_seconds(self, run: Run, done: list | None = None) -> float | None:
-        """A run's likely wall time: the longest finished run of its task and method on this machine, else on any
-        machine (machines differ ~3x in speed), else the same for its task, else any run's."""
+    def task_work(self) -> dict[str, dict]:
+        """Each task's epoch in optimizer steps and padded tokens (bench/task_work.py, run once in its own process
+        so this lane imports nothing it would record; kept in the work folder); {} when the data is not at hand."""
+        if self._task_work is None:
+            p = self.p
+            key = {"data_dir": str(Path(p.data_dir).resolve()) if p.data_dir else "", "model": p.model,
+                   "max_seq_length": p.max_seq_length, "batch_size": p.batch_size, "tasks": sorted(p.tasks),
+                   "max_train_samples": p.max_train_samples, "max_eval_samples": p.max_eval_samples}
+            path = self.work / "task-work.json"
+            try:
+                kept = json.loads(path.read_text())
+            except (OSError, ValueError):
+                kept = {}
+            if kept.get("key") == key:
+                self._task_work = kept["work"]
+            elif not p.data_dir or not Path(p.data_dir).is_dir():
+                self._task_work = {}
+            else:
+                cmd = [sys.executable, str(REPO / "bench" / "task_work.py"), *p.tasks, "--data-dir", p.data_dir,
+                       "--model", p.model, "--max-seq-length", str(p.max_seq_length),
+                       "--batch-size", str(p.batch_size)]
+                cmd += ["--max-train-samples", str(p.max_train_samples)] if p.max_train_samples else []
+                cmd += ["--max-eval-samples", str(p.max_eval_samples)] if p.max_eval_samples else []
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                try:
+                    self._task_work = json.loads(proc.stdout) if proc.returncode == 0 else {}
+                except ValueError:
+                    self._task_work = {}
+                if self._task_work:
+                    self.work.mkdir(parents=True, exist_ok=True)
+                    _write_json_atomic(path, {"key": key, "work": self._task_work})
+        return self._task_work
+
+    def scale(self, src: str, dst: str) -> tuple[float, float]:
+        """(low, high) factor from a run time on task src to one on dst: the ratios of their steps and of their
+        padded tokens per epoch (task_work.py: a time that is a positive mix of the two lies between them); (1, 1)
+        for the same task or without figures."""
+        if src == dst:
+            return 1.0, 1.0
+        work = self.task_work()
+        a, b = work.get(src), work.get(dst)
+        if not a or not b or not a.get("steps") or not a.get("tokens"):
+            return 1.0, 1.0
+        ratios = (b["steps"] / a["steps"], b["tokens"] / a["tokens"])
+        return min(ratios), max(ratios)
+
+    def expected_range(self, run: Run, done: list | None = None) -> tuple[float, float] | None:
+        """A run's likely wall time, (low, high): the longest finished run of its task and method, else of its
+        method on other tasks (scaled by `scale`), else of its task, else any run (scaled); at each step a run on
+        this machine first, else on any machine (machines differ ~3x in speed)."""
         done = self.finished_times() if done is None else done
-        for same in (lambda t, m: t == run.task and m == run.method, lambda t, m: t == run.task, lambda t, m: True):
+        levels = (lambda t, m: t == run.task and m == run.method, lambda t, m: m == run.method,
+                  lambda t, m: t == run.task, lambda t, m: True)
+        for same in levels:
             for mine in (True, False):
-                times = [sec for t, m, sec, here in done if same(t, m) and (here or not mine)]
+                times = [(sec, t) for t, m, sec, here in done if same(t, m) and (here or not mine)]
                 if times:
-                    return max(times)
+                    scaled = [(sec * lo, sec * hi) for sec, t in times for lo, hi in [self.scale(t, run.task)]]
+                    return max(lo for lo, _ in scaled), max(hi for _, hi in scaled)
         return None
+
+    def expected_seconds(self, run: Run, done: list | None = None) -> float | None:
+        """The high end of `expected_range`: a lane that trusts it does not start a run it cannot finish."""
+        got = self.expected_range(run, done)
+        return None if got is None else got[1]
 
     def lane(self, jobs: int = 1, wait_s: float = 30.0, hours: float | None = None) -> None:
         """Take ready runs until none is left; wait while other lanes hold runs that later ones depend on.

@@ -36,7 +36,7 @@ def assemble(suite: Suite) -> dict:
     p = suite.p
     cells, table, per_seed_scores = {}, {}, {s: {} for s in p.seeds}
     progress = {"finished": 0, "failed": 0, "planned": 0}
-    times, left_seconds = suite.finished_times(), 0.0
+    times, left_seconds = suite.finished_times(), (0.0, 0.0)  # (low, high) seconds of the runs left
     for task in p.tasks:
         cells[task], table[task] = {}, {}
         for m in p.methods:
@@ -62,15 +62,23 @@ def assemble(suite: Suite) -> dict:
                 progress["failed"] += sum(v is None for v in grid) + later.count("failed")
                 left = len(p.grid(m)) + len(p.seeds) - 1 - len(grid) - later.count("ok") - later.count("failed")
                 if left and left_seconds is not None:
-                    est = suite.expected_seconds(Run(task, m, 0.0, 0), times)
-                    left_seconds = None if est is None else left_seconds + left * est
-    progress["hours_left"] = None if left_seconds is None else round(left_seconds / 3600, 1)
+                    est = suite.expected_range(Run(task, m, 0.0, 0), times)
+                    left_seconds = None if est is None else (left_seconds[0] + left * est[0],
+                                                             left_seconds[1] + left * est[1])
+    progress["hours_left"] = None if left_seconds is None else round(left_seconds[1] / 3600, 1)
+    progress["hours_left_low"] = None if left_seconds is None else round(left_seconds[0] / 3600, 1)
     progress["stale"] = suite.stale_entries()
     means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
     per_seed = {seed: rules.verdicts(sc, p.tasks) for seed, sc in per_seed_scores.items()}
     return {"progress": progress, "table": table, "cells": cells, "per_seed_verdicts": {str(k): v for k, v in per_seed.items()},
             "pass_counts": rules.pass_counts(per_seed), "verdicts_on_means": rules.verdicts(means, p.tasks),
             "cheaper_masks_vs_l0": rules.cheaper_masks(means, p.tasks)}
+
+
+def _hours_left(progress: dict) -> str:
+    """'40–70' (a range where tasks are estimated from others), or '55'."""
+    lo, hi = progress.get("hours_left_low"), progress["hours_left"]
+    return f"{hi:g}" if lo is None or lo == hi else f"{lo:g}–{hi:g}"
 
 
 def _brief(r: dict | None) -> dict | None:
@@ -169,9 +177,11 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                 f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted)"
                 + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since, so "
                    "they run again" if doc["progress"].get("stale") else "")
-                + (f"; the runs left need about {doc['progress']['hours_left']:g} hours of one lane at the run times "
-                   "measured so far (each task and method's longest run on this machine, else on any; the task's "
-                   "longest where it has none)"
+                + (f"; the runs left need about {_hours_left(doc['progress'])} hours of one lane at the run times "
+                   "measured so far (each task and method's longest run on this machine, else on any; where a task "
+                   "has none, the method's runs on other tasks scaled by the ratios of their training steps and of "
+                   "their padded tokens per epoch, the smaller ratio giving the low end and the larger the high end "
+                   "(bench/task_work.py); else the task's longest run)"
                    if doc["progress"].get("hours_left") else "") + ".", "",
                 f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",

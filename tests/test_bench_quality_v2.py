@@ -215,7 +215,7 @@ def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_
     assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
     assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
     assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0,
-                               "hours_left": 0.0}
+                               "hours_left": 0.0, "hours_left_low": 0.0}
     executed.clear()
     suite.lane(wait_s=0)  # everything cached: nothing runs again
     assert executed == []
@@ -267,12 +267,59 @@ def test_a_lane_judges_a_runs_time_by_this_machine_first(tmp_path, monkeypatch):
                {"task": "mrpc", "method": "head", "train_seconds": 900.0, "machine": here}]
     monkeypatch.setattr(q.Suite, "_stored", lambda self: entries)
     monkeypatch.setattr(suite.code, "stale", lambda code: False)  # these fake entries name no code
+    suite._task_work = {}  # no figures to scale other tasks' runs by: they count as they are
     assert suite.expected_seconds(q.Run("rte", "full", 1e-4, 42)) == 1500.0      # here, not the slow machine's
     assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) == 2500.0    # none here: any machine's
-    assert suite.expected_seconds(q.Run("rte", "head", 1e-3, 42)) == 1500.0      # the task's, here first
-    assert suite.expected_seconds(q.Run("stsb", "head", 1e-3, 42)) == 1500.0     # the longest run here
+    assert suite.expected_seconds(q.Run("rte", "lora-qv", 1e-3, 42)) == 1500.0   # the task's, here first
+    assert suite.expected_seconds(q.Run("rte", "head", 1e-3, 42)) == 900.0       # the method's on another task
+    assert suite.expected_seconds(q.Run("stsb", "full", 1e-3, 42)) == 1500.0     # the method's, here
     entries[1]["machine"] = dict(here, cpu="CPU F")
     assert suite.expected_seconds(q.Run("rte", "full", 1e-4, 42)) == 4800.0      # nothing here: the longest
+
+
+def test_a_task_without_runs_is_estimated_from_other_tasks_scaled_by_steps_and_tokens(tmp_path, monkeypatch):
+    """MRPC's first run must not be judged by RTE's time as it is (MRPC has 1.5x RTE's steps): the estimate is the
+    range between the step and the token ratios, the lane goes by its high end, the report shows both."""
+    q, report, suite, _executed = _fake_suite(tmp_path, monkeypatch)
+    here = {"cpu": "CPU H", "cores": 2, "gpu": None}
+    monkeypatch.setattr(q, "_this_machine", lambda: q._machine_key(here))
+    suite._task_work = {"rte": {"steps": 100, "tokens": 1000}, "mrpc": {"steps": 150, "tokens": 900},
+                        "cola": {"steps": 300, "tokens": 600}}
+    entries = [{"task": "rte", "method": "full", "train_seconds": 1000.0, "machine": here},
+               {"task": "rte", "method": "head", "train_seconds": 400.0, "machine": here}]
+    monkeypatch.setattr(q.Suite, "_stored", lambda self: entries)
+    monkeypatch.setattr(suite.code, "stale", lambda code: False)
+    assert suite.scale("rte", "mrpc") == (0.9, 1.5) and suite.scale("mrpc", "mrpc") == (1.0, 1.0)
+    assert suite.expected_range(q.Run("mrpc", "full", 1e-4, 42)) == (900.0, 1500.0)
+    assert suite.expected_seconds(q.Run("cola", "head", 1e-4, 42)) == 1200.0     # 400 s x 3 (steps)
+    assert suite.expected_range(q.Run("cola", "bitfit", 1e-4, 42)) == (600.0, 3000.0)  # any run: the longest
+    assert suite.expected_range(q.Run("rte", "bitfit", 1e-4, 42)) == (1000.0, 1000.0)  # its task's: as it is
+    assert suite.scale("rte", "stsb") == (1.0, 1.0)  # no figures for a task: unscaled
+    suite.p.tasks = ["rte", "mrpc"]
+    doc = report.assemble(suite)
+    assert doc["progress"]["hours_left_low"] < doc["progress"]["hours_left"]
+    assert report._hours_left(doc["progress"]) == (f"{doc['progress']['hours_left_low']:g}–"
+                                                   f"{doc['progress']['hours_left']:g}")
+
+
+def test_task_work_counts_steps_and_the_tokens_of_randomly_padded_batches(tmp_path):
+    """Dynamic padding of random batches computes on each batch's longest example; backward counts twice."""
+    tw = _load("task_work")
+    assert tw.padded_tokens([5] * 64, 32) == 5 * 64
+    assert tw.padded_tokens([1] * 31 + [100], 32) == 100 * 32       # one long example pads its whole batch
+    mixed = [1] * 32 + [100] * 32
+    assert 32 * 100 < tw.padded_tokens(mixed, 32) <= 64 * 100        # shuffled: both batches hold a long one
+    assert tw.epoch_work([10] * 33, [4, 6], 32) == {"train_examples": 33, "steps": 2, "tokens": 3 * 330 + 10}
+
+
+def test_task_work_measures_a_real_glue_folder_and_leaves_out_a_task_without_data(tiny_base):
+    from diffcli import example_data
+
+    tw = _load("task_work")
+    work = tw.measure(["rte", "mrpc"], str(example_data.ROOT), str(tiny_base), 128, 32)
+    assert set(work) == {"rte"}  # the bundled example set has RTE only
+    assert work["rte"]["train_examples"] == 300 and work["rte"]["steps"] == 10
+    assert work["rte"]["tokens"] > 3 * 300 * 8  # pairs of sentences, many tokens each
 
 
 def test_a_runs_command_is_shown_relative_to_the_checkout_that_ran_it():
