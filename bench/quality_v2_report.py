@@ -51,6 +51,7 @@ def assemble(suite: Suite) -> dict:
                               "peak_rss_bytes": _max([r.get("peak_rss_bytes") for r in runs]),
                               "cuda_peak_allocated": _max([r.get("cuda_peak_allocated") for r in runs]),
                               "machines": sorted({machine_text(r.get("machine")) for r in runs}, key=str),
+                              "train_seconds_by_machine": _by_machine(runs, "train_seconds"),
                               "status": sorted({st for _, st in got.values() if st != "ok"})}
             for seed, (r, _) in got.items():
                 per_seed_scores[seed].setdefault(task, {})[m] = r["score"] if r else None
@@ -115,6 +116,12 @@ def machine_letters(doc: dict) -> dict:
     return letters
 
 
+def times_text(c: dict, letters: dict) -> str:
+    """'25.6 min (A)', or '25.6 min (A); 80.6 min (?)' for a cell whose seeds ran on two machines."""
+    by = c.get("train_seconds_by_machine") or [[mt, c.get("train_seconds")] for mt in c.get("machines") or [None]]
+    return "; ".join(f"{(sec or 0) / 60:.1f} min ({letters[mt]})" for mt, sec in by)
+
+
 def machine_legend(letters: dict) -> list[str]:
     """The legend of machine_letters, and why train times compare only within one letter."""
     lines = [f"- {letter}: {text}" for text, letter in letters.items() if text is not None]
@@ -122,6 +129,12 @@ def machine_legend(letters: dict) -> list[str]:
         lines.append("- ?: not recorded (entries finished before runs recorded their machine, 2026-12-02)")
     return ["Machines (train times compare only between runs on the same machine; memory and bytes do not depend "
             "on it):", ""] + lines + [""]
+
+
+def _by_machine(runs: list[dict], key: str) -> list:
+    """[machine_text, mean of key] for each machine that ran some of `runs` (times do not average across machines)."""
+    machines = sorted({machine_text(r.get("machine")) for r in runs}, key=str)
+    return [[mt, _avg([r.get(key) for r in runs if machine_text(r.get("machine")) == mt])] for mt in machines]
 
 
 def _avg(xs):
@@ -253,7 +266,8 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "(rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, cola Matthews).", ""]
     letters = machine_letters(doc)
     L += ["## Bytes and cost (per run, at the chosen lr; mean over seeds, memory the maximum)", "",
-          "| task | method | lr | stored bytes | train time | machine | peak memory |", "|---|---|---|---|---|---|---|"]
+          "Train time is the mean over the seeds that ran on one machine, a figure per machine (letters below).", "",
+          "| task | method | lr | stored bytes | train time (machine) | peak memory |", "|---|---|---|---|---|---|"]
     for t in tasks:
         for m in methods:
             c = table[t][m]
@@ -262,7 +276,7 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
             mem = c["cuda_peak_allocated"] or c["peak_rss_bytes"]
             kind = "cuda alloc" if c["cuda_peak_allocated"] else "RSS"
             L.append(f"| {t} | {LABELS[m]} | {c['lr']:g} | {rules.fmt_bytes(c['bytes'])} | "
-                     f"{(c['train_seconds'] or 0) / 60:.1f} min | {', '.join(letters[x] for x in c['machines'])} | "
+                     f"{times_text(c, letters)} | "
                      f"{rules.fmt_bytes(mem)} {kind} |")
     L.append("")
     L += machine_legend(letters)

@@ -458,6 +458,29 @@ def test_report_letters_each_machine_and_marks_entries_without_one():
     assert "?: not recorded" not in "\n".join(report.machine_legend({report.machine_text(fast): "A"}))
 
 
+def test_a_cells_train_time_is_averaged_per_machine_never_across_two(tmp_path, monkeypatch):
+    """Seed 42 on a 3x slower machine and seeds 43, 44 here must read as two times, not their 45-min mean."""
+    q, report, suite, _executed = _fake_suite(tmp_path, monkeypatch)
+    fast = {"cpu": "CPU F", "cores": 2, "threads": 1, "gpu": None}
+    minutes = {1: 80, 2: 24, 3: 28}  # per seed (full finetuning's chosen lr here is the grid's highest)
+    real = q.Suite._execute
+
+    def timed(self, run, s, run_dir):
+        out = real(self, run, s, run_dir)
+        if run.seed == 1:
+            return {**out, "train_seconds": 60.0 * minutes[1]}  # entries from before runs recorded a machine
+        return {**out, "train_seconds": 60.0 * minutes[run.seed], "machine": fast}
+
+    monkeypatch.setattr(q.Suite, "_execute", timed)
+    suite.lane(wait_s=0)
+    doc = report.assemble(suite)
+    c = doc["table"]["rte"]["full"]
+    assert c["train_seconds_by_machine"] == [[report.machine_text(fast), 26 * 60.0], [None, 80 * 60.0]]
+    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    row = next(ln for ln in text.splitlines() if ln.startswith("| rte | full FT |"))
+    assert "| 26.0 min (A); 80.0 min (?) |" in row and "44.0 min" not in row
+
+
 def test_measured_runs_the_checkouts_own_code_not_another_copy_on_the_path(tmp_path):
     """A lane in a second worktree must train (and record) that worktree's library, not an installed or other copy."""
     import os
