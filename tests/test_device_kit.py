@@ -1,0 +1,122 @@
+"""The GPU-machine kit of the quality lanes: the weights travel in two halves and come back whole, or not at all."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import load_bench
+
+REPO = Path(__file__).resolve().parents[1]
+LANES = REPO / "bench" / "device_lanes.sh"
+
+
+def _glue(root: Path) -> Path:
+    for task in ("RTE", "CoLA"):
+        (root / task).mkdir(parents=True)
+        for split in ("train.tsv", "dev.tsv", "test.tsv"):
+            (root / task / split).write_text(f"{task} {split}\n")
+    return root
+
+
+def _wheels(root: Path) -> Path:
+    root.mkdir()
+    (root / "zstandard-0-cp312-none-any.whl").write_bytes(b"wheel")
+    return root
+
+
+def _kit(tmp_path: Path, tiny_base: Path) -> tuple[object, Path, dict]:
+    kit_mod = load_bench("device_kit")
+    kit = tmp_path / "kit"
+    got = kit_mod.prepare(_glue(tmp_path / "glue"), kit, model_dir=tiny_base, wheel_dir=_wheels(tmp_path / "whl"))
+    return kit_mod, kit, got
+
+
+def test_prepare_splits_the_weights_in_two_parts_that_rebuild_the_file_exactly(tmp_path, tiny_base):
+    _mod, kit, got = _kit(tmp_path, tiny_base)
+    weights = (tiny_base / "model.safetensors").read_bytes()
+    halves = (kit / "a" / "weights.0").read_bytes() + (kit / "b" / "weights.1").read_bytes()
+    assert halves == weights and abs(len((kit / "a" / "weights.0").read_bytes()) - len(weights) / 2) <= 1
+    manifest = json.loads((kit / "a" / "manifest.json").read_text())
+    assert manifest["weights_sha256"] == hashlib.sha256(weights).hexdigest() and manifest["tasks"] == ["RTE", "CoLA"]
+    assert not (kit / "a" / "model" / "model.safetensors").exists() and (kit / "a" / "model" / "config.json").is_file()
+    assert sorted(p.name for p in (kit / "a" / "glue" / "RTE").iterdir()) == ["dev.tsv", "train.tsv"]  # no test set
+    assert [p.name for p in (kit / "a" / "whl").iterdir()] == ["zstandard-0-cp312-none-any.whl"]
+    assert list((kit / "b").iterdir()) == [kit / "b" / "weights.1"]
+    assert got["sizes"]["tree"] > 0
+
+
+def test_prepare_refuses_a_data_folder_without_glue_tasks_and_a_kit_over_the_carry_limit(tmp_path, tiny_base,
+                                                                                        monkeypatch):
+    mod = load_bench("device_kit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no GLUE task folder"):
+        mod.prepare(tmp_path / "empty", tmp_path / "kit", model_dir=tiny_base, wheel_dir=_wheels(tmp_path / "w"))
+    monkeypatch.setattr(mod, "CARRY_LIMIT", 1000)
+    with pytest.raises(SystemExit, match="would carry"):
+        mod.prepare(_glue(tmp_path / "glue"), tmp_path / "kit", model_dir=tiny_base, wheel_dir=tmp_path / "w")
+
+
+def _tgz(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_unpack_adds_new_entries_keeps_ours_and_refuses_anything_but_top_level_entries(tmp_path):
+    mod = load_bench("device_kit")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "rte-full-s42-lr5e-05-aaaa.json").write_text('{"score": 1}')
+    archive = _tgz(tmp_path / "q.tgz", {
+        "./rte-full-s42-lr5e-05-aaaa.json": b'{"score": 2}',        # finished here too: ours stays
+        "rte-head-s43-lr0.001-bbbb.json": b'{"score": 3}',
+        "rte-basis-s42-lr0.001-cccc.diff": b"DIFF",
+        "../escape.json": b"{}", "sub/x.json": b"{}", "notes.txt": b"x", ".hidden.json": b"{}",
+        "rte-head-s44-lr0.001-dddd.json": b'{"score": ',            # torn
+    })
+    got = mod.unpack(archive, store)
+    assert got["added"] == ["rte-basis-s42-lr0.001-cccc.diff", "rte-head-s43-lr0.001-bbbb.json"]
+    assert got["kept"] == ["rte-full-s42-lr5e-05-aaaa.json"]
+    assert len(got["refused"]) == 5
+    assert json.loads((store / "rte-full-s42-lr5e-05-aaaa.json").read_text()) == {"score": 1}
+    assert not (tmp_path / "escape.json").exists() and not (store / "sub").exists()
+    assert sorted(p.name for p in store.iterdir()) == ["rte-basis-s42-lr0.001-cccc.diff",
+                                                       "rte-full-s42-lr5e-05-aaaa.json",
+                                                       "rte-head-s43-lr0.001-bbbb.json"]
+
+
+def _lanes(tmp_path: Path, kit: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PY": sys.executable, "KIT_DIR": str(kit), "KIT_KEEP": str(tmp_path / "keep"),
+           "OUT": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work")}
+    return subprocess.run(["bash", str(LANES), *args], env=env, capture_output=True, text=True)
+
+
+def test_device_lanes_rebuild_the_model_there_and_point_the_bundled_name_at_it(tmp_path, tiny_base):
+    _mod, kit, _got = _kit(tmp_path, tiny_base)
+    gone = _lanes(tmp_path, kit, "stage2", "5", "0", "0")
+    assert gone.returncode == 3 and "stage 1's files are gone" in gone.stderr
+    one = _lanes(tmp_path, kit, "stage1")
+    assert one.returncode == 0, one.stderr
+    two = _lanes(tmp_path, kit, "stage2", "5", "0", "0")  # no lanes: only the reassembly and the packing
+    assert two.returncode == 0, two.stderr
+    keep = tmp_path / "keep"
+    assert (keep / "model" / "model.safetensors").read_bytes() == (tiny_base / "model.safetensors").read_bytes()
+    assert f"model folder: {keep / 'model'}" in two.stdout
+    with tarfile.open(tmp_path / "out" / "quality.tgz") as tar:
+        assert tar.getnames() == []  # nothing finished after the start
+    (kit / "b" / "weights.1").write_bytes(b"\0" + (kit / "b" / "weights.1").read_bytes()[1:])
+    bad = _lanes(tmp_path, kit, "stage2", "5", "0", "0")
+    assert bad.returncode != 0 and "do not match the manifest" in bad.stderr
+    assert _lanes(tmp_path, kit, "nonsense").returncode == 2
