@@ -428,10 +428,10 @@ class Suite:
                        "--batch-size", str(p.batch_size)]
                 cmd += ["--max-train-samples", str(p.max_train_samples)] if p.max_train_samples else []
                 cmd += ["--max-eval-samples", str(p.max_eval_samples)] if p.max_eval_samples else []
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
                     self._task_work = json.loads(proc.stdout) if proc.returncode == 0 else {}
-                except ValueError:
+                except (subprocess.TimeoutExpired, ValueError):  # an estimate only: without it, times go unscaled
                     self._task_work = {}
                 if self._task_work:
                     self.work.mkdir(parents=True, exist_ok=True)

@@ -322,6 +322,25 @@ def test_task_work_measures_a_real_glue_folder_and_leaves_out_a_task_without_dat
     assert work["rte"]["tokens"] > 3 * 300 * 8  # pairs of sentences, many tokens each
 
 
+def test_a_suite_measures_task_work_in_a_subprocess_once_and_keeps_it_in_the_work_folder(tmp_path, tiny_base,
+                                                                                          monkeypatch):
+    from diffcli import example_data
+
+    q = _load("quality_v2")
+    p = q.Protocol(tasks=["rte"], model=str(tiny_base), data_dir=str(example_data.ROOT))
+    work = q.Suite(p, tmp_path / "work").task_work()
+    assert work["rte"]["steps"] == 10 and work["rte"]["tokens"] > 0
+    assert json.loads((tmp_path / "work" / "task-work.json").read_text())["work"] == work
+
+    def no_subprocess(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(q.subprocess, "run", no_subprocess)
+    assert q.Suite(p, tmp_path / "work").task_work() == work           # read back, not measured again
+    other = q.Protocol(tasks=["rte"], model=str(tiny_base), data_dir=str(tmp_path / "nowhere"))
+    assert q.Suite(other, tmp_path / "work").task_work() == {}          # no data: no figures, no process
+
+
 def test_a_runs_command_is_shown_relative_to_the_checkout_that_ran_it():
     report = _load("quality_v2_report")
     cmd = ("python /work/wt-x/bench/measured.py /work/wt-x/bench/work/v2/full/runs/r/usage.json -m diffcli train "
