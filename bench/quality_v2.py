@@ -398,10 +398,21 @@ class Suite:
                 "train_summary": {k: summary.get(k) for k in ("after_l0", "after_projection", "after_fixmask",
                                                               "epochs", "seconds")}}
 
-    def finished_times(self) -> list[tuple[str, str, float, bool]]:
-        """(task, method, wall seconds, ran on this machine) of every finished run that still counts."""
+    def finished_times(self) -> list[tuple[str, str, float, int]]:
+        """(task, method, wall seconds, nearness) of every finished run that still counts; nearness 2: it ran on
+        this machine, 1: on another of the same kind (GPU or CPU), 0: on the other kind (a GPU run's minutes say
+        nothing of a CPU lane's hours)."""
         here = _this_machine()
-        return [(e.get("task"), e.get("method"), e["train_seconds"], _machine_key(e.get("machine")) == here)
+        here_gpu = bool(here and here[2])
+
+        def nearness(e: dict) -> int:
+            key = _machine_key(e.get("machine"))
+            if key == here:
+                return 2
+            gpu = bool(key and key[2]) or str(e.get("device") or "").startswith("cuda")
+            return 1 if gpu == here_gpu else 0
+
+        return [(e.get("task"), e.get("method"), e["train_seconds"], nearness(e))
                 for e in self._stored()
                 if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code"))]
 
@@ -454,16 +465,18 @@ class Suite:
     def expected_range(self, run: Run, done: list | None = None) -> tuple[float, float] | None:
         """A run's likely wall time, (low, high): the longest finished run of its task and method, else of its
         method on other tasks (scaled by `scale`), else of its task, else any run (scaled); at each step a run on
-        this machine first, else on any machine (machines differ ~3x in speed)."""
+        this machine first (machines differ ~3x in speed), else on one of its kind (GPU or CPU); runs of the other
+        kind only when no level has one of this kind."""
         done = self.finished_times() if done is None else done
         levels = (lambda t, m: t == run.task and m == run.method, lambda t, m: m == run.method,
                   lambda t, m: t == run.task, lambda t, m: True)
-        for same in levels:
-            for mine in (True, False):
-                times = [(sec, t) for t, m, sec, here in done if same(t, m) and (here or not mine)]
-                if times:
-                    scaled = [(sec * lo, sec * hi) for sec, t in times for lo, hi in [self.scale(t, run.task)]]
-                    return max(lo for lo, _ in scaled), max(hi for _, hi in scaled)
+        for nears in ((2, 1), (0,)):  # runs on the other kind (GPU for a CPU lane) only when nothing else is known
+            for same in levels:
+                for near in nears:
+                    times = [(sec, t) for t, m, sec, n in done if same(t, m) and n >= near]
+                    if times:
+                        scaled = [(sec * lo, sec * hi) for sec, t in times for lo, hi in [self.scale(t, run.task)]]
+                        return max(lo for lo, _ in scaled), max(hi for _, hi in scaled)
         return None
 
     def expected_seconds(self, run: Run, done: list | None = None) -> float | None:

@@ -277,6 +277,27 @@ def test_a_lane_judges_a_runs_time_by_this_machine_first(tmp_path, monkeypatch):
     assert suite.expected_seconds(q.Run("rte", "full", 1e-4, 42)) == 4800.0      # nothing here: the longest
 
 
+def test_a_cpu_lane_does_not_judge_a_run_by_a_gpu_runs_minutes(tmp_path, monkeypatch):
+    """Entries made on a lent GPU machine take a minute where a CPU lane takes half an hour: a CPU lane goes by them
+    only when no CPU run tells it anything."""
+    q, _report, suite, _executed = _fake_suite(tmp_path, monkeypatch)
+    here = {"cpu": "CPU H", "cores": 2, "gpu": None}
+    gpu = {"cpu": "CPU G", "cores": 16, "gpu": "NVIDIA H200"}
+    monkeypatch.setattr(q, "_this_machine", lambda: q._machine_key(here))
+    suite._task_work = {}
+    entries = [{"task": "rte", "method": "bitfit", "train_seconds": 60.0, "machine": gpu},
+               {"task": "rte", "method": "full", "train_seconds": 50.0, "device": "cuda"},   # no machine: its device
+               {"task": "rte", "method": "full", "train_seconds": 1500.0, "machine": dict(here, cpu="CPU O")},
+               {"task": "rte", "method": "head", "train_seconds": 900.0}]                   # CPU, machine unknown
+    monkeypatch.setattr(q.Suite, "_stored", lambda self: entries)
+    monkeypatch.setattr(suite.code, "stale", lambda code: False)
+    assert [n for *_, n in suite.finished_times()] == [0, 0, 1, 1]
+    assert suite.expected_seconds(q.Run("rte", "full", 1e-4, 42)) == 1500.0
+    assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) == 1500.0   # the task's CPU runs, not 60 s
+    del entries[2:]
+    assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) == 60.0     # nothing but GPU runs: those
+
+
 def test_a_task_without_runs_is_estimated_from_other_tasks_scaled_by_steps_and_tokens(tmp_path, monkeypatch):
     """MRPC's first run must not be judged by RTE's time as it is (MRPC has 1.5x RTE's steps): the estimate is the
     range between the step and the token ratios, the lane goes by its high end, the report shows both."""
