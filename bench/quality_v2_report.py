@@ -191,10 +191,10 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                 + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since, so "
                    "they run again" if doc["progress"].get("stale") else "")
                 + (f"; the runs left need about {_hours_left(doc['progress'])} hours of one lane at the run times "
-                   "measured so far (each task and method's longest run on this machine, else on any; where a task "
-                   "has none, the method's runs on other tasks scaled by the ratios of their training steps and of "
-                   "their padded tokens per epoch, the smaller ratio giving the low end and the larger the high end "
-                   "(bench/task_work.py); else the task's longest run)"
+                   "measured so far (each task and method's longest run on this machine, else on any of its kind, "
+                   "CPU or GPU; where a task has none, the method's runs on other tasks scaled by the ratios of "
+                   "their training steps and of their padded tokens per epoch, the smaller ratio giving the low end "
+                   "and the larger the high end (bench/task_work.py); else the task's longest run)"
                    if doc["progress"].get("hours_left") else "") + ".", "",
                 f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
