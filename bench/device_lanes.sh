@@ -5,16 +5,17 @@
 #   bash bench/device_lanes.sh stage2 SECONDS QJOBS MJOBS [quality_v2.py options...]
 #                                                           # call 2 (carry bench/work/device/b), at once after it
 #
-# stage1 keeps part a in /tmp (it outlives the call while the machine stays warm) and installs the wheels.
+# stage1 copies part a to bench/work/device-keep (an ignored path: it stays there between calls while the machine is
+# warm) and installs the wheels.
 # stage2 reassembles the weights (checked against the manifest's SHA-256), runs QJOBS runs of the quality table and
 # MJOBS of the methods table at a time (one process per run, one CPU thread each, all on the GPU) for SECONDS,
 # then packs every entry that finished into $OUT/quality.tgz and $OUT/methods.tgz (bench/device_kit.py unpack).
 # A run still going at the deadline is lost. PY (default python3) is the interpreter; OUT defaults to /tmp/out;
-# KIT_DIR (default bench/work/device) and KIT_KEEP (default /tmp/diffprune-kit) move the kit.
+# KIT_DIR (default bench/work/device) and KIT_KEEP (default bench/work/device-keep) move the kit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kit=${KIT_DIR:-bench/work/device}
-keep=${KIT_KEEP:-/tmp/diffprune-kit}
+keep=${KIT_KEEP:-$PWD/bench/work/device-keep}
 py=${PY:-python3}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
