@@ -49,6 +49,7 @@ class _Task:
     head_keys: list[str]
     source: str
     meta: dict[str, Any]
+    probe_error: float | None = None  # largest relative probe error of its basis records (None: it has none)
 
     @property
     def nbytes(self) -> int:
@@ -200,10 +201,10 @@ class DiffBank:
         from diffcli.task_types import of_diff
 
         scaled = set(diff.bases)
-        diff = self._resolve_bases(diff, source)
+        diff, probe_error = self._resolve_bases(diff, source)
         model, head_keys = self._task_model(diff, source, of_diff(diff.config, diff.meta, task_type))
         slices, rest = self._prepare(diff, model, head_keys, source, whole=scaled)
-        self._tasks[name] = _Task(name, model, slices, rest, head_keys, source, dict(diff.meta))
+        self._tasks[name] = _Task(name, model, slices, rest, head_keys, source, dict(diff.meta), probe_error)
 
     def _check_base(self, diff: Diff, source: str) -> None:
         """Every base tensor the diff builds on must be in the loaded base with the same content.
@@ -241,12 +242,13 @@ class DiffBank:
             self._base_heads = _BaseHeads(self.folder)
         return self._base_heads
 
-    def _resolve_bases(self, diff: Diff, source: str) -> Diff:
-        """Basis scales folded into dense δ from the loaded base (probe-checked); other diffs pass unchanged."""
+    def _resolve_bases(self, diff: Diff, source: str) -> tuple[Diff, float | None]:
+        """Basis scales folded into dense δ from the loaded base (probe-checked), and the largest probe error;
+        other diffs pass unchanged (error None)."""
         from diffcli.svd_basis import resolve_diff
 
         if not diff.bases:
-            return diff
+            return diff, None
         state = self.encoder.state_dict()
         mapping = match_names(state.keys(), [td.base_name for td in diff.tensors.values()])
 
@@ -255,7 +257,7 @@ class DiffBank:
                 raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {name}")
             return state[mapping[name]]
 
-        return resolve_diff(diff, base_of)[0]
+        return resolve_diff(diff, base_of)
 
     def _task_model(self, diff: Diff, source: str, kind) -> tuple["torch.nn.Module", list[str]]:
         """A task model sharing the bank's encoder, with its own head from the diff's extras (else the base's).
@@ -467,6 +469,12 @@ class DiffBank:
     def meta(self, name: str) -> dict[str, Any]:
         """The diff's metadata (task, metrics, hyperparameters) as recorded when it was made."""
         return dict(self._tasks[name].meta)
+
+    def basis_probe_error(self, name: str) -> float | None:
+        """The largest relative probe error of the task's basis records, checked at `add` (None: it has none)."""
+        if name not in self._tasks:
+            raise InvalidValueError(f"no task {name!r} in the bank; tasks: {', '.join(self._tasks) or 'none'}")
+        return self._tasks[name].probe_error
 
     def task_nbytes(self, name: str) -> int:
         """Tensor bytes held for one task: sparse δ, encoder extras and its head."""

@@ -13,6 +13,10 @@ With `density`, each input is first trimmed to that fraction of its own largest-
 
 A low-rank δ = B·A (docs/FORMAT.md §10) is densified first: its entries are the nonzeros of B·A in
 float32, so inputs of different kinds on one tensor combine exactly; the report lists them as `densified`.
+Basis scales (§11) need the base: with `base`, each basis record is resolved on it (digest and probe
+checked, `svd_basis.resolve_diff`) into the dense float32 δ = U·diag(σ⊙c)·Vᵀ + sparse δ that `apply` adds,
+then merged like any δ; the report lists them as `resolved`, with the largest probe error. Without a base
+they are refused.
 
 Extras (heads and other whole tensors) cannot be summed across tasks meaningfully. Rule `first`
 (default): the merged diff takes the first input's extras and config, so it is a model for the first
@@ -107,12 +111,66 @@ def check_same_base(diffs: Sequence[Diff], names: Sequence[str]) -> None:
 
 
 def refuse_bases(diffs: Sequence[Diff], names: Sequence[str]) -> None:
-    """Basis-scale records are not merged: their probes cannot be re-derived without the base (docs/FORMAT.md)."""
+    """Basis-scale records cannot be merged without the base: U, σ, V and the probe come from it (docs/FORMAT.md)."""
     for d, name in zip(diffs, names):
         if d.bases:
-            raise InvalidValueError(f"{name} holds basis scales ({len(d.bases)} matrices), which merge does not "
-                                    f"combine", hint="apply it to the base, extract a sparse diff with "
-                                                     "`diffprune prune FOLDER --base BASE`, and merge that")
+            raise InvalidValueError(f"{name} holds basis scales ({len(d.bases)} matrices), which merge combines "
+                                    f"only on their base: pass --base BASE",
+                                    hint="with the base the diffs were made on, each basis record is rebuilt into "
+                                         "a dense δ and merged exactly")
+
+
+def _checked_base(store, digests: dict[str, str], base, name: str, td: TensorDiff) -> "torch.Tensor":
+    """The base tensor `td` builds on, after the name, shape and content-digest checks (BaseMismatchError, exit 5)."""
+    from diffcli.weights import tensor_digest
+
+    hint = "pass the base the diffs were made on"
+    b = td.base_name
+    if b not in store:
+        raise BaseMismatchError(f"{name} does not fit base {base}: it has no tensor {b}", hint=hint)
+    if tuple(store.shape(b)) != tuple(td.shape):
+        raise BaseMismatchError(f"{name} does not fit base {base}: {b} has shape {list(store.shape(b))}, "
+                                f"the diff expects {list(td.shape)}", hint=hint)
+    t = store[b]
+    if b not in digests:
+        digests[b] = tensor_digest(t)
+    if digests[b] != td.digest:
+        raise BaseMismatchError(f"{name} was made on another base than {base}: tensor {b} differs", hint=hint)
+    return t
+
+
+def resolve_bases(diffs: Sequence[Diff], names: Sequence[str],
+                  base: str | Path | None) -> tuple[list[Diff], list[str], float | None]:
+    """Every basis record folded into its dense δ on `base`, after the digest and probe checks (exit 5 on a miss).
+
+    Returns the diffs, the resolved 'input:tensor' names and the largest relative probe error (None when no
+    input holds basis records; `base` is then not read). Without a base, basis records are refused.
+    """
+    if not any(d.bases for d in diffs):
+        return list(diffs), [], None
+    if base is None:
+        refuse_bases(diffs, names)
+    from diffcli.svd_basis import resolve_diff
+    from diffcli.weights import WeightStore, resolve_model
+
+    store = WeightStore(resolve_model(str(base)))
+    digests: dict[str, str] = {}  # base tensor → its content digest, computed once
+    out: list[Diff] = []
+    resolved: list[str] = []
+    worst = 0.0
+    try:
+        for d, name in zip(diffs, names):
+            if not d.bases:
+                out.append(d)
+                continue
+            tds = {td.base_name: td for td in d.tensors.values()}
+            r, err = resolve_diff(d, lambda b: _checked_base(store, digests, base, name, tds[b]))
+            out.append(r)
+            resolved += [f"{name}:{target}" for target in sorted(d.bases)]
+            worst = max(worst, err)
+    finally:
+        store.release()
+    return out, resolved, worst
 
 
 def _trim(diff: Diff, density: float) -> Diff:
@@ -200,13 +258,13 @@ def _merge_extras(diffs: Sequence[Diff], names: Sequence[str], rule: str) -> tup
 
 
 def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, method: str = "sum",
-          extras: str = "first", density: float | None = None,
-          names: Sequence[str] | None = None) -> MergeResult:
+          extras: str = "first", density: float | None = None, names: Sequence[str] | None = None,
+          base: str | Path | None = None) -> MergeResult:
     """Merge diffs made on one base into one sparse diff (see the module docstring for the maths)."""
     names = list(names) if names is not None else [f"input {i + 1}" for i in range(len(diffs))]
     w = _check_options(len(diffs), weights, method, extras, density)
     check_same_base(diffs, names)
-    refuse_bases(diffs, names)
+    diffs, resolved, probe_error = resolve_bases(diffs, names, base)
     if density is not None:
         diffs = [_trim(d, density) for d in diffs]
 
@@ -245,20 +303,26 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     if extras == "mean" and len({str(d.meta.get("task")) for d in diffs}) > 1:
         meta.pop("task", None)
     meta["merge"] = {"method": method, "weights": w, "extras": extras, "density": density, "inputs": names}
+    if resolved:
+        meta["merge"]["base"] = str(base)  # the base the basis records were resolved on
     first = diffs[0]
     out = Diff(tensors, merged_extras, dict(first.config), first.base_ref, first.base_fingerprint, meta)
     report = _report(rows, out, names, w, method, extras, density, dropped)
     report["densified"] = densified
+    report["resolved"] = resolved
+    if probe_error is not None:
+        report["basis_probe_error"] = probe_error
     return MergeResult(out, report)
 
 
 def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequence[float] | None = None,
                 method: str = "sum", extras: str = "first", density: float | None = None, values: str = "fp16",
-                force: bool = False) -> dict[str, Any]:
+                force: bool = False, base: str | Path | None = None) -> dict[str, Any]:
     """`diffprune merge`: load diffs (packed files or checkpoints), merge, write OUT; returns the report.
 
     OUT ending in `.diff` is packed with `artifact.write` (`values` as in `pack`; fp32 keeps the merge
-    exact); any other path becomes a checkpoint folder (float32 values).
+    exact); any other path becomes a checkpoint folder (float32 values). `base` (folder, alias or hub id)
+    resolves basis records, which are refused without it.
     """
     from diffcli import checkpoint
     from diffcli.outputs import check_output
@@ -272,9 +336,13 @@ def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequen
 
         if values not in VALUE_TYPES:
             raise InvalidValueError(f"--values {values!r} is not one of {', '.join(VALUE_TYPES)}")
+    if base is not None:
+        from diffcli.weights import resolve_model
+
+        resolve_model(str(base))  # a missing base fails here (exit 3), before any diff is read
     names = [str(p) for p in paths]
     result = merge([load_diff(p) for p in paths], weights, method=method, extras=extras, density=density,
-                   names=names)
+                   names=names, base=base)
     if out.suffix == ".diff":
         from diffcli import artifact
 
@@ -336,3 +404,7 @@ def render_merge(console, report: dict[str, Any]) -> None:
     if report.get("densified"):
         console.print(f"low-rank δ merged exactly as dense B·A (stored sparse): {len(report['densified'])} tensors, "
                       f"first {report['densified'][0]}")
+    if report.get("resolved"):
+        console.print(f"basis scales resolved on the base into dense δ (stored sparse): {len(report['resolved'])} "
+                      f"tensors, first {report['resolved'][0]}; largest relative probe error "
+                      f"{report['basis_probe_error']:.2g}")

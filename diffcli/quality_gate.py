@@ -88,6 +88,7 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     The task model is built in memory (`DiffBank`: base weights + `applying.apply_`), never written,
     on cuda when present. `task` defaults to the task recorded in the diff's metadata, `task_type` to the
     type it records (or its config's architecture); token classification takes its tags from the diff's head.
+    A diff with basis records also reports `basis_probe_error`, the largest relative probe error of its rebuild.
     """
     from diffcli.sources import load_diff
     from diffcli.task_types import DEFAULT, of_diff
@@ -133,9 +134,13 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
         results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)
     failures = [{"split": split, "metric": m, "value": float(values[m]), "op": bound_op(m), "min": t}
                 for split, values in results.items() for m, t in thresholds.items() if missed(m, float(values[m]), t)]
-    return {"base": str(base), "diff": str(diff_path), "task": spec.name, "task_type": kind.name,
-            "data": data.source, "examples": {split: len(ex) for split, ex in data.eval.items()}, "metrics": results,
-            "thresholds": thresholds, "failures": failures, "passed": not failures}
+    report = {"base": str(base), "diff": str(diff_path), "task": spec.name, "task_type": kind.name,
+              "data": data.source, "examples": {split: len(ex) for split, ex in data.eval.items()}, "metrics": results,
+              "thresholds": thresholds, "failures": failures, "passed": not failures}
+    probe_error = bank.basis_probe_error(spec.name)
+    if probe_error is not None:  # basis records: the rebuild's reconstruction error (docs/FORMAT.md §11)
+        report["basis_probe_error"] = probe_error
+    return report
 
 
 def enforce(report: Mapping[str, Any]) -> None:
@@ -154,6 +159,9 @@ def render_eval(console, report: Mapping[str, Any]) -> None:
     for split, values in report["metrics"].items():
         shown = "  ".join(f"{m}={v:.4f}" for m, v in values.items())
         console.print(f"  {split}: {shown}", markup=False)
+    if report.get("basis_probe_error") is not None:
+        console.print(f"basis records rebuilt from the base's SVD; largest relative probe error "
+                      f"{report['basis_probe_error']:.2g}", markup=False)
     if report["thresholds"]:
         wanted = ", ".join(f"{m}{bound_op(m)}{t:g}" for m, t in report["thresholds"].items())
         console.print(f"gate {'passed' if report['passed'] else 'FAILED'} ({wanted})", markup=False)

@@ -303,20 +303,137 @@ def test_bank_switches_and_restores_the_base_bit_for_bit(models, tmp_path):
         scaled = torch.allclose(got, want[target], atol=1e-5)
         assert scaled == (name == "t")
     assert bank.task_nbytes("t") < 2 * 4 * sum(models["diff"].tensors[n].numel for n in models["diff"].bases) + 10**5
+    assert bank.basis_probe_error("t") < 1e-9 and bank.basis_probe_error("plain") is None  # kept from `add`
     bank.reset()
     assert all(torch.equal(base_state[k], v) for k, v in bank.encoder.state_dict().items())
     with pytest.raises(BaseMismatchError):
         DiffBank(models["other"], device="cpu").add("t", path)
 
 
-def test_merge_refuses_basis_records_with_one_line(models, tmp_path):
+def test_eval_reports_the_basis_probe_error_only_for_basis_diffs(models, tmp_path):
+    """`eval` (through DiffBank) reports the rebuild's largest relative probe error, as `apply` does."""
+    data = tmp_path / "dev.csv"
+    data.write_text("sentence,label\nthe movie is good,1\nthe movie is bad,0\na cat,0\nyes the dog,1\n")
+    plain = copy.copy(models["diff"])
+    plain.bases = {}
+    for diff, scaled in ((models["diff"], True), (plain, False)):
+        path = tmp_path / f"{scaled}.diff"
+        artifact.write(diff, path, values="fp32")
+        args = ["eval", str(models["base"]), str(path), "--task", "sst2", "--validation-file", str(data)]
+        result = CliRunner().invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        if scaled:
+            assert 0 <= report["basis_probe_error"] < 1e-9
+        else:
+            assert "basis_probe_error" not in report
+        human = CliRunner().invoke(app, args)
+        assert human.exit_code == 0 and ("largest relative probe error" in human.stdout) == scaled, human.output
+
+
+def test_merge_refuses_basis_records_without_a_base_with_one_line(models, tmp_path):
     a, b = tmp_path / "a.diff", tmp_path / "b.diff"
     artifact.write(models["diff"], a)
     artifact.write(models["diff"], b)
     result = CliRunner().invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "m.diff")])
     assert result.exit_code == 2
-    assert "basis scales" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "basis scales" in result.stderr and "pass --base BASE" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m.diff").exists()
+
+
+@pytest.fixture(scope="module")
+def second(models):
+    """Another basis diff on the same base: another finetune, other scales and pruned bases."""
+    from diffcli.extract import extract_diff
+    from diffcli.projection import project
+
+    ft = make_finetune(models["base"], models["root"] / "ft2", seed=2)
+    return with_bases(project(extract_diff(str(models["base"]), str(ft)), 0.02).diff, models["base"], seed=1)
+
+
+def _resolved_dense(diff, base_dir) -> dict[str, torch.Tensor]:
+    """base tensor name → δ (float64) of `diff` with its basis records resolved on `base_dir` by svd_basis."""
+    from diffcli.weights import WeightStore
+
+    store = WeightStore(base_dir)
+    resolved, _ = svd_basis.resolve_diff(diff, lambda name: store[name])
+    store.release()
+    return {td.base_name: td.dense().double() for td in resolved.tensors.values()}
+
+
+def test_merge_with_the_base_is_the_weighted_sum_of_the_resolved_deltas(models, second):
+    """Library: each basis record becomes its resolved dense δ on the base, summed exactly. Tolerance 1e-6 (plus
+    1e-5 relative): the inputs are float32 resolutions summed in float64 and cast once, so only rounding differs."""
+    from diffcli.merging import merge
+
+    plain = copy.copy(models["diff"])  # the same sparse δ without scales: a basis record merged with a sparse one
+    plain.bases = {}
+    weights = [0.5, -1.5]
+    for inputs in ((models["diff"], second), (second, plain)):
+        result = merge(list(inputs), weights, base=models["base"], names=["a", "b"])
+        assert not result.diff.bases  # every basis record is folded into a sparse record
+        scaled = sum(len(d.bases) for d in inputs)
+        assert len(result.report["resolved"]) == scaled
+        assert result.report["basis_probe_error"] < 1e-9
+        want = {}
+        for w, d in zip(weights, inputs):
+            for name, delta in _resolved_dense(d, models["base"]).items():
+                want[name] = want.get(name, 0) + w * delta
+        got = {td.base_name: td.dense().double() for td in result.diff.tensors.values()}
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert torch.allclose(got[name], want[name], atol=1e-6, rtol=1e-5), name
+    # and the resolved δ is the definition, U·diag(σ⊙c)·Vᵀ + δ in float64 (FORMAT.md §11), to float32 rounding
+    from diffcli.weights import WeightStore
+
+    store = WeightStore(models["base"])
+    defined = _expected_state(second, models["base"])
+    resolved = _resolved_dense(second, models["base"])
+    for target, td in second.tensors.items():
+        assert torch.allclose(resolved[td.base_name], defined[target] - store[td.base_name].double(), atol=1e-6)
+    store.release()
+
+
+def test_cli_merge_with_base_writes_a_sparse_diff_that_verifies_and_reports_the_probe_error(models, second, tmp_path):
+    from diffcli.merging import merge
+
+    a, b, out = tmp_path / "a.diff", tmp_path / "b.diff", tmp_path / "m.diff"
+    artifact.write(models["diff"], a, values="fp32")
+    artifact.write(second, b, values="fp32")
+    result = CliRunner().invoke(app, ["merge", str(a), str(b), "--base", str(models["base"]), "-o", str(out),
+                                      "--values", "fp32", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["resolved"]) == 2 * len(MATRICES) and report["basis_probe_error"] < 1e-9
+    merged = artifact.load(out)
+    assert not merged.bases and merged.meta["merge"]["base"] == str(models["base"])
+    assert CliRunner().invoke(app, ["verify", str(out), "--base", str(models["base"])]).exit_code == 0
+    lib = merge([artifact.load(a), artifact.load(b)], base=models["base"]).diff
+    for target, td in lib.tensors.items():
+        assert torch.equal(merged.tensors[target].dense(), td.dense()), target
+    human = CliRunner().invoke(app, ["merge", str(a), str(b), "-b", str(models["base"]), "-o",
+                                     str(tmp_path / "h.diff")])
+    assert human.exit_code == 0, human.output
+    assert "basis scales resolved on the base" in human.stdout and "probe error" in human.stdout
+
+
+def test_merge_refuses_a_probe_or_a_base_that_misses_with_exit_5_and_writes_nothing(models, second, tmp_path):
+    """The probe check of apply: a probe made on another base (digests of the right one) is refused, exit 5; so is a
+    --base other than the one the diffs were made on (its digests differ) and a missing one (exit 3)."""
+    lying = _probe_of_other_base(models)
+    a, b, good, out = tmp_path / "lying.diff", tmp_path / "b.diff", tmp_path / "a.diff", tmp_path / "m.diff"
+    artifact.write(lying, a)
+    artifact.write(second, b)
+    artifact.write(models["diff"], good)
+    cases = [([str(a), str(b), "--base", str(models["base"])], 5, "probe"),
+             ([str(good), str(b), "--base", str(models["other"])], 5, "another base"),
+             ([str(good), str(b), "--base", str(tmp_path / "nowhere")], 3, "nowhere")]
+    for args, code, needle in cases:
+        result = CliRunner().invoke(app, ["merge", *args, "-o", str(out)])
+        assert result.exit_code == code, result.output
+        assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not out.exists() and not list(tmp_path.glob(".m.diff*"))
 
 
 # ------------------------------------------------------------------------------------------ hostile files
@@ -471,8 +588,8 @@ def test_inspect_plot_draws_a_file_with_basis_records(models, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
-def test_a_probe_made_on_another_base_is_refused_with_exit_5(models, tmp_path):
-    """Digests of the right base, probe of another: the rebuild check alone catches it; nothing is written."""
+def _probe_of_other_base(models):
+    """The basis diff with the right base's digests but probes computed on another base's SVD."""
     from diffcli.weights import WeightStore
 
     diff = copy.copy(models["diff"])
@@ -482,6 +599,12 @@ def test_a_probe_made_on_another_base_is_refused_with_exit_5(models, tmp_path):
         u, s, vh = svd_basis.canonical_svd(other[diff.tensors[name].base_name])
         diff.bases[name] = BasisScales(bs.rank, bs.kept, bs.values, svd_basis.probe(u, s, vh, bs.coefficients()))
     other.release()
+    return diff
+
+
+def test_a_probe_made_on_another_base_is_refused_with_exit_5(models, tmp_path):
+    """Digests of the right base, probe of another: the rebuild check alone catches it; nothing is written."""
+    diff = _probe_of_other_base(models)
     path = tmp_path / "b.diff"
     artifact.write(diff, path)
     for args in (["apply", str(models["base"]), str(path), "-o", str(tmp_path / "out")],

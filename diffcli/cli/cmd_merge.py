@@ -24,15 +24,18 @@ def merge(
                                                      "largest entries before merging (TIES trim), e.g. 0.2.")] = None,
     values: Annotated[str, typer.Option("--values", help="Value format of a packed OUT.diff: fp16, bf16, "
                                         "fp32 (exact), int8, int4 or ternary (as pack).")] = "fp16",
+    base: Annotated[Optional[str], typer.Option(
+        "--base", "-b", help="Base the diffs were made on (folder, alias or hub id): needed to merge basis scales, "
+                             "which are rebuilt on it (probe-checked) into a dense δ.")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Merge sparse diffs without densifying them and report their overlap (shared positions, sign conflicts)."""
+    """Merge diffs without densifying sparse δ and report their overlap (shared positions, sign conflicts)."""
     from diffcli.merging import merge_files, parse_weights, render_merge
 
     out = Output(json_, quiet)
     report = merge_files(files, output, weights=parse_weights(weights, len(files)), method=method, extras=extras,
-                         density=density, values=values, force=force)
+                         density=density, values=values, force=force, base=base)
     out.result(report, lambda console: render_merge(console, report))
     out.info(f"wrote {output}")
