@@ -30,7 +30,21 @@ def usage(entry: str | None = None) -> dict:
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_allocated"] = int(torch.cuda.max_memory_allocated())
     out["machine"] = machine(torch)
+    out["versions"] = versions()
     out["imported"] = code_record.imported(REPO, extra=(entry,) if entry else ())
+    return out
+
+
+def versions() -> dict:
+    """Python's and the packages' versions that decide what a run computes (None: not installed)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "safetensors", "numpy", "zstandard"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
     return out
 
 

@@ -369,7 +369,7 @@ class Suite:
             result = {k: v for k, v in out.items() if k not in ("settings",)}
         result.update(method=run.method, task=run.task, train_seconds=seconds, resumed=resumed,
                       peak_rss_bytes=mem.get("peak_rss_bytes"), cuda_peak_allocated=mem.get("cuda_peak_allocated"),
-                      machine=mem.get("machine"), imported=mem.get("imported"),
+                      machine=mem.get("machine"), versions=mem.get("versions"), imported=mem.get("imported"),
                       command=" ".join(shlex.quote(c) for c in ["python"] + cmd[1:]))
         return result
 
@@ -611,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     shown = [a for a in argv if a not in ("--report-only", "--no-report")]
     cmd = " ".join(["python bench/quality_v2.py"] + [shlex.quote(a) for a in shown])
     commands = ["# lanes (each a background process; they share the cache):", f"OMP_NUM_THREADS=1 {cmd} --no-report",
+                "# what the CPU lanes ran: N lanes, one thread each, from a frozen worktree of the commit, none",
+                "# starting a run it cannot finish by the deadline (the line above with --hours and --store-dir):",
+                'bench/quality_lanes.sh 2 "YYYY-MM-DD HH:MM"' + (" --table methods" if args.table == "methods" else ""),
+                "# on a lent GPU machine (bench/device_kit.py prepares the two carries):",
+                "bash bench/device_lanes.sh stage1; bash bench/device_lanes.sh stage2 SECONDS QJOBS MJOBS",
                 "# the table:", f"{cmd} --report-only"]
     import quality_v2_report as report  # it imports this module
 

@@ -342,7 +342,7 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
                      f"{r['train_seconds'] / 60:.1f} min | {letters[r.get('machine')]} | {rules.fmt_bytes(mem)} | "
                      f"{'; '.join(note)} |")
     L += [""] + report.machine_legend(letters)
-    L += report.tuning(p, table, LABELS, suite.available)
+    L += report.tuning(p, table, LABELS, suite.available, letters)
     failed = [(t, m, suite.failed(q.Run(t, m, lr, p.seeds[0]))) for t in tasks for m in methods for lr in p.grid(m)]
     failed = [(t, m, f) for t, m, f in failed if f]
     if failed:

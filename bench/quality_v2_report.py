@@ -8,6 +8,7 @@ import re
 import subprocess
 
 import code_record
+import measured
 import quality_v2_rules as rules
 from quality_v2 import LABELS, REPO, Run, Suite
 
@@ -34,7 +35,8 @@ def cell(suite: Suite, task: str, method: str, seed: int) -> tuple[dict | None, 
 def assemble(suite: Suite) -> dict:
     """Every cell, aggregate, tuning record and verdict of the cached runs, as one JSON-able document."""
     p = suite.p
-    cells, table, per_seed_scores = {}, {}, {s: {} for s in p.seeds}
+    cells, table = {}, {}
+    per_seed_scores, per_seed_sizes = {s: {} for s in p.seeds}, {s: {} for s in p.seeds}
     progress = {"finished": 0, "failed": 0, "planned": 0}
     times, left_seconds = suite.finished_times(), (0.0, 0.0)  # (low, high) seconds of the runs left
     for task in p.tasks:
@@ -47,14 +49,18 @@ def assemble(suite: Suite) -> dict:
             table[task][m] = {"mean": mean, "std": std, "n": n, "lr": suite.chosen_lr(task, m),
                               "grid": {f"{lr:g}": s for lr, s in suite.grid_scores(task, m).items()},
                               "bytes": _avg([r.get("bytes") for r in runs]),
+                              "entries": _avg([_entries(r) for r in runs]),
+                              "density": _avg([r.get("density") for r in runs]),
                               "train_seconds": _avg([r.get("train_seconds") for r in runs]),
                               "peak_rss_bytes": _max([r.get("peak_rss_bytes") for r in runs]),
                               "cuda_peak_allocated": _max([r.get("cuda_peak_allocated") for r in runs]),
                               "machines": sorted({machine_text(r.get("machine")) for r in runs}, key=str),
                               "train_seconds_by_machine": _by_machine(runs, "train_seconds"),
-                              "status": sorted({st for _, st in got.values() if st != "ok"})}
+                              "status": sorted({st for _, st in got.values() if st != "ok"}),
+                              "grid_cost": grid_cost(suite, task, m)}
             for seed, (r, _) in got.items():
                 per_seed_scores[seed].setdefault(task, {})[m] = r["score"] if r else None
+                per_seed_sizes[seed].setdefault(task, {})[m] = r.get("bytes") if r else None
             if suite.available(m):  # the first seed's grid, then one run per other seed
                 grid = table[task][m]["grid"].values()
                 later = [got[seed][1] for seed in p.seeds[1:]]
@@ -70,10 +76,31 @@ def assemble(suite: Suite) -> dict:
     progress["hours_left_low"] = None if left_seconds is None else round(left_seconds[0] / 3600, 1)
     progress["stale"] = suite.stale_entries()
     means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
-    per_seed = {seed: rules.verdicts(sc, p.tasks) for seed, sc in per_seed_scores.items()}
+    sizes = {t: {m: table[t][m]["bytes"] for m in p.methods} for t in p.tasks}
+    per_seed = {seed: rules.verdicts(sc, p.tasks, sizes=per_seed_sizes[seed]) for seed, sc in per_seed_scores.items()}
     return {"progress": progress, "table": table, "cells": cells, "per_seed_verdicts": {str(k): v for k, v in per_seed.items()},
-            "pass_counts": rules.pass_counts(per_seed), "verdicts_on_means": rules.verdicts(means, p.tasks),
-            "cheaper_masks_vs_l0": rules.cheaper_masks(means, p.tasks)}
+            "pass_counts": rules.pass_counts(per_seed), "verdicts_on_means": rules.verdicts(means, p.tasks, sizes=sizes),
+            "verdicts_on_score_alone": rules.verdicts(means, p.tasks),
+            "bytes_ratios": rules.bytes_ratios(means, sizes, p.tasks),
+            "cheaper_masks_vs_l0": rules.cheaper_masks(means, p.tasks),
+            "default_mask": rules.default_mask(means, p.tasks, sizes), "run_versions": run_versions(suite)}
+
+
+def _entries(r: dict) -> int | None:
+    """Stored entries of a run: a diff's nonzero δ entries (its new head apart), a baseline's trained parameters."""
+    return r.get("nnz") if r.get("nnz") is not None else r.get("trainable_params")
+
+
+def grid_cost(suite: Suite, task: str, method: str) -> dict:
+    """Train time, peak memory and machine of each first-seed run of the lr grid (the cost of the tuning too)."""
+    out = {}
+    for lr in suite.p.grid(method):
+        hit = suite.cached(Run(task, method, lr, suite.p.seeds[0]))
+        if hit is not None:
+            out[f"{lr:g}"] = {"train_seconds": hit.get("train_seconds"), "peak_rss_bytes": hit.get("peak_rss_bytes"),
+                              "cuda_peak_allocated": hit.get("cuda_peak_allocated"),
+                              "machine": machine_text(hit.get("machine"))}
+    return out
 
 
 def _hours_left(progress: dict) -> str:
@@ -86,7 +113,7 @@ def _brief(r: dict | None) -> dict | None:
     if r is None:
         return None
     keep = ("score", "best_epoch", "bytes", "train_seconds", "resumed", "peak_rss_bytes", "cuda_peak_allocated",
-            "device", "density", "nnz", "params", "trimmed", "lora_rank", "score_before_fp16", "l0_density_path", "metrics", "command",
+            "device", "density", "nnz", "params", "trainable_params", "versions", "trimmed", "lora_rank", "score_before_fp16", "l0_density_path", "metrics", "command",
             "settings", "finished")
     out = {k: r[k] for k in keep if k in r}
     out["machine"] = machine_text(r.get("machine"))
@@ -148,14 +175,7 @@ def _max(xs):
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "safetensors", "numpy", "zstandard"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = {k: v for k, v in measured.versions().items() if k != "python"}
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -198,7 +218,37 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                    if doc["progress"].get("hours_left") else "") + ".", "",
                 f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
+                versions_text(doc), "",
                 "## Commands", "", "```"] + commands + ["```", ""]
+
+
+def run_versions(suite: Suite) -> list:
+    """[versions text or None, run count] over every finished run of the table (lr grids and later seeds)."""
+    p, counts = suite.p, {}
+    for t in p.tasks:
+        for m in p.methods:
+            lr = suite.chosen_lr(t, m)
+            runs = [Run(t, m, x, p.seeds[0]) for x in p.grid(m)] + ([Run(t, m, lr, s) for s in p.seeds[1:]]
+                                                                     if lr is not None else [])
+            for run in runs:
+                hit = suite.cached(run)
+                if hit is not None:
+                    v = hit.get("versions")
+                    key = ", ".join(f"{k} {x}" for k, x in v.items() if x) if v else None
+                    counts[key] = counts.get(key, 0) + 1
+    return sorted(([k, n] for k, n in counts.items()), key=lambda kn: (kn[0] is not None, -kn[1]))
+
+
+def versions_text(doc: dict) -> str:
+    """The package versions the runs recorded (each distinct set with its run count), and how many recorded none."""
+    rows = doc.get("run_versions") or []
+    if not rows:
+        return "Versions of the runs: none finished yet."
+    listed = "; ".join(f"{k} ({n} run{'s' * (n != 1)})" for k, n in rows if k is not None)
+    none = sum(n for k, n in rows if k is None)
+    return ("Versions the runs recorded: " + (listed or "none") + "."
+            + (f" {none} run(s) finished before runs recorded their versions (2026-12-03); they ran in this "
+               "repository's `make setup` environment of their day." if none else ""))
 
 
 def tasks_line(p) -> str:
@@ -207,14 +257,16 @@ def tasks_line(p) -> str:
     return f"- Tasks: {', '.join(p.tasks)}; train sets {train}, dev sets {dev}. Seeds {p.seeds}."
 
 
-def tuning(p, table: dict, labels: dict, available=lambda m: True) -> list[str]:
-    """The first seed's dev score per lr of every (task, method), the chosen one starred."""
-    L = ["", f"## Learning-rate tuning (seed {p.seeds[0]}: dev score per lr; * = chosen)", ""]
+def tuning(p, table: dict, labels: dict, available=lambda m: True, letters: dict | None = None) -> list[str]:
+    """The first seed's dev score per lr of every (task, method), the chosen one starred, with each run's cost."""
+    L = ["", f"## Learning-rate tuning (seed {p.seeds[0]}: dev score per lr; * = chosen; "
+             "train time (machine), peak memory)", ""]
     for t in p.tasks:
         for m in p.methods:
             c = table[t][m]
             tried = ", ".join(f"{lr} → {'failed' if s is None else f'{s:.2f}'}"
                               + ("*" if c["lr"] is not None and float(lr) == c["lr"] else "")
+                              + _run_cost((c.get("grid_cost") or {}).get(lr), letters)
                               for lr, s in c["grid"].items())
             none = "not run (method unavailable)" if not available(m) else "nothing yet"
             L.append(f"- {t} {labels[m]}: {tried or none}")
@@ -238,8 +290,12 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           f"diffprune L0: {p.split('dp-l0')[0]} L0 + {p.split('dp-l0')[1]} fixed-mask epochs; magnitude: "
           f"{p.split('dp-magnitude')[0]} dense + {p.split('dp-magnitude')[1]} fixed-mask epochs; random and Fisher: "
           f"{p.split('dp-random')[1]} fixed-mask epochs (their masks cost no epoch; Fisher's costs one pass over "
-          "`--fill-samples` examples). Sparsity " + p.sparsity + ".",
-          "- Learning rates (diffprune: the fixed-mask lr; its other lrs are the trainer's defaults): "
+          "`--fill-samples` examples). Sparsity " + p.sparsity + ". So the masks share the total passes, not one "
+          "fixed-mask phase: random and Fisher train at their mask for every epoch, L0 and magnitude for the last "
+          f"{p.split('dp-l0')[1]}; that favours the cheap masks, so it is conservative for the L0-over-random target.",
+          "- Learning rates (diffprune: the fixed-mask lr; its other lrs are the trainer's defaults, untuned: "
+          "`--lr 1e-4` for the L0 phase's δ and the magnitude mask's dense epochs, `--alpha-lr 0.05` for the "
+          "gates): "
           + "; ".join(f"{LABELS[m]} {', '.join(f'{x:g}' for x in p.grid(m))}" for m in methods)
           + f". The best dev score at seed {p.seeds[0]} picks the lr (ties: the first listed); the other seeds "
           "use it. Model selection is on dev for every method alike (best epoch and lr), so all scores are "
@@ -267,46 +323,54 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
     letters = machine_letters(doc)
     L += ["## Bytes and cost (per run, at the chosen lr; mean over seeds, memory the maximum)", "",
           "Train time is the mean over the seeds that ran on one machine, a figure per machine (letters below).", "",
-          "| task | method | lr | stored bytes | train time (machine) | peak memory |", "|---|---|---|---|---|---|"]
+          "Stored entries: a diff's nonzero δ entries (its density of N in brackets; the new head apart), a "
+          "baseline's trained parameters (its head included).", "",
+          "| task | method | lr | stored bytes | stored entries | train time (machine) | peak memory |",
+          "|---|---|---|---|---|---|---|"]
     for t in tasks:
         for m in methods:
             c = table[t][m]
             if c["n"] == 0:
                 continue
-            mem = c["cuda_peak_allocated"] or c["peak_rss_bytes"]
-            kind = "cuda alloc" if c["cuda_peak_allocated"] else "RSS"
-            L.append(f"| {t} | {LABELS[m]} | {c['lr']:g} | {rules.fmt_bytes(c['bytes'])} | "
-                     f"{times_text(c, letters)} | "
-                     f"{rules.fmt_bytes(mem)} {kind} |")
+            L.append(f"| {t} | {LABELS[m]} | {c['lr']:g} | {rules.fmt_bytes(c['bytes'])} | {entries_text(c)} | "
+                     f"{times_text(c, letters)} | {memory_text(c)} |")
     L.append("")
+    L += random_mask_note(p, table)
     L += machine_legend(letters)
     # targets
-    L += ["## Targets (issue 11)", "", "| target | on the means | seeds passing |", "|---|---|---|"]
+    L += ["## Targets (issue 11)", "",
+          "| target | on the means | on score alone | stored bytes, dp-l0 / theirs | seeds passing |",
+          "|---|---|---|---|---|"]
     for key, text in rules.TARGETS:
         ok, done = doc["pass_counts"][key]
-        L.append(f"| {text} | {rules.fmt_verdict(doc['verdicts_on_means'][key])} | {ok} of {done} complete "
-                 f"(of {len(p.seeds)}) |")
-    L += ["", "LoRA and BitFit are compared on score; their stored bytes are in the cost table (LoRA all-linear is "
-          "matched to the .diff's bytes, the others are not). A target is '—' while a cell it needs is missing.", ""]
+        L.append(f"| {text} | {rules.fmt_verdict(doc['verdicts_on_means'][key])} | "
+                 f"{rules.fmt_verdict(doc['verdicts_on_score_alone'][key])} | "
+                 f"{ratio_text(doc['bytes_ratios'], key)} | {ok} of {done} complete (of {len(p.seeds)}) |")
+    L += ["", "The issue asks diffprune to be ahead of LoRA and BitFit at equal or fewer stored bytes: those targets "
+          "pass only when dp-l0 is ahead on score and its .diff is no larger than the other method's file on every "
+          "task (per seed for the seed counts). LoRA all-linear is matched to the .diff's bytes; LoRA q,v and BitFit "
+          "are not, so where dp-l0 stores more, a win on score alone is not a win at equal bytes. A target is '—' "
+          "while a cell it needs is missing.", ""]
     cm = doc["cheaper_masks_vs_l0"]
     L += ["Ablation masks vs the L0 mask (task average of the means): " + "; ".join(
         f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in cm.items()), ""]
+    L += default_mask_text(doc["default_mask"])
     # per seed
     L += ["## Per seed", "", "Best epoch of diffprune: the fixed-mask epoch (0: the projected diff before it).", "",
-          "| task | method | seed | lr | score | best epoch | bytes | train time | machine | status |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| task | method | seed | lr | score | best epoch | bytes | train time | peak memory | machine | status |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         for m in methods:
             for seed, c in doc["cells"][t][m].items():
                 r = c["result"]
                 if r is None:
-                    L.append(f"| {t} | {LABELS[m]} | {seed} | | | | | | | {c['status']} |")
+                    L.append(f"| {t} | {LABELS[m]} | {seed} | | | | | | | | {c['status']} |")
                 else:
                     L.append(f"| {t} | {LABELS[m]} | {seed} | {r['settings']['lr']:g} | {r['score']:.2f} | "
                              f"{r.get('best_epoch')} | {rules.fmt_bytes(r.get('bytes'))} | "
                              f"{r['train_seconds'] / 60:.1f} min{' (resumed: last part only)' if r.get('resumed') else ''}"
-                             f" | {letters[r.get('machine')]} | ok |")
-    L += tuning(p, table, LABELS, suite.available)
+                             f" | {memory_text(r)} | {letters[r.get('machine')]} | ok |")
+    L += tuning(p, table, LABELS, suite.available, letters)
     L += ["", "## L0 phase: density path (expected / deterministic-gate density after each L0 epoch)", ""]
     for t in tasks:
         for seed, c in doc["cells"][t].get("dp-l0", {}).items():
@@ -317,6 +381,68 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
                     f"{100 * (h['deterministic_density'] or 0):.2f}%" for h in r["l0_density_path"]))
     L += ["", "Every run's settings and command are in the JSON file next to this one (`cells`)."]
     return "\n".join(L) + "\n"
+
+
+def ratio_text(ratios: dict, key: str) -> str:
+    """'1.94x LoRA q,v' for an "ahead of" target, '—' while unknown; '' for the other targets."""
+    if key not in ratios:
+        return ""
+    other, ratio = ratios[key] or (None, None)
+    return "—" if ratio is None else f"{ratio:.2f}x {LABELS[other]}"
+
+
+def default_mask_text(d: dict) -> list[str]:
+    """The mask the table makes the default, and why (issue 11's rule, `rules.default_mask`)."""
+    order = " < ".join(LABELS[m] for m in rules.MASKS_BY_COST)
+    head = (f"**Default mask by this table:** {LABELS[d['mask']]} ({d['why']})." if d["mask"]
+            else f"**Default mask by this table:** not decided yet ({d['why']}).")
+    meets = "; ".join(f"{LABELS[m]} {rules.fmt_verdict(v)}" for m, v in d["meets_targets"].items())
+    return [head + " The rule (issue 11): the contenders are L0, every cheaper mask within "
+            f"{rules.AS_GOOD} pt of L0's task average (or above it), and the random mask when L0 is not "
+            f"≥ {rules.L0_OVER_RANDOM} pt ahead of it; the cheapest contender that meets the four diffprune targets "
+            "(each judged in dp-l0's place) wins, else the cheapest contender. Cost order (what runs before the "
+            f"fixed phase): {order}. Meets the targets: {meets}.", ""]
+
+
+def _run_cost(cost: dict | None, letters: dict | None) -> str:
+    """' (25.1 min A, 2.3 GB RSS)' for one run of the grid; '' when unknown."""
+    if not cost or cost.get("train_seconds") is None:
+        return ""
+    where = f" {letters.get(cost.get('machine'), '?')}" if letters is not None else ""
+    return f" ({cost['train_seconds'] / 60:.1f} min{where}, {memory_text(cost)})"
+
+
+def memory_text(c: dict) -> str:
+    """Peak memory of a run or cell: torch's peak allocated on cuda, else the process's peak RSS."""
+    if c.get("cuda_peak_allocated"):
+        return f"{rules.fmt_bytes(c['cuda_peak_allocated'])} cuda alloc"
+    return f"{rules.fmt_bytes(c.get('peak_rss_bytes'))} RSS"
+
+
+def entries_text(c: dict) -> str:
+    """'113,566 (0.50%)' for a diff, '74,498' for a baseline, '—' when the entries recorded none."""
+    if c.get("entries") is None:
+        return "—"
+    return f"{c['entries']:,.0f}" + (f" ({100 * c['density']:.2f}%)" if c.get("density") is not None else "")
+
+
+def random_mask_note(p, table: dict) -> list[str]:
+    """Why the random mask stores fewer than k entries, with each task's figures (k = round(S·N))."""
+    parts = []
+    for t in p.tasks:
+        c = table[t].get("dp-random")
+        if c and c.get("entries") and c.get("density"):
+            n = c["entries"] / c["density"]
+            k = round(float(p.sparsity.rstrip("%")) / 100 * n)
+            if c["entries"] < k:
+                parts.append(f"{t} {c['entries']:,.0f} of k = {k:,} ({100 * c['density']:.2f}%)")
+    if not parts:
+        return []
+    return ["The random mask draws k = round(S·N) positions uniformly over all N entries, as specified. Entries "
+            "that get no gradient stay 0 and are not stored: mostly rows of the word embedding for tokens absent "
+            "from the train set, which hold half of N. So its file holds fewer entries than the other masks': "
+            + "; ".join(parts) + ". It is the plain uniform random mask; one drawn only over entries that receive "
+            "gradient would spend the whole budget.", ""]
 
 
 def averages(table: dict, tasks: list[str], methods: list[str]) -> list[str]:

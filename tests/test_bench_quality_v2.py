@@ -80,6 +80,59 @@ def test_verdicts_follow_the_issue_targets():
     assert v2["ahead_of_bitfit"] is None  # no BitFit cell: no verdict
 
 
+def test_ahead_of_targets_need_equal_or_fewer_stored_bytes_when_sizes_are_known():
+    """The issue's "ahead of LoRA and BitFit at equal or fewer stored bytes": a bigger .diff wins on score only."""
+    tasks = ["rte", "mrpc"]
+    dp, bitfit = {"rte": 62.0, "mrpc": 81.0}, {"rte": 56.0, "mrpc": 80.0}
+    lora_qv, lora_all = {"rte": 60.0, "mrpc": 80.0}, {"rte": 61.0, "mrpc": 80.5}
+    scores = _scores(dp, bitfit=bitfit, lora_qv=lora_qv, lora_all=lora_all)
+    sizes = {t: {"dp-l0": 295_000, "bitfit": 59_000, "lora-qv": 152_000, "lora-all": 266_000} for t in tasks}
+    assert rep.verdicts(scores, tasks)["ahead_of_bitfit"] is True                       # on score alone
+    v = rep.verdicts(scores, tasks, sizes=sizes)
+    assert v["ahead_of_bitfit"] is False and v["ahead_of_better_lora"] is False        # lora-all: 295 kB > 266 kB
+    fits = {t: dict(sizes[t], **{"lora-all": 300_000}) for t in tasks}                 # matched and larger: it counts
+    assert rep.verdicts(scores, tasks, sizes=fits)["ahead_of_better_lora"] is True
+    ratios = rep.bytes_ratios(scores, sizes, tasks)
+    assert ratios["ahead_of_better_lora"] == ("lora-all", 295_000 / 266_000)
+    assert ratios["ahead_of_bitfit"] == ("bitfit", 295_000 / 59_000)
+    # one task's size missing: no byte verdict, the score verdict stands
+    gap = {"rte": sizes["rte"], "mrpc": dict(sizes["mrpc"], bitfit=None)}
+    assert rep.verdicts(scores, tasks, sizes=gap)["ahead_of_bitfit"] is True
+    assert rep.bytes_ratios(scores, gap, tasks)["ahead_of_bitfit"] == ("bitfit", None)
+
+
+def _mask_means(l0: float, rnd: float, mag: float, fisher: float) -> dict:
+    """One task's means where full FT, LoRA and BitFit sit at 60, 58, 58, 55 (so a mask at >= 59.5 meets all)."""
+    return {"rte": {"full": 60.0, "lora-qv": 58.0, "lora-all": 58.0, "bitfit": 55.0, "dp-l0": l0, "dp-random": rnd,
+                    "dp-magnitude": mag, "dp-fisher": fisher}}
+
+
+def test_the_table_picks_the_default_mask_by_the_issues_rule():
+    tasks = ["rte"]
+    # L0 1.5 pt over random, no cheaper mask within 0.5: L0 stays
+    d = rep.default_mask(_mask_means(62.0, 60.5, 61.0, 61.4), tasks)
+    assert d["mask"] == "dp-l0" and d["l0_over_random"] is True
+    # Fisher within 0.5 of L0 and meeting the targets: the cheapest such mask wins (random is not within 0.5)
+    d = rep.default_mask(_mask_means(62.0, 60.5, 61.8, 61.6), tasks)
+    assert d["mask"] == "dp-fisher" and d["as_good_as_l0"] == {"dp-random": False, "dp-magnitude": True,
+                                                                "dp-fisher": True}
+    # L0 under 1 pt over random: the cheapest mask that meets the targets, here random itself
+    d = rep.default_mask(_mask_means(62.0, 61.2, 59.0, 59.0), tasks)
+    assert d["mask"] == "dp-random" and "not 1 pt ahead" in d["why"]
+    # no mask meets the targets (all far below full FT): the cheapest within 0.5 of the best average
+    d = rep.default_mask(_mask_means(50.0, 49.6, 49.0, 49.8), tasks)
+    assert d["mask"] == "dp-random" and not any(d["meets_targets"].values())
+    # a byte verdict can decide it: the Fisher file larger than LoRA all-linear's fails "ahead of the better LoRA"
+    sizes = {"rte": {"dp-l0": 290, "dp-random": 230, "dp-magnitude": 310, "dp-fisher": 400, "lora-qv": 150,
+                     "lora-all": 300, "bitfit": 59}}
+    d = rep.default_mask(_mask_means(62.0, 60.5, 61.8, 61.6), tasks, sizes)
+    assert d["meets_targets"]["dp-fisher"] is False
+    # a missing cell: undecided
+    means = _mask_means(62.0, 60.5, 61.0, 61.4)
+    means["rte"]["dp-fisher"] = None
+    assert rep.default_mask(means, tasks)["mask"] is None
+
+
 def test_pass_counts_count_only_seeds_with_every_cell():
     per_seed = {42: {k: True for k, _ in rep.TARGETS}, 43: {k: False for k, _ in rep.TARGETS},
                 44: {k: None for k, _ in rep.TARGETS}}
@@ -519,6 +572,34 @@ def test_a_cells_train_time_is_averaged_per_machine_never_across_two(tmp_path, m
     text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
     row = next(ln for ln in text.splitlines() if ln.startswith("| rte | full FT |"))
     assert "| 26.0 min (A); 80.0 min (?) |" in row and "44.0 min" not in row
+
+
+def test_report_shows_every_runs_cost_entries_and_versions(tmp_path, monkeypatch):
+    """Every run's time and memory (grid runs too), a diff's stored entries, the versions runs recorded."""
+    q, report, suite, _executed = _fake_suite(tmp_path, monkeypatch)
+    monkeypatch.setattr(q, "trainer_methods", lambda: {"l0", "random"})
+    real = q.Suite._execute
+
+    def more(self, run, s, run_dir):
+        out = real(self, run, s, run_dir)
+        extra = {"peak_rss_bytes": int(2e9 + 1e6 * run.seed), "versions": {"python": "3.11", "torch": "9.9"}}
+        if run.method == "dp-random":  # 700 of k = 1000 stored (N = 200,000 at 0.5%)
+            extra.update(nnz=700, density=700 / 200_000)
+        return {**out, **extra}
+
+    monkeypatch.setattr(q.Suite, "_execute", more)
+    suite.lane(wait_s=0)
+    doc = report.assemble(suite)
+    assert doc["run_versions"] == [["python 3.11, torch 9.9", doc["progress"]["finished"]]]
+    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    assert f"Versions the runs recorded: python 3.11, torch 9.9 ({doc['progress']['finished']} runs)." in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| rte | random mask |"))
+    assert "| 700 (0.35%) |" in row
+    assert "rte 700 of k = 1,000 (0.35%)" in text
+    seed_row = next(ln for ln in text.splitlines() if ln.startswith("| rte | full FT | 2 |"))
+    assert "2002.00 MB RSS" in seed_row
+    tuning = next(ln for ln in text.splitlines() if ln.startswith("- rte full FT:"))
+    assert tuning.count("MB RSS") == len(suite.p.grid("full")) and "min ?" in tuning
 
 
 def test_measured_runs_the_checkouts_own_code_not_another_copy_on_the_path(tmp_path):
