@@ -342,6 +342,22 @@ def test_merge_refuses_basis_records_without_a_base_with_one_line(models, tmp_pa
     assert not (tmp_path / "m.diff").exists()
 
 
+def test_prune_refuses_a_checkpoint_with_basis_scales_instead_of_dropping_them(models, tmp_path):
+    """The projection keeps δ only: pruning a basis checkpoint would silently lose its scales, so it is refused."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "pruned"
+    checkpoint.save(models["diff"], ckpt)
+    result = CliRunner().invoke(app, ["prune", str(ckpt), "-s", "1%", "-o", str(out)])
+    assert result.exit_code == 2
+    assert "basis scales" in result.stderr and "prune would drop" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    # the same diff without its scales prunes as before
+    plain = copy.copy(models["diff"])
+    plain.bases = {}
+    checkpoint.save(plain, tmp_path / "plain")
+    assert CliRunner().invoke(app, ["prune", str(tmp_path / "plain"), "-s", "1%", "-o", str(out)]).exit_code == 0
+    assert checkpoint.load(out).nnz <= checkpoint.load(tmp_path / "plain").nnz
+
+
 @pytest.fixture(scope="module")
 def second(models):
     """Another basis diff on the same base: another finetune, other scales and pruned bases."""

@@ -21,7 +21,8 @@ def prune(
     quiet: QuietOpt = False,
 ) -> None:
     """Keep exactly round(S·N) largest-magnitude diff entries and write a sparse checkpoint."""
-    from diffcli.projection import parse_sparsity, prune as run_prune
+    from diffcli.projection import parse_sparsity
+    from diffcli.pruning import prune as run_prune
     from diffcli.report import allocation_report, render_allocation
 
     out = Output(json_, quiet)
