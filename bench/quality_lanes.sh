@@ -9,7 +9,7 @@
 # not leak into their runs; each finished run's entry is written to this checkout's tracked store
 # (bench/results/{quality,methods}-v2-runs/), where it is valid while the files it imported are unchanged:
 # commit the entries as they arrive. One thread per lane (OMP_NUM_THREADS=1): start one lane per core.
-# Logs: bench/work/lane-N.log. Stop: pkill -f 'bench/quality_v2.py' (a run in flight is lost).
+# Logs: bench/work/lane-N.log (methods table: lane-methods-N.log, so both tables can run side by side). Stop: pkill -f 'bench/quality_v2.py' (a run in flight is lost).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: bench/quality_lanes.sh LANES UNTIL(HH:MM) [quality_v2.py options...]" >&2
@@ -28,6 +28,7 @@ for a in "$@"; do
   [ "$a" = methods ] && table=methods
   [ "$a" = --data-dir ] && data=()
 done
+log=lane; [ "$table" = methods ] && log=lane-methods
 commit=$(git -C "$repo" rev-parse --short HEAD)
 tree=$repo/bench/work/tree-$commit
 if [ ! -d "$tree" ]; then
@@ -36,7 +37,7 @@ fi
 for i in $(seq 1 "$lanes"); do
   (cd "$tree" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup "$py" bench/quality_v2.py --no-report --hours "$hours" \
       --store-dir "$repo/bench/results/$table-v2-runs" --work-dir "$repo/bench/work/v2" "${data[@]}" "$@" \
-      >"$repo/bench/work/lane-$i.log" 2>&1 &)
+      >"$repo/bench/work/$log-$i.log" 2>&1 &)
   sleep 5  # the lanes claim runs one after another
 done
-echo "$lanes lane(s) of commit $commit for $hours h; logs: bench/work/lane-*.log; entries: bench/results/$table-v2-runs/"
+echo "$lanes lane(s) of commit $commit for $hours h; logs: bench/work/$log-*.log; entries: bench/results/$table-v2-runs/"
