@@ -348,9 +348,10 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
                  f"{ratio_text(doc['bytes_ratios'], key)} | {ok} of {done} complete (of {len(p.seeds)}) |")
     L += ["", "The issue asks diffprune to be ahead of LoRA and BitFit at equal or fewer stored bytes: those targets "
           "pass only when dp-l0 is ahead on score and its .diff is no larger than the other method's file on every "
-          "task (per seed for the seed counts). LoRA all-linear is matched to the .diff's bytes; LoRA q,v and BitFit "
-          "are not, so where dp-l0 stores more, a win on score alone is not a win at equal bytes. A target is '—' "
-          "while a cell it needs is missing.", ""]
+          "task (per seed for the seed counts). LoRA all-linear is matched to the dp-l0 .diff (the largest rank "
+          "whose file fits in it), so its budget is the equal bytes: a mask passes when its .diff is no larger than "
+          "dp-l0's. LoRA q,v and BitFit are not matched, so where dp-l0 stores more, a win on score alone is not a "
+          "win at equal bytes. A target is '—' while a cell it needs is missing.", ""]
     cm = doc["cheaper_masks_vs_l0"]
     L += ["Ablation masks vs the L0 mask (task average of the means): " + "; ".join(
         f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in cm.items()), ""]
@@ -388,7 +389,9 @@ def ratio_text(ratios: dict, key: str) -> str:
     if key not in ratios:
         return ""
     other, ratio = ratios[key] or (None, None)
-    return "—" if ratio is None else f"{ratio:.2f}x {LABELS[other]}"
+    if ratio is None:
+        return "—"
+    return f"{ratio:.2f}x {LABELS[other]}" + (" (sized to dp-l0's file)" if other in rules.MATCHED_TO else "")
 
 
 def default_mask_text(d: dict) -> list[str]:

@@ -89,9 +89,17 @@ def test_ahead_of_targets_need_equal_or_fewer_stored_bytes_when_sizes_are_known(
     sizes = {t: {"dp-l0": 295_000, "bitfit": 59_000, "lora-qv": 152_000, "lora-all": 266_000} for t in tasks}
     assert rep.verdicts(scores, tasks)["ahead_of_bitfit"] is True                       # on score alone
     v = rep.verdicts(scores, tasks, sizes=sizes)
-    assert v["ahead_of_bitfit"] is False and v["ahead_of_better_lora"] is False        # lora-all: 295 kB > 266 kB
-    fits = {t: dict(sizes[t], **{"lora-all": 300_000}) for t in tasks}                 # matched and larger: it counts
-    assert rep.verdicts(scores, tasks, sizes=fits)["ahead_of_better_lora"] is True
+    assert v["ahead_of_bitfit"] is False                                               # 295 kB against 59 kB
+    assert v["ahead_of_better_lora"] is True      # lora-all is matched to the dp-l0 file: its budget is equal bytes
+    # a mask in dp-l0's place is held to the budget LoRA all-linear was matched to (dp-l0's file), not to its own
+    big = {t: dict(sizes[t], **{"dp-magnitude": 310_000, "dp-fisher": 215_000}) for t in tasks}
+    both = {t: dict(scores[t], **{"dp-magnitude": dp[t], "dp-fisher": dp[t]}) for t in tasks}
+    assert rep.verdicts(both, tasks, main="dp-magnitude", sizes=big)["ahead_of_better_lora"] is False
+    assert rep.verdicts(both, tasks, main="dp-fisher", sizes=big)["ahead_of_better_lora"] is True
+    # LoRA q,v better and smaller than the .diff: ahead on score is not ahead at equal bytes
+    qv = _scores(dp, bitfit=bitfit, lora_qv={"rte": 61.5, "mrpc": 80.9}, lora_all={"rte": 50.0, "mrpc": 70.0})
+    assert rep.verdicts(qv, tasks)["ahead_of_better_lora"] is True
+    assert rep.verdicts(qv, tasks, sizes=sizes)["ahead_of_better_lora"] is False
     ratios = rep.bytes_ratios(scores, sizes, tasks)
     assert ratios["ahead_of_better_lora"] == ("lora-all", 295_000 / 266_000)
     assert ratios["ahead_of_bitfit"] == ("bitfit", 295_000 / 59_000)
