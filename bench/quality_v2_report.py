@@ -99,7 +99,7 @@ def grid_cost(suite: Suite, task: str, method: str) -> dict:
         if hit is not None:
             out[f"{lr:g}"] = {"train_seconds": hit.get("train_seconds"), "peak_rss_bytes": hit.get("peak_rss_bytes"),
                               "cuda_peak_allocated": hit.get("cuda_peak_allocated"),
-                              "machine": machine_text(hit.get("machine"))}
+                              "machine": machine_text(hit.get("machine")), "finished": hit.get("finished")}
     return out
 
 
@@ -133,8 +133,11 @@ def machine_text(m: dict | None) -> str | None:
 
 def machine_letters(doc: dict) -> dict:
     """A letter per machine the table's runs ran on, in order of each one's first finished run; '?' for none."""
-    runs = sorted((c["result"] for by_m in doc["cells"].values() for by_seed in by_m.values()
-                   for c in by_seed.values() if c["result"] is not None), key=lambda r: r.get("finished") or "")
+    runs = [c["result"] for by_m in doc["cells"].values() for by_seed in by_m.values()
+            for c in by_seed.values() if c["result"] is not None]
+    runs += [run for by_m in doc.get("table", {}).values() for cell in by_m.values()
+             for run in (cell.get("grid_cost") or {}).values()]  # lr-grid runs that no cell shows yet
+    runs.sort(key=lambda r: r.get("finished") or "")
     letters: dict = {}
     for r in runs:
         text = r.get("machine")

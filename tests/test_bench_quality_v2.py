@@ -557,6 +557,10 @@ def test_report_letters_each_machine_and_marks_entries_without_one():
     assert "- A: CPU X, 2 cores, 1 thread(s), no GPU" in legend and "- B: CPU Y" in legend
     assert "- ?: not recorded" in legend
     assert "?: not recorded" not in "\n".join(report.machine_legend({report.machine_text(fast): "A"}))
+    # a run of an lr grid that no cell shows yet still gets its machine's letter, not '?'
+    grid_only = {"cells": {}, "table": {"rte": {"basis": {"grid_cost": {"0.001": {
+        "machine": report.machine_text(slow), "finished": "2026-01-05", "train_seconds": 60.0}}}}}}
+    assert report.machine_letters(grid_only) == {report.machine_text(slow): "A"}
 
 
 def test_a_cells_train_time_is_averaged_per_machine_never_across_two(tmp_path, monkeypatch):
