@@ -9,7 +9,8 @@
 # not leak into their runs; each finished run's entry is written to this checkout's tracked store
 # (bench/results/{quality,methods}-v2-runs/), where it is valid while the files it imported are unchanged:
 # commit the entries as they arrive. One thread per lane (OMP_NUM_THREADS=1): start one lane per core.
-# Logs: bench/work/lane-N.log (methods table: lane-methods-N.log, so both tables can run side by side). Stop: pkill -f 'bench/quality_v2.py' (a run in flight is lost).
+# Logs: bench/work/lane-N.log (methods table: lane-methods-N.log, so both tables can run side by side); to add
+# lanes beside running ones, LANE_START=3 numbers the new ones from 3 so no live log is truncated. Stop: pkill -f 'bench/quality_v2.py' (a run in flight is lost).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: bench/quality_lanes.sh LANES UNTIL(HH:MM) [quality_v2.py options...]" >&2
@@ -34,7 +35,8 @@ tree=$repo/bench/work/tree-$commit
 if [ ! -d "$tree" ]; then
   git -C "$repo" worktree add --detach "$tree" HEAD >/dev/null
 fi
-for i in $(seq 1 "$lanes"); do
+start=${LANE_START:-1}
+for i in $(seq "$start" $((start + lanes - 1))); do
   (cd "$tree" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup "$py" bench/quality_v2.py --no-report --hours "$hours" \
       --store-dir "$repo/bench/results/$table-v2-runs" --work-dir "$repo/bench/work/v2" "${data[@]}" "$@" \
       >"$repo/bench/work/$log-$i.log" 2>&1 &)
