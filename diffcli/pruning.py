@@ -1,15 +1,15 @@
-"""`diffprune prune` as a library call: refuse what the magnitude projection cannot carry, then project and save.
+"""`diffprune prune` as a library call: the magnitude projection, carrying a double-pruned checkpoint's basis scales.
 
-`projection.prune` projects δ to k entries and writes the result; basis scales (`--method basis`) are not δ entries
-and would not survive it, so a checkpoint holding them is refused here, from its metadata, before anything is read.
+`projection.prune` projects δ to k entries and writes the result. A `--method basis` checkpoint also holds basis
+scales, which are not δ entries: here only its sparse δ is projected (k = round(S·N), as `--sparsity S` sets the
+sparse part when training) and the scales are written unchanged beside it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from diffcli.errors import InvalidValueError
+from typing import Any
 
 
 def basis_records(source: str | Path) -> int:
@@ -25,16 +25,49 @@ def basis_records(source: str | Path) -> int:
 
 def prune(source: str | Path, sparsity: float, out: str | Path, *, base: str | None = None,
           scope: str = "global", force: bool = False):
-    """`diffprune prune`: `projection.prune`, after refusing a checkpoint with basis scales (exit 2, nothing written)."""
+    """`diffprune prune`: `projection.prune`; a checkpoint with basis scales keeps them, only its δ is projected."""
     from diffcli import checkpoint
     from diffcli.projection import prune as project_and_save
 
-    if base is None and checkpoint.is_checkpoint(source):
-        n = basis_records(source)
-        if n:
-            raise InvalidValueError(
-                f"{source} holds basis scales ({n} matrices, --method basis), which prune would drop: it projects "
-                "the sparse δ only",
-                hint="choose the sparse part's size when training (--method basis --sparsity S), or apply the diff "
-                     "and prune the merged model with --base")
+    if base is None and checkpoint.is_checkpoint(source) and basis_records(source):
+        return _prune_keeping_bases(source, sparsity, out, scope, force)
     return project_and_save(source, sparsity, out, base=base, scope=scope, force=force)
+
+
+def _prune_keeping_bases(source: str | Path, sparsity: float, out: str | Path, scope: str, force: bool):
+    """Project the sparse δ of a basis checkpoint to k entries and save it with its basis scales as they were."""
+    from dataclasses import replace
+
+    from diffcli import checkpoint
+    from diffcli.outputs import check_output
+    from diffcli.projection import project
+
+    check_output(Path(out), force)
+    diff = checkpoint.load(source)
+    result = project(diff, sparsity, scope)
+    result.diff = replace(result.diff, bases=dict(diff.bases))
+    checkpoint.save(result.diff, out, force=force)
+    return result
+
+
+def prune_report(result) -> dict[str, Any]:
+    """What `prune` prints: the allocation of the k entries, plus the basis scales carried across (when any)."""
+    from diffcli.report import allocation_report
+
+    report = allocation_report(result)
+    bases = result.diff.bases
+    if bases:
+        report["basis_scales"] = {"matrices": len(bases), "kept": sum(bs.nkept for bs in bases.values()),
+                                  "rank": sum(bs.rank for bs in bases.values())}
+    return report
+
+
+def render_prune(console, report: dict[str, Any]) -> None:
+    """`render_allocation`, and one line for the basis scales kept unchanged."""
+    from diffcli.report import render_allocation
+
+    render_allocation(console, report)
+    b = report.get("basis_scales")
+    if b:
+        console.print(f"basis scales kept unchanged (outside k): {b['kept']:,} of {b['rank']:,} bases on "
+                      f"{b['matrices']} matrices")

@@ -342,20 +342,46 @@ def test_merge_refuses_basis_records_without_a_base_with_one_line(models, tmp_pa
     assert not (tmp_path / "m.diff").exists()
 
 
-def test_prune_refuses_a_checkpoint_with_basis_scales_instead_of_dropping_them(models, tmp_path):
-    """The projection keeps δ only: pruning a basis checkpoint would silently lose its scales, so it is refused."""
+def test_prune_projects_the_sparse_delta_and_keeps_the_basis_scales(models, tmp_path):
+    """A double-pruned checkpoint: δ is projected to k = round(S·N) exactly as without scales; every scale survives."""
+    from diffcli.projection import project
+
     ckpt, out = tmp_path / "ckpt", tmp_path / "pruned"
     checkpoint.save(models["diff"], ckpt)
-    result = CliRunner().invoke(app, ["prune", str(ckpt), "-s", "1%", "-o", str(out)])
-    assert result.exit_code == 2
-    assert "basis scales" in result.stderr and "prune would drop" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
-    # the same diff without its scales prunes as before
-    plain = copy.copy(models["diff"])
+    result = CliRunner().invoke(app, ["prune", str(ckpt), "-s", "1%", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    source = checkpoint.load(ckpt)
+    kept = sum(bs.nkept for bs in source.bases.values())
+    assert report["basis_scales"] == {"matrices": len(MATRICES), "kept": kept,
+                                      "rank": sum(bs.rank for bs in source.bases.values())}
+    pruned = checkpoint.load(out)
+    assert sorted(pruned.bases) == sorted(source.bases)
+    for name, bs in source.bases.items():
+        got = pruned.bases[name]
+        assert got.rank == bs.rank and torch.equal(got.kept, bs.kept) and torch.equal(got.values, bs.values)
+        assert got.probe == bs.probe
+    plain = copy.copy(source)
     plain.bases = {}
-    checkpoint.save(plain, tmp_path / "plain")
-    assert CliRunner().invoke(app, ["prune", str(tmp_path / "plain"), "-s", "1%", "-o", str(out)]).exit_code == 0
-    assert checkpoint.load(out).nnz <= checkpoint.load(tmp_path / "plain").nnz
+    want = project(plain, 0.01).diff
+    assert report["kept"] == sum(t.nnz for t in want.tensors.values()) < sum(t.nnz for t in source.tensors.values())
+    for name, td in want.tensors.items():
+        assert torch.equal(pruned.tensors[name].dense(), td.dense()), name
+    assert pruned.nnz == report["kept"] + kept
+    human = CliRunner().invoke(app, ["prune", str(ckpt), "-s", "1%", "-o", str(tmp_path / "again")])
+    assert human.exit_code == 0 and f"basis scales kept unchanged (outside k): {kept:,}" in human.stdout
+    # the pruned checkpoint packs, verifies and rebuilds on its base, probe-checked
+    packed = tmp_path / "pruned.diff"
+    assert CliRunner().invoke(app, ["pack", str(out), "-o", str(packed), "--values", "fp32"]).exit_code == 0
+    assert CliRunner().invoke(app, ["verify", str(packed)]).exit_code == 0
+    merged = tmp_path / "merged"
+    applied = CliRunner().invoke(app, ["apply", str(models["base"]), str(packed), "-o", str(merged)])
+    assert applied.exit_code == 0, applied.output
+    from safetensors.torch import load_file
+
+    got, want = load_file(str(merged / "model.safetensors")), _expected_state(pruned, models["base"])
+    for target in pruned.bases:
+        assert torch.allclose(got[target].double(), want[target], atol=1e-5), target
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ def prune(
     """Keep exactly round(S·N) largest-magnitude diff entries and write a sparse checkpoint."""
     from diffcli.projection import parse_sparsity
     from diffcli.pruning import prune as run_prune
-    from diffcli.report import allocation_report, render_allocation
+    from diffcli.pruning import prune_report, render_prune
 
     out = Output(json_, quiet)
     result = run_prune(source, parse_sparsity(sparsity), output, base=base, scope=scope, force=force)
-    report = allocation_report(result)
-    out.result(report, lambda console: render_allocation(console, report))
+    report = prune_report(result)
+    out.result(report, lambda console: render_prune(console, report))
     out.info(f"wrote {output}")
