@@ -2,7 +2,8 @@
 
 Usage: torchrun ... tests/ddp_exit_probe.py RECORD_DIR ARGS...  Registered before diffprune runs, the probe's exit
 handler runs after any diffprune registers (last in, first out) and writes RECORD_DIR/rank-N.json.
-tests/test_ddp.py runs it: a group left joined at exit lets gloo's threads abort the rank (SIGABRT) now and then.
+tests/test_ddp.py runs it: a group left joined at exit lets gloo's threads abort the rank (SIGABRT) now and then; the
+record also shows that `diffprune`'s own exit path (os._exit after the handlers) still runs every handler.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from diffcli.cli.app import run
+from diffcli.cli.app import main
 
 record_dir = Path(sys.argv.pop(1))
 
@@ -26,4 +27,4 @@ def _record() -> None:
 
 
 atexit.register(_record)
-sys.exit(run())
+main()  # as `diffprune` does: under torchrun the exit handlers run, then os._exit

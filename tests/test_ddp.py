@@ -94,3 +94,33 @@ def test_swr_under_torchrun_every_rank_trains_the_same_units_and_rank_0_writes_o
     assert record["after_choice"]["same"] and record["after_fixed"]["same"], record
     assert record["after_choice"]["chosen"] == [i for i, u in enumerate(diff.meta["units"]) if u["chosen"]]
     assert record["fixed_losses"][0] != record["fixed_losses"][1]
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_rank_exits_after_its_handlers_without_interpreter_teardown(monkeypatch, world):
+    """Under torchrun `main` runs the exit handlers, flushes and os._exits with the command's code; alone, sys.exit."""
+    import atexit
+
+    from diffcli.cli import app
+
+    calls = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        calls.append(("os._exit", code))
+        raise Exited
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(sys, "argv", ["diffprune", "inspect", "no-such.diff"])
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append(("handlers",)))
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    if world == "2":
+        with pytest.raises(Exited):
+            app.main()
+        assert calls == [("handlers",), ("os._exit", 3)]  # handlers first, then the command's own exit code
+    else:
+        with pytest.raises(SystemExit) as exc:
+            app.main()
+        assert exc.value.code == 3 and calls == []

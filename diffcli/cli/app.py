@@ -106,4 +106,23 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    """`diffprune`: run one command and exit with its code."""
+    code = run()
+    from diffcli.dist import launched_world
+
+    if launched_world() > 1:
+        _exit_rank(code)
+    sys.exit(code)
+
+
+def _exit_rank(code: int) -> None:
+    """End a torchrun rank after its exit handlers, skipping the teardown in which gloo's threads may abort it."""
+    import atexit
+
+    atexit._run_exitfuncs()  # every handler still runs (train's leaves the process group), in the usual order
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken pipe: nothing more can reach it
+    os._exit(code)
