@@ -11,6 +11,13 @@ if TYPE_CHECKING:
     import torch
 
 
+def product(b: "torch.Tensor", a: "torch.Tensor") -> "torch.Tensor":
+    """A low-rank δ's B·A in float32 (the value every reader adds to the base, before the one cast to its dtype)."""
+    import torch
+
+    return torch.matmul(b.to(torch.float32), a.to(torch.float32))
+
+
 @dataclass
 class TensorDiff:
     """δ for one base tensor: sparse (sorted flat `indices` + `values`), dense (`values` of `shape`) or
@@ -61,8 +68,6 @@ class TensorDiff:
         import torch
 
         if self.is_lowrank:
-            from diffcli.lowrank import product
-
             return product(*self.factors).reshape(self.shape)
         if self.is_dense:
             return self.values.to(torch.float32).reshape(self.shape)

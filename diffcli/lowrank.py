@@ -9,31 +9,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from diffcli.diff import TensorDiff, product
 from diffcli.errors import FormatError, InvalidValueError
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from diffcli.diff import TensorDiff
-
 KIND = "lowrank"
 RECORD_LEN = 7
-
-
-def product(b: "torch.Tensor", a: "torch.Tensor") -> "torch.Tensor":
-    """B·A in float32 (the value every reader adds to the base, before the one cast to its dtype)."""
-    import torch
-
-    return torch.matmul(b.to(torch.float32), a.to(torch.float32))
 
 
 def make(base_name: str, shape: tuple[int, ...], dtype: str, digest: str, b: "torch.Tensor",
          a: "torch.Tensor") -> "TensorDiff":
     """A low-rank TensorDiff (factors stored float32, contiguous)."""
     import torch
-
-    from diffcli.diff import TensorDiff
 
     return TensorDiff(base_name, tuple(shape), dtype, digest, torch.zeros(0, dtype=torch.float32), None,
                       (b.detach().to(torch.float32).contiguous(), a.detach().to(torch.float32).contiguous()))

@@ -126,7 +126,8 @@ def project(diff: Diff, sparsity: float, scope: str = "global") -> Projection:
         allocation.append(Allocation(name, td.numel, int(s.values.numel()), int(m.sum())))
     meta = dict(diff.meta)
     meta["projection"] = {"sparsity": sparsity, "scope": scope, "k": k, "n": n_total}
-    out = Diff(tensors, dict(diff.extras), diff.config, diff.base_ref, diff.base_fingerprint, meta)
+    # basis scales (`--method basis`) are not δ entries: they stay as they are, outside k
+    out = Diff(tensors, dict(diff.extras), diff.config, diff.base_ref, diff.base_fingerprint, meta, dict(diff.bases))
     kept = sum(a.kept for a in allocation)
     return Projection(out, sparsity, scope, n_total, k, kept, allocation)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields
 
 from diffcli.errors import InvalidValueError
@@ -17,7 +16,6 @@ FIXMASK_STARTS = ("delta", "w")
 # How the budget fill ranks the entries the gates closed: P(z≠0)·|w| from the L0 phase, or the diagonal of the
 # empirical Fisher Σ(dL/dθ)² at the L0 model over --fill-samples training examples (Sung et al. 2021).
 FILLS = ("gates", "fisher")
-_BUDGET = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*")
 
 
 @dataclass
@@ -56,7 +54,7 @@ class TrainOptions:
     grad_clip: float = 1.0
     rank: int = 8  # swr: rank r of a matrix unit's candidate update B·A
     keep_bases: float | None = None  # basis: fraction of SVD bases kept after the scale phase (default 0.5)
-    budget: str | None = None  # hard cap on stored update parameters, "14000" or "0.05%" of N (`budget_count`)
+    budget: str | None = None  # hard cap on stored update parameters, "14000" or "0.05%" of N (`budget.budget_count`)
     basis_lr: float = 1e-3  # basis: AdamW learning rate of the scales a in the scale phase
     basis_embeddings: bool = False  # basis: also rewrite the embedding tables
     double_prune: bool = False  # basis: add a sparse δ of --sparsity on top of the scales (`train --sparsity`)
@@ -112,26 +110,3 @@ class TrainOptions:
 
 def option_names() -> list[str]:
     return [f.name for f in fields(TrainOptions)]
-
-
-def parse_budget(text: str | None) -> tuple[str, float] | None:
-    """'100000' → ('count', 100000); '0.5%' → ('fraction', 0.005); None stays None (the method's default)."""
-    if text is None:
-        return None
-    m = _BUDGET.fullmatch(str(text))
-    if not m:
-        raise InvalidValueError(f"--budget {text!r} is not a parameter count (100000) or a percentage (0.5%)")
-    value = float(m.group(1))
-    if m.group(2):
-        if not 0 < value <= 100:
-            raise InvalidValueError(f"--budget {text} must be a percentage in (0, 100]")
-        return "fraction", value / 100
-    if value != int(value):
-        raise InvalidValueError(f"--budget {text} must be a whole number of parameters (or a percentage)")
-    return "count", float(int(value))
-
-
-def budget_count(text: str, n: int) -> int:
-    """--budget as a number of parameters: the count itself, or round(fraction·n) (swr and basis both read it)."""
-    kind, value = parse_budget(text)
-    return round(value * n) if kind == "fraction" else int(value)

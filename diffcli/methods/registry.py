@@ -45,10 +45,8 @@ class TrainMethod(ABC):
 
     def check(self, opts: "TrainOptions") -> None:
         """Refuse options that this method does not take but that were changed from their default."""
-        from diffcli.train_options import TrainOptions
-
-        defaults = TrainOptions()
-        foreign = [f.name for f in fields(TrainOptions) if f.name not in SHARED_OPTIONS and f.name not in self.options
+        defaults = type(opts)()  # TrainOptions, taken from the instance: this package never imports train_options
+        foreign = [f.name for f in fields(opts) if f.name not in SHARED_OPTIONS and f.name not in self.options
                    and getattr(opts, f.name) != getattr(defaults, f.name)]
         if foreign:
             raise InvalidValueError(foreign_message(self.name, foreign))

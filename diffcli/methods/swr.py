@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from diffcli.errors import InvalidValueError
 from diffcli.methods.l0 import DensityController, gated_state, restore_gated
 from diffcli.methods.registry import TrainMethod, register
-from diffcli.train_options import budget_count, parse_budget
+from diffcli.budget import budget_count, parse_budget
 from diffcli.train_state import restore_rng, rng_tensors
 from diffcli.trainloop import (LinearDecay, adamw, clip, evaluate_on, fmt_metrics, forward_backward, main_score,
                                zero_grads)
