@@ -21,8 +21,7 @@ def prune(
     quiet: QuietOpt = False,
 ) -> None:
     """Keep exactly round(S·N) largest-magnitude diff entries and write a sparse checkpoint."""
-    from diffcli.projection import parse_sparsity
-    from diffcli.projection import prune as run_prune
+    from diffcli.projection import parse_sparsity, prune as run_prune
     from diffcli.pruning import prune_report, render_prune
 
     out = Output(json_, quiet)
