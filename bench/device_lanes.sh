@@ -8,7 +8,8 @@
 # stage1 copies part a to bench/work/device-keep (an ignored path: it stays there between calls while the machine is
 # warm) and installs the wheels.
 # stage2 reassembles the weights (checked against the manifest's SHA-256), runs QJOBS runs of the quality table and
-# MJOBS of the methods table at a time (one process per run, one CPU thread each, all on the GPU) for SECONDS,
+# MJOBS of the methods table at a time (one process per run, one CPU thread each, all on the GPU) for SECONDS
+# (QUALITY_ARGS and METHODS_ARGS add options to one table's lane only, e.g. QUALITY_ARGS="--tasks stsb,cola"),
 # then packs every entry that finished into $OUT/quality.tgz and $OUT/methods.tgz (bench/device_kit.py unpack).
 # A run still going at the deadline is lost. PY (default python3) is the interpreter; OUT defaults to /tmp/out;
 # KIT_DIR (default bench/work/device) and KIT_KEEP (default bench/work/device-keep) move the kit.
@@ -47,8 +48,10 @@ case "${1:-}" in
     for spec in "quality:$qjobs" "methods:$mjobs"; do
       table=${spec%%:*}; jobs=${spec##*:}
       [ "$jobs" -gt 0 ] || continue
+      extra=${QUALITY_ARGS:-}; [ "$table" = methods ] && extra=${METHODS_ARGS:-}
+      read -r -a extra <<<"$extra"
       timeout -k 15 "$seconds" "$py" bench/quality_v2.py --table "$table" --jobs "$jobs" --no-report \
-        --data-dir "$keep/glue" --work-dir "$work" --store-dir "bench/results/$table-v2-runs" "$@" \
+        --data-dir "$keep/glue" --work-dir "$work" --store-dir "bench/results/$table-v2-runs" "${extra[@]}" "$@" \
         >"$out/$table.log" 2>&1 &
       pids+=($!)
     done
