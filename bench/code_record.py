@@ -15,6 +15,13 @@ from pathlib import Path
 ROOTS = ("diffcli", "bench")
 # The measuring wrapper and this module decide nothing a run computes.
 NOT_CODE = ("bench/measured.py", "bench/code_record.py")
+# Scratch, not code: lanes' worktrees and the GPU kit (its stand-in model package and carried wheels, which a run
+# imports from bench/work/device-keep/site on the device machine).
+SCRATCH = "bench/work/"
+
+
+def _is_code(rel: str) -> bool:
+    return rel not in NOT_CODE and not rel.startswith(SCRATCH)
 
 
 class Snapshot:
@@ -44,7 +51,7 @@ class Snapshot:
         for top in roots:
             for f in sorted((self.root / top).rglob("*.py")):
                 rel = f.relative_to(self.root).as_posix()
-                if rel not in NOT_CODE:
+                if _is_code(rel):
                     out[rel] = self.digest(rel)
         return out
 
@@ -52,7 +59,7 @@ class Snapshot:
         """The recorded files whose content differs now (all of them when nothing was recorded)."""
         if not code:
             return ["(no code recorded)"]
-        return [rel for rel, h in sorted(code.items()) if self.digest(rel) != h]
+        return [rel for rel, h in sorted(code.items()) if _is_code(rel) and self.digest(rel) != h]
 
 
 def imported(root: Path, roots: tuple[str, ...] = ROOTS, extra: tuple[str, ...] = ()) -> list[str]:
@@ -66,7 +73,7 @@ def imported(root: Path, roots: tuple[str, ...] = ROOTS, extra: tuple[str, ...] 
         p = Path(path).resolve()
         if any(p.is_relative_to(t) for t in tops) and p.suffix == ".py":
             rel = p.relative_to(root).as_posix()
-            if rel not in NOT_CODE:
+            if _is_code(rel):
                 out.add(rel)
     return sorted(out)
 

@@ -31,7 +31,8 @@ TASK_FOLDERS = ("RTE", "MRPC", "STS-B", "CoLA")
 WHEELS = ("zstandard==0.25.0",)  # what diffcli imports that the device's image lacks (KINDS.md's package list)
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-CARRY_LIMIT = 64 * 2**20  # the working tree and the carried paths of one call together
+CARRY_LIMIT = 64 * 2**20
+SUBFOLDERS = ("", "refs", "sizes")  # a store's entries, and the methods table's reference diffs and byte fits  # the working tree and the carried paths of one call together
 
 
 def _sha256(path: Path) -> str:
@@ -122,21 +123,32 @@ def assemble(keep: Path, part_b: Path) -> Path:
     return keep / "model"
 
 
+def _stale(entry_bytes: bytes, snap) -> bool:
+    """Whether an entry's code record differs from this checkout's files (an unreadable entry counts as stale)."""
+    try:
+        return bool(snap.stale(json.loads(entry_bytes).get("code")))
+    except (ValueError, AttributeError):
+        return True
+
+
 def unpack(archive: Path, store: Path) -> dict:
-    """Extract the entries a device run packed into `store`: plain top-level *.json and *.diff files only, an
-    entry already here is kept (a lane here finished it too); returns what was added and skipped."""
-    added, kept, refused = [], [], []
+    """Extract the entries a device run packed into `store`: *.json and *.diff files at the top or in refs/ or sizes/
+    only. An entry already here is kept (a lane here finished it too) unless its code is stale and the device's is
+    not: then the device's entry and its .diff files replace it. Returns what was added, replaced, kept and refused."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import code_record
+
+    snap = code_record.Snapshot(REPO)
+    files, refused = {}, []
     with tarfile.open(archive, "r:gz") as tar:
         for m in tar.getmembers():
             name = m.name[2:] if m.name.startswith("./") else m.name
             if m.isdir() and name in ("", "."):
                 continue
-            if not m.isfile() or "/" in name or name.startswith(".") or not name.endswith((".json", ".diff")):
+            folder, _, leaf = name.rpartition("/")
+            if (not m.isfile() or folder not in SUBFOLDERS or not leaf or leaf.startswith(".")
+                    or not leaf.endswith((".json", ".diff"))):
                 refused.append(m.name)
-                continue
-            dest = store / name
-            if dest.exists():
-                kept.append(name)
                 continue
             data = tar.extractfile(m).read()
             if name.endswith(".json"):
@@ -145,12 +157,22 @@ def unpack(archive: Path, store: Path) -> dict:
                 except ValueError:  # a torn entry is refused, not cached
                     refused.append(m.name)
                     continue
-            store.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(dest)
-            added.append(name)
-    return {"added": sorted(added), "kept": sorted(kept), "refused": sorted(refused)}
+            files[name] = data
+    replace = {Path(n).stem for n, data in files.items() if n.endswith(".json") and (store / n).exists()
+               and _stale((store / n).read_bytes(), snap) and not _stale(data, snap)}
+    added, replaced, kept = [], [], []
+    for name, data in sorted(files.items()):
+        dest = store / name
+        if dest.exists() and Path(name).stem not in replace:
+            kept.append(name)
+            continue
+        (replaced if dest.exists() else added).append(name)
+        store.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
+    return {"added": added, "replaced": replaced, "kept": kept, "refused": sorted(refused)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model folder: {assemble(Path(a.keep).resolve(), Path(a.part_b))}")
         return 0
     got = unpack(Path(a.archive), REPO / "bench" / "results" / f"{a.table}-v2-runs")
-    print(f"added {len(got['added'])} entries, kept {len(got['kept'])} already here, refused {len(got['refused'])}"
+    print(f"added {len(got['added'])} entries, replaced {len(got['replaced'])} stale ones, kept {len(got['kept'])} "
+          f"already here, refused {len(got['refused'])}"
           + (f": {', '.join(got['refused'][:5])}" if got["refused"] else ""))
     return 0
 

@@ -10,7 +10,8 @@
 # stage2 reassembles the weights (checked against the manifest's SHA-256), runs QJOBS runs of the quality table and
 # MJOBS of the methods table at a time (one process per run, one CPU thread each, all on the GPU) for SECONDS
 # (QUALITY_ARGS and METHODS_ARGS add options to one table's lane only, e.g. QUALITY_ARGS="--tasks stsb,cola"),
-# then packs every entry that finished into $OUT/quality.tgz and $OUT/methods.tgz (bench/device_kit.py unpack).
+# then packs every entry that finished into $OUT/quality.tgz and $OUT/methods.tgz (bench/device_kit.py unpack), with
+# the methods table's reference .diff files (refs/) and byte fits (sizes/) that later runs are sized from.
 # A run still going at the deadline is lost. PY (default python3) is the interpreter; OUT defaults to /tmp/out;
 # KIT_DIR (default bench/work/device) and KIT_KEEP (default bench/work/device-keep) move the kit.
 set -euo pipefail
@@ -59,7 +60,8 @@ case "${1:-}" in
     for table in quality methods; do
       store=bench/results/$table-v2-runs
       [ -d "$store" ] || continue
-      (cd "$store" && find . -maxdepth 1 -type f \( -name '*.json' -o -name '*.diff' \) -newer "$keep/start" \
+      (cd "$store" && find . -maxdepth 2 -type f \( -name '*.json' -o -name '*.diff' \) -newer "$keep/start" \
+        \( -path './*' -a \( -regex '\./[^/]*' -o -path './refs/*' -o -path './sizes/*' \) \) \
         -printf '%P\n' | tar czf "$out/$table.tgz" -T -)
       echo "$table: $(tar tzf "$out/$table.tgz" | grep -c '\.json$' || true) entries packed; log: $table.log"
     done

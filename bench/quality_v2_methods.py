@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 
 import quality_v2 as q
@@ -36,7 +37,10 @@ LABELS = {"basis": "basis (own size)", "l0@basis": "l0 @ B_basis", "swr@basis": 
 LR_GRID = {m: (3e-4, 1e-3, 3e-3) for m in METHODS}  # the fixed-phase lr, as for the quality table's diffprune runs
 DOUBLE = {"basis2@lora"}
 LORA_RANK = 8
-L0_OVERSIZE = 1.25  # l0 trains at 1.25x the synthetic fit's sparsity, then is re-projected to its byte target
+L0_OVERSIZE = 1.25
+# --jobs threads share one lane: a size is computed once, and transformers' lazy import is not thread-safe
+# (two threads importing it at once raised "cannot import name AutoModelForSequenceClassification" on a GPU lane).
+_memo_lock = threading.Lock()  # l0 trains at 1.25x the synthetic fit's sparsity, then is re-projected to its byte target
 
 
 class MethodsProtocol(q.Protocol):
@@ -98,6 +102,17 @@ class MethodsSuite(q.Suite):
             return "the basis .diff bytes"
         return None
 
+    def cached(self, run: q.Run) -> dict | None:
+        """As the quality table's, but a reference basis run whose .diff is gone (neither its run folder's nor a
+        kept copy of its size: a device run that predates packing refs/, or a kept copy of an earlier run) is run
+        again: every sized run is fitted to that file."""
+        hit = super().cached(run)
+        g = LR_GRID["basis"]
+        if (hit is None or run.method != "basis" or run.lr != g[len(g) // 2] or run.seed != self.p.seeds[0]):
+            return hit
+        files = [Path(hit.get("diff_path") or ""), self.store / (hit.get("kept_diff") or "")]
+        return hit if any(f.is_file() and f.stat().st_size == hit.get("bytes") for f in files) else None
+
     def reference(self, task: str) -> dict | None:
         """The basis run every size refers to: first seed, middle lr (as lora-all's dp-l0 reference)."""
         g = LR_GRID["basis"]
@@ -135,12 +150,13 @@ class MethodsSuite(q.Suite):
 
     def _memo(self, name: str, compute) -> dict:
         path = self.store / "sizes" / f"{name}.json"  # with the entries: a later session has no .diff to refit
-        if path.is_file():
-            return json.loads(path.read_text())
-        value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        q._write_json_atomic(path, value)
-        return value
+        with _memo_lock:
+            if path.is_file():
+                return json.loads(path.read_text())
+            value = compute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            q._write_json_atomic(path, value)
+            return value
 
     def fit(self, s: dict, diff, packed_bytes: int) -> tuple[object, dict]:
         """An l0 diff over its byte target: re-projected (exact top-k, no retraining) to the largest density that fits."""
@@ -309,10 +325,11 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
           "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory the "
           "process's peak RSS on CPU (Python, torch and transformers included), torch's peak allocated on cuda.", ""]
     L += ["## Results (dev score; mean ± std over seeds, (n) seeds)", "",
-          "| task | " + " | ".join(LABELS[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+          "| task | ran on | " + " | ".join(LABELS[m] for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
     for t in tasks:
-        L.append(f"| {t} | " + " | ".join(report.cell_text(table[t][m]) for m in methods) + " |")
-    L += ["| **average** | " + " | ".join(report.averages(table, tasks, methods)) + " |", "",
+        L.append(f"| {t} | {report.task_devices(doc, t)} | "
+                 + " | ".join(report.cell_text(table[t][m]) for m in methods) + " |")
+    L += ["| **average** | | " + " | ".join(report.averages(table, tasks, methods)) + " |", "", report.DEVICE_NOTE, "",
           "Scores: GLUE metric ×100 (rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, "
           "cola Matthews). Floors (most frequent train label; stsb the mean): "
           + ", ".join(f"{t} {v:.2f}" for t, v in doc["majority"].items() if v is not None) + ".", ""]

@@ -99,7 +99,8 @@ def grid_cost(suite: Suite, task: str, method: str) -> dict:
         if hit is not None:
             out[f"{lr:g}"] = {"train_seconds": hit.get("train_seconds"), "peak_rss_bytes": hit.get("peak_rss_bytes"),
                               "cuda_peak_allocated": hit.get("cuda_peak_allocated"),
-                              "machine": machine_text(hit.get("machine")), "finished": hit.get("finished")}
+                              "machine": machine_text(hit.get("machine")), "device": hit.get("device"),
+                              "finished": hit.get("finished")}
     return out
 
 
@@ -159,6 +160,29 @@ def machine_legend(letters: dict) -> list[str]:
         lines.append("- ?: not recorded (entries finished before runs recorded their machine, 2026-12-02)")
     return ["Machines (train times compare only between runs on the same machine; memory and bytes do not depend "
             "on it):", ""] + lines + [""]
+
+
+def device_of(r: dict) -> str:
+    """Where a run trained: 'GPU' (under the bf16 autocast `diffprune train` and the baselines use on cuda), 'CPU'
+    (fp32), or '?' for an entry that recorded neither its machine nor its device."""
+    m = r.get("machine")
+    m = machine_text(m) if isinstance(m, dict) else m
+    if str(r.get("device") or "").startswith("cuda") or r.get("cuda_peak_allocated") or (m and not m.endswith("no GPU")):
+        return "GPU"
+    return "CPU" if m or r.get("device") == "cpu" else "?"
+
+
+def task_devices(doc: dict, task: str) -> str:
+    """The kinds of machine a task's finished runs (cells and lr grids) trained on, e.g. 'CPU fp32' or 'GPU bf16'."""
+    runs = [c["result"] for by_seed in doc["cells"][task].values() for c in by_seed.values() if c["result"]]
+    runs += [r for cell in doc["table"][task].values() for r in (cell.get("grid_cost") or {}).values()]
+    kinds = sorted({device_of(r) for r in runs}, key=("CPU", "GPU", "?").index)
+    return " + ".join({"CPU": "CPU fp32", "GPU": "GPU bf16", "?": "? (not recorded)"}[k] for k in kinds) or "—"
+
+
+DEVICE_NOTE = ("`ran on`: where the task's finished runs trained: CPU in fp32, or a lent GPU under the bf16 autocast "
+               "that `diffprune train` and the baselines use on cuda (bench/device_lanes.sh). A task's methods are "
+               "compared on one kind of machine unless its row names both.")
 
 
 def _by_machine(runs: list[dict], key: str) -> list:
@@ -314,13 +338,14 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "initialised as `train` does; LoRA via PEFT (dropout 0.1), BitFit and the head by freezing.", ""]
     # main table
     L += ["## Results (mean ± std over seeds, (n) seeds)", "",
-          "| task | metric floor | " + " | ".join(LABELS[m] for m in methods) + " |",
-          "|---|---|" + "---|" * len(methods)]
+          "| task | ran on | metric floor | " + " | ".join(LABELS[m] for m in methods) + " |",
+          "|---|---|---|" + "---|" * len(methods)]
     for t in tasks:
         row = [cell_text(table[t][m]) for m in methods]
         floor = doc["majority"].get(t)
-        L.append(f"| {t} | {'—' if floor is None else f'{floor:.2f}'} | " + " | ".join(row) + " |")
-    L += ["| **average** | | " + " | ".join(averages(table, tasks, methods)) + " |", "",
+        L.append(f"| {t} | {task_devices(doc, t)} | {'—' if floor is None else f'{floor:.2f}'} | "
+                 + " | ".join(row) + " |")
+    L += ["| **average** | | | " + " | ".join(averages(table, tasks, methods)) + " |", "", DEVICE_NOTE, "",
           "`metric floor`: always predicting the most frequent train label (stsb: the mean). Scores: GLUE metric ×100 "
           "(rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, cola Matthews).", ""]
     letters = machine_letters(doc)

