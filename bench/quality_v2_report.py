@@ -297,7 +297,22 @@ def tuning(p, table: dict, labels: dict, available=lambda m: True, letters: dict
                               for lr, s in c["grid"].items())
             none = "not run (method unavailable)" if not available(m) else "nothing yet"
             L.append(f"- {t} {labels[m]}: {tried or none}")
+    edges = grid_edges(p, table, labels)
+    if edges:
+        L += ["", "Chosen at an end of its grid (a better lr may lie beyond it; every method gets the same number of "
+              "lrs, so none gets another): " + "; ".join(edges) + "."]
     return L
+
+
+def grid_edges(p, table: dict, labels: dict) -> list[str]:
+    """'task method (lr, lowest|highest tried)' for every chosen lr that is the first or last of its grid."""
+    out = []
+    for t in p.tasks:
+        for m in p.methods:
+            lr, grid = table[t][m]["lr"], list(p.grid(m))
+            if lr is not None and len(grid) > 1 and lr in (grid[0], grid[-1]):
+                out.append(f"{t} {labels[m]} ({lr:g}, {'lowest' if lr == grid[0] else 'highest'} tried)")
+    return out
 
 
 def render(suite: Suite, doc: dict, commands: list[str]) -> str:

@@ -767,6 +767,20 @@ def test_a_reference_basis_run_whose_file_is_gone_or_another_runs_is_run_again(t
     assert suite.cached(q.Run("rte", "basis", 3e-3, 42)) is None  # never run; other basis runs need no file
 
 
+def test_report_names_every_lr_chosen_at_an_end_of_its_grid():
+    report = _load("quality_v2_report")
+    q = _load("quality_v2")
+    p = q.Protocol(tasks=["rte", "stsb"], methods=["full", "dp-l0", "head"])
+    table = {"rte": {"full": {"lr": 5e-5}, "dp-l0": {"lr": 3e-3}, "head": {"lr": None}},
+             "stsb": {"full": {"lr": 2e-5}, "dp-l0": {"lr": 1e-3}, "head": {"lr": 1e-2}}}
+    labels = {"full": "full FT", "dp-l0": "L0", "head": "head"}
+    assert report.grid_edges(p, table, labels) == [
+        "rte L0 (0.003, highest tried)", "stsb full FT (2e-05, lowest tried)", "stsb head (0.01, highest tried)"]
+    table = {t: {m: {**c, "grid": {}} for m, c in by_m.items()} for t, by_m in table.items()}
+    text = "\n".join(report.tuning(p, table, labels))
+    assert "Chosen at an end of its grid" in text and "rte L0 (0.003, highest tried)" in text
+
+
 def test_report_names_the_kind_of_machine_each_tasks_runs_trained_on():
     report = _load("quality_v2_report")
     cpu = {"cpu": "CPU X", "cores": 2, "threads": 1, "gpu": None}
