@@ -37,10 +37,10 @@ LABELS = {"basis": "basis (own size)", "l0@basis": "l0 @ B_basis", "swr@basis": 
 LR_GRID = {m: (3e-4, 1e-3, 3e-3) for m in METHODS}  # the fixed-phase lr, as for the quality table's diffprune runs
 DOUBLE = {"basis2@lora"}
 LORA_RANK = 8
-L0_OVERSIZE = 1.25
+L0_OVERSIZE = 1.25  # l0 trains at 1.25x the synthetic fit's sparsity, then is re-projected to its byte target
 # --jobs threads share one lane: a size is computed once, and transformers' lazy import is not thread-safe
 # (two threads importing it at once raised "cannot import name AutoModelForSequenceClassification" on a GPU lane).
-_memo_lock = threading.Lock()  # l0 trains at 1.25x the synthetic fit's sparsity, then is re-projected to its byte target
+_memo_lock = threading.Lock()
 
 
 class MethodsProtocol(q.Protocol):
