@@ -136,10 +136,29 @@ def _stale(entry_bytes: bytes, snap) -> bool:
         return True
 
 
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _kept_file_fits(entry_bytes: bytes, read) -> bool:
+    """Whether an entry's kept .diff (`kept_diff`, a methods table reference), if it names one, reads (through
+    `read`) as a file of the entry's size: the runs sized from it depend on that file."""
+    try:
+        entry = json.loads(entry_bytes)
+    except ValueError:
+        return False
+    kept = entry.get("kept_diff") if isinstance(entry, dict) else None
+    if not kept:
+        return True
+    data = read(kept)
+    return data is not None and len(data) == entry.get("bytes")
+
+
 def unpack(archive: Path, store: Path) -> dict:
     """Extract the entries a device run packed into `store`: *.json and *.diff files at the top or in refs/ or sizes/
-    only. An entry already here is kept (a lane here finished it too) unless its code is stale and the device's is
-    not: then the device's entry and its .diff files replace it. Returns what was added, replaced, kept and refused."""
+    only. An entry already here is kept (a lane here finished it too) unless its code is stale, or its kept reference
+    .diff is missing or another run's, and the device's entry is sound: then the device's entry and its .diff files
+    replace it. Returns what was added, replaced, kept and refused."""
     sys.path.insert(0, str(REPO / "bench"))
     import code_record
 
@@ -164,7 +183,9 @@ def unpack(archive: Path, store: Path) -> dict:
                     continue
             files[name] = data
     replace = {Path(n).stem for n, data in files.items() if n.endswith(".json") and (store / n).exists()
-               and _stale((store / n).read_bytes(), snap) and not _stale(data, snap)}
+               and not _stale(data, snap) and _kept_file_fits(data, lambda k: files.get(k))
+               and (_stale((store / n).read_bytes(), snap)
+                    or not _kept_file_fits((store / n).read_bytes(), lambda k: _read(store / k)))}
     added, replaced, kept = [], [], []
     for name, data in sorted(files.items()):
         dest = store / name

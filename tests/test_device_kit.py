@@ -126,6 +126,17 @@ def test_unpack_replaces_an_entry_whose_code_is_stale_with_the_devices_fresh_one
     assert (store / "rte-basis-s42-lr0.001-aaaa.diff").read_bytes() == b"NEW"
     assert json.loads((store / "rte-full-s42-lr5e-05-bbbb.json").read_text())["score"] == 2
     assert snap.stale(fresh) == [] and snap.stale(stale) == ["bench/scoring.py"]
+    # a methods reference whose kept .diff here is another run's file (another size): the device's sound pair wins
+    ref = {"score": 5, "code": fresh, "bytes": 3, "kept_diff": "refs/rte-basis-s42-lr0.001-eeee.diff"}
+    (store / "rte-basis-s42-lr0.001-eeee.json").write_text(json.dumps(ref))
+    (store / "refs" / "rte-basis-s42-lr0.001-eeee.diff").write_bytes(b"OLDER")
+    sound = _tgz(tmp_path / "r.tgz", {"rte-basis-s42-lr0.001-eeee.json": json.dumps(dict(ref, score=6)).encode(),
+                                      "refs/rte-basis-s42-lr0.001-eeee.diff": b"NEW"})
+    assert mod.unpack(sound, store)["replaced"] == ["refs/rte-basis-s42-lr0.001-eeee.diff",
+                                                    "rte-basis-s42-lr0.001-eeee.json"]
+    assert (store / "refs" / "rte-basis-s42-lr0.001-eeee.diff").read_bytes() == b"NEW"
+    torn_ref = _tgz(tmp_path / "t.tgz", {"rte-basis-s42-lr0.001-eeee.json": json.dumps(dict(ref, score=7)).encode()})
+    assert mod.unpack(torn_ref, store)["kept"] == ["rte-basis-s42-lr0.001-eeee.json"]  # ours is sound now
 
 
 def _lanes(tmp_path: Path, kit: Path, *args: str) -> subprocess.CompletedProcess:
