@@ -60,6 +60,7 @@ LR_GRID = {"full": (2e-5, 5e-5, 1e-4), "lora-qv": (5e-4, 1e-3, 2e-3), "lora-all"
 # Besides the library, the files this lane packs and scores a diffprune run with (scoring.py loads its model).
 SCORING_CODE = ("bench/scoring.py", "bench/baselines.py")
 _score_lock = threading.Lock()
+_rank_lock = threading.Lock()  # lora-all's rank, worked out once per (task, bytes) by one thread at a time
 
 
 @dataclass
@@ -175,6 +176,9 @@ class Suite:
         self.store = Path(store) if store is not None else work  # finished and failed runs' entries
         self.code = code_record.Snapshot(code_root)
         self._task_work: dict | None = None  # task_work(), read or measured when first needed
+        self._ranks: dict[tuple[str, int], int] = {}  # lora_all_rank()
+        self._rank_models: dict[str, object] = {}
+        self._match: dict[tuple[str, int], int] = {}  # match_bytes()
 
     # -------------------------------------------------------------------------------- settings and cache
     def settings(self, run: Run) -> dict | None:
@@ -193,7 +197,7 @@ class Suite:
                 ref = self.diff_bytes(run.task)
                 if ref is None:
                     return None
-                s["match_bytes"] = ref
+                s["match_bytes"] = self.match_bytes(run.task, ref)
         return s
 
     def waiting(self, task: str, method: str) -> str | None:
@@ -206,6 +210,38 @@ class Suite:
     def fit(self, s: dict, diff, packed_bytes: int) -> tuple[object, dict]:
         """The diff to score, fitted to a byte target if the table has one (here: as trained), and what was done."""
         return diff, {}
+
+    def match_bytes(self, task: str, ref: int) -> int:
+        """The bytes lora-all's settings name: the dp-l0 .diff's, or those earlier lora-all runs of the task were
+        matched to when they give the same rank. The bytes decide nothing but the rank, so a dp-l0 run retrained
+        into a file a few bytes off does not retrain LoRA at the rank it already has."""
+        if (task, ref) not in self._match:
+            earlier = sorted({st["match_bytes"] for e in self._stored() for st in [e.get("settings")]
+                              if isinstance(st, dict) and st.get("task") == task and st.get("method") == "lora-all"
+                              and st.get("match_bytes") and not self.code.stale(e.get("code"))})
+            same = [b for b in earlier if b == ref] or [b for b in earlier
+                                                       if self.lora_all_rank(task, b) == self.lora_all_rank(task, ref)]
+            self._match[(task, ref)] = same[0] if same else ref
+        return self._match[(task, ref)]
+
+    def lora_all_rank(self, task: str, match_bytes: int) -> int:
+        """The rank a lora-all run matched to `match_bytes` trains at, worked out as the run does (baselines.py)."""
+        with _rank_lock:
+            if (task, match_bytes) not in self._ranks:
+                from baselines import BaselineConfig, linear_modules, match_rank
+
+                from diffcli import tasks, weights
+                from diffcli.task_types import build_task_model
+
+                if task not in self._rank_models:
+                    self._rank_models[task] = build_task_model(weights.resolve_model(self.p.model),
+                                                               tasks.task_spec(task), 0)
+                tm = self._rank_models[task]
+                cfg = BaselineConfig(method="lora-all", task=task, model=self.p.model, match_bytes=match_bytes,
+                                     store="fp16-trained")
+                cfg.lora_targets = tuple(linear_modules(tm.model, tm.head))
+                self._ranks[(task, match_bytes)] = match_rank(tm.model, cfg, tm.head)[0]
+            return self._ranks[(task, match_bytes)]
 
     def diff_bytes(self, task: str) -> int | None:
         """The .diff file size lora-all is matched to: dp-l0 at the first seed and the middle fixed-mask lr."""
@@ -230,6 +266,29 @@ class Suite:
     def stale_entries(self) -> int:
         """Cached runs (finished or failed) that no longer count: a file their run imported has changed since."""
         return sum(bool(self.code.stale(e.get("code"))) for e in self._stored())
+
+    def unmatched_entries(self) -> int:
+        """Entries of current code that no run of the protocol names as it stands: a run sized from a reference that
+        is gone or changed (lora-all's dp-l0 .diff, the methods table's basis .diff). They count again if it returns."""
+        p, stems = self.p, set()
+        for task in p.tasks:
+            for m in p.methods:
+                for lr in p.grid(m):
+                    for seed in p.seeds:
+                        run = Run(task, m, lr, seed)
+                        s = self.settings(run) if self.available(m) else None
+                        if s is not None:
+                            stems.add(self.stem(run, s))
+        n = 0
+        for f in self.store.glob("*.json"):
+            stem = f.name[:-len(".failed.json")] if f.name.endswith(".failed.json") else f.stem
+            if stem in stems:
+                continue
+            try:
+                n += not self.code.stale(json.loads(f.read_text()).get("code"))
+            except (OSError, ValueError):
+                continue
+        return n
 
     def _stored(self):
         """Every entry in the store (finished and failed runs), parsed; unreadable files are skipped."""

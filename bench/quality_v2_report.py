@@ -75,6 +75,7 @@ def assemble(suite: Suite) -> dict:
     progress["hours_left"] = None if left_seconds is None else round(left_seconds[1] / 3600, 1)
     progress["hours_left_low"] = None if left_seconds is None else round(left_seconds[0] / 3600, 1)
     progress["stale"] = suite.stale_entries()
+    progress["unmatched"] = suite.unmatched_entries()
     means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
     sizes = {t: {m: table[t][m]["bytes"] for m in p.methods} for t in p.tasks}
     per_seed = {seed: rules.verdicts(sc, p.tasks, sizes=per_seed_sizes[seed]) for seed, sc in per_seed_scores.items()}
@@ -237,6 +238,9 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                 f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted)"
                 + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since, so "
                    "they run again" if doc["progress"].get("stale") else "")
+                + (f"; {doc['progress']['unmatched']} cached runs of current code match no run as the protocol "
+                   "stands (sized from a reference .diff that is gone or was retrained): they count again if it "
+                   "returns" if doc["progress"].get("unmatched") else "")
                 + (f"; the runs left need about {_hours_left(doc['progress'])} hours of one lane at the run times "
                    "measured so far (each task and method's longest run on this machine, else on any of its kind, "
                    "CPU or GPU; where a task has none, the method's runs on other tasks scaled by the ratios of "

@@ -276,10 +276,39 @@ def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_
     assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
     assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
     assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0,
-                               "hours_left": 0.0, "hours_left_low": 0.0}
+                               "unmatched": 0, "hours_left": 0.0, "hours_left_low": 0.0}
     executed.clear()
     suite.lane(wait_s=0)  # everything cached: nothing runs again
     assert executed == []
+
+
+def test_lora_all_keeps_its_runs_when_a_retrained_dp_l0_diff_gives_the_same_rank(tmp_path, monkeypatch):
+    """The .diff bytes decide only lora-all's rank: a dp-l0 file a few bytes off must not retrain it; another rank
+    must, and the runs of the old rank are then counted as matching no run."""
+    q, report, suite, executed = _fake_suite(tmp_path, monkeypatch)
+    monkeypatch.setattr(q.Suite, "lora_all_rank", lambda self, task, b: b // 1000)
+    suite.lane(wait_s=0)
+    ref = next(suite.work.glob("rte-dp-l0-s1-lr0.001-*.json"))
+
+    def retrain_reference(nbytes):
+        entry = json.loads(ref.read_text())
+        ref.write_text(json.dumps({**entry, "bytes": nbytes}))
+        fresh = q.Suite(suite.p, suite.work)
+        executed.clear()
+        return fresh
+
+    fresh = retrain_reference(5004)  # same rank (5): every lora-all run still counts
+    assert fresh.settings(q.Run("rte", "lora-all", 1e-3, 1))["match_bytes"] == 5000
+    assert report.assemble(fresh)["progress"]["unmatched"] == 0
+    fresh.lane(wait_s=0)
+    assert executed == []
+    fresh = retrain_reference(6000)  # another rank: lora-all trains again, matched to the new file
+    assert fresh.settings(q.Run("rte", "lora-all", 1e-3, 1))["match_bytes"] == 6000
+    assert report.assemble(fresh)["progress"]["unmatched"] == 5  # 3 lrs of seed 1, seeds 2 and 3
+    fresh.lane(wait_s=0)
+    assert sorted(e for e in executed if e[0] == "lora-all") == sorted(
+        [("lora-all", lr, 1, 6000) for lr in q.LR_GRID["lora-all"]]
+        + [("lora-all", q.LR_GRID["lora-all"][-1], seed, 6000) for seed in (2, 3)])
 
 
 def test_a_failed_run_is_recorded_not_retried_and_never_chosen(tmp_path, monkeypatch):
