@@ -136,22 +136,17 @@ def _stale(entry_bytes: bytes, snap) -> bool:
         return True
 
 
-def _read(path: Path) -> bytes | None:
-    return path.read_bytes() if path.is_file() else None
+def _kept_file_fits(entry_bytes: bytes, size_of) -> bool:
+    """Whether an entry that keeps a .diff (a methods table reference) has its own file there (`size_of(rel)`: a
+    size or None); entries that keep none pass."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from run_cache import kept_copy_fits
 
-
-def _kept_file_fits(entry_bytes: bytes, read) -> bool:
-    """Whether an entry's kept .diff (`kept_diff`, a methods table reference), if it names one, reads (through
-    `read`) as a file of the entry's size: the runs sized from it depend on that file."""
     try:
         entry = json.loads(entry_bytes)
     except ValueError:
         return False
-    kept = entry.get("kept_diff") if isinstance(entry, dict) else None
-    if not kept:
-        return True
-    data = read(kept)
-    return data is not None and len(data) == entry.get("bytes")
+    return not (isinstance(entry, dict) and entry.get("kept_diff")) or kept_copy_fits(entry, size_of)
 
 
 def unpack(archive: Path, store: Path) -> dict:
@@ -161,6 +156,7 @@ def unpack(archive: Path, store: Path) -> dict:
     replace it. Returns what was added, replaced, kept and refused."""
     sys.path.insert(0, str(REPO / "bench"))
     import code_record
+    from run_cache import file_size
 
     snap = code_record.Snapshot(REPO)
     files, refused = {}, []
@@ -183,9 +179,9 @@ def unpack(archive: Path, store: Path) -> dict:
                     continue
             files[name] = data
     replace = {Path(n).stem for n, data in files.items() if n.endswith(".json") and (store / n).exists()
-               and not _stale(data, snap) and _kept_file_fits(data, lambda k: files.get(k))
+               and not _stale(data, snap) and _kept_file_fits(data, lambda k: len(files[k]) if k in files else None)
                and (_stale((store / n).read_bytes(), snap)
-                    or not _kept_file_fits((store / n).read_bytes(), lambda k: _read(store / k)))}
+                    or not _kept_file_fits((store / n).read_bytes(), lambda k: file_size(store / k)))}
     added, replaced, kept = [], [], []
     for name, data in sorted(files.items()):
         dest = store / name

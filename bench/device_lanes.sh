@@ -61,7 +61,7 @@ case "${1:-}" in
       store=bench/results/$table-v2-runs
       [ -d "$store" ] || continue
       (cd "$store" && find . -maxdepth 2 -type f \( -name '*.json' -o -name '*.diff' \) -newer "$keep/start" \
-        \( -path './*' -a \( -regex '\./[^/]*' -o -path './refs/*' -o -path './sizes/*' \) \) \
+        \( -regex '\./[^/]*' -o -path './refs/*' -o -path './sizes/*' \) \
         -printf '%P\n' | tar czf "$out/$table.tgz" -T -)
       echo "$table: $(tar tzf "$out/$table.tgz" | grep -c '\.json$' || true) entries packed; log: $table.log"
     done

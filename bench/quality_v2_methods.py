@@ -28,6 +28,7 @@ from pathlib import Path
 
 import quality_v2 as q
 import quality_v2_rules as rules
+from run_cache import file_size, kept_copy_fits
 
 # method → (trainer method, byte target: None = its own size, "basis" = B_basis, "lora" = LoRA's adapter bytes)
 METHODS = {"basis": ("basis", None), "l0@basis": ("l0", "basis"), "swr@basis": ("swr", "basis"),
@@ -110,8 +111,8 @@ class MethodsSuite(q.Suite):
         g = LR_GRID["basis"]
         if (hit is None or run.method != "basis" or run.lr != g[len(g) // 2] or run.seed != self.p.seeds[0]):
             return hit
-        files = [Path(hit.get("diff_path") or ""), self.store / (hit.get("kept_diff") or "")]
-        return hit if any(f.is_file() and f.stat().st_size == hit.get("bytes") for f in files) else None
+        own = file_size(Path(hit.get("diff_path") or "")) == hit.get("bytes")
+        return hit if own or kept_copy_fits(hit, lambda rel: file_size(self.store / rel)) else None
 
     def reference(self, task: str) -> dict | None:
         """The basis run every size refers to: first seed, middle lr (as lora-all's dp-l0 reference)."""

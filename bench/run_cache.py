@@ -45,3 +45,15 @@ def claim(cache: Path) -> Path | None:
             fh.write(str(os.getpid()))
         return lock
     return None
+
+
+def file_size(path: Path) -> int | None:
+    """A file's size in bytes; None when there is no such file."""
+    return path.stat().st_size if path.is_file() else None
+
+
+def kept_copy_fits(entry: dict, size_of) -> bool:
+    """Whether a finished run's kept .diff (`kept_diff`, relative to its store; `size_of(rel)` gives its size or
+    None) is the run's own file, by its recorded `bytes`: runs sized from a reference depend on that very file."""
+    kept = entry.get("kept_diff")
+    return bool(kept) and size_of(kept) == entry.get("bytes")
