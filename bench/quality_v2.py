@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import functools
 import hashlib
 import json
 import os
@@ -39,8 +38,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import code_record  # noqa: E402
-import measured  # noqa: E402
 import quality_v2_rules as rules  # noqa: E402
+from run_times import RunTimes  # noqa: E402
 from run_cache import claim  # noqa: E402
 from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
 from scoring import majority_score, score_artifact  # noqa: E402
@@ -152,22 +151,7 @@ def trainer_methods() -> set[str]:
     return {"l0"} | {m for m in (*DIFFPRUNE.values(), "swr", "basis") if m in line}
 
 
-def _machine_key(m: dict | None) -> tuple | None:
-    """What makes two runs' times comparable: the CPU, its cores and the GPU (threads are one per lane)."""
-    return None if not m else (m.get("cpu"), m.get("cores"), m.get("gpu"))
-
-
-@functools.lru_cache(maxsize=None)
-def _this_machine() -> tuple | None:
-    """_machine_key of the machine this process runs on (its GPU too, when torch sees one)."""
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    return _machine_key(measured.machine(torch))
-
-
-class Suite:
+class Suite(RunTimes):
     """The protocol, its cache of finished runs, and the order runs become ready in."""
 
     def __init__(self, proto: Protocol, work: Path, code_root: Path = REPO, store: Path | None = None):
@@ -456,92 +440,6 @@ class Suite:
                 "density": diff.density, "l0_density_path": path,
                 "train_summary": {k: summary.get(k) for k in ("after_l0", "after_projection", "after_fixmask",
                                                               "epochs", "seconds")}}
-
-    def finished_times(self) -> list[tuple[str, str, float, int]]:
-        """(task, method, wall seconds, nearness) of every finished run that still counts; nearness 2: it ran on
-        this machine, 1: on another of the same kind (GPU or CPU), 0: on the other kind (a GPU run's minutes say
-        nothing of a CPU lane's hours)."""
-        here = _this_machine()
-        here_gpu = bool(here and here[2])
-
-        def nearness(e: dict) -> int:
-            key = _machine_key(e.get("machine"))
-            if key == here:
-                return 2
-            gpu = bool(key and key[2]) or str(e.get("device") or "").startswith("cuda")
-            return 1 if gpu == here_gpu else 0
-
-        return [(e.get("task"), e.get("method"), e["train_seconds"], nearness(e))
-                for e in self._stored()
-                if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code"))]
-
-    def task_work(self) -> dict[str, dict]:
-        """Each task's epoch in optimizer steps and padded tokens (bench/task_work.py, run once in its own process
-        so this lane imports nothing it would record; kept in the work folder); {} when the data is not at hand."""
-        if self._task_work is None:
-            p = self.p
-            key = {"data_dir": str(Path(p.data_dir).resolve()) if p.data_dir else "", "model": p.model,
-                   "max_seq_length": p.max_seq_length, "batch_size": p.batch_size, "tasks": sorted(p.tasks),
-                   "max_train_samples": p.max_train_samples, "max_eval_samples": p.max_eval_samples}
-            path = self.work / "task-work.json"
-            try:
-                kept = json.loads(path.read_text())
-            except (OSError, ValueError):
-                kept = {}
-            if kept.get("key") == key:
-                self._task_work = kept["work"]
-            elif not p.data_dir or not Path(p.data_dir).is_dir():
-                self._task_work = {}
-            else:
-                cmd = [sys.executable, str(REPO / "bench" / "task_work.py"), *p.tasks, "--data-dir", p.data_dir,
-                       "--model", p.model, "--max-seq-length", str(p.max_seq_length),
-                       "--batch-size", str(p.batch_size)]
-                cmd += ["--max-train-samples", str(p.max_train_samples)] if p.max_train_samples else []
-                cmd += ["--max-eval-samples", str(p.max_eval_samples)] if p.max_eval_samples else []
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-                    self._task_work = json.loads(proc.stdout) if proc.returncode == 0 else {}
-                except (subprocess.TimeoutExpired, ValueError):  # an estimate only: without it, times go unscaled
-                    self._task_work = {}
-                if self._task_work:
-                    self.work.mkdir(parents=True, exist_ok=True)
-                    _write_json_atomic(path, {"key": key, "work": self._task_work})
-        return self._task_work
-
-    def scale(self, src: str, dst: str) -> tuple[float, float]:
-        """(low, high) factor from a run time on task src to one on dst: the ratios of their steps and of their
-        padded tokens per epoch (task_work.py: a time that is a positive mix of the two lies between them); (1, 1)
-        for the same task or without figures."""
-        if src == dst:
-            return 1.0, 1.0
-        work = self.task_work()
-        a, b = work.get(src), work.get(dst)
-        if not a or not b or not a.get("steps") or not a.get("tokens"):
-            return 1.0, 1.0
-        ratios = (b["steps"] / a["steps"], b["tokens"] / a["tokens"])
-        return min(ratios), max(ratios)
-
-    def expected_range(self, run: Run, done: list | None = None) -> tuple[float, float] | None:
-        """A run's likely wall time, (low, high): the longest finished run of its task and method, else of its
-        method on other tasks (scaled by `scale`), else of its task, else any run (scaled); at each step a run on
-        this machine first (machines differ ~3x in speed), else on one of its kind (GPU or CPU); runs of the other
-        kind only when no level has one of this kind."""
-        done = self.finished_times() if done is None else done
-        levels = (lambda t, m: t == run.task and m == run.method, lambda t, m: m == run.method,
-                  lambda t, m: t == run.task, lambda t, m: True)
-        for nears in ((2, 1), (0,)):  # runs on the other kind (GPU for a CPU lane) only when nothing else is known
-            for same in levels:
-                for near in nears:
-                    times = [(sec, t) for t, m, sec, n in done if same(t, m) and n >= near]
-                    if times:
-                        scaled = [(sec * lo, sec * hi) for sec, t in times for lo, hi in [self.scale(t, run.task)]]
-                        return max(lo for lo, _ in scaled), max(hi for _, hi in scaled)
-        return None
-
-    def expected_seconds(self, run: Run, done: list | None = None) -> float | None:
-        """The high end of `expected_range`: a lane that trusts it does not start a run it cannot finish."""
-        got = self.expected_range(run, done)
-        return None if got is None else got[1]
 
     def lane(self, jobs: int = 1, wait_s: float = 30.0, hours: float | None = None) -> None:
         """Take ready runs until none is left; wait while other lanes hold runs that later ones depend on.

@@ -1,0 +1,126 @@
+"""bench/quality_v2_report.py: each run's machine, cost, versions and command, and lrs chosen at a grid's end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+from tests.conftest import load_bench
+from tests.quality_v2_fakes import fake_suite
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_runs_command_is_shown_relative_to_the_checkout_that_ran_it():
+    report = load_bench("quality_v2_report")
+    cmd = ("python /work/wt-x/bench/measured.py /work/wt-x/bench/work/v2/full/runs/r/usage.json -m diffcli train "
+           f"--data-dir /data/glue -o {REPO}/bench/work/v2/full/runs/r/ckpt")
+    assert report._brief({"score": 1.0, "command": cmd})["command"] == (
+        "python bench/measured.py bench/work/v2/full/runs/r/usage.json -m diffcli train --data-dir /data/glue "
+        "-o bench/work/v2/full/runs/r/ckpt")
+
+
+def test_report_letters_each_machine_and_marks_entries_without_one():
+    """Train times from two machines must not read as one comparison: each run's row names its machine."""
+    report = load_bench("quality_v2_report")
+    fast = {"cpu": "CPU X", "cores": 2, "threads": 1, "gpu": None}
+    slow = dict(fast, cpu="CPU Y")
+    runs = {"a": {"finished": "2026-01-02", "machine": fast}, "b": {"finished": "2026-01-01"},
+            "c": {"finished": "2026-01-03", "machine": slow}, "d": {"finished": "2026-01-04", "machine": dict(fast)}}
+    doc = {"cells": {"rte": {m: {"42": {"status": "ok", "result": report._brief(r)}} for m, r in runs.items()}}}
+    letters = report.machine_letters(doc)
+    assert letters == {None: "?", report.machine_text(fast): "A", report.machine_text(slow): "B"}
+    legend = "\n".join(report.machine_legend(letters))
+    assert "- A: CPU X, 2 cores, 1 thread(s), no GPU" in legend and "- B: CPU Y" in legend
+    assert "- ?: not recorded" in legend
+    assert "?: not recorded" not in "\n".join(report.machine_legend({report.machine_text(fast): "A"}))
+    # a run of an lr grid that no cell shows yet still gets its machine's letter, not '?'
+    grid_only = {"cells": {}, "table": {"rte": {"basis": {"grid_cost": {"0.001": {
+        "machine": report.machine_text(slow), "finished": "2026-01-05", "train_seconds": 60.0}}}}}}
+    assert report.machine_letters(grid_only) == {report.machine_text(slow): "A"}
+
+
+def test_a_cells_train_time_is_averaged_per_machine_never_across_two(tmp_path, monkeypatch):
+    """Seed 42 on a 3x slower machine and seeds 43, 44 here must read as two times, not their 45-min mean."""
+    q, report, suite, _executed = fake_suite(tmp_path, monkeypatch)
+    fast = {"cpu": "CPU F", "cores": 2, "threads": 1, "gpu": None}
+    minutes = {1: 80, 2: 24, 3: 28}  # per seed (full finetuning's chosen lr here is the grid's highest)
+    real = q.Suite._execute
+
+    def timed(self, run, s, run_dir):
+        out = real(self, run, s, run_dir)
+        if run.seed == 1:
+            return {**out, "train_seconds": 60.0 * minutes[1]}  # entries from before runs recorded a machine
+        return {**out, "train_seconds": 60.0 * minutes[run.seed], "machine": fast}
+
+    monkeypatch.setattr(q.Suite, "_execute", timed)
+    suite.lane(wait_s=0)
+    doc = report.assemble(suite)
+    c = doc["table"]["rte"]["full"]
+    assert c["train_seconds_by_machine"] == [[report.machine_text(fast), 26 * 60.0], [None, 80 * 60.0]]
+    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    row = next(ln for ln in text.splitlines() if ln.startswith("| rte | full FT |"))
+    assert "| 26.0 min (A); 80.0 min (?) |" in row and "44.0 min" not in row
+
+
+def test_report_shows_every_runs_cost_entries_and_versions(tmp_path, monkeypatch):
+    """Every run's time and memory (grid runs too), a diff's stored entries, the versions runs recorded."""
+    q, report, suite, _executed = fake_suite(tmp_path, monkeypatch)
+    monkeypatch.setattr(q, "trainer_methods", lambda: {"l0", "random"})
+    real = q.Suite._execute
+
+    def more(self, run, s, run_dir):
+        out = real(self, run, s, run_dir)
+        extra = {"peak_rss_bytes": int(2e9 + 1e6 * run.seed), "versions": {"python": "3.11", "torch": "9.9"}}
+        if run.method == "dp-random":  # 700 of k = 1000 stored (N = 200,000 at 0.5%)
+            extra.update(nnz=700, density=700 / 200_000)
+        return {**out, **extra}
+
+    monkeypatch.setattr(q.Suite, "_execute", more)
+    suite.lane(wait_s=0)
+    doc = report.assemble(suite)
+    assert doc["run_versions"] == [["python 3.11, torch 9.9", doc["progress"]["finished"]]]
+    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    assert f"Versions the runs recorded: python 3.11, torch 9.9 ({doc['progress']['finished']} runs)." in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| rte | random mask |"))
+    assert "| 700 (0.35%) |" in row
+    assert "rte 700 of k = 1,000 (0.35%)" in text
+    seed_row = next(ln for ln in text.splitlines() if ln.startswith("| rte | full FT | 2 |"))
+    assert "2002.00 MB RSS" in seed_row
+    tuning = next(ln for ln in text.splitlines() if ln.startswith("- rte full FT:"))
+    assert tuning.count("MB RSS") == len(suite.p.grid("full")) and "min ?" in tuning
+
+
+def test_report_names_every_lr_chosen_at_an_end_of_its_grid():
+    report = load_bench("quality_v2_report")
+    q = load_bench("quality_v2")
+    p = q.Protocol(tasks=["rte", "stsb"], methods=["full", "dp-l0", "head"])
+    table = {"rte": {"full": {"lr": 5e-5}, "dp-l0": {"lr": 3e-3}, "head": {"lr": None}},
+             "stsb": {"full": {"lr": 2e-5}, "dp-l0": {"lr": 1e-3}, "head": {"lr": 1e-2}}}
+    labels = {"full": "full FT", "dp-l0": "L0", "head": "head"}
+    assert report.grid_edges(p, table, labels) == [
+        "rte L0 (0.003, highest tried)", "stsb full FT (2e-05, lowest tried)", "stsb head (0.01, highest tried)"]
+    table = {t: {m: {**c, "grid": {}} for m, c in by_m.items()} for t, by_m in table.items()}
+    text = "\n".join(report.tuning(p, table, labels))
+    assert "Chosen at an end of its grid" in text and "rte L0 (0.003, highest tried)" in text
+
+
+def test_report_names_the_kind_of_machine_each_tasks_runs_trained_on():
+    report = load_bench("quality_v2_report")
+    cpu = {"cpu": "CPU X", "cores": 2, "threads": 1, "gpu": None}
+    gpu = dict(cpu, gpu="NVIDIA H200")
+    assert report.device_of({"machine": gpu}) == "GPU" and report.device_of({"machine": cpu}) == "CPU"
+    assert report.device_of(report._brief({"machine": gpu, "score": 1})) == "GPU"
+    assert report.device_of({"device": "cuda:0"}) == "GPU" and report.device_of({"device": "cpu"}) == "CPU"
+    assert report.device_of({"score": 1}) == "?"
+
+    def doc(cell_runs, grid_runs=()):
+        return {"cells": {"rte": {"full": {str(i): {"status": "ok", "result": r} for i, r in enumerate(cell_runs)}}},
+                "table": {"rte": {"full": {"grid_cost": {str(i): r for i, r in enumerate(grid_runs)}}}}}
+
+    assert report.task_devices(doc([{"machine": cpu}, {"device": "cpu"}]), "rte") == "CPU fp32"
+    assert report.task_devices(doc([{"machine": gpu}]), "rte") == "GPU bf16"
+    assert report.task_devices(doc([{"machine": gpu}], [{"machine": report.machine_text(cpu)}]),
+                               "rte") == "CPU fp32 + GPU bf16"
+    assert report.task_devices(doc([]), "rte") == "—"
+

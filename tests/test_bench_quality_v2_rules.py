@@ -1,0 +1,147 @@
+"""bench/quality_v2_rules.py: lr tuning, seed aggregation, the issue's targets and the default-mask rule."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.conftest import load_bench
+
+rep = load_bench("quality_v2_rules")
+
+
+def test_choose_lr_waits_for_the_whole_grid_and_never_picks_a_failed_run():
+    grid = (1e-3, 3e-3, 1e-2)
+    assert rep.choose_lr(grid, {1e-3: 50.0, 3e-3: 70.0}) is None          # 1e-2 not done yet
+    assert rep.choose_lr(grid, {1e-3: 50.0, 3e-3: None, 1e-2: 40.0}) == 1e-3  # 3e-3 failed
+    assert rep.choose_lr(grid, {1e-3: None, 3e-3: None, 1e-2: None}) is None
+    assert rep.choose_lr(grid, {1e-2: 60.0, 3e-3: 60.0, 1e-3: 55.0}) == 3e-3  # tie: the one listed first
+
+
+@given(st.lists(st.floats(-100, 100), min_size=1, max_size=5))
+def test_choose_lr_picks_the_first_best_score(scores):
+    grid = tuple(10.0 ** -(i + 1) for i in range(len(scores)))
+    chosen = rep.choose_lr(grid, dict(zip(reversed(grid), reversed(scores))))
+    assert chosen == grid[scores.index(max(scores))]
+
+
+@given(st.lists(st.one_of(st.none(), st.floats(-100, 100)), max_size=6))
+def test_mean_std_over_the_seeds_that_finished(values):
+    mean, std, n = rep.mean_std(values)
+    vals = [v for v in values if v is not None]
+    assert n == len(vals)
+    if not vals:
+        assert mean is None and std is None
+    else:
+        assert math.isclose(mean, statistics.mean(vals), abs_tol=1e-9)
+        assert (std is None) == (len(vals) < 2)
+        if std is not None:
+            assert math.isclose(std, statistics.stdev(vals), abs_tol=1e-9)
+
+
+def _scores(dp: dict, **others) -> dict:
+    tasks = list(dp)
+    out = {t: {"dp-l0": dp[t]} for t in tasks}
+    for m, vals in others.items():
+        for t in tasks:
+            out[t][m.replace("_", "-")] = vals[t]
+    return out
+
+
+def test_verdicts_follow_the_issue_targets():
+    tasks = ["rte", "mrpc", "stsb", "cola"]
+    dp = {"rte": 60.0, "mrpc": 80.0, "stsb": 85.0, "cola": 30.0}
+    # full is 0.4 ahead on average, 1.0 at most per task: both full-FT targets pass.
+    full = {"rte": 61.0, "mrpc": 80.6, "stsb": 85.0, "cola": 30.0}
+    lora_qv = {"rte": 59.0, "mrpc": 81.0, "stsb": 84.0, "cola": 29.0}   # dp wins 3 of 4, and on average
+    lora_all = {"rte": 50.0, "mrpc": 70.0, "stsb": 70.0, "cola": 20.0}  # the worse LoRA: not the one compared
+    bitfit = {"rte": 61.0, "mrpc": 81.0, "stsb": 84.0, "cola": 29.0}    # dp wins only 2 of 4
+    rnd = {"rte": 59.0, "mrpc": 79.0, "stsb": 84.0, "cola": 29.5}       # L0 0.875 ahead: < 1 pt
+    v = rep.verdicts(_scores(dp, full=full, lora_qv=lora_qv, lora_all=lora_all, bitfit=bitfit, dp_random=rnd), tasks)
+    assert v == {"avg_within_0.5_of_full": True, "no_task_below_1.5": True, "ahead_of_better_lora": True,
+                 "ahead_of_bitfit": False, "l0_1pt_over_random": False}
+    # One task 2 points below full: the per-task target fails, the average (−0.5) still passes.
+    full2 = dict(full, rte=62.0, mrpc=80.0)
+    v2 = rep.verdicts(_scores(dp, full=full2), tasks)
+    assert v2["no_task_below_1.5"] is False and v2["avg_within_0.5_of_full"] is True
+    assert v2["ahead_of_bitfit"] is None  # no BitFit cell: no verdict
+
+
+def test_ahead_of_targets_need_equal_or_fewer_stored_bytes_when_sizes_are_known():
+    """The issue's "ahead of LoRA and BitFit at equal or fewer stored bytes": a bigger .diff wins on score only."""
+    tasks = ["rte", "mrpc"]
+    dp, bitfit = {"rte": 62.0, "mrpc": 81.0}, {"rte": 56.0, "mrpc": 80.0}
+    lora_qv, lora_all = {"rte": 60.0, "mrpc": 80.0}, {"rte": 61.0, "mrpc": 80.5}
+    scores = _scores(dp, bitfit=bitfit, lora_qv=lora_qv, lora_all=lora_all)
+    sizes = {t: {"dp-l0": 295_000, "bitfit": 59_000, "lora-qv": 152_000, "lora-all": 266_000} for t in tasks}
+    assert rep.verdicts(scores, tasks)["ahead_of_bitfit"] is True                       # on score alone
+    v = rep.verdicts(scores, tasks, sizes=sizes)
+    assert v["ahead_of_bitfit"] is False                                               # 295 kB against 59 kB
+    assert v["ahead_of_better_lora"] is True      # lora-all is matched to the dp-l0 file: its budget is equal bytes
+    # a mask in dp-l0's place is held to the budget LoRA all-linear was matched to (dp-l0's file), not to its own
+    big = {t: dict(sizes[t], **{"dp-magnitude": 310_000, "dp-fisher": 215_000}) for t in tasks}
+    both = {t: dict(scores[t], **{"dp-magnitude": dp[t], "dp-fisher": dp[t]}) for t in tasks}
+    assert rep.verdicts(both, tasks, main="dp-magnitude", sizes=big)["ahead_of_better_lora"] is False
+    assert rep.verdicts(both, tasks, main="dp-fisher", sizes=big)["ahead_of_better_lora"] is True
+    # LoRA q,v better and smaller than the .diff: ahead on score is not ahead at equal bytes
+    qv = _scores(dp, bitfit=bitfit, lora_qv={"rte": 61.5, "mrpc": 80.9}, lora_all={"rte": 50.0, "mrpc": 70.0})
+    assert rep.verdicts(qv, tasks)["ahead_of_better_lora"] is True
+    assert rep.verdicts(qv, tasks, sizes=sizes)["ahead_of_better_lora"] is False
+    ratios = rep.bytes_ratios(scores, sizes, tasks)
+    assert ratios["ahead_of_better_lora"] == ("lora-all", 295_000 / 266_000)
+    assert ratios["ahead_of_bitfit"] == ("bitfit", 295_000 / 59_000)
+    # one task's size missing: no byte verdict, the score verdict stands
+    gap = {"rte": sizes["rte"], "mrpc": dict(sizes["mrpc"], bitfit=None)}
+    assert rep.verdicts(scores, tasks, sizes=gap)["ahead_of_bitfit"] is True
+    assert rep.bytes_ratios(scores, gap, tasks)["ahead_of_bitfit"] == ("bitfit", None)
+
+
+def _mask_means(l0: float, rnd: float, mag: float, fisher: float) -> dict:
+    """One task's means where full FT, LoRA and BitFit sit at 60, 58, 58, 55 (so a mask at >= 59.5 meets all)."""
+    return {"rte": {"full": 60.0, "lora-qv": 58.0, "lora-all": 58.0, "bitfit": 55.0, "dp-l0": l0, "dp-random": rnd,
+                    "dp-magnitude": mag, "dp-fisher": fisher}}
+
+
+def test_the_table_picks_the_default_mask_by_the_issues_rule():
+    tasks = ["rte"]
+    # L0 1.5 pt over random, no cheaper mask within 0.5: L0 stays
+    d = rep.default_mask(_mask_means(62.0, 60.5, 61.0, 61.4), tasks)
+    assert d["mask"] == "dp-l0" and d["l0_over_random"] is True
+    # Fisher within 0.5 of L0 and meeting the targets: the cheapest such mask wins (random is not within 0.5)
+    d = rep.default_mask(_mask_means(62.0, 60.5, 61.8, 61.6), tasks)
+    assert d["mask"] == "dp-fisher" and d["as_good_as_l0"] == {"dp-random": False, "dp-magnitude": True,
+                                                                "dp-fisher": True}
+    # L0 under 1 pt over random: the cheapest mask that meets the targets, here random itself
+    d = rep.default_mask(_mask_means(62.0, 61.2, 59.0, 59.0), tasks)
+    assert d["mask"] == "dp-random" and "not 1 pt ahead" in d["why"]
+    # no mask meets the targets (all far below full FT): the cheapest within 0.5 of the best average
+    d = rep.default_mask(_mask_means(50.0, 49.6, 49.0, 49.8), tasks)
+    assert d["mask"] == "dp-random" and not any(d["meets_targets"].values())
+    # a byte verdict can decide it: the Fisher file larger than LoRA all-linear's fails "ahead of the better LoRA"
+    sizes = {"rte": {"dp-l0": 290, "dp-random": 230, "dp-magnitude": 310, "dp-fisher": 400, "lora-qv": 150,
+                     "lora-all": 300, "bitfit": 59}}
+    d = rep.default_mask(_mask_means(62.0, 60.5, 61.8, 61.6), tasks, sizes)
+    assert d["meets_targets"]["dp-fisher"] is False
+    # a missing cell: undecided
+    means = _mask_means(62.0, 60.5, 61.0, 61.4)
+    means["rte"]["dp-fisher"] = None
+    assert rep.default_mask(means, tasks)["mask"] is None
+
+
+def test_pass_counts_count_only_seeds_with_every_cell():
+    per_seed = {42: {k: True for k, _ in rep.TARGETS}, 43: {k: False for k, _ in rep.TARGETS},
+                44: {k: None for k, _ in rep.TARGETS}}
+    per_seed[43]["ahead_of_bitfit"] = True
+    counts = rep.pass_counts(per_seed)
+    assert counts["avg_within_0.5_of_full"] == (1, 2)
+    assert counts["ahead_of_bitfit"] == (2, 2)
+
+
+def test_verdicts_need_every_task():
+    scores = {"rte": {"dp-l0": 60.0, "full": 59.0}, "mrpc": {"dp-l0": 80.0, "full": None}}
+    assert rep.verdicts(scores, ["rte", "mrpc"])["avg_within_0.5_of_full"] is None
+    assert rep.cheaper_masks({"rte": {"dp-l0": 60.0, "dp-random": 58.5}}, ["rte"])["dp-random"] == -1.5
+
