@@ -179,11 +179,13 @@ class DiffBank:
 
     # ------------------------------------------------------------------ adding tasks
 
-    def add(self, name: str, diff: Diff | str | Path, *, task_type: str | None = None) -> None:
+    def add(self, name: str, diff: Diff | str | Path, *, task_type: str | None = None,
+            source: str | None = None) -> None:
         """Register a task from a Diff or a path (`.diff` file or checkpoint); checks its base once, here.
 
         The task model's class follows `task_type`, else the type the diff records (its metadata or its
-        config's architecture): sequence classification, token classification or a causal LM.
+        config's architecture): sequence classification, token classification or a causal LM. Errors name
+        the diff by `source`, else its path, else the task name.
         """
         if not isinstance(name, str) or not name:
             raise InvalidValueError("a task name must be a non-empty string")
@@ -191,7 +193,7 @@ class DiffBank:
             raise InvalidValueError(f"task {name!r} is already in the bank", hint="pick another name")
         if self._depth:
             raise InvalidValueError(f"cannot add task {name!r} while task {self._active!r} is in use")
-        source = str(diff) if not isinstance(diff, Diff) else name
+        source = source or (str(diff) if not isinstance(diff, Diff) else name)
         if not isinstance(diff, Diff):
             from diffcli.sources import load_diff
 
@@ -234,7 +236,7 @@ class DiffBank:
         if differ:
             raise BaseMismatchError(f"{source} was made on another base than {self.base_ref} "
                                     f"({len(differ)} of {len(diff.tensors)} tensors differ, first {differ[0]})",
-                                    hint="add only diffs made on the bank's base")
+                                    hint=f"use the base it was made on ({diff.base_ref})")
 
     def _outside(self) -> "_BaseHeads":
         """The base folder's tensors, for those the bare encoder does not hold (opened once)."""

@@ -16,7 +16,7 @@ float32, so inputs of different kinds on one tensor combine exactly; the report 
 Basis scales (§11) need the base: with `base`, each basis record is resolved on it (digest and probe
 checked, `svd_basis.resolve_diff`) into the dense float32 δ = U·diag(σ⊙c)·Vᵀ + sparse δ that `apply` adds,
 then merged like any δ; the report lists them as `resolved`, with the largest probe error. Without a base
-they are refused.
+they are refused. A given base is checked against every input (names, shapes, digests), whatever it holds.
 
 Extras (heads and other whole tensors) cannot be summed across tasks meaningfully. Rule `first`
 (default): the merged diff takes the first input's extras and config, so it is a model for the first
@@ -141,15 +141,15 @@ def _checked_base(store, digests: dict[str, str], base, name: str, td: TensorDif
 
 def resolve_bases(diffs: Sequence[Diff], names: Sequence[str],
                   base: str | Path | None) -> tuple[list[Diff], list[str], float | None]:
-    """Every basis record folded into its dense δ on `base`, after the digest and probe checks (exit 5 on a miss).
+    """With `base`: every input checked against it (names, shapes, content digests; exit 5 on a miss) and every basis
+    record folded into its dense δ on it (probe-checked). Without it, basis records are refused.
 
     Returns the diffs, the resolved 'input:tensor' names and the largest relative probe error (None when no
-    input holds basis records; `base` is then not read). Without a base, basis records are refused.
+    input holds basis records).
     """
-    if not any(d.bases for d in diffs):
-        return list(diffs), [], None
     if base is None:
         refuse_bases(diffs, names)
+        return list(diffs), [], None
     from diffcli.svd_basis import resolve_diff
     from diffcli.weights import WeightStore, resolve_model
 
@@ -157,17 +157,20 @@ def resolve_bases(diffs: Sequence[Diff], names: Sequence[str],
     digests: dict[str, str] = {}  # base tensor → its content digest, computed once
     out: list[Diff] = []
     resolved: list[str] = []
-    worst = 0.0
+    worst = None
     try:
         for d, name in zip(diffs, names):
+            tds = {td.base_name: td for td in d.tensors.values()}
+            for td in tds.values():
+                if td.nnz or td.base_name in store:  # an empty record of a tensor the base lacks changes nothing
+                    _checked_base(store, digests, base, name, td)
             if not d.bases:
                 out.append(d)
                 continue
-            tds = {td.base_name: td for td in d.tensors.values()}
             r, err = resolve_diff(d, lambda b: _checked_base(store, digests, base, name, tds[b]))
             out.append(r)
             resolved += [f"{name}:{target}" for target in sorted(d.bases)]
-            worst = max(worst, err)
+            worst = max(worst or 0.0, err)
     finally:
         store.release()
     return out, resolved, worst

@@ -128,7 +128,7 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     from diffcli.evaluation import evaluate, pick_device
 
     bank = DiffBank(base, device=device if device is not None else pick_device())
-    bank.add(spec.name, diff, task_type=kind.name)
+    bank.add(spec.name, diff, task_type=kind.name, source=str(diff_path))
     tokenizer = kind.tokenizer(bank.folder)
     with bank.use(spec.name) as model:
         results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)

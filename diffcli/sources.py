@@ -6,7 +6,7 @@ from pathlib import Path
 
 from diffcli import checkpoint
 from diffcli.diff import Diff
-from diffcli.errors import InvalidValueError, NotFoundError
+from diffcli.errors import FormatError, NotFoundError
 
 
 def load_diff(path: str | Path) -> Diff:
@@ -16,7 +16,8 @@ def load_diff(path: str | Path) -> Diff:
         raise NotFoundError(f"{path} does not exist")
     if path.is_dir():
         if not checkpoint.is_checkpoint(path):
-            raise InvalidValueError(f"{path} is a folder but not a diff checkpoint (no {checkpoint.META_FILE})")
+            raise FormatError(f"{path} is a folder but not a diff checkpoint (no {checkpoint.META_FILE})",
+                              hint="pass a folder written by train or prune, or a .diff file")
         return checkpoint.load(path)
     from diffcli import artifact
 

@@ -111,6 +111,9 @@ def test_diff_for_another_base(env, tmp_path):
     res = runner.invoke(app, ["eval", str(other), str(root / "sst2.diff"), "--validation-file", str(data)])
     assert res.exit_code == 5
     assert "another base" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    # the message names the file the user passed (not the task) and the base the diff records (eval has no bank)
+    assert f"{root / 'sst2.diff'} was made on another base than {other}" in res.stderr
+    assert f"use the base it was made on ({env[2].base_ref})" in res.stderr and "bank" not in res.stderr
 
 
 def test_no_task_recorded_and_none_given(env, tmp_path):

@@ -85,6 +85,20 @@ def test_different_bases_are_refused(env, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_base_the_diffs_were_not_made_on_is_refused_whatever_they_hold(env, tmp_path):
+    """--base is checked against every input, not only when basis records need it: a wrong one is never ignored."""
+    root, base, _ = env
+    out = tmp_path / "x.diff"
+    args = ["merge", str(root / "d1.diff"), str(root / "d2.diff"), "-o", str(out), "--base"]
+    res = runner.invoke(app, [*args, str(root / "other")])
+    assert res.exit_code == 5, res.output
+    assert f"{root / 'd1.diff'} was made on another base than {root / 'other'}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
+    res = runner.invoke(app, [*args, str(base), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "basis_probe_error" not in json.loads(res.stdout) and out.exists()  # no basis record: no probe error
+
+
 @pytest.mark.parametrize("args, code, needle", [
     (["--weights", "1"], 2, "1 weights for 2 diffs"),
     (["--method", "mean"], 2, "method 'mean'"),

@@ -100,10 +100,11 @@ def test_pack_refuses_existing_output_unless_forced(setup, tmp_path):
     ("huge", 2, "fp16 range"),
     ("values", 2, "fp8"),
     ("nofolder", 2, "does not exist"),
+    ("model", 4, "is a folder but not a diff checkpoint"),  # as inspect and verify say of it: exit 4, not 2
 ])
 def test_pack_failures_leave_nothing_behind(setup, tmp_path, case, code, text):
-    src = {"missing": str(tmp_path / "nope"), "bad": str(setup["bad"]), "huge": str(setup["huge"])}.get(
-        case, str(setup["ckpt"]))
+    src = {"missing": str(tmp_path / "nope"), "bad": str(setup["bad"]), "huge": str(setup["huge"]),
+           "model": str(setup["base"])}.get(case, str(setup["ckpt"]))
     out = tmp_path / ("sub/d.diff" if case == "nofolder" else "d.diff")
     args = ["pack", src, "-o", str(out)] + (["--values", "fp8"] if case == "values" else [])
     _one_error_line(runner.invoke(app, args), code, text)

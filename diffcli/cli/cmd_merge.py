@@ -26,7 +26,7 @@ def merge(
                                         "fp32 (exact), int8, int4 or ternary (as pack).")] = "fp16",
     base: Annotated[Optional[str], typer.Option(
         "--base", "-b", help="Base the diffs were made on (folder, alias or hub id): needed to merge basis scales, "
-                             "which are rebuilt on it (probe-checked) into a dense δ.")] = None,
+                             "which are rebuilt on it (probe-checked) into a dense δ; checked against every input.")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
