@@ -63,6 +63,25 @@ def make_finetune(base: Path, folder: Path, seed: int = 1, num_labels: int = 2, 
     return folder
 
 
+def apply_sharded_in_small_chunks(base: Path, diff: Path, tmp: Path, monkeypatch) -> tuple[dict, dict, object]:
+    """`apply` of `diff` from a 20 KB-sharded copy of `base` into 20 KB shards through 200-byte chunks, and from the
+    one-file base at default chunks: (the first's tensors, the second's, the first's report)."""
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    from diffcli import applying
+
+    applying.apply_to_folder(str(base), diff, tmp / "single")
+    BertModel.from_pretrained(base).save_pretrained(tmp / "base-sharded", max_shard_size="20KB")
+    write_vocab(tmp / "base-sharded")
+    monkeypatch.setattr(applying, "_CHUNK_BYTES", 200)
+    report = applying.apply_to_folder(str(tmp / "base-sharded"), diff, tmp / "out", max_shard_size="20KB")
+    got: dict = {}
+    for f in sorted((tmp / "out").glob("model-*.safetensors")):
+        got.update(load_file(str(f)))
+    return got, load_file(str(tmp / "single" / "model.safetensors")), report
+
+
 @pytest.fixture
 def tiny_base(tmp_path: Path) -> Path:
     return make_base(tmp_path / "base")

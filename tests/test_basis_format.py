@@ -15,7 +15,7 @@ import torch
 import zstandard
 from typer.testing import CliRunner
 
-from conftest import make_base, make_finetune
+from conftest import apply_sharded_in_small_chunks, make_base, make_finetune
 from diffcli import artifact, checkpoint, svd_basis
 from diffcli.cli.app import app
 from diffcli.diff import BasisScales, TensorDiff
@@ -230,6 +230,16 @@ def test_apply_to_folder_rebuilds_base_plus_scales_plus_delta(models, tmp_path):
         assert torch.allclose(got[target].double(), want[target], atol=1e-5)
 
 
+def test_apply_from_a_sharded_base_into_shards_through_small_chunks_is_the_same_model(models, tmp_path,
+                                                                                      monkeypatch):
+    """The rebuilt basis tensors reach every shard and every 50-float chunk exactly as in one file at default chunks."""
+    path = tmp_path / "b.diff"
+    artifact.write(models["diff"], path)
+    got, want, report = apply_sharded_in_small_chunks(models["base"], path, tmp_path, monkeypatch)
+    assert report.shards > 2 and report.basis_probe_error is not None
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_apply_force_on_a_tampered_base_still_refuses_with_exit_5(models, tmp_path):
     """--force overrides the digest check, never the probe: the recomputed basis would be another."""
     from safetensors.torch import load_file, save_file
@@ -409,10 +419,14 @@ def test_merge_with_the_base_is_the_weighted_sum_of_the_resolved_deltas(models, 
     1e-5 relative): the inputs are float32 resolutions summed in float64 and cast once, so only rounding differs."""
     from diffcli.merging import merge
 
+    from test_lowrank import with_lowrank
+
     plain = copy.copy(models["diff"])  # the same sparse δ without scales: a basis record merged with a sparse one
     plain.bases = {}
+    query = next(t for t, td in plain.tensors.items() if td.base_name == MATRICES[0])
+    lowrank = with_lowrank(plain, query, 3, seed=4)  # a low-rank δ where the first input has basis scales
     weights = [0.5, -1.5]
-    for inputs in ((models["diff"], second), (second, plain)):
+    for inputs in ((models["diff"], second), (second, plain), (models["diff"], lowrank)):
         result = merge(list(inputs), weights, base=models["base"], names=["a", "b"])
         assert not result.diff.bases  # every basis record is folded into a sparse record
         scaled = sum(len(d.bases) for d in inputs)
@@ -537,7 +551,7 @@ def test_lying_basis_records_are_refused(models, tmp_path, mutate, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_scale_values_that_are_not_finite_are_refused_at_pack_and_at_read(models):
+def test_scale_values_that_are_not_finite_are_refused_at_pack_and_at_read(models, tmp_path):
     diff = models["diff"]
     name = sorted(diff.bases)[0]
     bs = diff.bases[name]
@@ -566,8 +580,18 @@ def test_scale_values_that_are_not_finite_are_refused_at_pack_and_at_read(models
     blobs["values"] = planes.tobytes()
     header["streams"]["values"].update(codec="raw", length=len(blobs["values"]),
                                        sha256=hashlib.sha256(blobs["values"]).hexdigest())
+    planted = build_v2(header, b"".join(blobs[s] for s in streams))
     with pytest.raises(FormatError, match="NaN"):
-        artifact.loads(build_v2(header, b"".join(blobs[s] for s in streams)))
+        artifact.loads(planted)
+    # through the CLI: one line, exit 4, nothing written
+    bad = tmp_path / "nan.diff"
+    bad.write_bytes(planted)
+    for args in (["verify", str(bad)], ["apply", str(models["base"]), str(bad), "-o", str(tmp_path / "merged")],
+                 ["pack", str(bad), "-o", str(tmp_path / "again.diff")]):
+        res = CliRunner().invoke(app, args)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 4 and len(lines) == 1 and "NaN" in lines[0], (args, res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.diff"]
 
 
 def test_fuzz_mutated_basis_files_give_typed_errors_or_consistent_diffs(models):

@@ -104,6 +104,25 @@ def test_basis_train_pack_verify_apply_reproduces_the_trained_model(trained):
     assert result["metrics"]["validation"] == summary["after_fixmask"]["metrics"]["validation"]
 
 
+def test_basis_embeddings_adds_the_embedding_tables_and_they_rebuild_from_the_base(trained, tmp_path):
+    """--basis-embeddings (off by default, METHODS.md): the word, position and token-type tables get scales too,
+    and `apply` rebuilds them from the base's SVD, as `eval` and the in-memory apply do."""
+    base = trained["base"]
+    summary = json.loads(run("train", *trained["data"], "--method", "basis", "--keep-bases", "0.5",
+                             "--basis-embeddings", *FAST, "-o", str(tmp_path / "ckpt"), "--json").stdout)
+    diff = checkpoint.load(tmp_path / "ckpt")
+    tables = sorted(n for n in diff.bases if "embeddings" in n)
+    assert [n.split(".")[-2] for n in tables] == ["position_embeddings", "token_type_embeddings", "word_embeddings"]
+    assert summary["bases"]["matrices"] == len(diff.bases) == 2 * 6 + 1 + 3
+    assert diff.meta["method_options"]["basis_embeddings"] is True
+    assert any(float(diff.bases[n].values.abs().max()) > 0 for n in tables)  # the tables' scales moved from 1
+    packed = tmp_path / "e.diff"
+    run("pack", str(tmp_path / "ckpt"), "-o", str(packed), "--values", "fp32")
+    applied = json.loads(run("apply", str(base), str(packed), "-o", str(tmp_path / "merged"), "--json").stdout)
+    assert applied["basis_probe_error"] < 1e-9
+    assert torch.allclose(_logits(tmp_path / "merged", TEXTS), _in_memory_logits(base, diff, TEXTS), atol=1e-5)
+
+
 def test_double_pruning_puts_both_kinds_in_one_file(trained):
     root, base = trained["root"], trained["base"]
     diff = checkpoint.load(root / "double")

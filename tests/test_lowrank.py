@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from typer.testing import CliRunner
 
-from conftest import make_base, make_finetune
+from conftest import apply_sharded_in_small_chunks, make_base, make_finetune
 from diffcli import artifact, checkpoint, lowrank
 from diffcli.cli.app import app
 from diffcli.diff import Diff
@@ -314,6 +314,21 @@ def test_apply_streams_w_plus_ba_in_float32_cast_once(env, tmp_path):
             assert torch.equal(got[name], want), name
 
 
+def test_apply_from_a_sharded_base_into_shards_through_small_chunks_is_the_same_model(env, tmp_path, monkeypatch):
+    """Chunks of 50 floats cut the 32-wide rows of B·A mid-row: every entry is the whole product's to float32
+    rounding (a matmul of a row block may round an entry otherwise, FORMAT.md §10), and every other tensor, from a
+    sharded base into shards, is bit for bit the one-file result."""
+    root, base, _sparse, _diff = env
+    got, want, report = apply_sharded_in_small_chunks(base, root / "lr.diff", tmp_path, monkeypatch)
+    assert report.shards > 2
+    assert set(got) == set(want)
+    for k in want:
+        if k in (QUERY, EMB):
+            torch.testing.assert_close(got[k], want[k], rtol=2 ** -22, atol=2 ** -30)  # an ulp of B·A, no more
+        else:
+            assert torch.equal(got[k], want[k]), k
+
+
 def test_apply_in_memory_and_revert_bit_for_bit(env):
     from transformers import BertForSequenceClassification
 
@@ -370,6 +385,20 @@ def test_merge_of_sparse_and_lowrank_on_one_tensor_is_exact(env, tmp_path):
         want = (0.5 * diff.tensors[name].dense().double() + 2 * sparse.tensors[name].dense().double()).float()
         assert not merged.tensors[name].is_lowrank
         assert torch.equal(merged.tensors[name].dense(), want)
+
+
+def test_merge_of_two_lowrank_records_on_one_tensor_is_exact(env):
+    """FORMAT.md §10: two low-rank δ on one tensor (ranks 4 and 2, 3 and 5) are densified and summed exactly."""
+    from diffcli.merging import merge
+
+    _root, _base, sparse, diff = env
+    other = with_lowrank(with_lowrank(sparse, QUERY, 2, seed=7), EMB, 5, seed=8)
+    result = merge([diff, other], [0.5, -2.0], names=["a", "b"])
+    assert sorted(result.report["densified"]) == sorted(f"{w}:{n}" for w in "ab" for n in (EMB, QUERY))
+    for name in (QUERY, EMB):
+        want = (0.5 * diff.tensors[name].dense().double() - 2 * other.tensors[name].dense().double()).float()
+        assert not result.diff.tensors[name].is_lowrank
+        assert torch.equal(result.diff.tensors[name].dense(), want), name
 
 
 def test_prune_projects_the_product_exactly(env):

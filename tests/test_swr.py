@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffcli import artifact, checkpoint
+from diffcli import checkpoint
 from diffcli.cli.app import app
 from diffcli.errors import InvalidValueError
 from diffcli.methods.swr import Unit, choose, parse_budget, plan_units
@@ -244,3 +244,77 @@ def test_swr_best_snapshot_round_trips_through_the_resumable_state():
     for i, f in best["factors"].items():
         assert len(back["factors"][i]) == len(f) and all(torch.equal(x, y) for x, y in zip(f, back["factors"][i]))
     assert all(torch.equal(best["head"][n], back["head"][n]) for n in best["head"])
+
+
+def _swr_pruner(tiny_base, **kw):
+    """A library pruner of `--method swr` on the tiny base (dropout off, so two passes over a batch agree)."""
+    from transformers import BertForSequenceClassification
+
+    from diffcli.api import DiffPruner
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny_base, num_labels=2).eval()
+    pruner = DiffPruner(model, str(tiny_base), method="swr", **{"rank": 2, "budget": "3000", **kw})
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(5, 30, (4, 9), generator=g),
+             "attention_mask": torch.ones(4, 9, dtype=torch.long), "labels": torch.tensor([0, 1, 1, 0])}
+    return model, pruner, batch
+
+
+def test_the_surrogate_gives_autograd_gradients_of_the_factors_and_the_gates(tiny_base):
+    """METHODS.md (swr): dL/dB, dL/dA, dL/dδ and dL/dz from dL/dθ via Σ_u z_u·⟨Δ_u, G_u⟩, ⟨B·A, G⟩ = ⟨B, G·Aᵀ⟩,
+    equal autograd through θ = θ₀ + z·Δ; B (and δ) start nonzero here, so A's gradient is not trivially 0."""
+    from torch.func import functional_call
+
+    model, pruner, batch = _swr_pruner(tiny_base)
+    tr = pruner.phase
+    every = list(range(len(tr.units)))
+    with torch.no_grad():
+        for f in tr.factors:
+            f[0].normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    z = torch.linspace(0.1, 0.9, len(tr.units))
+    tr.write_(z.tolist(), every)
+    tr.flat.zero_grad()
+    model(**batch).loss.backward()
+    zs = z.clone().requires_grad_(True)
+    tr.surrogate(zs, every).backward()
+    got = [t.grad.clone() for t in tr.every] + [zs.grad]
+
+    leaves = [[t.detach().clone().requires_grad_(True) for t in f] for f in tr.factors]
+    za = z.clone().requires_grad_(True)
+    params = {}
+    for i, (name, shape, a, b) in enumerate(zip(tr.flat.names, tr.flat.shapes, tr.flat.offsets, tr.flat.offsets[1:])):
+        delta = leaves[i][0] @ leaves[i][1] if len(leaves[i]) == 2 else leaves[i][0]
+        params[name] = tr.flat.theta0[a:b].view(shape) + za[i] * delta.reshape(shape)
+    functional_call(model, params, args=(), kwargs=batch).loss.backward()
+    want = [t.grad for f in leaves for t in f] + [za.grad]
+    assert {u.kind for u in tr.units} == {"lowrank", "dense"} and len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert any(float(t.grad.abs().sum()) > 0 for f in tr.factors if len(f) == 2 for t in f[1:])  # dL/dA tested
+
+
+def test_the_multiplier_pulls_the_expected_cost_to_the_budget(tiny_base):
+    """swr's λ (the l0 method's DensityController on E[cost] = Σ_u P(z_u ≠ 0)·c_u) rises while the expected cost is
+    over its schedule and falls once it is under: the cost comes down to the budget, which the same λ₀ without the
+    controller does not reach in the same steps."""
+    def run(**kw):
+        model, pruner, batch = _swr_pruner(tiny_base, budget="300", alpha_lr=0.2, total_steps=60, **kw)
+        tr = pruner.phase
+        start, path = tr.expected_density() * tr.n, []
+        for _ in range(80):
+            pruner.begin()
+            model(**batch).loss.backward()
+            path.append(pruner.finish())
+        return tr, start, path
+
+    tr, start, path = run()
+    assert start > 10 * tr.budget and not tr.fits_all                 # every unit on at first: far over the cap
+    lams, costs = [p["lambda"] for p in path], [p["expected_cost"] for p in path]
+    top = lams.index(max(lams))
+    assert lams[top] > 100 * lams[0] and costs[top] > tr.budget         # λ rose while the cost was over
+    assert min(costs) <= tr.budget                                      # the cost came down to the budget
+    assert lams[-1] < lams[top] / 100 and costs[-1] < tr.budget         # under it, λ eased off again
+    _, _, fixed = run(controller=False)
+    assert fixed[-1]["lambda"] == fixed[0]["lambda"]
+    assert min(p["expected_cost"] for p in fixed) > 2 * tr.budget
