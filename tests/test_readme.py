@@ -84,3 +84,18 @@ def test_readme_swr_and_basis_api_example_runs(tmp_path, monkeypatch, capsys):
     assert scales > 0 and basis.nnz - scales == round(0.001 * basis.budget_numel)
     for diff in (swr, basis):
         assert artifact.loads(artifact.pack(diff, "fp32")).nnz == diff.nnz
+
+
+def test_the_readmes_benchmark_progress_is_the_committed_tables():
+    """A figure the README quotes comes from a results file: the runs each table holds, as its JSON counts them."""
+    import json
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    results = README.parent / "bench" / "results"
+    quality = json.loads((results / "quality-v2.json").read_text())["progress"]
+    methods = json.loads((results / "methods-v2.json").read_text())["progress"]
+    held = re.search(r"`bench/results/quality-v2\.md`.*? it holds (\d+) of its (\d+) runs", text)
+    counted = re.search(r"`bench/results/methods-v2\.md`\); so far (\d+) of its (\d+) full-protocol runs", text)
+    assert held and counted, "the README's quality paragraph no longer says how many runs each table holds"
+    assert (int(held[1]), int(held[2])) == (quality["finished"], quality["planned"])
+    assert (int(counted[1]), int(counted[2])) == (methods["finished"], methods["planned"])
