@@ -293,6 +293,7 @@ class DiffBank:
         tied = {k for k, v in model.named_parameters(remove_duplicate=False) if id(v) in shared}
         head_keys = [k for k in model.state_dict() if not k.startswith(prefix + ".") and k not in tied]
         head_state, own = {}, []
+        dtype = next(self.encoder.parameters()).dtype  # the task model runs in the shared encoder's dtype
         for key in head_keys:
             expect = tuple(model.state_dict()[key].shape)
             t = diff.extras.get(key)
@@ -307,7 +308,7 @@ class DiffBank:
             if tuple(t.shape) != expect:
                 raise BaseMismatchError(f"{source}'s head does not fit its config: {key} has shape {list(t.shape)}, "
                                         f"num_labels={cfg.num_labels} needs {list(expect)}")
-            head_state[key] = t
+            head_state[key] = t.to(dtype) if t.is_floating_point() else t  # a head saved in another dtype
         model.load_state_dict(head_state, strict=False, assign=True)
         left = [k for k, v in model.state_dict().items() if v.is_meta]
         if left:

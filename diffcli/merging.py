@@ -91,23 +91,32 @@ def _check_options(n: int, weights: Sequence[float] | None, method: str, extras:
     return w
 
 
-def check_same_base(diffs: Sequence[Diff], names: Sequence[str]) -> None:
-    """Every input must name the same base: equal fingerprints, and equal shape/digest per base tensor."""
+def check_same_base(diffs: Sequence[Diff], names: Sequence[str], base: str | Path | None = None) -> None:
+    """Every input must name the same base: equal shape and digest for every base tensor two inputs share.
+
+    Equal fingerprints say so at once. Fingerprints hash a diff's own tensors' digests (docs/FORMAT.md §6), so two
+    diffs of one base that cover different tensors (a classifier with the pooler, a tagger without) differ there;
+    they merge when the tensors they share agree and they share one, or when `base` is given (every input is then
+    checked against it, `resolve_bases`).
+    """
     first = diffs[0]
-    for d, name in zip(diffs[1:], names[1:]):
-        if d.base_fingerprint != first.base_fingerprint:
-            raise BaseMismatchError(f"{name} was made on another base than {names[0]} "
-                                    f"({d.base_fingerprint[:19]}… vs {first.base_fingerprint[:19]}…)",
-                                    hint="merge only diffs made on the same base model")
     seen: dict[str, tuple[tuple[int, ...], str, str]] = {}
     for d, name in zip(diffs, names):
         for td in d.tensors.values():
             key = (tuple(td.shape), td.digest, name)
             prev = seen.setdefault(td.base_name, key)
             if prev[:2] != key[:2]:
-                raise BaseMismatchError(f"{name} and {prev[2]} disagree on base tensor {td.base_name!r} "
-                                        f"(shape or content differs)",
+                raise BaseMismatchError(f"{name} was made on another base than {prev[2]}: they disagree on base "
+                                        f"tensor {td.base_name!r} (shape or content)",
                                         hint="merge only diffs made on the same base model")
+    if base is not None:
+        return
+    for d, name in zip(diffs[1:], names[1:]):
+        shared = {td.base_name for td in d.tensors.values()} & {td.base_name for td in first.tensors.values()}
+        if d.base_fingerprint != first.base_fingerprint and not shared:
+            raise BaseMismatchError(f"{name} and {names[0]} share no base tensor and their base fingerprints differ "
+                                    f"({d.base_fingerprint[:19]}… vs {first.base_fingerprint[:19]}…)",
+                                    hint="pass --base BASE to check both against the base they were made on")
 
 
 def refuse_bases(diffs: Sequence[Diff], names: Sequence[str]) -> None:
@@ -174,6 +183,20 @@ def resolve_bases(diffs: Sequence[Diff], names: Sequence[str],
     finally:
         store.release()
     return out, resolved, worst
+
+
+def _densify(diff: Diff, name: str) -> tuple[Diff, list[str]]:
+    """Every low-rank record as the sparse record of the nonzeros of B·A (float32), and their 'input:tensor' names."""
+    low = [t for t, td in diff.tensors.items() if td.is_lowrank]
+    if not low:
+        return diff, []
+    tensors = dict(diff.tensors)
+    for t in low:
+        td = tensors[t]
+        idx, val = _sparse_nonzero(td)
+        tensors[t] = TensorDiff(td.base_name, td.shape, td.dtype, td.digest, val, idx)
+    out = Diff(tensors, diff.extras, diff.config, diff.base_ref, diff.base_fingerprint, diff.meta, dict(diff.bases))
+    return out, [f"{name}:{t}" for t in low]
 
 
 def _trim(diff: Diff, density: float) -> Diff:
@@ -266,8 +289,12 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     """Merge diffs made on one base into one sparse diff (see the module docstring for the maths)."""
     names = list(names) if names is not None else [f"input {i + 1}" for i in range(len(diffs))]
     w = _check_options(len(diffs), weights, method, extras, density)
-    check_same_base(diffs, names)
+    check_same_base(diffs, names, base)
     diffs, resolved, probe_error = resolve_bases(diffs, names, base)
+    densified: list[str] = []  # low-rank inputs, merged exactly as the nonzeros of B·A (and trimmed as those)
+    for i, d in enumerate(diffs):
+        diffs[i], low = _densify(d, names[i])
+        densified += low
     if density is not None:
         diffs = [_trim(d, density) for d in diffs]
 
@@ -276,12 +303,9 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     first_td: dict[str, tuple[str, TensorDiff]] = {}
     parts: dict[str, list] = {}
     nnz_in: dict[str, list[int]] = {}
-    densified: list[str] = []  # low-rank inputs, merged exactly as the nonzeros of B·A
     for i, d in enumerate(diffs):
         for target, td in d.tensors.items():
             b = td.base_name
-            if td.is_lowrank:
-                densified.append(f"{names[i]}:{target}")
             if b not in first_td:
                 first_td[b] = (target, td)
                 order.append(b)
@@ -309,7 +333,12 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     if resolved:
         meta["merge"]["base"] = str(base)  # the base the basis records were resolved on
     first = diffs[0]
-    out = Diff(tensors, merged_extras, dict(first.config), first.base_ref, first.base_fingerprint, meta)
+    fp = first.base_fingerprint
+    if any(d.base_fingerprint != fp for d in diffs[1:]):  # inputs covering different tensors: the union's (§6)
+        from diffcli.weights import fingerprint
+
+        fp = fingerprint({td.base_name: td.digest for td in tensors.values()}.values())
+    out = Diff(tensors, merged_extras, dict(first.config), first.base_ref, fp, meta)
     report = _report(rows, out, names, w, method, extras, density, dropped)
     report["densified"] = densified
     report["resolved"] = resolved

@@ -263,3 +263,33 @@ def test_quantized_files_add_in_float32_through_apply_and_the_bank(setup, tmp_pa
         state = bank.encoder.state_dict()
         bank_key = next(k for k in state if td.base_name.endswith(k) or k.endswith(td.base_name))
         assert torch.equal(state[bank_key], expected)
+
+
+@pytest.mark.parametrize("base_dtype, head_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_a_head_saved_in_another_dtype_runs_in_the_shared_encoders(tmp_path, base_dtype, head_dtype):
+    """A finetune saved in bf16 on an fp32 base (or the reverse): the head is cast to the encoder's dtype, so the
+    task model runs, and scores as the applied folder loaded in that dtype (the head's cast is the only rounding)."""
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, BertModel
+
+    from diffcli.applying import apply_to_folder
+    from conftest import write_vocab
+
+    base = make_base(tmp_path / "base32")
+    if base_dtype != torch.float32:
+        BertModel.from_pretrained(base).to(base_dtype).save_pretrained(tmp_path / "base")
+        write_vocab(tmp_path / "base")
+        base = tmp_path / "base"
+    ft = BertForSequenceClassification.from_pretrained(make_finetune(base, tmp_path / "ft32"), dtype=torch.float32)
+    ft.to(head_dtype).save_pretrained(tmp_path / "ft")
+    write_vocab(tmp_path / "ft")
+    diff = project(extract_diff(str(base), str(tmp_path / "ft")), 0.05).diff
+    assert diff.extras["classifier.weight"].dtype == head_dtype
+    bank = DiffBank(str(base), device="cpu")
+    bank.add("t", diff)
+    apply_to_folder(str(base), diff, tmp_path / "merged")
+    ref = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=base_dtype).eval()
+    with bank.use("t") as model, torch.no_grad():
+        assert model.classifier.weight.dtype == base_dtype
+        got = model(**_batch()).logits
+        want = ref(**_batch()).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -85,6 +85,35 @@ def test_different_bases_are_refused(env, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_classifier_and_a_tagger_of_one_base_merge_and_the_result_verifies_on_it(env, tmp_path):
+    """The tagger has no pooler, so its fingerprint differs from the classifier's; one base made both, so they merge
+    (with or without --base) and the merged file verifies against that base."""
+    from transformers import BertForTokenClassification
+
+    from conftest import write_vocab
+
+    root, base, _ = env
+    torch.manual_seed(3)
+    tagger = BertForTokenClassification.from_pretrained(base, num_labels=5)
+    with torch.no_grad():
+        for p in tagger.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    tagger.save_pretrained(tmp_path / "ft_tag")
+    write_vocab(tmp_path / "ft_tag")
+    tag = project(extract_diff(str(base), str(tmp_path / "ft_tag")), 0.2).diff
+    checkpoint.save(tag, tmp_path / "tag.ckpt")
+    cls = artifact.load(root / "d1.diff")
+    assert not any("pooler" in td.base_name for td in tag.tensors.values())
+    assert tag.base_fingerprint != cls.base_fingerprint
+    for extra in ([], ["--base", str(base)]):
+        out = tmp_path / f"m{len(extra)}.diff"
+        res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(tmp_path / "tag.ckpt"), "-o", str(out),
+                                  *extra])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["verify", str(out), "--base", str(base)])
+        assert res.exit_code == 0, res.output
+
+
 def test_a_base_the_diffs_were_not_made_on_is_refused_whatever_they_hold(env, tmp_path):
     """--base is checked against every input, not only when basis records need it: a wrong one is never ignored."""
     root, base, _ = env

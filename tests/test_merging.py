@@ -107,9 +107,40 @@ def test_prefixed_and_bare_target_names_merge_by_base_tensor():
         torch.testing.assert_close(res.diff.tensors["bert." + name].dense().double(), expect)
 
 
+def _rebased(d: Diff, digest: str, fingerprint: str, drop: tuple[str, ...] = ()) -> Diff:
+    """`d` as if made on another base (every tensor digest `digest`+name), less the tensors in `drop`."""
+    tensors = {n: TensorDiff(td.base_name, td.shape, td.dtype, f"{digest}-{td.base_name}", td.values, td.indices)
+               for n, td in d.tensors.items() if n not in drop}
+    return Diff(tensors, d.extras, d.config, d.base_ref, fingerprint, d.meta)
+
+
 def test_different_base_is_refused():
-    with pytest.raises(BaseMismatchError, match="another base"):
-        merge([synth(1), synth(2, fingerprint="sha256:other")], names=["a.diff", "b.diff"])
+    other = _rebased(synth(2), "other", "sha256:other")
+    with pytest.raises(BaseMismatchError, match="b.diff was made on another base than a.diff"):
+        merge([synth(1), other], names=["a.diff", "b.diff"])
+
+
+def test_diffs_of_one_base_that_cover_different_tensors_merge_under_the_unions_fingerprint():
+    """A classifier's diff holds the pooler, a tagger's does not: their fingerprints (over their own tensors'
+    digests) differ, the tensors they share agree, so they merge; the merged diff's fingerprint is its own."""
+    from diffcli.weights import fingerprint
+
+    a = synth(1, fingerprint=fingerprint(f"digest-{n}" for n in SHAPES))
+    b = _rebased(synth(2), "digest", fingerprint(f"digest-{n}" for n in SHAPES if n != "embeddings.e"),
+                 drop=("embeddings.e",))
+    assert a.base_fingerprint != b.base_fingerprint
+    out = merge([b, a], names=["b", "a"]).diff
+    assert sorted(td.base_name for td in out.tensors.values()) == sorted(SHAPES)
+    assert out.base_fingerprint == a.base_fingerprint  # the union is a's tensors
+    for name in SHAPES:
+        want = dense_of(a, name) + (dense_of(b, name) if name != "embeddings.e" else 0)
+        assert torch.equal(dense_of(out, name), want.float().double()), name
+    # no tensor in common and other fingerprints: nothing says they share a base, so merge asks for it
+    lone = _rebased(synth(3), "digest", "sha256:lone", drop=("encoder.layer.0.w", "encoder.layer.1.w"))
+    c = _rebased(synth(4), "digest", "sha256:c", drop=("embeddings.e",))
+    with pytest.raises(BaseMismatchError, match="lone and c share no base tensor") as refused:
+        merge([c, lone], names=["c", "lone"])
+    assert "pass --base" in refused.value.hint
 
 
 def test_same_fingerprint_but_different_tensor_digest_is_refused():
@@ -158,6 +189,28 @@ def test_bad_options():
         parse_weights(["x"], 1)
     with pytest.raises(InvalidValueError, match="3 weights for 2"):
         parse_weights(["1,2,3"], 2)
+
+
+def test_density_trims_a_low_rank_input_by_the_entries_of_its_product():
+    """FORMAT.md §10: `--density` trims the densified δ = B·A as it trims a sparse one (a fraction of B·A's
+    nonzeros, not of the factors' entries), and the report still names the input as densified."""
+    g = torch.Generator().manual_seed(0)
+    lowrank = TensorDiff("w", (16, 16), "float32", "dg", torch.zeros(0),
+                         factors=(torch.randn(16, 2, generator=g), torch.randn(2, 16, generator=g)))
+    sparse = TensorDiff("w", (16, 16), "float32", "dg", torch.tensor([0.1, -0.2, 0.3]), torch.tensor([0, 5, 9]))
+    d1 = Diff({"w": lowrank}, {}, {"model_type": "bert"}, "b", "sha256:fp")
+    d2 = Diff({"w": sparse}, {}, {"model_type": "bert"}, "b", "sha256:fp")
+    product = lowrank.dense()
+    for density, kept in ((None, 256), (1.0, 256), (0.5, 128)):
+        r = merge([d1, d2], density=density, names=["lr", "sp"])
+        assert [i["nnz"] for i in r.report["inputs"]] == [kept, 3 if density != 0.5 else 2], density
+        assert r.report["densified"] == ["lr:w"]
+    empty = Diff({"w": TensorDiff("w", (16, 16), "float32", "dg", torch.zeros(0), torch.zeros(0, dtype=torch.int64))},
+                 {}, {"model_type": "bert"}, "b", "sha256:fp")
+    half = merge([d1, empty], density=0.5).diff.tensors["w"].dense()
+    top = product.abs().reshape(-1).topk(128).indices
+    assert torch.equal(half.reshape(-1)[top], product.reshape(-1)[top])  # the largest |B·A| kept, exactly
+    assert int((half != 0).sum()) == 128
 
 
 def test_density_trims_each_input_before_merging():
