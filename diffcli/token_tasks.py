@@ -27,13 +27,16 @@ class TaggedSentence(NamedTuple):
 def _sentence(tokens, tags, where: str) -> TaggedSentence:
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise DataError(f"{where}: 'tokens' must be a list of strings")
-    if not isinstance(tags, list) or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tags):
-        raise DataError(f"{where}: 'tags' must be a list of tag names")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        number = isinstance(tags, list) and any(isinstance(t, (int, float)) for t in tags)
+        raise DataError(f"{where}: 'tags' must be a list of tag names"
+                        + (" (strings such as B-PER, I-PER, O), not tag ids: an id does not say whether a tag begins or "
+                           "continues an entity, so entity F1 would be 0" if number else ""))
     if not tokens:
         raise DataError(f"{where}: a sentence with no tokens")
     if len(tokens) != len(tags):
         raise DataError(f"{where}: {len(tokens)} tokens but {len(tags)} tags (one tag per token)")
-    return TaggedSentence(tuple(tokens), tuple(str(t) for t in tags), where)
+    return TaggedSentence(tuple(tokens), tuple(tags), where)
 
 
 def _read_json_rows(path: Path) -> list[TaggedSentence]:

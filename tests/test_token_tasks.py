@@ -50,6 +50,9 @@ def test_label_set_comes_from_train_with_o_first(tmp_path):
     ([{"tokens": ["a", "b"], "tags": ["O"]}], "2 tokens but 1 tags"),
     ([{"tokens": "a b", "tags": ["O", "O"]}], "'tokens' must be a list of strings"),
     ([{"tokens": [], "tags": []}], "a sentence with no tokens"),
+    # tag ids (Hugging Face NER datasets store them) would score entity F1 0 for ever: refused, not read as "1"
+    ([{"tokens": ["a", "b"], "tags": [1, 0]}], "not tag ids"),
+    ([{"tokens": ["a", "b"], "tags": ["B-X", True]}], "'tags' must be a list of tag names"),
 ])
 def test_bad_jsonl_rows(tmp_path, rows, needle):
     path = tmp_path / "bad.jsonl"
