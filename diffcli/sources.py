@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from diffcli import checkpoint
 from diffcli.diff import Diff
 from diffcli.errors import FormatError, NotFoundError
 
+log = logging.getLogger(__name__)
 
-def load_diff(path: str | Path) -> Diff:
-    """A checkpoint folder (from train/prune) or a packed artifact (from pack), fully verified."""
+
+def load_diff(path: str | Path, *, as_trained: bool = True) -> Diff:
+    """A checkpoint folder (from train/prune) or a packed artifact (from pack), fully verified.
+
+    A checkpoint trained for packed values (`train --values Q`, quantization-aware) reads, with `as_trained`, as its
+    Q-packed file: the model its fixed phase evaluated, not the full-precision δ it keeps so that `pack` may choose.
+    """
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"{path} does not exist")
@@ -18,7 +25,21 @@ def load_diff(path: str | Path) -> Diff:
         if not checkpoint.is_checkpoint(path):
             raise FormatError(f"{path} is a folder but not a diff checkpoint (no {checkpoint.META_FILE})",
                               hint="pass a folder written by train or prune, or a .diff file")
-        return checkpoint.load(path)
+        diff = checkpoint.load(path)
+        values = trained_values(diff) if as_trained else None
+        if values is None:
+            return diff
+        from diffcli import artifact
+
+        log.info("%s was trained for %s values (train --values): read as packed with them, the model it evaluated",
+                 path, values)
+        return artifact.loads(artifact.pack(diff, values))
     from diffcli import artifact
 
     return artifact.load(path)
+
+
+def trained_values(diff: Diff) -> str | None:
+    """The value format a diff's fixed phase was trained for (`train --values`), from its checkpoint meta."""
+    hp = (diff.meta or {}).get("hyperparameters") or {}
+    return hp.get("values")

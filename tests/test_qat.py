@@ -102,9 +102,43 @@ def test_cli_pack_uses_the_trained_value_format(tmp_path, tiny_base):
     packed = CliRunner().invoke(app, ["pack", str(ckpt), "-o", str(tmp_path / "a.diff"), "--json"])
     assert packed.exit_code == 0, packed.output
     assert json.loads(packed.stdout)["values"] == "int4"
+    assert "warning" not in packed.stderr
     override = CliRunner().invoke(app, ["pack", str(ckpt), "-o", str(tmp_path / "b.diff"), "--values", "fp16",
                                         "--json"])
-    assert json.loads(override.stdout)["values"] == "fp16"
+    assert json.loads(override.stdout)["values"] == "fp16"  # packed as asked, and told why that is another model
+    assert "warning: " in override.stderr and "trained for int4 values" in override.stderr
+    assert "never evaluated" in override.stderr
+    blocks = CliRunner().invoke(app, ["pack", str(ckpt), "-o", str(tmp_path / "c.diff"), "--block", "32"])
+    assert blocks.exit_code == 0 and "packed as int4 in blocks of 32" in blocks.stderr
+    same = CliRunner().invoke(app, ["pack", str(ckpt), "-o", str(tmp_path / "d.diff"), "--block", "64"])
+    assert same.exit_code == 0 and "warning" not in same.stderr  # int4's default block: the trained format
+
+
+def test_eval_and_apply_of_the_checkpoint_folder_rebuild_the_model_its_training_evaluated(tmp_path, tiny_base):
+    """The folder keeps the full-precision δ (so pack may choose a format); every reader takes it as the trained
+    format packs it, so eval of the folder is the trainer's best score and apply of it is the packed file's model."""
+    from safetensors.torch import load_file
+
+    result, ckpt = _cli_train(tmp_path, tiny_base, "--values", "ternary", "--method", "l0", "--epochs", "1",
+                              "--lr", "1e-2")
+    assert result.exit_code == 0, result.output
+    best = json.loads(result.stdout)["after_fixmask"]["metrics"]["validation"]
+    kept = checkpoint.load(ckpt)
+    stored = artifact.loads(artifact.pack(kept, "ternary"))
+    assert any(not torch.equal(kept.tensors[n].dense(), stored.tensors[n].dense()) for n in kept.tensors)
+    run = CliRunner()
+    packed = tmp_path / "t.diff"
+    assert run.invoke(app, ["pack", str(ckpt), "-o", str(packed)]).exit_code == 0
+    data = ["--validation-file", str(tmp_path / "data" / "dev.csv"), "--text-fields", "sentence", "--label-field",
+            "label", "--json"]
+    for source in (ckpt, packed):
+        res = run.invoke(app, ["eval", str(tiny_base), str(source), *data])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["metrics"]["validation"] == best, source
+    for source, out in ((ckpt, "from-folder"), (packed, "from-file")):
+        assert run.invoke(app, ["apply", str(tiny_base), str(source), "-o", str(tmp_path / out)]).exit_code == 0
+    a, b = (load_file(str(tmp_path / o / "model.safetensors")) for o in ("from-folder", "from-file"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("extra, message", [
