@@ -94,10 +94,10 @@ def _check_options(n: int, weights: Sequence[float] | None, method: str, extras:
 def check_same_base(diffs: Sequence[Diff], names: Sequence[str], base: str | Path | None = None) -> None:
     """Every input must name the same base: equal shape and digest for every base tensor two inputs share.
 
-    Equal fingerprints say so at once. Fingerprints hash a diff's own tensors' digests (docs/FORMAT.md §6), so two
-    diffs of one base that cover different tensors (a classifier with the pooler, a tagger without) differ there;
-    they merge when the tensors they share agree and they share one, or when `base` is given (every input is then
-    checked against it, `resolve_bases`).
+    Fingerprints hash a diff's own tensors' digests (docs/FORMAT.md §6), so two diffs of one base that cover
+    different tensors (a classifier with the pooler, a tagger without) have different ones: they merge when they
+    share a tensor and every shared tensor agrees, or when `base` is given (every input is then checked against it,
+    `resolve_bases`). Two that share no tensor and differ in fingerprint are refused without `base`.
     """
     first = diffs[0]
     seen: dict[str, tuple[tuple[int, ...], str, str]] = {}

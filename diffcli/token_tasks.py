@@ -30,8 +30,8 @@ def _sentence(tokens, tags, where: str) -> TaggedSentence:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         number = isinstance(tags, list) and any(isinstance(t, (int, float)) for t in tags)
         raise DataError(f"{where}: 'tags' must be a list of tag names"
-                        + (" (strings such as B-PER, I-PER, O), not tag ids: an id does not say whether a tag begins or "
-                           "continues an entity, so entity F1 would be 0" if number else ""))
+                        + (" (strings such as B-PER, I-PER, O), not tag ids: an id does not say whether a tag "
+                           "begins or continues an entity, so entity F1 would be 0" if number else ""))
     if not tokens:
         raise DataError(f"{where}: a sentence with no tokens")
     if len(tokens) != len(tags):

@@ -25,8 +25,9 @@ def merge(
     values: Annotated[str, typer.Option("--values", help="Value format of a packed OUT.diff: fp16, bf16, "
                                         "fp32 (exact), int8, int4 or ternary (as pack).")] = "fp16",
     base: Annotated[Optional[str], typer.Option(
-        "--base", "-b", help="Base the diffs were made on (folder, alias or hub id): needed to merge basis scales, "
-                             "which are rebuilt on it (probe-checked) into a dense δ; checked against every input.")] = None,
+        "--base", "-b", help="Base the diffs were made on (folder, alias or hub id), checked against every input: "
+                             "needed to merge basis scales, which are rebuilt on it (probe-checked) into a dense "
+                             "δ.")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
