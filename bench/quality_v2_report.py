@@ -10,6 +10,7 @@ import subprocess
 import code_record
 import measured
 import quality_v2_rules as rules
+import run_times
 from quality_v2 import LABELS, REPO, Run, Suite
 
 def cell(suite: Suite, task: str, method: str, seed: int) -> tuple[dict | None, str]:
@@ -39,8 +40,11 @@ def assemble(suite: Suite) -> dict:
     per_seed_scores, per_seed_sizes = {s: {} for s in p.seeds}, {s: {} for s in p.seeds}
     progress = {"finished": 0, "failed": 0, "planned": 0}
     times, left_seconds = suite.finished_times(), (0.0, 0.0)  # (low, high) seconds of the runs left
+    other = [(t, m, sec, 2) for t, m, sec, near in times if near == 0]  # the other kind of machine's runs only
+    by_task = {}
     for task in p.tasks:
         cells[task], table[task] = {}, {}
+        by_task[task] = {"runs_left": 0, "seconds": [0.0, 0.0], "seconds_other_kind": [0.0, 0.0]}
         for m in p.methods:
             got = {seed: cell(suite, task, m, seed) for seed in p.seeds}
             cells[task][m] = {str(seed): {"status": st, "result": _brief(r)} for seed, (r, st) in got.items()}
@@ -68,12 +72,24 @@ def assemble(suite: Suite) -> dict:
                 progress["finished"] += sum(v is not None for v in grid) + later.count("ok")
                 progress["failed"] += sum(v is None for v in grid) + later.count("failed")
                 left = len(p.grid(m)) + len(p.seeds) - 1 - len(grid) - later.count("ok") - later.count("failed")
-                if left and left_seconds is not None:
-                    est = suite.expected_range(Run(task, m, 0.0, 0), times)
-                    left_seconds = None if est is None else (left_seconds[0] + left * est[0],
-                                                             left_seconds[1] + left * est[1])
+                if left:
+                    mine = by_task[task]
+                    mine["runs_left"] += left
+                    for key, done in (("seconds", times), ("seconds_other_kind", other)):
+                        est = suite.expected_range(Run(task, m, 0.0, 0), done) if mine[key] is not None else None
+                        mine[key] = None if est is None else [mine[key][0] + left * est[0], mine[key][1] + left * est[1]]
+                    if left_seconds is not None:
+                        est = suite.expected_range(Run(task, m, 0.0, 0), times)
+                        left_seconds = None if est is None else (left_seconds[0] + left * est[0],
+                                                                 left_seconds[1] + left * est[1])
     progress["hours_left"] = None if left_seconds is None else round(left_seconds[1] / 3600, 1)
     progress["hours_left_low"] = None if left_seconds is None else round(left_seconds[0] / 3600, 1)
+    progress["by_task"] = {t: {"runs_left": v["runs_left"],
+                               "hours": _hours(v["seconds"]) if v["runs_left"] else None,
+                               "hours_other_kind": _hours(v["seconds_other_kind"]) if v["runs_left"] else None}
+                           for t, v in by_task.items()}
+    here = run_times.this_machine()
+    progress["other_kind"] = "CPU" if here and here[2] else "GPU"
     progress["stale"] = suite.stale_entries()
     progress["unmatched"] = suite.unmatched_entries()
     means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
@@ -103,6 +119,23 @@ def grid_cost(suite: Suite, task: str, method: str) -> dict:
                               "machine": machine_text(hit.get("machine")), "device": hit.get("device"),
                               "finished": hit.get("finished")}
     return out
+
+
+def _hours(seconds: list | None) -> list | None:
+    return None if seconds is None else [round(seconds[0] / 3600, 1), round(seconds[1] / 3600, 1)]
+
+
+def left_by_task(progress: dict) -> str:
+    """'rte 13 runs (9.1–11.9 h; GPU 0.3–0.4 h), ...': each task's runs left and one lane's hours for them, here and
+    at the pace of the other kind of machine's runs (where it has some)."""
+    other, parts = progress.get("other_kind", "GPU"), []
+    for task, v in (progress.get("by_task") or {}).items():
+        if not v["runs_left"]:
+            continue
+        span = lambda h: "?" if h is None else (f"{h[1]:g}" if h[0] == h[1] else f"{h[0]:g}–{h[1]:g}")  # noqa: E731
+        there = f"; {other} {span(v['hours_other_kind'])} h" if v.get("hours_other_kind") else ""
+        parts.append(f"{task} {v['runs_left']} runs ({span(v['hours'])} h here{there})")
+    return ", ".join(parts)
 
 
 def _hours_left(progress: dict) -> str:
@@ -247,6 +280,10 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                    "their training steps and of their padded tokens per epoch, the smaller ratio giving the low end "
                    "and the larger the high end (bench/task_work.py); else the task's longest run)"
                    if doc["progress"].get("hours_left") else "") + ".", "",
+                ] + ([f"Runs left per task, with one lane's hours at this machine's pace and at the pace of the "
+                      f"{doc['progress'].get('other_kind', 'GPU')} runs alone (the kind a task's row keeps to): "
+                      f"{left_by_task(doc['progress'])}.", ""] if left_by_task(doc["progress"]) else []) + [
+
                 f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
                 versions_text(doc), "",

@@ -109,8 +109,10 @@ def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_
     assert doc["cells"]["rte"]["dp-random"]["2"]["status"] == "not run (method unavailable)"
     assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
     assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
+    assert doc["progress"].pop("other_kind") in ("CPU", "GPU")  # the kind this machine is not
     assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0,
-                               "unmatched": 0, "hours_left": 0.0, "hours_left_low": 0.0}
+                               "unmatched": 0, "hours_left": 0.0, "hours_left_low": 0.0,
+                               "by_task": {"rte": {"runs_left": 0, "hours": None, "hours_other_kind": None}}}
     executed.clear()
     suite.lane(wait_s=0)  # everything cached: nothing runs again
     assert executed == []
@@ -259,6 +261,29 @@ def test_a_cpu_lane_does_not_judge_a_run_by_a_gpu_runs_minutes(tmp_path, monkeyp
     assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) == 1500.0   # the task's CPU runs, not 60 s
     del entries[2:]
     assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) == 60.0     # nothing but GPU runs: those
+
+
+def test_the_report_gives_each_tasks_runs_left_at_this_machines_pace_and_at_the_other_kinds(tmp_path, monkeypatch):
+    """A CPU machine's report must not plan a GPU task by CPU hours alone: per task, the runs left and one lane's
+    hours here and at the pace of the GPU runs alone (from those runs only)."""
+    q, report, suite, _executed = fake_suite(tmp_path, monkeypatch)
+    here = {"cpu": "CPU H", "cores": 2, "gpu": None}
+    rt = _run_times(q)
+    monkeypatch.setattr(rt, "this_machine", lambda: rt.machine_key(here))
+    suite._task_work = {}
+    entries = [{"task": "rte", "method": "full", "train_seconds": 1440.0, "machine": here},
+               {"task": "rte", "method": "full", "train_seconds": 72.0, "machine": dict(here, gpu="NVIDIA H200")}]
+    monkeypatch.setattr(q.Suite, "_stored", lambda self: entries)
+    monkeypatch.setattr(suite.code, "stale", lambda code: False)
+    doc = report.assemble(suite)
+    left = doc["progress"]["by_task"]["rte"]
+    assert left["runs_left"] == 3 * 5  # full, dp-l0, lora-all (the fake trainer has no random mask): 3 lrs + 2 seeds
+    assert left["hours"] == [6.0, 6.0] and left["hours_other_kind"] == [0.3, 0.3]  # 15 × 1440 s; 15 × 72 s
+    assert doc["progress"]["other_kind"] == "GPU"
+    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    assert "rte 15 runs (6 h here; GPU 0.3 h)" in text
+    entries.pop()  # no GPU run: no GPU pace to give
+    assert report.assemble(suite)["progress"]["by_task"]["rte"]["hours_other_kind"] is None
 
 
 def test_a_task_without_runs_is_estimated_from_other_tasks_scaled_by_steps_and_tokens(tmp_path, monkeypatch):
