@@ -39,7 +39,7 @@ def assemble(suite: Suite) -> dict:
     cells, table = {}, {}
     per_seed_scores, per_seed_sizes = {s: {} for s in p.seeds}, {s: {} for s in p.seeds}
     progress = {"finished": 0, "failed": 0, "planned": 0}
-    times, left_seconds = suite.finished_times(), (0.0, 0.0)  # (low, high) seconds of the runs left
+    times = suite.finished_times()
     other = [(t, m, sec, 2) for t, m, sec, near in times if near == 0]  # the other kind of machine's runs only
     by_task = {}
     for task in p.tasks:
@@ -72,18 +72,17 @@ def assemble(suite: Suite) -> dict:
                 progress["finished"] += sum(v is not None for v in grid) + later.count("ok")
                 progress["failed"] += sum(v is None for v in grid) + later.count("failed")
                 left = len(p.grid(m)) + len(p.seeds) - 1 - len(grid) - later.count("ok") - later.count("failed")
-                if left:
+                if left:  # (low, high) seconds of one lane for the runs left, by the finished runs' times
                     mine = by_task[task]
                     mine["runs_left"] += left
                     for key, done in (("seconds", times), ("seconds_other_kind", other)):
                         est = suite.expected_range(Run(task, m, 0.0, 0), done) if mine[key] is not None else None
-                        mine[key] = None if est is None else [mine[key][0] + left * est[0], mine[key][1] + left * est[1]]
-                    if left_seconds is not None:
-                        est = suite.expected_range(Run(task, m, 0.0, 0), times)
-                        left_seconds = None if est is None else (left_seconds[0] + left * est[0],
-                                                                 left_seconds[1] + left * est[1])
-    progress["hours_left"] = None if left_seconds is None else round(left_seconds[1] / 3600, 1)
-    progress["hours_left_low"] = None if left_seconds is None else round(left_seconds[0] / 3600, 1)
+                        mine[key] = None if est is None else [mine[key][0] + left * est[0],
+                                                              mine[key][1] + left * est[1]]
+    spans = [v["seconds"] for v in by_task.values()]
+    total = None if None in spans else [sum(lo for lo, _ in spans), sum(hi for _, hi in spans)]
+    progress["hours_left"] = None if total is None else round(total[1] / 3600, 1)
+    progress["hours_left_low"] = None if total is None else round(total[0] / 3600, 1)
     progress["by_task"] = {t: {"runs_left": v["runs_left"],
                                "hours": _hours(v["seconds"]) if v["runs_left"] else None,
                                "hours_other_kind": _hours(v["seconds_other_kind"]) if v["runs_left"] else None}
@@ -125,16 +124,18 @@ def _hours(seconds: list | None) -> list | None:
     return None if seconds is None else [round(seconds[0] / 3600, 1), round(seconds[1] / 3600, 1)]
 
 
+def _span(hours: list | None) -> str:
+    return "?" if hours is None else (f"{hours[1]:g}" if hours[0] == hours[1] else f"{hours[0]:g}–{hours[1]:g}")
+
+
 def left_by_task(progress: dict) -> str:
-    """'rte 13 runs (9.1–11.9 h; GPU 0.3–0.4 h), ...': each task's runs left and one lane's hours for them, here and
-    at the pace of the other kind of machine's runs (where it has some)."""
+    """'rte 13 runs (9.1–11.9 h here; GPU 0.3–0.4 h), ...': each task's runs left and one lane's hours for them,
+    here and at the pace of the other kind of machine's runs (where it has some)."""
     other, parts = progress.get("other_kind", "GPU"), []
     for task, v in (progress.get("by_task") or {}).items():
-        if not v["runs_left"]:
-            continue
-        span = lambda h: "?" if h is None else (f"{h[1]:g}" if h[0] == h[1] else f"{h[0]:g}–{h[1]:g}")  # noqa: E731
-        there = f"; {other} {span(v['hours_other_kind'])} h" if v.get("hours_other_kind") else ""
-        parts.append(f"{task} {v['runs_left']} runs ({span(v['hours'])} h here{there})")
+        if v["runs_left"]:
+            there = f"; {other} {_span(v['hours_other_kind'])} h" if v.get("hours_other_kind") else ""
+            parts.append(f"{task} {v['runs_left']} runs ({_span(v['hours'])} h here{there})")
     return ", ".join(parts)
 
 
