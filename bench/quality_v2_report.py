@@ -261,7 +261,7 @@ def model_name(p) -> str:
 
 def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[str]:
     """Title (QUICK-labelled), what the table compares, progress, date and machine, and the commands."""
-    env = doc["environment"]
+    env, left = doc["environment"], left_by_task(doc["progress"])
     L = [title + (" — QUICK PROTOCOL (smoke check, not a result)" if p.quick else ""), ""]
     if p.quick:
         L += [f"**Quick protocol**: train sets capped at {p.max_train_samples}, dev at {p.max_eval_samples}, "
@@ -283,8 +283,7 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                    if doc["progress"].get("hours_left") else "") + ".", "",
                 ] + ([f"Runs left per task, with one lane's hours at this machine's pace and at the pace of the "
                       f"{doc['progress'].get('other_kind', 'GPU')} runs alone (the kind a task's row keeps to): "
-                      f"{left_by_task(doc['progress'])}.", ""] if left_by_task(doc["progress"]) else []) + [
-
+                      f"{left}.", ""] if left else []) + [
                 f"Date: {doc['date']}. Machine: {env['machine']}. Python {env['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + f"; commit {env['commit']}.", "",
                 versions_text(doc), "",

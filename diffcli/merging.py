@@ -111,9 +111,9 @@ def check_same_base(diffs: Sequence[Diff], names: Sequence[str], base: str | Pat
                                         hint="merge only diffs made on the same base model")
     if base is not None:
         return
+    firsts = {td.base_name for td in first.tensors.values()}
     for d, name in zip(diffs[1:], names[1:]):
-        shared = {td.base_name for td in d.tensors.values()} & {td.base_name for td in first.tensors.values()}
-        if d.base_fingerprint != first.base_fingerprint and not shared:
+        if d.base_fingerprint != first.base_fingerprint and not firsts & {td.base_name for td in d.tensors.values()}:
             raise BaseMismatchError(f"{name} and {names[0]} share no base tensor and their base fingerprints differ "
                                     f"({d.base_fingerprint[:19]}… vs {first.base_fingerprint[:19]}…)",
                                     hint="pass --base BASE to check both against the base they were made on")
