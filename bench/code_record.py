@@ -1,7 +1,8 @@
 """Which repository files a benchmark run imported, and their content hashes: a cached run stays valid until one changes.
 
 A run's cache entry records {path: hash} for every module of `diffcli/` and `bench/` its process imported (plus the
-library modules the lane used to pack and score it). A later lookup re-hashes those files only: a change to a file
+library modules the lane used to pack and score it, and the bench files that build its command and score it:
+quality_v2.SCORING_CODE). A later lookup re-hashes those files only: a change to a file
 the run never imported (the CLI's output, plots, another method) leaves its cell cached; a change to one it imported
 retrains it. Hashes are taken when the run starts, so a file edited while it trains makes the cell stale, not wrong.
 """

@@ -25,9 +25,11 @@ hours=$("$py" -c "import sys, time; h = ($until_s - time.time()) / 3600; print(f
   || { echo "error: $(date -d "@$until_s") has passed" >&2; exit 2; }
 table=quality
 data=(--data-dir "${GLUE_DIR:-$(cd "$repo/.." && pwd)/shared/glue}")  # the worktree's own ../shared is not there
-for a in "$@"; do
-  [ "$a" = methods ] && table=methods
-  [ "$a" = --data-dir ] && data=()
+prev=
+for a in "$@"; do  # --table methods or --table=methods; --data-dir DIR or --data-dir=DIR
+  { [ "$prev" = --table ] && [ "$a" = methods ]; } || [ "$a" = --table=methods ] && table=methods
+  case $a in --data-dir|--data-dir=*) data=() ;; esac
+  prev=$a
 done
 log=lane; [ "$table" = methods ] && log=lane-methods
 commit=$(git -C "$repo" rev-parse --short HEAD)

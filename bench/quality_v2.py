@@ -42,7 +42,9 @@ import quality_v2_rules as rules  # noqa: E402
 from run_times import RunTimes  # noqa: E402
 from run_cache import claim  # noqa: E402
 from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
-from scoring import majority_score, score_artifact  # noqa: E402
+import dp_run  # noqa: E402
+from dp_run import diffprune_args  # noqa: E402,F401  (the harness's one place for the trainer's CLI)
+from scoring import majority_score  # noqa: E402
 
 TASKS = ("rte", "mrpc", "stsb", "cola")
 TASK_FOLDERS = {"rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B", "cola": "CoLA"}
@@ -57,8 +59,8 @@ LR_GRID = {"full": (2e-5, 5e-5, 1e-4), "lora-qv": (5e-4, 1e-3, 2e-3), "lora-all"
            "bitfit": (1e-3, 3e-3, 1e-2), "head": (1e-3, 3e-3, 1e-2),
            **{m: (3e-4, 1e-3, 3e-3) for m in DIFFPRUNE}}
 # Besides the library, the files this lane packs and scores a diffprune run with (scoring.py loads its model).
-SCORING_CODE = ("bench/scoring.py", "bench/baselines.py")
-_score_lock = threading.Lock()
+# What a diffprune entry records beside the library modules it imported: the lane's command and scoring code.
+SCORING_CODE = ("bench/scoring.py", "bench/baselines.py", "bench/dp_run.py")
 _rank_lock = threading.Lock()  # lora-all's rank, worked out once per (task, bytes) by one thread at a time
 
 
@@ -98,30 +100,6 @@ class Run:
     seed: int
 
 
-def diffprune_args(s: dict, ckpt: Path, data_dir: str, with_method_flag: bool) -> list[str]:
-    """The `diffprune train` arguments of one diffprune run: the one place to adjust for the trainer's CLI.
-
-    l0: --epochs = L0 epochs; magnitude: --epochs = dense epochs; random/fisher take no --epochs (train refuses it). The tuned lr is the
-    fixed-mask lr. Without --method in the CLI (before feat/methods) only l0 runs, as the trainer's default.
-    --resume: a run whose lane was killed continues from its last finished epoch (else it starts afresh).
-    """
-    cmd = ["-m", "diffcli", "train", "--task", s["task"], "--data-dir", data_dir, "--model", s["model"],
-           *(["--epochs", str(s["first_epochs"])] if s["first_epochs"] else []),
-           "--fixmask-epochs", str(s["fixmask_epochs"]),
-           "--fixmask-lr", f"{s['lr']:g}", "--batch-size", str(s["batch_size"]),
-           "--max-seq-length", str(s["max_seq_length"]), "--seed", str(s["seed"]),
-           *(["--sparsity", s["sparsity"]] if s.get("sparsity") else []),  # basis alone: none (it means double pruning)
-           *(["--budget", str(s["budget"])] if s.get("budget") is not None else []),  # the methods table's swr
-           "-o", str(ckpt), "--json", "--force", "--resume"]
-    if with_method_flag:
-        cmd += ["--method", s["dp_method"]]
-    if s["max_train_samples"]:
-        cmd += ["--max-train-samples", str(s["max_train_samples"])]
-    if s["max_eval_samples"]:
-        cmd += ["--max-eval-samples", str(s["max_eval_samples"])]
-    return cmd
-
-
 def baseline_args(s: dict, out: Path, data_dir: str) -> list[str]:
     """The `bench/baselines.py` arguments of one baseline run (trained tensors stored and scored as fp16)."""
     cmd = [str(REPO / "bench" / "baselines.py"), BASELINES[s["method"]], s["task"], "--out", str(out),
@@ -153,6 +131,8 @@ def trainer_methods() -> set[str]:
 
 class Suite(RunTimes):
     """The protocol, its cache of finished runs, and the order runs become ready in."""
+
+    scoring_code = SCORING_CODE  # bench files a diffprune entry records beside the library modules it imported
 
     def __init__(self, proto: Protocol, work: Path, code_root: Path = REPO, store: Path | None = None):
         self.p = proto
@@ -210,27 +190,47 @@ class Suite(RunTimes):
 
     def lora_all_rank(self, task: str, match_bytes: int) -> int:
         """The rank a lora-all run matched to `match_bytes` trains at, worked out as the run does (baselines.py)."""
+        from baselines import match_rank
+
         with _rank_lock:
             if (task, match_bytes) not in self._ranks:
-                from baselines import BaselineConfig, linear_modules, match_rank
-
-                from diffcli import tasks, weights
-                from diffcli.task_types import build_task_model
-
-                if task not in self._rank_models:
-                    self._rank_models[task] = build_task_model(weights.resolve_model(self.p.model),
-                                                               tasks.task_spec(task), 0)
-                tm = self._rank_models[task]
-                cfg = BaselineConfig(method="lora-all", task=task, model=self.p.model, match_bytes=match_bytes,
-                                     store="fp16-trained")
-                cfg.lora_targets = tuple(linear_modules(tm.model, tm.head))
+                tm, cfg = self._lora_all_probe(task, match_bytes)
                 self._ranks[(task, match_bytes)] = match_rank(tm.model, cfg, tm.head)[0]
             return self._ranks[(task, match_bytes)]
 
+    def lora_all_budget(self, task: str, rank: int) -> int:
+        """lora-all's equal bytes at `rank`: the largest file that buys it no higher rank (one byte under rank + 1's
+        file), so a .diff at most this big gives LoRA all-linear no more than it had (rules.MATCHED)."""
+        from baselines import lora_file_bytes, lora_shapes
+
+        with _rank_lock:
+            tm, cfg = self._lora_all_probe(task, 1)
+            return lora_file_bytes(lora_shapes(tm.model, cfg, tm.head), rank + 1) - 1
+
+    def _lora_all_probe(self, task: str, match_bytes: int):
+        """The task's model (built once) and a lora-all config matched to `match_bytes`, as baselines.py makes them."""
+        from baselines import BaselineConfig, linear_modules
+
+        from diffcli import tasks, weights
+        from diffcli.task_types import build_task_model
+
+        if task not in self._rank_models:
+            self._rank_models[task] = build_task_model(weights.resolve_model(self.p.model), tasks.task_spec(task), 0)
+        tm = self._rank_models[task]
+        cfg = BaselineConfig(method="lora-all", task=task, model=self.p.model, match_bytes=match_bytes,
+                             store="fp16-trained")
+        cfg.lora_targets = tuple(linear_modules(tm.model, tm.head))
+        return tm, cfg
+
     def diff_bytes(self, task: str) -> int | None:
-        """The .diff file size lora-all is matched to: dp-l0 at the first seed and the middle fixed-mask lr."""
+        """The .diff file size lora-all is matched to: dp-l0 at the first seed and the middle fixed-mask lr (at its
+        chosen lr if that run failed, so LoRA is not left waiting for a run that never comes)."""
         g = LR_GRID["dp-l0"]
-        hit = self.cached(Run(task, "dp-l0", g[len(g) // 2], self.p.seeds[0]))
+        middle = Run(task, "dp-l0", g[len(g) // 2], self.p.seeds[0])
+        hit = self.cached(middle)
+        if hit is None and self.failed(middle) is not None:
+            chosen = self.chosen_lr(task, "dp-l0")
+            hit = None if chosen is None else self.cached(Run(task, "dp-l0", chosen, self.p.seeds[0]))
         return hit["bytes"] if hit else None
 
     def stem(self, run: Run, s: dict) -> str:
@@ -371,7 +371,7 @@ class Suite(RunTimes):
             imported = json.loads(usage.read_text()).get("imported") if usage.is_file() else None
         if imported is None:
             return at_start
-        lane = code_record.imported(self.code.root, roots=("diffcli",)) + list(SCORING_CODE) if diffprune else []
+        lane = code_record.imported(self.code.root, roots=("diffcli",)) + list(self.scoring_code) if diffprune else []
         return code_record.record(at_start, list(imported) + lane, self.code)
 
     def _drop_partial_of_other_code(self, run_dir: Path, at_start: dict) -> None:
@@ -417,29 +417,7 @@ class Suite(RunTimes):
         return result
 
     def _score_diff(self, s: dict, ckpt: Path, summary: dict, run_dir: Path) -> dict:
-        """Pack the checkpoint to a fp16 .diff and score base + that file; the L0 density path from its history."""
-        from diffcli import artifact, checkpoint, metrics, report, tasks
-
-        diff = checkpoint.load(ckpt)
-        packed = run_dir / f"{s['task']}.diff"
-        artifact.write(diff, packed, values="fp16", force=True)
-        diff, fitted = self.fit(s, diff, packed.stat().st_size)
-        if fitted:
-            artifact.write(diff, packed, values="fp16", force=True)
-        with _score_lock:  # one scoring at a time in this process (--jobs threads share it)
-            dev = score_artifact(packed, s, self.p.data_dir)
-        spec = tasks.task_spec(s["task"])
-        path = [{"epoch": h["epoch"], "expected_density": h.get("expected_density"),
-                 "deterministic_density": h.get("deterministic_density"), "lambda": h.get("lambda")}
-                for h in (diff.meta.get("history") or []) if h.get("phase") == "l0"]
-        best = summary.get("after_fixmask") or {}
-        params = report.summarize(report.rows_from_diff(diff), {})["totals"]["params"]
-        return {"score": 100 * metrics.main_score(spec, dev[spec.eval_splits[0]]), "metrics": dev,
-                "best_epoch": best.get("epoch"), "bytes": packed.stat().st_size, "nnz": diff.nnz, "params": params,
-                "diff_path": str(packed), **fitted,
-                "density": diff.density, "l0_density_path": path,
-                "train_summary": {k: summary.get(k) for k in ("after_l0", "after_projection", "after_fixmask",
-                                                              "epochs", "seconds")}}
+        return dp_run.score_diff(s, ckpt, summary, run_dir, self.p.data_dir, self.fit)
 
     def lane(self, jobs: int = 1, wait_s: float = 30.0, hours: float | None = None) -> None:
         """Take ready runs until none is left; wait while other lanes hold runs that later ones depend on.

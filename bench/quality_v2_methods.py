@@ -53,11 +53,12 @@ class MethodsProtocol(q.Protocol):
 
     def split(self, method: str) -> tuple[int, int]:
         """(first-phase epochs, fixed-phase epochs): l0 L0 + fixed, swr gated + fixed, basis scales + fixed;
-        basis+double runs two fixed phases of --fixmask-epochs each (scales, then the sparse δ): first + 2·fixed = E."""
+        basis+double runs two fixed phases of --fixmask-epochs each (scales, then the sparse δ): first + 2·fixed = E,
+        with at least one scale epoch (a --quick E of 2 runs 3 passes: 0 would leave the trainer's default of 3)."""
         first = self.l0_epochs
         if method in DOUBLE:
             fixed = max(1, (self.epochs - first) // 2)
-            return self.epochs - 2 * fixed, fixed
+            return max(1, self.epochs - 2 * fixed), fixed
         return first, self.epochs - first
 
 
@@ -65,6 +66,7 @@ class MethodsSuite(q.Suite):
     """quality_v2.Suite with this table's methods: every sized run waits for the basis run's .diff."""
 
     table = "methods"
+    scoring_code = q.SCORING_CODE + ("bench/bench_size_score.py",)  # fit_density trims the l0 files
 
     def __init__(self, proto: MethodsProtocol, work: Path, store: Path | None = None):
         super().__init__(proto, work, store=store)
@@ -325,12 +327,13 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
           "parameter), so the cap errs small; an swr file is never cut (marked 'over' if above the target).",
           "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory the "
           "process's peak RSS on CPU (Python, torch and transformers included), torch's peak allocated on cuda.", ""]
-    L += ["## Results (dev score; mean ± std over seeds, (n) seeds)", "",
+    L += ["## Results (dev score; mean ± sample std (n − 1) over seeds, (n) seeds)", "",
           "| task | ran on | " + " | ".join(LABELS[m] for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
     for t in tasks:
         L.append(f"| {t} | {report.task_devices(doc, t)} | "
                  + " | ".join(report.cell_text(table[t][m]) for m in methods) + " |")
-    L += ["| **average** | | " + " | ".join(report.averages(table, tasks, methods)) + " |", "", report.DEVICE_NOTE, "",
+    avg = report.averages(table, tasks, methods, len(p.seeds))
+    L += ["| **average** | | " + " | ".join(avg) + " |", "", report.DEVICE_NOTE, "",
           "Scores: GLUE metric ×100 (rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, "
           "cola Matthews). Floors (most frequent train label; stsb the mean): "
           + ", ".join(f"{t} {v:.2f}" for t, v in doc["majority"].items() if v is not None) + ".", ""]
@@ -350,6 +353,8 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
                        else f"--sparsity {float(s['sparsity']):.4%}" if s.get("sparsity") else "--keep-bases 0.5")
             mem = r.get("cuda_peak_allocated") or r.get("peak_rss_bytes")
             note = []
+            if r.get("resumed"):
+                note.append("resumed: time and memory of its last part only")
             if r.get("trimmed"):
                 note.append(f"trimmed from {rules.fmt_bytes(r['trimmed']['from_bytes'])}")
             if s.get("target_bytes"):

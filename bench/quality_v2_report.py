@@ -49,17 +49,19 @@ def assemble(suite: Suite) -> dict:
             got = {seed: cell(suite, task, m, seed) for seed in p.seeds}
             cells[task][m] = {str(seed): {"status": st, "result": _brief(r)} for seed, (r, st) in got.items()}
             runs = [r for r, _ in got.values() if r is not None]
+            whole = [r for r in runs if not r.get("resumed")]  # a resumed run timed and measured its last part only
             mean, std, n = rules.mean_std([r["score"] for r in runs])
             table[task][m] = {"mean": mean, "std": std, "n": n, "lr": suite.chosen_lr(task, m),
                               "grid": {f"{lr:g}": s for lr, s in suite.grid_scores(task, m).items()},
                               "bytes": _avg([r.get("bytes") for r in runs]),
                               "entries": _avg([_entries(r) for r in runs]),
                               "density": _avg([r.get("density") for r in runs]),
-                              "train_seconds": _avg([r.get("train_seconds") for r in runs]),
-                              "peak_rss_bytes": _max([r.get("peak_rss_bytes") for r in runs]),
-                              "cuda_peak_allocated": _max([r.get("cuda_peak_allocated") for r in runs]),
-                              "machines": sorted({machine_text(r.get("machine")) for r in runs}, key=str),
-                              "train_seconds_by_machine": _by_machine(runs, "train_seconds"),
+                              "train_seconds": _avg([r.get("train_seconds") for r in whole]),
+                              "peak_rss_bytes": _max([r.get("peak_rss_bytes") for r in whole]),
+                              "cuda_peak_allocated": _max([r.get("cuda_peak_allocated") for r in whole]),
+                              "machines": sorted({machine_text(r.get("machine")) for r in whole}, key=str),
+                              "train_seconds_by_machine": _by_machine(whole, "train_seconds"),
+                              "resumed_runs": len(runs) - len(whole),
                               "status": sorted({st for _, st in got.values() if st != "ok"}),
                               "grid_cost": grid_cost(suite, task, m)}
             for seed, (r, _) in got.items():
@@ -91,15 +93,32 @@ def assemble(suite: Suite) -> dict:
     progress["other_kind"] = "CPU" if here and here[2] else "GPU"
     progress["stale"] = suite.stale_entries()
     progress["unmatched"] = suite.unmatched_entries()
-    means = {t: {m: table[t][m]["mean"] for m in p.methods} for t in p.tasks}
-    sizes = {t: {m: table[t][m]["bytes"] for m in p.methods} for t in p.tasks}
-    per_seed = {seed: rules.verdicts(sc, p.tasks, sizes=per_seed_sizes[seed]) for seed, sc in per_seed_scores.items()}
+    # The targets, averages and the default are judged on means over every seed (issue 11): a cell short of a seed
+    # counts as missing there, so no verdict or default comes from one seed, or from seeds that differ by method.
+    means = {t: {m: complete_mean(table[t][m], len(p.seeds)) for m in p.methods} for t in p.tasks}
+    sizes = {t: {m: table[t][m]["bytes"] if means[t][m] is not None else None for m in p.methods} for t in p.tasks}
+    budgets = matched_budgets(suite, cells)
+    per_seed = {seed: rules.verdicts(sc, p.tasks, sizes=per_seed_sizes[seed], budgets=budgets)
+                for seed, sc in per_seed_scores.items()}
     return {"progress": progress, "table": table, "cells": cells, "per_seed_verdicts": {str(k): v for k, v in per_seed.items()},
-            "pass_counts": rules.pass_counts(per_seed), "verdicts_on_means": rules.verdicts(means, p.tasks, sizes=sizes),
-            "verdicts_on_score_alone": rules.verdicts(means, p.tasks),
-            "bytes_ratios": rules.bytes_ratios(means, sizes, p.tasks),
+            "pass_counts": rules.pass_counts(per_seed),
+            "verdicts_on_means": rules.verdicts(means, p.tasks, sizes=sizes, budgets=budgets),
+            "verdicts_on_score_alone": rules.verdicts(means, p.tasks), "budgets": budgets,
+            "bytes_ratios": rules.bytes_ratios(means, sizes, p.tasks, budgets=budgets),
             "cheaper_masks_vs_l0": rules.cheaper_masks(means, p.tasks),
-            "default_mask": rules.default_mask(means, p.tasks, sizes), "run_versions": run_versions(suite)}
+            "default_mask": rules.default_mask(means, p.tasks, sizes, budgets), "run_versions": run_versions(suite)}
+
+
+def matched_budgets(suite: Suite, cells: dict) -> dict:
+    """{task: {method: bytes}} of each matched baseline (rules.MATCHED) with a finished run: the largest .diff that
+    buys it no higher rank than it trained at, its equal bytes."""
+    out: dict = {}
+    for task, by_method in cells.items():
+        for m in rules.MATCHED:
+            ranks = {c["result"].get("lora_rank") for c in by_method.get(m, {}).values() if c["result"]} - {None}
+            if len(ranks) == 1:
+                out.setdefault(task, {})[m] = suite.lora_all_budget(task, ranks.pop())
+    return out
 
 
 def _entries(r: dict) -> int | None:
@@ -116,7 +135,7 @@ def grid_cost(suite: Suite, task: str, method: str) -> dict:
             out[f"{lr:g}"] = {"train_seconds": hit.get("train_seconds"), "peak_rss_bytes": hit.get("peak_rss_bytes"),
                               "cuda_peak_allocated": hit.get("cuda_peak_allocated"),
                               "machine": machine_text(hit.get("machine")), "device": hit.get("device"),
-                              "finished": hit.get("finished")}
+                              "finished": hit.get("finished"), "resumed": bool(hit.get("resumed"))}
     return out
 
 
@@ -185,7 +204,8 @@ def machine_letters(doc: dict) -> dict:
 def times_text(c: dict, letters: dict) -> str:
     """'25.6 min (A)', or '25.6 min (A); 80.6 min (?)' for a cell whose seeds ran on two machines."""
     by = c.get("train_seconds_by_machine") or [[mt, c.get("train_seconds")] for mt in c.get("machines") or [None]]
-    return "; ".join(f"{(sec or 0) / 60:.1f} min ({letters[mt]})" for mt, sec in by)
+    text = "; ".join(f"{sec / 60:.1f} min ({letters[mt]})" for mt, sec in by if sec is not None) or "—"
+    return text + (f" [{c['resumed_runs']} resumed run(s) left out]" if c.get("resumed_runs") else "")
 
 
 def machine_legend(letters: dict) -> list[str]:
@@ -386,14 +406,15 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "- Stored bytes are file sizes: diffprune the fp16 `.diff` (`artifact.write`), scored on base + that "
           "file; baselines the trained tensors as fp16 safetensors (full FT: every weight; LoRA: adapter + head; "
           "BitFit: biases + head; head: the head), scored after that fp16 rounding. LoRA all-linear takes the "
-          f"largest rank whose file fits in the dp-l0 .diff of seed {p.seeds[0]} (alpha = 2 r).",
+          f"largest rank whose file fits in the dp-l0 .diff of seed {p.seeds[0]} at the middle lr of dp-l0's grid "
+          "(alpha = 2 r).",
           "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory is "
           "the process's peak RSS on CPU (it includes the Python, torch and transformers runtime: the head-only run "
           "shows that floor), torch's peak allocated memory on cuda. LoRA all-linear's rank is in the JSON (`lora_rank`).",
           "- Baselines: AdamW, linear decay, no warmup or weight decay, gradient norm clipped to 1, the head "
           "initialised as `train` does; LoRA via PEFT (dropout 0.1), BitFit and the head by freezing.", ""]
     # main table
-    L += ["## Results (mean ± std over seeds, (n) seeds)", "",
+    L += ["## Results (mean ± sample std (n − 1) over seeds, (n) seeds)", "",
           "| task | ran on | metric floor | " + " | ".join(LABELS[m] for m in methods) + " |",
           "|---|---|---|" + "---|" * len(methods)]
     for t in tasks:
@@ -401,12 +422,13 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
         floor = doc["majority"].get(t)
         L.append(f"| {t} | {task_devices(doc, t)} | {'—' if floor is None else f'{floor:.2f}'} | "
                  + " | ".join(row) + " |")
-    L += ["| **average** | | | " + " | ".join(averages(table, tasks, methods)) + " |", "", DEVICE_NOTE, "",
+    L += ["| **average** | | | " + " | ".join(averages(table, tasks, methods, len(p.seeds))) + " |", "", DEVICE_NOTE, "",
           "`metric floor`: always predicting the most frequent train label (stsb: the mean). Scores: GLUE metric ×100 "
           "(rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, cola Matthews).", ""]
     letters = machine_letters(doc)
     L += ["## Bytes and cost (per run, at the chosen lr; mean over seeds, memory the maximum)", "",
-          "Train time is the mean over the seeds that ran on one machine, a figure per machine (letters below).", "",
+          "Train time is the mean over the seeds that ran on one machine, a figure per machine (letters below). A "
+          "resumed run timed and measured only its last part, so time and memory leave it out.", "",
           "Stored entries: a diff's nonzero δ entries (its density of N in brackets; the new head apart), a "
           "baseline's trained parameters (its head included).", "",
           "| task | method | lr | stored bytes | stored entries | train time (machine) | peak memory |",
@@ -432,10 +454,12 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
                  f"{ratio_text(doc['bytes_ratios'], key)} | {ok} of {done} complete (of {len(p.seeds)}) |")
     L += ["", "The issue asks diffprune to be ahead of LoRA and BitFit at equal or fewer stored bytes: those targets "
           "pass only when dp-l0 is ahead on score and its .diff is no larger than the other method's file on every "
-          "task (per seed for the seed counts). LoRA all-linear is matched to the dp-l0 .diff (the largest rank "
-          "whose file fits in it), so its budget is the equal bytes: a mask passes when its .diff is no larger than "
-          "dp-l0's. LoRA q,v and BitFit are not matched, so where dp-l0 stores more, a win on score alone is not a "
-          "win at equal bytes. A target is '—' while a cell it needs is missing.", ""]
+          "task (per seed for the seed counts). LoRA all-linear is matched to a dp-l0 .diff (the largest rank "
+          "whose file fits in it), so its equal bytes are its budget: the largest file that buys it no higher rank "
+          "than it trained at (one byte under the next rank's file; `budgets` in the JSON). A mask passes when its "
+          ".diff is no larger than that. LoRA q,v and BitFit are not matched, so where dp-l0 stores more, a win on score alone is not a "
+          "win at equal bytes. A target is '—' while a cell it needs lacks a seed's run: targets, averages and the "
+          "default are judged on means over all seeds only.", ""]
     cm = doc["cheaper_masks_vs_l0"]
     L += ["Ablation masks vs the L0 mask (task average of the means): " + "; ".join(
         f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in cm.items()), ""]
@@ -475,7 +499,7 @@ def ratio_text(ratios: dict, key: str) -> str:
     other, ratio = ratios[key] or (None, None)
     if ratio is None:
         return "—"
-    return f"{ratio:.2f}x {LABELS[other]}" + (" (sized to dp-l0's file)" if other in rules.MATCHED_TO else "")
+    return f"{ratio:.2f}x {LABELS[other]}" + (" (of its budget)" if other in rules.MATCHED else "")
 
 
 def default_mask_text(d: dict) -> list[str]:
@@ -496,14 +520,17 @@ def _run_cost(cost: dict | None, letters: dict | None) -> str:
     if not cost or cost.get("train_seconds") is None:
         return ""
     where = f" {letters.get(cost.get('machine'), '?')}" if letters is not None else ""
-    return f" ({cost['train_seconds'] / 60:.1f} min{where}, {memory_text(cost)})"
+    part = ", resumed: last part only" if cost.get("resumed") else ""
+    return f" ({cost['train_seconds'] / 60:.1f} min{where}, {memory_text(cost)}{part})"
 
 
 def memory_text(c: dict) -> str:
     """Peak memory of a run or cell: torch's peak allocated on cuda, else the process's peak RSS."""
     if c.get("cuda_peak_allocated"):
         return f"{rules.fmt_bytes(c['cuda_peak_allocated'])} cuda alloc"
-    return f"{rules.fmt_bytes(c.get('peak_rss_bytes'))} RSS"
+    if c.get("peak_rss_bytes") is None:
+        return "—"
+    return f"{rules.fmt_bytes(c['peak_rss_bytes'])} RSS"
 
 
 def entries_text(c: dict) -> str:
@@ -532,11 +559,16 @@ def random_mask_note(p, table: dict) -> list[str]:
             "gradient would spend the whole budget.", ""]
 
 
-def averages(table: dict, tasks: list[str], methods: list[str]) -> list[str]:
-    """Each method's task average of the means ('—' while a task is missing)."""
+def complete_mean(c: dict, seeds: int) -> float | None:
+    """A cell's mean once every seed has its run, else None: partial means are shown, never judged or averaged."""
+    return c["mean"] if c["n"] == seeds else None
+
+
+def averages(table: dict, tasks: list[str], methods: list[str], seeds: int) -> list[str]:
+    """Each method's task average of the means ('—' while a task lacks a seed's run)."""
     out = []
     for m in methods:
-        vals = [table[t][m]["mean"] for t in tasks]
+        vals = [complete_mean(table[t][m], seeds) for t in tasks]
         out.append("—" if None in vals or not vals else f"{sum(vals) / len(vals):.2f}")
     return out
 

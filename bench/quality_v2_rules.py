@@ -54,17 +54,19 @@ def _ahead(scores: dict, tasks: list[str], other: str, main: str = MAIN) -> bool
 
 
 # A baseline sized to another method's file: LoRA all-linear takes the largest rank whose file fits in the dp-l0
-# .diff (one rank step is ~40k parameters on MiniLM), so its budget, not its own smaller file, is the equal bytes.
-MATCHED_TO = {"lora-all": MAIN}
+# .diff (one rank step is ~40k parameters on MiniLM). Its equal bytes are its budget, not its own smaller file: the
+# largest file that buys it no higher rank (`budgets`), so a mask's .diff at most that big is compared at equal bytes.
+MATCHED = ("lora-all",)
 
 
-def _fits(sizes: dict | None, tasks: list[str], main: str, other: str) -> bool | None:
-    """Whether `main` stores equal or fewer bytes than `other` (than the file `other` was matched to, for a matched
-    baseline) on every task; None when a size is missing."""
-    ref = MATCHED_TO.get(other, other)
-    if sizes is None or any(sizes.get(t, {}).get(m) is None for t in tasks for m in (main, other, ref)):
+def _fits(sizes: dict | None, tasks: list[str], main: str, other: str, budgets: dict | None = None) -> bool | None:
+    """Whether `main` stores equal or fewer bytes than `other` on every task (than `other`'s budget, for a matched
+    baseline); None when a size or budget is missing."""
+    ref = budgets if other in MATCHED else sizes
+    if sizes is None or ref is None or any(sizes.get(t, {}).get(main) is None or ref.get(t, {}).get(other) is None
+                                           for t in tasks):
         return None
-    return all(sizes[t][main] <= sizes[t][ref] for t in tasks)
+    return all(sizes[t][main] <= ref[t][other] for t in tasks)
 
 
 def better_lora(scores: dict, tasks: list[str]) -> str:
@@ -75,12 +77,14 @@ def better_lora(scores: dict, tasks: list[str]) -> str:
     return "lora-qv" if avg("lora-qv") >= avg("lora-all") else "lora-all"
 
 
-def verdicts(scores: dict, tasks: list[str], main: str = MAIN, sizes: dict | None = None) -> dict:
+def verdicts(scores: dict, tasks: list[str], main: str = MAIN, sizes: dict | None = None,
+             budgets: dict | None = None) -> dict:
     """Each target's verdict for one seed (or for the means): True/False, None where a needed cell is missing.
 
     `scores[task][method]` is a score or None; `main` is the diffprune mask judged (the L0 mask by default). With
     `sizes[task][method]` (stored bytes), "ahead of" targets also need `main` to store equal or fewer bytes than the
-    method it beats, as the issue states them; without sizes they are judged on score alone.
+    method it beats (than `budgets[task][method]` for a MATCHED baseline), as the issue states them: None where a
+    size is missing. Without sizes they are judged on score alone.
     """
     def have(*methods) -> bool:
         return bool(tasks) and all(scores.get(t, {}).get(m) is not None for t in tasks for m in methods)
@@ -88,8 +92,9 @@ def verdicts(scores: dict, tasks: list[str], main: str = MAIN, sizes: dict | Non
     def avg(m: str) -> float:
         return statistics.mean(scores[t][m] for t in tasks)
 
-    def ahead(other: str) -> bool:
-        return _ahead(scores, tasks, other, main) and (sizes is None or _fits(sizes, tasks, main, other) is not False)
+    def ahead(other: str) -> bool | None:
+        fits = True if sizes is None else _fits(sizes, tasks, main, other, budgets)
+        return None if fits is None else _ahead(scores, tasks, other, main) and fits
 
     out: dict = {key: None for key, _ in TARGETS}
     if have(main, "full"):
@@ -105,13 +110,16 @@ def verdicts(scores: dict, tasks: list[str], main: str = MAIN, sizes: dict | Non
     return out
 
 
-def bytes_ratios(scores: dict, sizes: dict, tasks: list[str], main: str = MAIN) -> dict:
-    """For each "ahead of" target: `main`'s bytes over the other method's (task means), None where unknown."""
+def bytes_ratios(scores: dict, sizes: dict, tasks: list[str], main: str = MAIN, budgets: dict | None = None) -> dict:
+    """For each "ahead of" target: `main`'s bytes over the other method's (its budget for a MATCHED baseline; task
+    means), None where unknown."""
     out = {"ahead_of_better_lora": None, "ahead_of_bitfit": None}
+
     def ratio(other: str) -> float | None:
-        if _fits(sizes, tasks, main, other) is None:
+        if _fits(sizes, tasks, main, other, budgets) is None:
             return None
-        return statistics.mean(sizes[t][main] for t in tasks) / statistics.mean(sizes[t][other] for t in tasks)
+        ref = budgets if other in MATCHED else sizes
+        return statistics.mean(sizes[t][main] for t in tasks) / statistics.mean(ref[t][other] for t in tasks)
 
     if tasks and all(scores.get(t, {}).get(m) is not None for t in tasks for m in ("lora-qv", "lora-all")):
         out["ahead_of_better_lora"] = (better_lora(scores, tasks), ratio(better_lora(scores, tasks)))
@@ -147,14 +155,14 @@ AS_GOOD = 0.5  # a mask is "as good" as L0 within this many points of the task a
 MAIN_TARGETS = ("avg_within_0.5_of_full", "no_task_below_1.5", "ahead_of_better_lora", "ahead_of_bitfit")
 
 
-def default_mask(means: dict, tasks: list[str], sizes: dict | None = None) -> dict:
+def default_mask(means: dict, tasks: list[str], sizes: dict | None = None, budgets: dict | None = None) -> dict:
     """Which mask the table makes the default, by issue 11's rule; `mask` is None while a needed cell is missing.
 
     The contenders are L0, every cheaper mask as good as L0 (within AS_GOOD of its task average, or better), and
     the random mask when L0 is not ≥ 1 point ahead of it. The cheapest contender that meets the four diffprune
     targets (each judged in dp-l0's place) wins; when none meets them, the cheapest contender.
     """
-    judged = {m: verdicts(means, tasks, main=m, sizes=sizes) for m in MASKS_BY_COST}
+    judged = {m: verdicts(means, tasks, main=m, sizes=sizes, budgets=budgets) for m in MASKS_BY_COST}
     meets = {m: (None if any(v[k] is None for k in MAIN_TARGETS) else all(v[k] for k in MAIN_TARGETS))
              for m, v in judged.items()}
     gaps = cheaper_masks(means, tasks)

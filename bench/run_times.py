@@ -36,7 +36,7 @@ class RunTimes:
     def finished_times(self) -> list[tuple[str, str, float, int]]:
         """(task, method, wall seconds, nearness) of every finished run that still counts; nearness 2: it ran on
         this machine, 1: on another of the same kind (GPU or CPU), 0: on the other kind (a GPU run's minutes say
-        nothing of a CPU lane's hours)."""
+        nothing of a CPU lane's hours). A resumed run is left out: its time is its last part's only."""
         here = this_machine()
         here_gpu = bool(here and here[2])
 
@@ -49,7 +49,8 @@ class RunTimes:
 
         return [(e.get("task"), e.get("method"), e["train_seconds"], nearness(e))
                 for e in self._stored()
-                if isinstance(e.get("train_seconds"), (int, float)) and not self.code.stale(e.get("code"))]
+                if isinstance(e.get("train_seconds"), (int, float)) and not e.get("resumed")
+                and not self.code.stale(e.get("code"))]
 
     def task_work(self) -> dict[str, dict]:
         """Each task's epoch in optimizer steps and padded tokens (bench/task_work.py, run once in its own process
@@ -100,18 +101,18 @@ class RunTimes:
     def expected_range(self, run, done: list | None = None) -> tuple[float, float] | None:
         """A run's likely wall time, (low, high): the longest finished run of its task and method, else of its
         method on other tasks (scaled by `scale`), else of its task, else any run (scaled); at each step a run on
-        this machine first (machines differ ~3x in speed), else on one of its kind (GPU or CPU); runs of the other
-        kind only when no level has one of this kind."""
+        this machine first (machines differ ~3x in speed), else on one of its kind (GPU or CPU). None when only runs
+        of the other kind are known: a GPU run's minutes are no estimate of a CPU lane's hours (~20x), nor the
+        reverse, so an unknown time is said to be unknown."""
         done = self.finished_times() if done is None else done
         levels = (lambda t, m: t == run.task and m == run.method, lambda t, m: m == run.method,
                   lambda t, m: t == run.task, lambda t, m: True)
-        for nears in ((2, 1), (0,)):  # runs on the other kind (GPU for a CPU lane) only when nothing else is known
-            for same in levels:
-                for near in nears:
-                    times = [(sec, t) for t, m, sec, n in done if same(t, m) and n >= near]
-                    if times:
-                        scaled = [(sec * lo, sec * hi) for sec, t in times for lo, hi in [self.scale(t, run.task)]]
-                        return max(lo for lo, _ in scaled), max(hi for _, hi in scaled)
+        for same in levels:
+            for near in (2, 1):
+                times = [(sec, t) for t, m, sec, n in done if same(t, m) and n >= near]
+                if times:
+                    scaled = [(sec * lo, sec * hi) for sec, t in times for lo, hi in [self.scale(t, run.task)]]
+                    return max(lo for lo, _ in scaled), max(hi for _, hi in scaled)
         return None
 
     def expected_seconds(self, run, done: list | None = None) -> float | None:

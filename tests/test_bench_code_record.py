@@ -141,3 +141,16 @@ def test_measured_runs_the_checkouts_own_code_not_another_copy_on_the_path(tmp_p
         assert proc.returncode == 0, proc.stderr
         assert "diffcli/__init__.py" in json.loads(usage.read_text())["imported"]
 
+
+
+def test_a_change_to_how_the_lane_trains_or_scores_a_diffprune_run_makes_only_diffprune_entries_stale(tmp_path,
+                                                                                                     monkeypatch):
+    q, suite, root, _executed = _code_suite(tmp_path, monkeypatch)
+    (root / "bench/dp_run.py").write_text("# the train command and the packed .diff's score\n")
+    suite.lane(wait_s=0)
+    full, dp = (q.Run("rte", m, q.LR_GRID[m][1], 1) for m in ("full", "dp-l0"))
+    assert "bench/dp_run.py" in suite.cached(dp)["code"]
+    _touch(root / "bench/dp_run.py", "w = 4\n")
+    assert suite.cached(dp) is None and suite.cached(full) is not None
+    mt = load_bench("quality_v2_methods")  # the methods table's l0 files are trimmed by bench_size_score.fit_density
+    assert set(mt.MethodsSuite.scoring_code) == {*q.SCORING_CODE, "bench/bench_size_score.py"}

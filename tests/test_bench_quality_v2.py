@@ -242,8 +242,8 @@ def test_a_lane_judges_a_runs_time_by_this_machine_first(tmp_path, monkeypatch):
 
 
 def test_a_cpu_lane_does_not_judge_a_run_by_a_gpu_runs_minutes(tmp_path, monkeypatch):
-    """Entries made on a lent GPU machine take a minute where a CPU lane takes half an hour: a CPU lane goes by them
-    only when no CPU run tells it anything."""
+    """Entries made on a lent GPU machine take a minute where a CPU lane takes half an hour: a CPU lane never goes by
+    them; with no CPU run to go by, its estimate is unknown (the report's "? h here"), not a GPU's minutes."""
     q, _report, suite, _executed = fake_suite(tmp_path, monkeypatch)
     here = {"cpu": "CPU H", "cores": 2, "gpu": None}
     gpu = {"cpu": "CPU G", "cores": 16, "gpu": "NVIDIA H200"}
@@ -260,7 +260,7 @@ def test_a_cpu_lane_does_not_judge_a_run_by_a_gpu_runs_minutes(tmp_path, monkeyp
     assert suite.expected_seconds(q.Run("rte", "full", 1e-4, 42)) == 1500.0
     assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) == 1500.0   # the task's CPU runs, not 60 s
     del entries[2:]
-    assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) == 60.0     # nothing but GPU runs: those
+    assert suite.expected_seconds(q.Run("rte", "bitfit", 1e-3, 42)) is None     # nothing but GPU runs: unknown
 
 
 def test_the_report_gives_each_tasks_runs_left_at_this_machines_pace_and_at_the_other_kinds(tmp_path, monkeypatch):
@@ -282,6 +282,11 @@ def test_the_report_gives_each_tasks_runs_left_at_this_machines_pace_and_at_the_
     assert doc["progress"]["other_kind"] == "GPU"
     text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
     assert "rte 15 runs (6 h here; GPU 0.3 h)" in text
+    cpu = entries.pop(0)  # only the GPU run: this CPU machine's pace is unknown, not the GPU's
+    only_gpu = report.assemble(suite)["progress"]
+    assert only_gpu["by_task"]["rte"]["hours"] is None and only_gpu["by_task"]["rte"]["hours_other_kind"] == [0.3, 0.3]
+    assert report.left_by_task(only_gpu) == "rte 15 runs (? h here; GPU 0.3 h)"
+    entries.insert(0, cpu)
     entries.pop()  # no GPU run: no GPU pace to give
     assert report.assemble(suite)["progress"]["by_task"]["rte"]["hours_other_kind"] is None
 
@@ -350,3 +355,19 @@ def test_a_suite_measures_task_work_in_a_subprocess_once_and_keeps_it_in_the_wor
     other = q.Protocol(tasks=["rte"], model=str(tiny_base), data_dir=str(tmp_path / "nowhere"))
     assert q.Suite(other, tmp_path / "work").task_work() == {}          # no data: no figures, no process
 
+
+
+def test_lora_all_budget_is_the_largest_file_that_buys_it_no_higher_rank(tmp_path, monkeypatch):
+    _q, _report, suite, _executed = fake_suite(tmp_path, monkeypatch)
+    budget = suite.lora_all_budget("rte", 3)
+    assert suite.lora_all_rank("rte", budget) == 3 and suite.lora_all_rank("rte", budget + 1) == 4
+
+
+def test_lora_all_is_matched_to_the_chosen_lrs_diff_when_the_middle_lr_run_failed(tmp_path, monkeypatch):
+    q, report, suite, executed = fake_suite(tmp_path, monkeypatch, fail=[("dp-l0", 1e-3)])
+    g = q.LR_GRID["dp-l0"]
+    assert g[len(g) // 2] == 1e-3  # the reference lr is the one that fails
+    suite.lane(wait_s=0)
+    lora = [e for e in executed if e[0] == "lora-all"]
+    assert lora and all(b == 5000 for *_, b in lora)  # the chosen lr's .diff bytes (the fake's 5000)
+    assert report.assemble(suite)["cells"]["rte"]["lora-all"]["3"]["status"] == "ok"

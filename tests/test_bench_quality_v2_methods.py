@@ -49,6 +49,8 @@ def test_methods_table_splits_equal_compute_and_builds_each_methods_command(tmp_
         assert first + (2 if m in mt.DOUBLE else 1) * fixed == p.epochs and first >= 1 and fixed >= 1, m
     assert p.split("basis2@lora") == (2, 1) and p.split("l0@basis") == (2, 2)
     assert mt.MethodsProtocol(epochs=5, l0_epochs=2).split("basis2@lora") == (3, 1)  # parity: the rest goes first
+    # too few epochs for three phases (--quick's 2): one scale epoch still, never 0 (the trainer's default of 3)
+    assert mt.MethodsProtocol(epochs=2, l0_epochs=1).split("basis2@lora") == (1, 1)
     basis = q.diffprune_args(suite.settings(q.Run("rte", "basis", 1e-3, 42)), tmp_path / "c", "d", True)
     # basis alone: no --sparsity (train turns double pruning on when it is given), no --budget (default keep-bases)
     assert "--sparsity" not in basis and "--budget" not in basis and basis[basis.index("--method") + 1] == "basis"

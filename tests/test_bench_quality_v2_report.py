@@ -124,3 +124,38 @@ def test_report_names_the_kind_of_machine_each_tasks_runs_trained_on():
                                "rte") == "CPU fp32 + GPU bf16"
     assert report.task_devices(doc([]), "rte") == "—"
 
+
+
+def test_targets_averages_and_the_default_are_judged_only_on_every_seeds_runs(tmp_path, monkeypatch):
+    q, report, suite, _ = fake_suite(tmp_path, monkeypatch)  # seeds 1, 2, 3
+    first = q.Protocol(tasks=["rte"], methods=list(suite.p.methods), seeds=[1], data_dir=str(tmp_path))
+    q.Suite(first, tmp_path / "work").lane(wait_s=0)  # the same store, every run of seed 1 only
+    doc = report.assemble(suite)
+    cell = doc["table"]["rte"]["dp-l0"]
+    assert cell["n"] == 1 and cell["mean"] is not None  # the partial mean is shown ...
+    assert all(v is None for v in doc["verdicts_on_means"].values())  # ... but judges nothing
+    assert all(v is None for v in doc["verdicts_on_score_alone"].values())
+    assert doc["default_mask"]["mask"] is None and set(doc["cheaper_masks_vs_l0"].values()) == {None}
+    assert report.averages(doc["table"], ["rte"], suite.p.methods, 3) == ["—"] * len(suite.p.methods)
+    # with one seed in the protocol the same runs are complete, and judged
+    done = report.assemble(q.Suite(first, tmp_path / "work"))
+    assert done["verdicts_on_means"]["avg_within_0.5_of_full"] is not None
+    assert "—" not in report.averages(done["table"], ["rte"], ["full", "dp-l0", "lora-all"], 1)  # random: not run
+
+
+def test_a_resumed_runs_partial_time_and_memory_stay_out_of_costs_and_estimates(tmp_path, monkeypatch):
+    q, report, suite, _ = fake_suite(tmp_path, monkeypatch)
+    whole = q.Suite._execute
+
+    def resumed_seed_2(self, run, s, run_dir):  # the resumed run timed and measured only its last part
+        out = whole(self, run, s, run_dir)
+        return {**out, "resumed": True, "train_seconds": 0.25, "peak_rss_bytes": 9} if run.seed == 2 else out
+
+    monkeypatch.setattr(q.Suite, "_execute", resumed_seed_2)
+    suite.lane(wait_s=0)
+    doc = report.assemble(suite)
+    c = doc["table"]["rte"]["dp-l0"]
+    assert c["n"] == 3 and c["resumed_runs"] == 1  # its score counts ...
+    assert c["train_seconds"] == 1.0 and c["peak_rss_bytes"] == 1  # ... its cost does not
+    assert "[1 resumed run(s) left out]" in report.times_text(c, {None: "?"})
+    assert 0.25 not in [sec for *_, sec, _n in suite.finished_times()]

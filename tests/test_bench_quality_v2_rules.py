@@ -80,22 +80,27 @@ def test_ahead_of_targets_need_equal_or_fewer_stored_bytes_when_sizes_are_known(
     assert rep.verdicts(scores, tasks)["ahead_of_bitfit"] is True                       # on score alone
     v = rep.verdicts(scores, tasks, sizes=sizes)
     assert v["ahead_of_bitfit"] is False                                               # 295 kB against 59 kB
-    assert v["ahead_of_better_lora"] is True      # lora-all is matched to the dp-l0 file: its budget is equal bytes
-    # a mask in dp-l0's place is held to the budget LoRA all-linear was matched to (dp-l0's file), not to its own
+    assert v["ahead_of_better_lora"] is None      # lora-all's equal bytes are its budget: unknown, no verdict
+    budgets = {t: {"lora-all": 300_000} for t in tasks}  # the largest file that buys LoRA no higher rank
+    assert rep.verdicts(scores, tasks, sizes=sizes, budgets=budgets)["ahead_of_better_lora"] is True
+    # held to lora-all's budget, not to its own smaller file, and not to itself: a dp-l0 file over it fails
+    over = {t: dict(sizes[t], **{"dp-l0": 300_001}) for t in tasks}
+    assert rep.verdicts(scores, tasks, sizes=over, budgets=budgets)["ahead_of_better_lora"] is False
+    # a mask in dp-l0's place is held to the same budget
     big = {t: dict(sizes[t], **{"dp-magnitude": 310_000, "dp-fisher": 215_000}) for t in tasks}
     both = {t: dict(scores[t], **{"dp-magnitude": dp[t], "dp-fisher": dp[t]}) for t in tasks}
-    assert rep.verdicts(both, tasks, main="dp-magnitude", sizes=big)["ahead_of_better_lora"] is False
-    assert rep.verdicts(both, tasks, main="dp-fisher", sizes=big)["ahead_of_better_lora"] is True
+    assert rep.verdicts(both, tasks, main="dp-magnitude", sizes=big, budgets=budgets)["ahead_of_better_lora"] is False
+    assert rep.verdicts(both, tasks, main="dp-fisher", sizes=big, budgets=budgets)["ahead_of_better_lora"] is True
     # LoRA q,v better and smaller than the .diff: ahead on score is not ahead at equal bytes
     qv = _scores(dp, bitfit=bitfit, lora_qv={"rte": 61.5, "mrpc": 80.9}, lora_all={"rte": 50.0, "mrpc": 70.0})
     assert rep.verdicts(qv, tasks)["ahead_of_better_lora"] is True
     assert rep.verdicts(qv, tasks, sizes=sizes)["ahead_of_better_lora"] is False
-    ratios = rep.bytes_ratios(scores, sizes, tasks)
-    assert ratios["ahead_of_better_lora"] == ("lora-all", 295_000 / 266_000)
+    ratios = rep.bytes_ratios(scores, sizes, tasks, budgets=budgets)
+    assert ratios["ahead_of_better_lora"] == ("lora-all", 295_000 / 300_000)
     assert ratios["ahead_of_bitfit"] == ("bitfit", 295_000 / 59_000)
-    # one task's size missing: no byte verdict, the score verdict stands
+    # one task's size missing: no verdict at equal bytes (the score-alone verdict is the one without sizes)
     gap = {"rte": sizes["rte"], "mrpc": dict(sizes["mrpc"], bitfit=None)}
-    assert rep.verdicts(scores, tasks, sizes=gap)["ahead_of_bitfit"] is True
+    assert rep.verdicts(scores, tasks, sizes=gap)["ahead_of_bitfit"] is None
     assert rep.bytes_ratios(scores, gap, tasks)["ahead_of_bitfit"] == ("bitfit", None)
 
 
@@ -122,8 +127,8 @@ def test_the_table_picks_the_default_mask_by_the_issues_rule():
     assert d["mask"] == "dp-random" and not any(d["meets_targets"].values())
     # a byte verdict can decide it: the Fisher file larger than LoRA all-linear's fails "ahead of the better LoRA"
     sizes = {"rte": {"dp-l0": 290, "dp-random": 230, "dp-magnitude": 310, "dp-fisher": 400, "lora-qv": 150,
-                     "lora-all": 300, "bitfit": 59}}
-    d = rep.default_mask(_mask_means(62.0, 60.5, 61.8, 61.6), tasks, sizes)
+                     "lora-all": 280, "bitfit": 59}}
+    d = rep.default_mask(_mask_means(62.0, 60.5, 61.8, 61.6), tasks, sizes, {"rte": {"lora-all": 320}})
     assert d["meets_targets"]["dp-fisher"] is False
     # a missing cell: undecided
     means = _mask_means(62.0, 60.5, 61.0, 61.4)
