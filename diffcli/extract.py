@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from diffcli.diff import Diff, TensorDiff
+from diffcli.errors import BaseMismatchError
 from diffcli.weights import (WeightStore, dtype_name, fingerprint_of, is_float, load_config, match_names,
                              resolve_model, tensor_digest)
 
@@ -47,6 +48,9 @@ def diff_between(base: WeightStore, target: Mapping[str, "torch.Tensor"] | Weigh
             tensors[name] = TensorDiff.zeros(bname, tuple(b.shape), dtype, digest)
         else:
             extras[name] = value.detach().clone().contiguous()
+    if not tensors and target_names:  # all extras: a diff of nothing, which every base would then "verify"
+        raise BaseMismatchError(f"no tensor of the finetuned model matches a tensor of base {base_ref} by name "
+                                "and shape", hint="pass the base it was finetuned from as --base")
     fp = fingerprint_of({t.base_name: t.digest for t in tensors.values()})
     return Diff(tensors, extras, config, base_ref, fp, dict(meta or {}))
 

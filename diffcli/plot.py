@@ -134,7 +134,7 @@ def figure(reports: Iterable[dict[str, Any]], by: str = "density") -> "Figure":
         image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm, aspect="auto",
                           interpolation="nearest")
         ax.set_gid(f"panel-{p + 1}")
-        ax.set_title(_title(report, grid), fontsize=8)
+        ax.set_title(_title(report, grid), fontsize=8, parse_math=False)  # a '$' in a file name is no mathtext
         ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(rows)), rows, fontsize=7)
         ax.tick_params(length=0)

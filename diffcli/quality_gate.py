@@ -81,7 +81,7 @@ def _label_names(config: Mapping[str, Any]) -> list[str] | None:
 def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, task_type: str | None = None,
                   data_dir: str | Path | None = None, validation_file: str | Path | None = None,
                   text_fields: Sequence[str] | None = None, label_field: str | None = None,
-                  max_eval_samples: int | None = None, max_seq_length: int = 128, batch_size: int = 64,
+                  max_eval_samples: int | None = None, max_seq_length: int | None = None, batch_size: int = 64,
                   thresholds: Mapping[str, float] | None = None, device: str | None = None) -> dict[str, Any]:
     """Metrics of base + diff on the task's evaluation splits, and which --min thresholds failed.
 
@@ -89,7 +89,9 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     on cuda when present. `task` defaults to the task recorded in the diff's metadata, `task_type` to the
     type it records (or its config's architecture); token classification takes its tags from the diff's head.
     A diff with basis records also reports `basis_probe_error`, the largest relative probe error of its rebuild.
+    `max_seq_length` defaults to 128 (the model's positions where fewer); more than the model takes is refused.
     """
+    from diffcli.positions import seq_length_for
     from diffcli.sources import load_diff
     from diffcli.task_types import DEFAULT, of_diff
 
@@ -98,6 +100,7 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     if unknown:
         raise InvalidValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(KNOWN_METRICS)}")
     diff = load_diff(diff_path)
+    max_seq_length = seq_length_for(diff.config or {}, max_seq_length, f"the model of {diff_path}")
     kind = of_diff(diff.config, diff.meta, task_type)
     task = task or _task_from_meta(diff.meta)
     if kind.name == DEFAULT:

@@ -20,7 +20,7 @@ _EMBED = {"embeddings", "word_embeddings", "position_embeddings", "token_type_em
           "embed_positions", "wte", "wpe", "shared", "embed_in", "word_embedding", "position_embedding",
           "layernorm_embedding"}
 _HEAD = {"classifier", "score", "lm_head", "qa_outputs", "cls", "head", "embed_out", "pre_classifier",
-         "lm_head_dense"}
+         "lm_head_dense", "classification_head"}
 _FINAL_NORM = {"ln_f", "norm", "final_layer_norm", "final_layernorm", "layer_norm"}
 _ATTENTION = {"attention", "attn", "self_attn", "selfattention", "encdecattention", "encoder_attn",
               "crossattention", "self_attention"}

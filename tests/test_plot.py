@@ -167,3 +167,16 @@ def test_without_matplotlib_says_how_to_install(diffs, tmp_path, monkeypatch):
     _fails(runner.invoke(app, ["inspect", str(diffs[0]), "--plot", str(tmp_path / "p.png")]), 1,
            "pip install 'diffprune[plot]'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_name_with_dollar_signs_is_drawn_as_it_is_not_as_mathtext(diffs, tmp_path):
+    import shutil
+
+    odd = tmp_path / "price$_$x$.diff"
+    shutil.copy(diffs[0], odd)
+    out = tmp_path / "p.png"
+    res = runner.invoke(app, ["inspect", str(odd), "--plot", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert out.stat().st_size > 0
+    (panel,) = _panels(figure([inspect(odd)]))
+    assert panel.get_title().startswith("price$_$x$.diff\n")

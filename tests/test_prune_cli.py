@@ -123,3 +123,15 @@ def test_checkpoint_with_another_digest_algorithm_is_unsupported(tiny_base, tiny
     (out / checkpoint.META_FILE).write_text(json.dumps(meta))
     res = runner.invoke(app, ["inspect", str(out)])
     assert res.exit_code == 4 and "'sha256'" in res.stderr
+
+
+def test_prune_against_a_base_that_shares_no_tensor_is_a_wrong_base(tiny_base, tmp_path):
+    """A diff of nothing (the whole model as extras) would verify on every base: refused, exit 5, nothing written."""
+    from transformers import GPT2Config, GPT2Model
+
+    other = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(other)
+    res = runner.invoke(app, ["prune", str(tiny_base), "--base", str(other), "-s", "1%", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 5 and res.stderr.startswith("error:") and "matches a tensor of base" in res.stderr
+    assert "--base" in res.stderr and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -68,6 +68,7 @@ OTHERS = {  # DistilBERT, T5 and BART: encoder and decoder stacks get their own 
     "model.decoder.layers.4.encoder_attn.k_proj.weight": ("decoder layer 4", "key"),
     "model.decoder.layers.4.fc1.weight": ("decoder layer 4", "FFN in"),
     "model.encoder.layernorm_embedding.weight": ("embeddings", "LayerNorm"),
+    "classification_head.out_proj.weight": ("head", "other"),  # BART's sequence-classification head
     "gpt_neox.layers.0.attention.dense.weight": ("layer 0", "attn out"),
     "gpt_neox.layers.0.attention.query_key_value.weight": ("layer 0", "qkv"),
     "something.completely.new": ("other", "other"),

@@ -30,7 +30,9 @@ def eval_(
         "--label-field", help="Label column of --validation-file.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option(
         "--max-eval-samples", help="Score only the first N examples of each split.")] = None,
-    max_seq_length: Annotated[int, typer.Option("--max-seq-length", help="Truncate inputs to this many tokens.")] = 128,
+    max_seq_length: Annotated[Optional[int], typer.Option(
+        "--max-seq-length", help="Truncate inputs to this many tokens [default: 128, or the model's positions if fewer].",
+        show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 64,
     minimum: Annotated[Optional[list[str]], typer.Option(
         "--min", help="Fail (exit 8) below METRIC=VALUE (or METRIC>=VALUE), e.g. accuracy=0.9, or above "
