@@ -38,6 +38,8 @@ def max_positions(config: Mapping[str, Any]) -> int | None:
 def seq_length_for(config: Mapping[str, Any], requested: int | None, what: str) -> int:
     """`requested` if the model takes it (InvalidValueError, exit 2, if not); the default (128, or the model's
     positions where fewer) when None."""
+    if requested is not None and requested < 8:
+        raise InvalidValueError(f"--max-seq-length must be at least 8, got {requested}")
     limit = max_positions(config)
     if requested is None:
         return DEFAULT_MAX_SEQ_LENGTH if limit is None else min(DEFAULT_MAX_SEQ_LENGTH, limit)

@@ -95,6 +95,10 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     from diffcli.sources import load_diff
     from diffcli.task_types import DEFAULT, of_diff
 
+    for flag, value, least in (("--batch-size", batch_size, 1), ("--max-eval-samples", max_eval_samples, 1),
+                               ("--max-seq-length", max_seq_length, 8)):
+        if value is not None and value < least:  # the flags' names, before the data or the model is read
+            raise InvalidValueError(f"{flag} must be at least {least}, got {value}")
     thresholds = dict(thresholds or {})
     unknown = [m for m in thresholds if m not in KNOWN_METRICS]
     if unknown:

@@ -56,3 +56,12 @@ def test_eval_refuses_a_max_seq_length_above_the_models_positions(tiny_base, tin
     assert "Traceback" not in res.output
     res = runner.invoke(app, args)  # the default: 128 cut to the tiny model's 64 positions
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-eval-samples", "0"),
+                                         ("--max-seq-length", "4")])
+def test_eval_names_the_flag_a_bad_number_came_from(tiny_base, tmp_path, flag, value):
+    """The messages said batch_size, max_eval_samples and max_seq_length: names a CLI user never typed."""
+    res = CliRunner().invoke(app, ["eval", str(tiny_base), str(tmp_path / "missing.diff"), "--task", "rte",
+                                   flag, value])
+    assert res.exit_code == 2 and f"{flag} must be at least" in res.stderr, res.output
