@@ -4,7 +4,7 @@ Run: OMP_NUM_THREADS=1 python bench/bench_apply.py [--density 0.005] [--reps 3] 
 Baseline, measured in the same run: copy the base with safetensors load_file + save_file (target: apply
 <= 1.5x its time). Each measurement runs in a fresh subprocess that reports its wall time, CPU time
 (all threads) and peak RSS (VmHWM); a subprocess that only imports and loads the diff gives the
-interpreter's own footprint, "hash" times SHA-256 digests of every base tensor alone, and "inplace"
+interpreter's own footprint, "hash" times the content digests (`weights.tensor_digest`) of every base tensor alone, and "inplace"
 times one warm apply_ + revert_ (check=False) of the diff on a live BertModel. Files go to
 /dev/shm by default so disk writeback by other users of the machine does not swamp the comparison.
 """

@@ -66,11 +66,17 @@ def main() -> None:
     ap.add_argument("--max-eval-samples", type=int, help="score only N dev examples (a smoke test, not a result)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "qat.json")
     args = ap.parse_args()
+    if args.max_eval_samples and args.out == ap.get_default("out"):
+        raise SystemExit("error: --max-eval-samples is a smoke run; pass --out elsewhere, not over the committed "
+                         "results")
     ckpts = dict(c.split("=", 1) for c in args.checkpoints)
     result = run(args.task, Path(ckpts["plain"]), Path(ckpts["qat"]), args.base, args.data_dir,
                  args.max_eval_samples)
     commands = [c for c in (args.command,) if c] + [
-        f"OMP_NUM_THREADS=1 python bench/bench_qat.py --data-dir GLUE_DIR --task {args.task} plain=CKPT qat=CKPT"]
+        "OMP_NUM_THREADS=1 python bench/bench_qat.py --data-dir GLUE_DIR "
+        + (f"--base {args.base} " if args.base != "minilm" else "")
+        + (f"--max-eval-samples {args.max_eval_samples} " if args.max_eval_samples else "")
+        + f"--task {args.task} plain=CKPT qat=CKPT"]
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "commands": commands, "result": result}
     args.out.write_text(json.dumps(doc, indent=1) + "\n")

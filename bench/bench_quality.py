@@ -573,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
         text, doc = build_report(suite, report_tasks, invocation.strip())
         results = Path(args.results_dir)
         stem = f"quality-{args.label}" if args.label else "quality"
+        if not any(suite.work.glob("*-*-*.json")) and (results / f"{stem}.md").exists():
+            print(f"error: no cached run in {suite.work} to report; {results / stem}.md (history) is kept",
+                  file=sys.stderr)  # the cache of the committed tables is gone: an empty table must not replace them
+            return 2
         if args.notes:
             text += "\n## Notes\n\n" + Path(args.notes).read_text().strip() + "\n"
         if not args.label:

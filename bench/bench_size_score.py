@@ -8,8 +8,8 @@ For each task: the trained diff (a checkpoint folder) packed as today's file (fo
 and as format v2 with every value format; then re-projected (magnitude top-k of the trained δ, no retraining)
 to lower densities with the lean formats. Each file is decoded from its bytes and scored on the full dev set
 through `DiffBank` + `evaluation.evaluate`, the code behind `diffprune eval`. Reported per task: the smallest
-file within 0.5 point of the reference (target: at most half its bytes), and the best score at LoRA's adapter
-bytes (bench/results/quality.json) against today's best there: the best v1 fp16 file that fits, among the
+file within 0.5 point of the reference (target: at most half its bytes), and the best score at LoRA's bytes (a
+fixed budget: the fp32 LoRA q,v adapter of bench/results/quality.json) against today's best there: the best v1 fp16 file that fits, among the
 densities v2 gets (the trained δ re-projected to fit those bytes, and the same lower densities).
 """
 
@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "ternary")
 LEAN = ("int8", "int4", "ternary")
 DENSITIES = (0.0025, 0.001)
-LORA_BYTES = {"rte": 301520, "mrpc": 301520, "stsb": 299980, "cola": 301520}  # bench/results/quality.json
+# A fixed byte budget: LoRA q,v r=8 saved as the fp32 adapter of the first quality benchmark (bench/results/
+# quality.json). Quality v2 stores that adapter in fp16, about half these bytes.
+LORA_BYTES = {"rte": 301520, "mrpc": 301520, "stsb": 299980, "cola": 301520}
 TOLERANCE = 0.5  # points of the GLUE score
 
 
@@ -111,6 +113,7 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
     fitted, fit_d = fit_density(trained, lora_bytes, "fp16", 1)
     score(f"v1 fp16 @ LoRA bytes ({fit_d:.3%})", fitted, "fp16", 1, fit_d)
     today_lora = best_fitting(rows, 1, lora_bytes)  # today's best file at LoRA's bytes, chosen as v2's is
+    judged = list(rows)  # the verdicts: both formats from the same diffs (the denser diff's rows are v2 only)
     if denser is not None:  # a diff trained at a higher density: leaner values fill LoRA's bytes with more entries
         dense_diff = load_diff(denser)
         for v in LEAN:
@@ -118,8 +121,8 @@ def run_task(task: str, ckpt: Path, base: str, data_dir: str, lora_bytes: int,
             score(f"v2 {v} @ LoRA bytes of the {dense_diff.density:.1%} diff ({fit_d:.3%})", fitted, v, 2, fit_d)
 
     ref = rows[0]
-    smallest = smallest_close(rows, ref)
-    best_lora = best_fitting(rows, 2, lora_bytes)
+    smallest = smallest_close(judged, ref)
+    best_lora = best_fitting(judged, 2, lora_bytes)
     return {"task": task, "checkpoint": str(ckpt), "denser_checkpoint": denser and str(denser),
             "training": training_of(trained),
             "denser_training": denser and f"{dense_diff.density:.1%}, " + training_of(dense_diff), "metric": spec.metrics, "trained_density": density,
@@ -161,15 +164,17 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Size at equal score: format v2 value formats on trained MiniLM diffs (GLUE dev)", "",
              f"Date: {result['date']}. Machine: CPU only (2 cores shared with other jobs), one torch thread.", "",
              "## Command", "", "```", *result["commands"], "```", "",
-             "Checkpoints: `diffprune train` defaults at 0.5%; how each was trained (train examples, "
-             "epochs, seed) is under its task. "
+             "Checkpoints at 0.5%; how each was trained (train examples, epochs, seed) is under its task. "
              "Every file is decoded from its bytes and scored on the full dev set with `DiffBank` + "
              "`evaluation.evaluate` (the code behind `diffprune eval`). Lower densities: the trained δ "
              "re-projected by magnitude, no retraining; today's format (v1 fp16) gets the same lower densities, and at "
-             "LoRA's bytes each format's best file that fits is compared. Score: GLUE metric x100.", ""]
+             "LoRA's bytes each format's best file that fits is compared (a denser diff's rows, v2 only, are shown "
+             "but judge nothing). LoRA's bytes: a fixed budget, LoRA q,v r=8 as the fp32 adapter of the first "
+             "quality benchmark (bench/results/quality.json); quality v2 stores it in fp16, about half. "
+             "Score: GLUE metric x100.", ""]
     for task, t in result["tasks"].items():
         ref = next(r for r in t["rows"] if r["label"] == t["reference"])
-        lines += [f"## {task} (LoRA adapter {t['lora_bytes']:,} B)", "",
+        lines += [f"## {task} (LoRA's bytes: {t['lora_bytes']:,} B, the fp32 adapter)", "",
                   f"Trained on {t.get('training') or 'capped GLUE (before this field was recorded)'}.", "",
                   *([f"The denser diff (rows \"of the ... diff\"): {t['denser_training']}.", ""]
                     if t.get("denser_training") else []),
@@ -203,10 +208,15 @@ def main() -> None:
                     help="a diff of TASK trained at a higher density: re-projected to LoRA's bytes in each lean format")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "size_score.json")
     args = ap.parse_args()
+    if args.max_eval_samples and args.out == ap.get_default("out"):
+        raise SystemExit("error: --max-eval-samples is a smoke run; pass --out elsewhere, not over the committed "
+                         "results")
     result = json.loads(args.out.read_text()) if args.out.exists() else {"tasks": {}, "commands": []}
     denser = {t: Path(c) for t, _, c in (d.partition("=") for d in args.denser)}
     command = "OMP_NUM_THREADS=1 python bench/bench_size_score.py --data-dir GLUE_DIR " + " ".join(
-        [f"--denser {t}=CKPT" for t in denser] + [f"{c.split('=', 1)[0]}=CKPT" for c in args.checkpoints])
+        ([f"--base {args.base}"] if args.base != "minilm" else [])
+        + ([f"--max-eval-samples {args.max_eval_samples}"] if args.max_eval_samples else [])
+        + [f"--denser {t}=CKPT" for t in denser] + [f"{c.split('=', 1)[0]}=CKPT" for c in args.checkpoints])
     for item in args.checkpoints:
         task, _, ckpt = item.partition("=")
         result["tasks"][task] = run_task(task, Path(ckpt), args.base, args.data_dir, LORA_BYTES[task],

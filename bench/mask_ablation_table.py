@@ -20,11 +20,12 @@ def load_run(mask: str, seed: int, prefix: Path, metric: str) -> dict:
     """One run's figures from its three files."""
     tr = json.loads(Path(f"{prefix}.json").read_text())
     ev = json.loads(Path(f"{prefix}.eval.json").read_text())
-    ep = tr["epochs"]
-    passes = ep.get("l0", 0) + ep["fixmask"]
-    first = ep.get("l0", 0)
+    ep = tr["epochs"]  # the fixed phase and the method's own first phase, under its name (l0, dense, gated, basis)
+    first = {phase: n for phase, n in ep.items() if phase != "fixmask" and n}
+    passes = sum(first.values()) + ep["fixmask"]
     return {"mask": mask, "seed": seed, "passes": passes,
-            "phases": f"{first} L0 + {ep['fixmask']} fixed" if first else f"{ep['fixmask']} fixed",
+            "phases": " + ".join([f"{n} {'L0' if phase == 'l0' else phase}" for phase, n in first.items()]
+                                 + [f"{ep['fixmask']} fixed"]),
             "start": 100 * tr["after_projection"]["metrics"]["validation"][metric],
             "best_epoch": tr["after_fixmask"]["epoch"], "trained": 100 * tr["after_fixmask"]["score"],
             "packed": 100 * ev["metrics"]["validation"][metric], "bytes": Path(f"{prefix}.diff").stat().st_size,

@@ -12,9 +12,9 @@ from tests.conftest import load_bench
 mat = load_bench("mask_ablation_table")
 
 
-def _run(folder: Path, name: str, l0: int, fixmask: int, packed: float, nbytes: int) -> str:
+def _run(folder: Path, name: str, l0: int, fixmask: int, packed: float, nbytes: int, phase: str = "l0") -> str:
     prefix = folder / name
-    epochs = {"l0": l0, "fixmask": fixmask} if l0 else {"fixmask": fixmask}
+    epochs = {phase: l0, "fixmask": fixmask} if l0 else {"fixmask": fixmask}
     Path(f"{prefix}.json").write_text(json.dumps({
         "epochs": epochs, "seconds": 10.0, "after_projection": {"metrics": {"validation": {"accuracy": 0.5}}},
         "after_fixmask": {"epoch": 2, "score": packed / 100 + 0.001}}))
@@ -44,3 +44,16 @@ def test_unequal_passes_or_seeds_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="MASK:SEED=PREFIX"):
         mat.main(["--task", "rte", "--out", str(tmp_path / "o.md"), "l0=" + str(tmp_path / "a")])
     assert not (tmp_path / "o.md").exists()
+
+
+def test_a_methods_first_phase_counts_under_its_own_name(tmp_path):
+    """train --json files magnitude's dense epochs under 'dense' (swr 'gated', basis 'basis'), not 'l0': they were
+    dropped, so 5 dense + 3 fixed was refused beside 5 L0 + 3 fixed, and 5 + 8 passed beside 8 fixed."""
+    l0 = "l0:42=" + _run(tmp_path, "a", 5, 3, 60.0, 1)
+    mag = "magnitude:42=" + _run(tmp_path, "m", 5, 3, 61.0, 1, phase="dense")
+    out = tmp_path / "t.md"
+    assert mat.main(["--task", "rte", "--out", str(out), l0, mag]) == 0
+    assert "| magnitude | 42 | 5 dense + 3 fixed |" in out.read_text()
+    over = "magnitude:42=" + _run(tmp_path, "m2", 5, 8, 61.0, 1, phase="dense")
+    with pytest.raises(SystemExit, match="same passes"):
+        mat.main(["--task", "rte", "--out", str(out), "fisher:42=" + _run(tmp_path, "f", 0, 8, 60.0, 1), over])

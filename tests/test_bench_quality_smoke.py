@@ -121,3 +121,14 @@ def test_baseline_lr_grid_reports_the_best_dev_score_and_what_was_not_run(tmp_pa
     table = (results / "quality.md").read_text()
     assert "| rte | accuracy |" in table and "61.50" in table and "55.00 |" not in table
     assert "- rte full FT: 5e-05 → 55.00, 0.0001 → 61.50 (not run: 0.0002)" in table
+
+
+def test_a_report_of_an_empty_cache_keeps_the_committed_history(tmp_path: Path):
+    """The cache behind bench/results/quality.md is gone: --report-only wrote an all-'—' table over it."""
+    bench = _load_bench()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "quality.md").write_text("history\n")
+    argv = ["--report-only", "--work-dir", str(tmp_path / "empty"), "--results-dir", str(results)]
+    assert bench.main(argv) == 2
+    assert (results / "quality.md").read_text() == "history\n" and not (results / "quality.json").exists()
