@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import code_record  # noqa: E402
 import quality_v2_rules as rules  # noqa: E402
+import run_times  # noqa: E402
 from run_times import RunTimes  # noqa: E402
 from run_cache import claim  # noqa: E402
 from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
@@ -133,6 +134,7 @@ class Suite(RunTimes):
     """The protocol, its cache of finished runs, and the order runs become ready in."""
 
     scoring_code = SCORING_CODE  # bench files a diffprune entry records beside the library modules it imported
+    mixed_machines = False  # let a lane add runs to a task whose runs trained on the other kind of machine
 
     def __init__(self, proto: Protocol, work: Path, code_root: Path = REPO, store: Path | None = None):
         self.p = proto
@@ -322,8 +324,16 @@ class Suite(RunTimes):
                 lr = self.chosen_lr(task, m)
                 if lr is not None:
                     order += [Run(task, m, lr, seed) for seed in self.p.seeds[1:]]
-        return [r for r in order if self.available(r.method) and self.settings(r) is not None
+        other = set() if self.mixed_machines else set(self.other_kind_tasks())
+        return [r for r in order if r.task not in other and self.available(r.method) and self.settings(r) is not None
                 and self.cached(r) is None and self.failed(r) is None]
+
+    def other_kind_tasks(self) -> list[str]:
+        """Tasks whose finished runs all trained on the other kind of machine (CPU here on a GPU, or the reverse):
+        a lane leaves them, so each task's methods are compared on one kind (`mixed_machines` overrides)."""
+        here = run_times.this_machine()
+        gpu = bool(here and here[2])
+        return [t for t, kinds in self.task_kinds().items() if t in self.p.tasks and gpu not in kinds]
 
     # -------------------------------------------------------------------------------- running
     def run_one(self, run: Run) -> bool:
@@ -493,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hours", type=float, help="take only runs expected to end within this many hours "
                     "(the longest finished run of the same task and method): before a session or lease ends")
     ap.add_argument("--no-report", action="store_true", help="run, but do not rewrite bench/results")
+    ap.add_argument("--mixed-machines", action="store_true",
+                    help="also run tasks whose runs trained on the other kind of machine (CPU vs GPU)")
     ap.add_argument("--work-dir", default=str(REPO / "bench" / "work" / "v2"),
                     help="run folders (checkpoints, logs) and locks")
     ap.add_argument("--store-dir", help="finished runs' entries (default: the full protocol's tracked "
@@ -539,7 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     store = args.store_dir or (None if proto.quick else Path(args.results_dir) / f"{args.table}-v2-runs")
     suite = table(proto, work, store=store)
     trainer_methods()
+    suite.mixed_machines = args.mixed_machines
     if not args.report_only:
+        left = suite.other_kind_tasks() if not args.mixed_machines else []
+        if left:
+            print(f"leaving {', '.join(left)}: their runs trained on the other kind of machine (CPU or GPU); "
+                  "a task's methods are compared on one kind (--mixed-machines adds to them anyway)", flush=True)
         suite.lane(jobs=args.jobs, hours=args.hours)
     if args.no_report:
         return 0

@@ -29,6 +29,12 @@ def this_machine() -> tuple | None:
     return machine_key(measured.machine(torch))
 
 
+def on_gpu(entry: dict) -> bool:
+    """Whether a run trained on a GPU: its machine has one, or (an entry without its machine) its device was cuda."""
+    key = machine_key(entry.get("machine"))
+    return bool(key and key[2]) or str(entry.get("device") or "").startswith("cuda")
+
+
 class RunTimes:
     """Run-time estimates for a suite (quality_v2.Suite): its store's finished runs, scaled between tasks by their
     work per epoch. The suite gives `p` (the protocol), `work`, `code`, `_stored()` and `_task_work`."""
@@ -41,16 +47,22 @@ class RunTimes:
         here_gpu = bool(here and here[2])
 
         def nearness(e: dict) -> int:
-            key = machine_key(e.get("machine"))
-            if key == here:
+            if machine_key(e.get("machine")) == here:
                 return 2
-            gpu = bool(key and key[2]) or str(e.get("device") or "").startswith("cuda")
-            return 1 if gpu == here_gpu else 0
+            return 1 if on_gpu(e) == here_gpu else 0
 
         return [(e.get("task"), e.get("method"), e["train_seconds"], nearness(e))
                 for e in self._stored()
                 if isinstance(e.get("train_seconds"), (int, float)) and not e.get("resumed")
                 and not self.code.stale(e.get("code"))]
+
+    def task_kinds(self) -> dict[str, set[bool]]:
+        """The kinds of machine (True: a GPU) each task's finished runs of current code trained on."""
+        kinds: dict[str, set[bool]] = {}
+        for e in self._stored():
+            if "score" in e and not e.get("error") and not self.code.stale(e.get("code")):
+                kinds.setdefault((e.get("settings") or {}).get("task", e.get("task")), set()).add(on_gpu(e))
+        return kinds
 
     def task_work(self) -> dict[str, dict]:
         """Each task's epoch in optimizer steps and padded tokens (bench/task_work.py, run once in its own process

@@ -371,3 +371,20 @@ def test_lora_all_is_matched_to_the_chosen_lrs_diff_when_the_middle_lr_run_faile
     lora = [e for e in executed if e[0] == "lora-all"]
     assert lora and all(b == 5000 for *_, b in lora)  # the chosen lr's .diff bytes (the fake's 5000)
     assert report.assemble(suite)["cells"]["rte"]["lora-all"]["3"]["status"] == "ok"
+
+
+def test_a_lane_leaves_a_task_whose_runs_trained_on_the_other_kind_of_machine(tmp_path, monkeypatch):
+    """A GPU session must not add bf16 GPU seeds to a task whose runs trained in fp32 on CPU lanes (or the reverse):
+    each task's methods are compared on one kind of machine unless --mixed-machines says otherwise."""
+    q, _report, suite, executed = fake_suite(tmp_path, monkeypatch)
+    rt = _run_times(q)
+    first = q.Protocol(tasks=["rte"], methods=list(suite.p.methods), seeds=[1], data_dir=str(tmp_path))
+    q.Suite(first, tmp_path / "work").lane(wait_s=0)  # seed 1 on this (CPU) machine: entries record no GPU
+    assert suite.other_kind_tasks() == [] and suite.plan()
+    monkeypatch.setattr(rt, "this_machine", lambda: ("CPU G", 16, "NVIDIA H200"))
+    assert suite.other_kind_tasks() == ["rte"] and suite.plan() == []
+    executed.clear()
+    suite.lane(wait_s=0)
+    assert executed == []
+    suite.mixed_machines = True
+    assert suite.plan()
