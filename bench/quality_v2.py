@@ -59,8 +59,8 @@ LABELS = {"full": "full FT", "lora-qv": "LoRA q,v r=8", "lora-all": "LoRA all-li
 LR_GRID = {"full": (2e-5, 5e-5, 1e-4), "lora-qv": (5e-4, 1e-3, 2e-3), "lora-all": (5e-4, 1e-3, 2e-3),
            "bitfit": (1e-3, 3e-3, 1e-2), "head": (1e-3, 3e-3, 1e-2),
            **{m: (3e-4, 1e-3, 3e-3) for m in DIFFPRUNE}}
-# Besides the library, the files this lane packs and scores a diffprune run with (scoring.py loads its model).
-# What a diffprune entry records beside the library modules it imported: the lane's command and scoring code.
+# What a diffprune entry records beside the library modules it imported: the lane's command and scoring code
+# (dp_run.py; scoring.py loads the model it scores with, from baselines.py).
 SCORING_CODE = ("bench/scoring.py", "bench/baselines.py", "bench/dp_run.py")
 _rank_lock = threading.Lock()  # lora-all's rank, worked out once per (task, bytes) by one thread at a time
 
