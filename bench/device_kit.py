@@ -185,8 +185,8 @@ def unpack(archive: Path, store: Path, methods: set[str] | None = None, with_fai
                 except ValueError:  # a torn entry is refused, not cached
                     refused.append(m.name)
                     continue
-                method = (entry.get("settings") or {}).get("method") if isinstance(entry, dict) else None
-                if not isinstance(entry, dict) or (folder == "" and methods is not None and method not in methods):
+                if not isinstance(entry, dict) or (folder == "" and methods is not None
+                                                   and (entry.get("settings") or {}).get("method") not in methods):
                     refused.append(m.name)  # not an entry of this table
                     continue
                 if folder == "" and entry.get("error") is not None and not with_failures:
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model folder: {assemble(Path(a.keep).resolve(), Path(a.part_b))}")
         return 0
     archive = Path(a.archive)
-    named = archive.name.removesuffix(".tgz") if archive.name.removesuffix(".tgz") in TABLES else None
+    stem = archive.name.removesuffix(".tgz")
+    named = stem if stem in TABLES else None
     table = a.table or named
     if table is None or (named is not None and table != named):
         print(f"error: {archive.name} is " + (f"the {named} table's archive, not the {table} table's" if named else

@@ -44,7 +44,7 @@ from run_times import RunTimes  # noqa: E402
 from run_cache import claim  # noqa: E402
 from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
 import dp_run  # noqa: E402
-from dp_run import diffprune_args  # noqa: E402,F401  (the harness's one place for the trainer's CLI)
+from dp_run import diffprune_args  # noqa: E402
 from scoring import majority_score  # noqa: E402
 
 TASKS = ("rte", "mrpc", "stsb", "cola")

@@ -37,9 +37,7 @@ def max_positions(config: Mapping[str, Any]) -> int | None:
 
 def seq_length_for(config: Mapping[str, Any], requested: int | None, what: str) -> int:
     """`requested` if the model takes it (InvalidValueError, exit 2, if not); the default (128, or the model's
-    positions where fewer) when None."""
-    if requested is not None and requested < 8:
-        raise InvalidValueError(f"--max-seq-length must be at least 8, got {requested}")
+    positions where fewer) when None. The lower bound (8) is the caller's options' check."""
     limit = max_positions(config)
     if requested is None:
         return DEFAULT_MAX_SEQ_LENGTH if limit is None else min(DEFAULT_MAX_SEQ_LENGTH, limit)
