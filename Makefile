@@ -7,13 +7,15 @@ BIN := $(VENV)/bin
 GLUE_DIR ?= $(wildcard ../shared/glue)
 DATA_DIR_ARG := $(if $(GLUE_DIR),--data-dir $(GLUE_DIR))
 DEMO := demo-out
+TORCH_INDEX ?=
 
 .PHONY: setup test demo bench completions clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	# CPU torch first: a plain `torch` requirement would otherwise pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# CPU torch first: a plain `torch` requirement would otherwise pull a multi-GB CUDA build. Where pip's index
+	# serves the CUDA wheel for this pin (plain PyPI on Linux), TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[test,bench,plot]'
 	touch $@
 

@@ -66,3 +66,23 @@ def test_inspect_checkpoint_json(tiny_base, tiny_finetune, tmp_path):
     assert sum(g["nnz"] for g in rep["layers"]) == rep["totals"]["nnz"] + rep["totals"]["extras_numel"]
     human = runner.invoke(app, ["inspect", str(ck), "--tensors"])
     assert human.exit_code == 0 and "per layer" in human.stdout and "classifier.weight" in human.stdout
+
+
+def test_help_texts_hold_no_rich_markup_tags():
+    """Rich reads `[word...]` in a help text as a markup tag and drops it (eval's --max-seq-length lost its default)."""
+    import re
+
+    import click
+    import typer
+
+    top = typer.main.get_command(app)
+    ctx = click.Context(top)
+    tag = re.compile(r"(?<!\\)\[[a-zA-Z/#@][^\]]*\]")
+    found = []
+    for name in top.list_commands(ctx):
+        sub = top.get_command(ctx, name)
+        texts = [("help", sub.help or "")] + [(p.name, getattr(p, "help", None) or "") for p in sub.params]
+        found += [f"{name} {what}: {text}" for what, text in texts if tag.search(text)]
+    assert found == []
+    res = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "250"})
+    assert "or the model's positions if fewer" in res.stdout

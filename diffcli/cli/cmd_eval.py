@@ -31,7 +31,7 @@ def eval_(
     max_eval_samples: Annotated[Optional[int], typer.Option(
         "--max-eval-samples", help="Score only the first N examples of each split.")] = None,
     max_seq_length: Annotated[Optional[int], typer.Option(
-        "--max-seq-length", help="Truncate inputs to this many tokens [default: 128, or the model's positions if fewer].",
+        "--max-seq-length", help="Truncate inputs to this many tokens (default: 128, or the model's positions if fewer).",
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 64,
     minimum: Annotated[Optional[list[str]], typer.Option(
