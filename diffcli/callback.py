@@ -12,12 +12,19 @@ finetune densely before it, then keeps the k largest |δ|; fisher and random cho
 (switch 0). After the switch only what was chosen changes (l0 and the mask methods: δ and AdamW at the k entries;
 swr: the chosen units; basis: the kept scales, and with double pruning the second half of the remaining steps
 trains the sparse δ on the scaled model, its mask Fisher-ranked over `fisher_batches` batches); the Trainer's own
-optimizer keeps the new head. The Trainer clips gradients before the pruner sees them. One process: a Trainer
-with `world_size > 1` (torchrun, DDP) is refused at `on_train_begin` (`diffprune train` runs under torchrun).
+optimizer keeps the new head through both phases. Clipping: in the first phase the pruner steps on the gradients
+the Trainer clipped to `max_grad_norm`; in the fixed phase δ's gradient leaves the parameters during backward, so
+the Trainer's clip sees the head only and the pruner clips δ to its own `grad_clip` (default 1.0).
+Refused at `on_train_begin`, each with one `InvalidValueError`: a Trainer with `world_size > 1` (torchrun, DDP;
+`diffprune train` runs under torchrun), `resume_from_checkpoint` (a Trainer checkpoint holds the model, not the
+gates, w, mask and optimizer the diff needs: train again, or use `diffprune train --resume`),
+`load_best_model_at_end` (it would reload weights that are not the diff this callback exports), and a switch that
+leaves either phase without a step. A run stopped before the switch leaves `diff` None, with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
@@ -31,8 +38,10 @@ class DiffPruningCallback(TrainerCallback):
 
     def __init__(self, base: str, *, method: str = "l0", switch: float = 0.5, fisher_batches: int = 32,
                  **options: Any):
-        if not 0 <= switch < 1:
-            raise InvalidValueError(f"switch is a fraction of the steps in [0, 1), got {switch}")
+        at_start = method in ("fisher", "random")  # they choose their mask before any step
+        if not 0 <= switch < 1 or (switch == 0 and not at_start):
+            raise InvalidValueError(f"switch is a fraction of the steps in {'[0' if at_start else '(0'}, 1), "
+                                    f"got {switch}", hint=f"--method {method} trains a first phase before the switch")
         checked_options(method, options)  # refused here, before the Trainer starts
         self.base, self.method, self.options = base, method, options
         self.switch = 0.0 if method in ("fisher", "random") else switch
@@ -48,7 +57,19 @@ class DiffPruningCallback(TrainerCallback):
         if world > 1:
             raise InvalidValueError(f"DiffPruningCallback trains in one process, and this Trainer runs {world}",
                                     hint="run the Trainer on one process, or train with `torchrun -m diffcli train`")
+        if state.global_step > 0:
+            raise InvalidValueError(f"DiffPruningCallback cannot resume a Trainer checkpoint (step {state.global_step}): "
+                                    "it holds the model, not the diff's gates, mask and optimizer",
+                                    hint="train from the start, or use `diffprune train --resume`")
+        if getattr(args, "load_best_model_at_end", False):
+            raise InvalidValueError("DiffPruningCallback exports the diff of the last step, and load_best_model_at_end "
+                                    "would reload other weights into the model",
+                                    hint="set load_best_model_at_end=False (the diff keeps the last step)")
         self.switch_step = int(round(self.switch * state.max_steps))
+        if self.switch > 0 and not 0 < self.switch_step < state.max_steps:
+            raise InvalidValueError(f"switch {self.switch} of {state.max_steps} steps leaves "
+                                    f"{'the first phase' if self.switch_step == 0 else 'the fixed phase'} no step",
+                                    hint="train more steps, or move switch")
         self.pruner = DiffPruner(model, self.base, method=self.method, total_steps=max(1, self.switch_step),
                                  own_head=False, **self.options)
         if self.method == "basis" and self.pruner.opts.double_prune:
@@ -78,12 +99,16 @@ class DiffPruningCallback(TrainerCallback):
             self.second_step = None
             self.pruner.choose_mask(self._batches(train_dataloader))  # double pruning: Fisher at the scaled model
             self.pruner.start_fixed(total_steps=max(1, state.max_steps - state.global_step))
+            self._train_head()
 
     def on_train_end(self, args, state, control, **kw):
         if self.pruner is not None and self.pruner.chosen:
             self.diff = self.pruner.export()
             if self.pruner.trainer is not None:
                 self.pruner.trainer.close()
+        elif self.pruner is not None:
+            warnings.warn(f"training stopped at step {state.global_step}, before the switch at step {self.switch_step}: "
+                          "no diff was chosen, so DiffPruningCallback.diff is None", stacklevel=2)
 
     def _choose(self, train_dataloader) -> None:
         """End the first phase (l0, swr, basis), or choose the mask (fisher and random at once; magnitude from the
@@ -102,3 +127,10 @@ class DiffPruningCallback(TrainerCallback):
         end = self.second_step if self.second_step is not None else state.max_steps
         self.pruner.start_fixed(total_steps=max(1, end - state.global_step))
         self.fixed = True
+        self._train_head()
+
+    def _train_head(self) -> None:
+        """The head stays the Trainer's to train: a sparse engine freezes every parameter it does not step."""
+        params = dict(self.pruner.tm.model.named_parameters())
+        for name in self.pruner.tm.head:
+            params[name].requires_grad_(True)

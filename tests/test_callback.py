@@ -1,0 +1,134 @@
+"""DiffPruningCallback in transformers.Trainer: the head trains in both phases, and the Trainer settings the diff
+cannot honour (resume, load_best_model_at_end, a phase without steps) are refused; a stop before the switch warns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffcli.errors import InvalidValueError
+
+METHODS = {"l0": dict(lr=1e-3, sparsity=0.02), "random": dict(sparsity=0.02), "fisher": dict(sparsity=0.02),
+           "magnitude": dict(lr=1e-3, sparsity=0.02), "swr": dict(rank=2, budget="2%"),
+           "basis": dict(keep_bases=0.5), "double": dict(keep_bases=0.5, sparsity=0.02)}
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, 45, (n, 10), generator=g)
+        self.rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": (r == 36).any().long()}
+                     for r in ids]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _model(base):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=2)
+
+
+def _args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, max_steps=8, learning_rate=1e-2,
+                report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0)
+    return TrainingArguments(**{**base, **kw})
+
+
+def _callback(base, method, **kw):
+    from diffcli import DiffPruningCallback
+
+    name = "basis" if method == "double" else method
+    return DiffPruningCallback(str(base), method=name, fixmask_lr=1e-2, fisher_batches=2, **METHODS[method], **kw)
+
+
+class _HeadLog:
+    """Records the head's weight after every step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        log = self.log = []
+
+        class Watch(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                log.append(model.classifier.weight.detach().clone())
+
+        self.callback = Watch()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_trainers_optimizer_trains_the_head_after_the_switch_too(tmp_path, tiny_base, method):
+    from transformers import Trainer
+
+    model = _model(tiny_base)
+    cb, watch = _callback(tiny_base, method), _HeadLog()
+    Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), callbacks=[cb, watch.callback]).train()
+    steps = watch.log
+    last_two = [s for s in range(cb.switch_step, len(steps)) if s > 0]  # steps after the choice (fisher/random: all)
+    assert last_two and all(not torch.equal(steps[s], steps[s - 1]) for s in last_two), method
+    assert torch.equal(cb.diff.extras["classifier.weight"].float(), model.classifier.weight.detach().float())
+
+
+def test_resuming_a_trainer_checkpoint_is_refused(tmp_path, tiny_base):
+    from transformers import Trainer
+
+    Trainer(model=_model(tiny_base), args=_args(tmp_path, save_strategy="steps", save_steps=4),
+            train_dataset=_Rows(), callbacks=[_callback(tiny_base, "l0")]).train()
+    checkpoint = tmp_path / "hf" / "checkpoint-4"
+    assert checkpoint.is_dir()
+    cb = _callback(tiny_base, "l0")
+    trainer = Trainer(model=_model(tiny_base), args=_args(tmp_path, save_strategy="steps", save_steps=4),
+                      train_dataset=_Rows(), callbacks=[cb])
+    with pytest.raises(InvalidValueError, match="cannot resume a Trainer checkpoint"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert cb.diff is None
+
+
+def test_load_best_model_at_end_is_refused_before_a_step(tmp_path, tiny_base):
+    from transformers import Trainer
+
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                 load_best_model_at_end=True, metric_for_best_model="loss")
+    cb, watch = _callback(tiny_base, "l0"), _HeadLog()
+    trainer = Trainer(model=_model(tiny_base), args=args, train_dataset=_Rows(), eval_dataset=_Rows(8),
+                      callbacks=[cb, watch.callback])
+    with pytest.raises(InvalidValueError, match="load_best_model_at_end"):
+        trainer.train()
+    assert watch.log == []
+
+
+@pytest.mark.parametrize("method", ["l0", "magnitude", "swr", "basis"])
+def test_a_first_phase_without_steps_is_refused(tmp_path, tiny_base, method):
+    from transformers import Trainer
+
+    with pytest.raises(InvalidValueError, match=r"switch is a fraction of the steps in \(0, 1\)"):
+        _callback(tiny_base, method, switch=0.0)
+    cb = _callback(tiny_base, method, switch=0.4)  # round(0.4 × 1) = 0 steps before the switch
+    with pytest.raises(InvalidValueError, match="leaves the first phase no step"):
+        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=1), train_dataset=_Rows(),
+                callbacks=[cb]).train()
+    cb = _callback(tiny_base, method, switch=0.9)  # round(0.9 × 2) = 2: nothing after the switch
+    with pytest.raises(InvalidValueError, match="leaves the fixed phase no step"):
+        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=2), train_dataset=_Rows(),
+                callbacks=[cb]).train()
+
+
+def test_a_stop_before_the_switch_warns_that_there_is_no_diff(tmp_path, tiny_base):
+    from transformers import Trainer, TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step >= 2
+
+    cb = _callback(tiny_base, "l0")
+    with pytest.warns(UserWarning, match="before the switch at step 4: no diff was chosen"):
+        Trainer(model=_model(tiny_base), args=_args(tmp_path), train_dataset=_Rows(), callbacks=[cb, Stop()]).train()
+    assert cb.diff is None
