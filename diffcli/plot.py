@@ -24,17 +24,19 @@ INSTALL_HINT = "install the plot extra: pip install 'diffprune[plot]'"
 
 @dataclass
 class Cell:
-    """What one diff stores for one (layer, tensor kind): entries, entries covered, bytes, record kinds."""
+    """What one diff stores for one (layer, tensor kind): update parameters, entries covered, bytes, record kinds."""
 
     nnz: int = 0
     numel: int = 0
     bytes: int = 0
     kinds: set[str] = field(default_factory=set)
+    bases: int = 0  # a basis record counts bases, not entries: the matrix's own record covers its entries
 
     def value(self, by: str) -> float:
         if by == "bytes":
             return float(self.bytes)
-        return self.nnz / self.numel if self.numel else 0.0
+        covered = self.numel or self.bases
+        return self.nnz / covered if covered else 0.0
 
 
 def cells(report: dict[str, Any]) -> dict[tuple[str, str], Cell]:
@@ -43,7 +45,10 @@ def cells(report: dict[str, Any]) -> dict[tuple[str, str], Cell]:
     for r in report["tensors"]:
         cell = grid.setdefault(tuple(role_of(r["tensor"])), Cell())
         cell.nnz += int(r["nnz"])
-        cell.numel += int(r["numel"])
+        if r["kind"] == "basis":
+            cell.bases += int(r["numel"])
+        else:
+            cell.numel += int(r["numel"])
         cell.bytes += int(r["bytes"])
         cell.kinds.add(str(r["kind"]))
     return grid
@@ -85,7 +90,9 @@ def _fmt_value(v: float, by: str) -> str:
 def _title(report: dict[str, Any], grid: dict[tuple[str, str], Cell]) -> str:
     t = report["totals"]
     kinds = sorted({k for c in grid.values() for k in c.kinds})
-    return (f"{Path(report['path']).name}\n{t['density']:.3%} of {t['budget_numel']:,} entries, "
+    share = t["params"] / t["budget_numel"] if t["budget_numel"] else 0.0  # every kind's update parameters
+    return (f"{Path(report['path']).name}\n{t['params']:,} update parameters ({share:.3%} of "
+            f"{t['budget_numel']:,} entries), "
             f"{report['size_bytes']:,} B\nrecords: {', '.join(kinds) or 'none'}")
 
 
@@ -144,7 +151,7 @@ def figure(reports: Iterable[dict[str, Any]], by: str = "density") -> "Figure":
                     light = v > 0 and norm(v) > 0.6
                     ax.text(j, i, _fmt_value(v, by), ha="center", va="center", fontsize=5.5,
                             color="black" if light or v == 0 else "white")
-    label = "density (nnz / entries covered)" if by == "density" else "stored bytes (K = 1024)"
+    label = "density (update parameters / entries covered)" if by == "density" else "stored bytes (K = 1024)"
     bar = fig.colorbar(image, ax=list(axes), shrink=0.8, extend="min" if (data == 0).any() else "neither")
     bar.set_label(label, fontsize=8)
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_value(v, by)))

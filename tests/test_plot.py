@@ -88,7 +88,7 @@ def test_json_with_several_inputs_is_one_list(diffs, tmp_path):
 
 def test_cells_sum_every_record_kind_by_role():
     """Density is Σnnz/Σnumel of whatever records a cell holds, whatever their kind (future kinds included)."""
-    report = {"path": "x.diff", "size_bytes": 10, "totals": {"density": 0.01, "budget_numel": 300},
+    report = {"path": "x.diff", "size_bytes": 10, "totals": {"density": 0.01, "budget_numel": 300, "params": 54},
               "tensors": [
                   {"tensor": "encoder.layer.0.attention.self.query.weight", "kind": "sparse", "nnz": 3, "numel": 100,
                    "bytes": 7},
@@ -114,6 +114,23 @@ def test_cells_sum_every_record_kind_by_role():
     texts = {t.get_text() for t in a.texts}
     assert {"3.0%", "20%", "55%", "100%", "0"} <= texts
     assert "lowrank" in a.get_title() and "extra" in a.get_title()
+    assert "54 update parameters (18.000% of 300 entries)" in a.get_title()
+
+
+def test_a_basis_cell_counts_kept_scales_against_the_matrix_entries():
+    """A basis record's numel counts bases: the matrix's own record covers the entries, so 21 kept scales of a
+    2080-entry matrix are 1% of it (not 21 / 2112); a basis record alone falls back to kept / bases."""
+    ffn_in, ffn_out = "encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.output.dense.weight"
+    report = {"path": "b.diff", "size_bytes": 10, "totals": {"density": 0.0, "budget_numel": 2080, "params": 37},
+              "tensors": [{"tensor": ffn_in, "kind": "sparse", "nnz": 0, "numel": 2080, "bytes": 0},
+                          {"tensor": ffn_in, "kind": "basis", "nnz": 21, "numel": 32, "bytes": 84},
+                          {"tensor": ffn_out, "kind": "basis", "nnz": 16, "numel": 32, "bytes": 64}]}
+    grid = cells(report)
+    assert grid[("layer 0", "FFN in")].value("density") == 21 / 2080
+    assert grid[("layer 0", "FFN in")].kinds == {"sparse", "basis"}
+    assert grid[("layer 0", "FFN out")].value("density") == 0.5
+    (a,) = _panels(figure([report], by="density"))
+    assert "37 update parameters (1.779% of 2,080 entries)" in a.get_title()
 
 
 def test_figure_refuses_nothing_to_plot_and_unknown_measure():
