@@ -9,6 +9,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FILES = {"bash": "diffprune.bash", "zsh": "_diffprune", "fish": "diffprune.fish"}
+# Typer renders an option's help through Rich at the terminal's width: a wrapped help is several lines, and fish
+# reads each as a candidate of its own (zsh's "value":"help" lines break too), so the scripts ask for one long line.
+WIDE = "COLUMNS=4096 "
 
 
 def script(shell: str) -> str:
@@ -16,7 +19,9 @@ def script(shell: str) -> str:
     env = {**os.environ, "_DIFFPRUNE_COMPLETE": f"source_{shell}"}
     code = "from diffcli.cli.app import run; run()"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.rstrip("\n") + "\n"
+    text = out.stdout.rstrip("\n") + "\n"
+    hook = f"_DIFFPRUNE_COMPLETE=complete_{shell}"
+    return text.replace(hook, WIDE + hook) if shell in ("zsh", "fish") else text
 
 
 def main(argv: list[str]) -> int:

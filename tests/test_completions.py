@@ -31,3 +31,15 @@ def test_bash_completion_lists_every_command_and_options():
     for shell_file, needle in (("diffprune.bash", "complete_bash"), ("_diffprune", "complete_zsh"),
                                ("diffprune.fish", "complete_fish")):
         assert needle in (ROOT / "completions" / shell_file).read_text()
+
+
+def test_fish_and_zsh_get_one_line_per_candidate():
+    """Each candidate's help on one line: the scripts set COLUMNS wide, so Rich does not wrap a long help."""
+    for shell, script in (("fish", "diffprune.fish"), ("zsh", "_diffprune")):
+        text = (ROOT / "completions" / script).read_text()
+        assert f"COLUMNS=4096 _DIFFPRUNE_COMPLETE=complete_{shell}" in text
+    env = {**os.environ, "COLUMNS": "4096", "_DIFFPRUNE_COMPLETE": "complete_fish",
+           "_TYPER_COMPLETE_FISH_ACTION": "get-args", "_TYPER_COMPLETE_ARGS": "diffprune train --"}
+    out = subprocess.run([sys.executable, "-c", "from diffcli.cli.app import run; run()"], env=env,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert len(out) > 20 and all(line.startswith("--") and "\t" in line for line in out)
