@@ -74,6 +74,9 @@ class DiffPruningCallback(TrainerCallback):
                                  own_head=False, **self.options)
         if self.method == "basis" and self.pruner.opts.double_prune:
             self.second_step = self.switch_step + (state.max_steps - self.switch_step) // 2
+            if self.second_step == self.switch_step:
+                raise InvalidValueError(f"switch {self.switch} of {state.max_steps} steps leaves double pruning's "
+                                        "sparse phase no step", hint="train more steps, or move switch")
         if self.switch_step == 0:
             self._choose(train_dataloader)
             self._start_fixed(state)

@@ -121,6 +121,18 @@ def test_a_first_phase_without_steps_is_refused(tmp_path, tiny_base, method):
                 callbacks=[cb]).train()
 
 
+def test_double_pruning_needs_a_step_for_each_of_its_two_fixed_phases(tmp_path, tiny_base):
+    from transformers import Trainer
+
+    cb = _callback(tiny_base, "double", switch=0.5)  # 4 steps: scales 2, kept scales 1, sparse δ 1
+    Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=4), train_dataset=_Rows(), callbacks=[cb]).train()
+    assert cb.diff.nnz > sum(bs.nkept for bs in cb.diff.bases.values())  # the sparse δ was chosen and stored
+    cb = _callback(tiny_base, "double", switch=0.6)  # 2 steps: scales 1, then one step for two phases
+    with pytest.raises(InvalidValueError, match="leaves double pruning's sparse phase no step"):
+        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=2), train_dataset=_Rows(),
+                callbacks=[cb]).train()
+
+
 def test_a_stop_before_the_switch_warns_that_there_is_no_diff(tmp_path, tiny_base):
     from transformers import Trainer, TrainerCallback
 
