@@ -42,12 +42,14 @@ def parse_thresholds(items: Sequence[str] | None) -> dict[str, float]:
             value = float(raw[:-1]) / 100 if raw.endswith("%") and want == ">=" else float(raw)
         except ValueError:
             raise InvalidValueError(f"threshold value {raw!r} for {name} is not a number") from None
+        if not math.isfinite(value):
+            raise InvalidValueError(f"threshold {name}{want}{raw} is not a finite number")
         if want == "<=":
-            if not math.isfinite(value) or value < (1 if name == "perplexity" else 0):
+            if value < (1 if name == "perplexity" else 0):
                 raise InvalidValueError(f"threshold {name}<={raw} can never be met ({name} is at least "
                                         f"{1 if name == 'perplexity' else 0})")
-        elif not math.isfinite(value) or not -1 <= value <= 1:
-            hint = f"did you mean {value / 100:g}?" if 1 < value <= 100 else None
+        elif not -1 <= value <= 1:
+            hint = f"did you mean {value / 100:g}?" if 1 < value <= 100 and not raw.endswith("%") else None
             raise InvalidValueError(f"threshold {name}={raw} is outside [-1, 1]; metrics are fractions", hint=hint)
         if name in out:
             raise InvalidValueError(f"--min {name} given twice")
@@ -56,7 +58,10 @@ def parse_thresholds(items: Sequence[str] | None) -> dict[str, float]:
 
 
 def missed(metric: str, value: float, bound: float) -> bool:
-    """Whether `value` misses the threshold `bound` of `metric` (above it for a loss, below it for a score)."""
+    """Whether `value` misses the threshold `bound` of `metric` (above it for a loss, below it for a score); a NaN
+    or infinite value meets no bound (a diverged model must not pass the gate)."""
+    if not math.isfinite(value):
+        return True
     return value > bound if bound_op(metric) == "<=" else value < bound
 
 
@@ -139,11 +144,15 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     tokenizer = kind.tokenizer(bank.folder)
     with bank.use(spec.name) as model:
         results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)
-    failures = [{"split": split, "metric": m, "value": float(values[m]), "op": bound_op(m), "min": t}
-                for split, values in results.items() for m, t in thresholds.items() if missed(m, float(values[m]), t)]
+    checks = [{"split": split, "metric": m, "op": bound_op(m), "bound": t, "value": float(values[m]),
+               "passed": not missed(m, float(values[m]), t)}
+              for split, values in results.items() for m, t in thresholds.items()]
+    # failures: the checks that missed; "min" repeats "bound" for scripts written before "bound" (it held maxima too)
+    failures = [{k: c[k] for k in ("split", "metric", "value", "op", "bound")} | {"min": c["bound"]}
+                for c in checks if not c["passed"]]
     report = {"base": str(base), "diff": str(diff_path), "task": spec.name, "task_type": kind.name,
               "data": data.source, "examples": {split: len(ex) for split, ex in data.eval.items()}, "metrics": results,
-              "thresholds": thresholds, "failures": failures, "passed": not failures}
+              "thresholds": thresholds, "checks": checks, "failures": failures, "passed": not failures}
     probe_error = bank.basis_probe_error(spec.name)
     if probe_error is not None:  # basis records: the rebuild's reconstruction error (docs/FORMAT.md §11)
         report["basis_probe_error"] = probe_error
@@ -154,7 +163,8 @@ def enforce(report: Mapping[str, Any]) -> None:
     """Raise ThresholdNotMetError (exit 8) naming every missed threshold of an `evaluate_diff` report."""
     fails = report["failures"]
     if fails:
-        parts = [f"{f['metric']} {f['value']:.4f} {'>' if f['op'] == '<=' else '<'} {f['min']:g}"
+        parts = [(f"{f['metric']} {f['value']:.4f} {'>' if f['op'] == '<=' else '<'} {f['bound']:g}"
+                  if math.isfinite(f["value"]) else f"{f['metric']} is {f['value']}, which meets no bound")
                  + (f" ({f['split']})" if len(report["metrics"]) > 1 else "") for f in fails]
         raise ThresholdNotMetError(f"quality gate failed for {report['task']}: {'; '.join(parts)}")
 

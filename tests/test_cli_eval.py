@@ -71,6 +71,10 @@ def test_min_threshold_gate(env):
     assert res.exit_code == 8
     report = json.loads(res.stdout)  # the metrics are still printed for the CI log
     assert report["passed"] is False and report["failures"][0]["metric"] == "accuracy"
+    (check,) = report["checks"]
+    assert check == {"split": "validation", "metric": "accuracy", "op": ">=", "bound": 1.0,
+                     "value": report["metrics"]["validation"]["accuracy"], "passed": False}
+    assert report["failures"][0]["bound"] == report["failures"][0]["min"] == 1.0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: quality gate failed for sst2: accuracy")
 
@@ -80,6 +84,9 @@ def test_min_threshold_gate(env):
     (["--min", "accuracy"], "not METRIC=VALUE"),
     (["--min", "accuracy=90"], "did you mean 0.9"),
     (["--min", "accuracy=high"], "not a number"),
+    (["--min", "accuracy=150%"], "is outside [-1, 1]"),
+    (["--min", "perplexity<=inf"], "is not a finite number"),
+    (["--min", "accuracy=nan"], "is not a finite number"),
 ])
 def test_bad_thresholds_fail_before_any_work(env, args, needle):
     root, base, _, data = env
@@ -157,3 +164,24 @@ def test_eval_on_minilm_and_glue_rte_matches_apply(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     want = evaluate(model, tok, load_task("rte", data_dir=GLUE_DIR, max_eval_samples=24, need_train=False))
     assert json.loads(res.stdout)["metrics"] == want
+
+
+def test_a_percentage_above_100_gets_no_did_you_mean_hint(env):
+    root, base, _, _ = env
+    res = runner.invoke(app, ["eval", str(base), str(root / "missing.diff"), "--task", "sst2", "--min", "accuracy=150%"])
+    assert res.exit_code == 2 and "did you mean" not in res.stderr
+
+
+def test_a_metric_that_is_not_a_number_meets_no_bound():
+    """A diverged model (loss NaN, perplexity inf) fails every --min: NaN compares False both ways."""
+    from diffcli.errors import ThresholdNotMetError
+    from diffcli.quality_gate import enforce, missed
+
+    for metric, bound in (("loss", 2.0), ("perplexity", 12.0), ("accuracy", 0.5), ("matthews_correlation", -1.0)):
+        assert missed(metric, float("nan"), bound)
+        assert missed(metric, float("inf"), bound) and missed(metric, float("-inf"), bound)
+    assert not missed("loss", 1.5, 2.0) and not missed("accuracy", 0.5, 0.5)
+    report = {"task": "lm", "metrics": {"validation": {}}, "failures": [
+        {"split": "validation", "metric": "loss", "value": float("nan"), "op": "<=", "bound": 2.0, "min": 2.0}]}
+    with pytest.raises(ThresholdNotMetError, match="loss is nan, which meets no bound"):
+        enforce(report)
