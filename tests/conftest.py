@@ -103,3 +103,22 @@ def load_bench(name: str):
     spec.loader.exec_module(module)
     return module
 
+
+
+def token_rows(n: int = 32):
+    """A Trainer dataset of n rows of random token ids (seed 0), label = whether token 36 occurs."""
+    import torch
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self):
+            ids = torch.randint(5, 45, (n, 10), generator=torch.Generator().manual_seed(0))
+            self.rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": (r == 36).any().long()}
+                         for r in ids]
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    return Rows()

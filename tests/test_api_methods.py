@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from diffcli import artifact, checkpoint, task_types
 from diffcli.cli.app import app
 from diffcli.errors import InvalidValueError
+from conftest import token_rows
 from tests.training_data import write_task
 
 FAST = ["--epochs", "1", "--fixmask-epochs", "1", "--batch-size", "8", "--max-seq-length", "32"]
@@ -188,22 +189,6 @@ def test_swr_first_phase_ends_with_project(task):
         pruner.begin()
 
 
-class _Rows(torch.utils.data.Dataset):
-    """32 rows of random token ids, label = whether token 36 occurs."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(5, 45, (32, 10), generator=g)
-        self.rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": (r == 36).any().long()}
-                     for r in ids]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 @pytest.mark.parametrize("method", ["swr", "basis", "double"])
 def test_trainer_callback_trains_swr_and_basis_diffs_that_pack_verify_and_apply(task, tmp_path, method):
     from transformers import Trainer, TrainingArguments
@@ -217,7 +202,7 @@ def test_trainer_callback_trains_swr_and_basis_diffs_that_pack_verify_and_apply(
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, num_train_epochs=3,
                              learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
                              use_cpu=True, seed=0)
-    Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[cb]).train()
+    Trainer(model=model, args=args, train_dataset=token_rows(), callbacks=[cb]).train()
     diff = cb.diff
     assert diff is not None and sorted(diff.extras) == ["classifier.bias", "classifier.weight"]
     if method == "swr":

@@ -6,25 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import token_rows
+
 from diffcli.errors import InvalidValueError
 
 METHODS = {"l0": dict(lr=1e-3, sparsity=0.02), "random": dict(sparsity=0.02), "fisher": dict(sparsity=0.02),
            "magnitude": dict(lr=1e-3, sparsity=0.02), "swr": dict(rank=2, budget="2%"),
            "basis": dict(keep_bases=0.5), "double": dict(keep_bases=0.5, sparsity=0.02)}
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(5, 45, (n, 10), generator=g)
-        self.rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": (r == 36).any().long()}
-                     for r in ids]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 def _model(base):
@@ -70,7 +58,7 @@ def test_the_trainers_optimizer_trains_the_head_after_the_switch_too(tmp_path, t
 
     model = _model(tiny_base)
     cb, watch = _callback(tiny_base, method), _HeadLog()
-    Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), callbacks=[cb, watch.callback]).train()
+    Trainer(model=model, args=_args(tmp_path), train_dataset=token_rows(), callbacks=[cb, watch.callback]).train()
     steps = watch.log
     last_two = [s for s in range(cb.switch_step, len(steps)) if s > 0]  # steps after the choice (fisher/random: all)
     assert last_two and all(not torch.equal(steps[s], steps[s - 1]) for s in last_two), method
@@ -81,12 +69,12 @@ def test_resuming_a_trainer_checkpoint_is_refused(tmp_path, tiny_base):
     from transformers import Trainer
 
     Trainer(model=_model(tiny_base), args=_args(tmp_path, save_strategy="steps", save_steps=4),
-            train_dataset=_Rows(), callbacks=[_callback(tiny_base, "l0")]).train()
+            train_dataset=token_rows(), callbacks=[_callback(tiny_base, "l0")]).train()
     checkpoint = tmp_path / "hf" / "checkpoint-4"
     assert checkpoint.is_dir()
     cb = _callback(tiny_base, "l0")
     trainer = Trainer(model=_model(tiny_base), args=_args(tmp_path, save_strategy="steps", save_steps=4),
-                      train_dataset=_Rows(), callbacks=[cb])
+                      train_dataset=token_rows(), callbacks=[cb])
     with pytest.raises(InvalidValueError, match="cannot resume a Trainer checkpoint"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert cb.diff is None
@@ -98,7 +86,7 @@ def test_load_best_model_at_end_is_refused_before_a_step(tmp_path, tiny_base):
     args = _args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                  load_best_model_at_end=True, metric_for_best_model="loss")
     cb, watch = _callback(tiny_base, "l0"), _HeadLog()
-    trainer = Trainer(model=_model(tiny_base), args=args, train_dataset=_Rows(), eval_dataset=_Rows(8),
+    trainer = Trainer(model=_model(tiny_base), args=args, train_dataset=token_rows(), eval_dataset=token_rows(8),
                       callbacks=[cb, watch.callback])
     with pytest.raises(InvalidValueError, match="load_best_model_at_end"):
         trainer.train()
@@ -113,11 +101,11 @@ def test_a_first_phase_without_steps_is_refused(tmp_path, tiny_base, method):
         _callback(tiny_base, method, switch=0.0)
     cb = _callback(tiny_base, method, switch=0.4)  # round(0.4 × 1) = 0 steps before the switch
     with pytest.raises(InvalidValueError, match="leaves the first phase no step"):
-        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=1), train_dataset=_Rows(),
+        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=1), train_dataset=token_rows(),
                 callbacks=[cb]).train()
     cb = _callback(tiny_base, method, switch=0.9)  # round(0.9 × 2) = 2: nothing after the switch
     with pytest.raises(InvalidValueError, match="leaves the fixed phase no step"):
-        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=2), train_dataset=_Rows(),
+        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=2), train_dataset=token_rows(),
                 callbacks=[cb]).train()
 
 
@@ -125,11 +113,12 @@ def test_double_pruning_needs_a_step_for_each_of_its_two_fixed_phases(tmp_path, 
     from transformers import Trainer
 
     cb = _callback(tiny_base, "double", switch=0.5)  # 4 steps: scales 2, kept scales 1, sparse δ 1
-    Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=4), train_dataset=_Rows(), callbacks=[cb]).train()
+    Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=4), train_dataset=token_rows(),
+            callbacks=[cb]).train()
     assert cb.diff.nnz > sum(bs.nkept for bs in cb.diff.bases.values())  # the sparse δ was chosen and stored
     cb = _callback(tiny_base, "double", switch=0.6)  # 2 steps: scales 1, then one step for two phases
     with pytest.raises(InvalidValueError, match="leaves double pruning's sparse phase no step"):
-        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=2), train_dataset=_Rows(),
+        Trainer(model=_model(tiny_base), args=_args(tmp_path, max_steps=2), train_dataset=token_rows(),
                 callbacks=[cb]).train()
 
 
@@ -142,5 +131,6 @@ def test_a_stop_before_the_switch_warns_that_there_is_no_diff(tmp_path, tiny_bas
 
     cb = _callback(tiny_base, "l0")
     with pytest.warns(UserWarning, match="before the switch at step 4: no diff was chosen"):
-        Trainer(model=_model(tiny_base), args=_args(tmp_path), train_dataset=_Rows(), callbacks=[cb, Stop()]).train()
+        Trainer(model=_model(tiny_base), args=_args(tmp_path), train_dataset=token_rows(),
+                callbacks=[cb, Stop()]).train()
     assert cb.diff is None
