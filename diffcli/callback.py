@@ -44,7 +44,7 @@ class DiffPruningCallback(TrainerCallback):
                                     f"got {switch}", hint=f"--method {method} trains a first phase before the switch")
         checked_options(method, options)  # refused here, before the Trainer starts
         self.base, self.method, self.options = base, method, options
-        self.switch = 0.0 if method in ("fisher", "random") else switch
+        self.switch = 0.0 if at_start else switch
         self.fisher_batches = fisher_batches
         self.pruner: DiffPruner | None = None
         self.switch_step = 0
@@ -134,6 +134,5 @@ class DiffPruningCallback(TrainerCallback):
 
     def _train_head(self) -> None:
         """The head stays the Trainer's to train: a sparse engine freezes every parameter it does not step."""
-        params = dict(self.pruner.tm.model.named_parameters())
         for name in self.pruner.tm.head:
-            params[name].requires_grad_(True)
+            self.pruner.tm.model.get_parameter(name).requires_grad_(True)
