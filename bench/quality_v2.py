@@ -253,6 +253,10 @@ class Suite(RunTimes):
         """Cached runs (finished or failed) that no longer count: a file their run imported has changed since."""
         return sum(bool(self.code.stale(e.get("code"))) for e in self._stored())
 
+    def attested_entries(self) -> int:
+        """Cached runs that count because their code changed only in checked ways (code_record.EQUIVALENCE)."""
+        return sum(self.code.attested(e.get("code")) for e in self._stored())
+
     def unmatched_entries(self) -> int:
         """Entries of current code that no run of the protocol names as it stands: a run sized from a reference that
         is gone or changed (lora-all's dp-l0 .diff, the methods table's basis .diff). They count again if it returns."""

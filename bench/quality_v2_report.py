@@ -92,6 +92,7 @@ def assemble(suite: Suite) -> dict:
     here = run_times.this_machine()
     progress["other_kind"] = "CPU" if here and here[2] else "GPU"
     progress["stale"] = suite.stale_entries()
+    progress["attested"] = suite.attested_entries()
     progress["unmatched"] = suite.unmatched_entries()
     # The targets, averages and the default are judged on means over every seed (issue 11): a cell short of a seed
     # counts as missing there, so no verdict or default comes from one seed, or from seeds that differ by method.
@@ -292,6 +293,9 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                 f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted)"
                 + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since, so "
                    "they run again" if doc["progress"].get("stale") else "")
+                + (f"; {doc['progress']['attested']} cached runs count although code they imported has changed since: "
+                   "only in ways a check showed compute the same runs (bench/results/code-equivalence.json)"
+                   if doc["progress"].get("attested") else "")
                 + (f"; {doc['progress']['unmatched']} cached runs of current code match no run as the protocol "
                    "stands (sized from a reference .diff that is gone or was retrained): they count again if it "
                    "returns" if doc["progress"].get("unmatched") else "")
