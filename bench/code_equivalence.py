@@ -179,7 +179,6 @@ def record(old: str, new: str, why: str, tasks: str) -> dict:
         "what": "Code changes checked to compute the same benchmark runs (bench/code_equivalence.py); an entry "
                 "whose recorded file hash leads through `files` to the file's hash now counts as current.",
         "checks": []}
-    sys.path.insert(0, str(REPO / "bench"))
     import measured
 
     check = {"from": old, "to": new, "why": why, "result": "identical", "files": files, "added": added,
@@ -187,6 +186,7 @@ def record(old: str, new: str, why: str, tasks: str) -> dict:
              "command": f"python bench/code_equivalence.py record {old[:12]} {new[:12]}",
              "compared": summary, "machine": measured.machine(None), "volatile": sorted(VOLATILE)}
     doc["checks"] = [c for c in doc["checks"] if (c.get("from"), c.get("to")) != (old, new)] + [check]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return check
 

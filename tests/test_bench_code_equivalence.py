@@ -155,3 +155,25 @@ def test_the_record_maps_every_changed_code_file_from_its_old_hash_to_its_new(tm
     files, added, removed = m.changed_files("HEAD~1", "HEAD")
     assert files == {"diffcli/a.py": [old_a, _hash(repo / "diffcli/a.py")]}  # not measured.py (no code), nor docs
     assert added == ["diffcli/new.py"] and removed == ["diffcli/gone.py"]
+
+
+def test_record_writes_the_check_only_when_every_run_matched_and_snapshots_follow_it(eq, tmp_path, monkeypatch):
+    m, put, code = eq
+    root = tmp_path / "root"
+    (root / "diffcli").mkdir(parents=True)
+    (root / "diffcli/a.py").write_text("a = 2\n")
+    monkeypatch.setattr(m, "REPO", root)
+    monkeypatch.setattr(m, "changed_files", lambda old, new: ({"diffcli/a.py": ["0" * 16, _hash(root / "diffcli/a.py")]},
+                                                              [], []))
+    put("old", "r1", _entry(61.0))
+    put("new", "r1", _entry(61.5))
+    with pytest.raises(SystemExit, match="not recorded: the runs differ"):
+        m.record("old", "new", "why", "rte")
+    assert not (root / m.code_record.EQUIVALENCE).exists()
+    put("new", "r1", _entry(61.0))
+    check = m.record("old", "new", "refuses bad input only", "rte")
+    assert check["result"] == "identical" and check["compared"]["runs"] == 1 and check["compared"]["diff_files"] == 1
+    snap = m.code_record.Snapshot(root)
+    assert snap.current("diffcli/a.py", "0" * 16) and not snap.current("diffcli/a.py", "1" * 16)
+    m.record("old", "new", "again", "rte")  # the same pair again replaces its check, it does not add one
+    assert len(json.loads((root / m.code_record.EQUIVALENCE).read_text())["checks"]) == 1
