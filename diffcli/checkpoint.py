@@ -19,7 +19,7 @@ from diffcli import __version__
 from diffcli.diff import BasisScales, Diff, TensorDiff
 from diffcli.errors import FormatError, NotFoundError, UnsupportedVersionError
 from diffcli.outputs import atomic_dir
-from diffcli.weights import DIGEST_ALGORITHM
+from diffcli.weights import DIGEST_ALGORITHM, torch_dtype
 
 META_FILE = "diffprune.json"
 TENSOR_FILE = "diff.safetensors"
@@ -117,6 +117,7 @@ def load(path: str | Path) -> Diff:
         bases: dict[str, BasisScales] = {}
         for name, e in meta["tensors"].items():
             shape = tuple(int(d) for d in e["shape"])
+            torch_dtype(e["dtype"])  # a dtype torch does not know: corrupt here, not a bad value later
             if e["storage"] == "dense":
                 td = TensorDiff(e["base"], shape, e["dtype"], e["digest"], tensors[f"dense/{name}"])
                 if tuple(td.values.shape) != shape:
@@ -139,7 +140,7 @@ def load(path: str | Path) -> Diff:
         extras = {name: tensors[f"extra/{name}"] for name in meta["extras"]}
         return Diff(diffs, extras, meta["config"], meta["base"]["ref"], meta["base"]["fingerprint"],
                     meta.get("meta", {}), bases)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a list or str for a dict
         raise FormatError(f"{path} is inconsistent: missing or bad entry {exc}") from exc
 
 

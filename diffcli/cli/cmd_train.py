@@ -32,7 +32,9 @@ def train(
     fixmask_epochs: Annotated[int, typer.Option("--fixmask-epochs", help="Epochs of finetuning the kept entries after the projection.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training examples per step (per process).")] = 32,
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Examples per evaluation forward pass.")] = 64,
-    max_seq_length: Annotated[int, typer.Option("--max-seq-length", help="Truncate inputs to this many tokens.")] = 128,
+    max_seq_length: Annotated[Optional[int], typer.Option(
+        "--max-seq-length", help="Truncate inputs to this many tokens [default: 128, or the model's positions if fewer].",
+        show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of head init, data order, dropout and gate noise.")] = 42,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate of w (linear decay).", rich_help_panel=_M)] = 1e-4,
     alpha_lr: Annotated[float, typer.Option("--alpha-lr", help="AdamW learning rate of log α (constant).", rich_help_panel=_M)] = 0.05,
