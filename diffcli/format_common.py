@@ -240,17 +240,36 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+MAX_DIGITS = 4300  # digits of one JSON number (Python's own limit for int text)
+
+
+def _digits(text: str) -> None:
+    if sum(c.isdigit() for c in text) > MAX_DIGITS:
+        raise ValueError(f"a number has over {MAX_DIGITS} digits")
+
+
 def _finite_float(text: str) -> float:
+    _digits(text)
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text} overflows a double")
+        raise ValueError(f"{text[:40]} overflows a double")
+    return value
+
+
+def _double_int(text: str) -> int:
+    _digits(text)
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"{text[:40]}... overflows a double") from None
     return value
 
 
 def parse_json(text: bytes | memoryview, source: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, no number that overflows a double."""
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, no number beyond a double or of over 4300 digits."""
     try:
         return json.loads(bytes(text).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                          parse_constant=_reject_constant, parse_float=_finite_float)
+                          parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_double_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"{source}: header is not valid JSON ({type(exc).__name__})") from None

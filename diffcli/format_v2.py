@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from typing import Any
 
@@ -249,7 +250,7 @@ def _basis_record(r: Any, i: int, prev: tuple[str, dict[str, Any]] | None) -> tu
     kept, plen = _counted(r[3], r[4], rank, where, "kept", "bases")
     probe = r[5]
     if (not isinstance(probe, list) or len(probe) != PROBES
-            or not all(type(p) in (int, float) and np.isfinite(p) for p in probe)):
+            or not all(type(p) in (int, float) and math.isfinite(p) for p in probe)):
         raise fail(f"{where}.probe must be {PROBES} finite numbers")
     return name, {"kind": "basis", "rank": rank, "nnz": kept, "positions": plen, "probe": [float(p) for p in probe],
                   "counts": [kept]}

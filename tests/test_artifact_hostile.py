@@ -694,3 +694,74 @@ def test_v2_a_tensor_with_both_a_low_rank_delta_and_basis_scales_is_refused_befo
     diff.bases["bert.encoder.lr"] = BasisScales(5, torch.tensor([0, 1]), torch.tensor([0.5, -0.5]), [0.0] * 4)
     with pytest.raises(InvalidValueError, match="both a low-rank"):
         artifact.pack(diff)
+
+
+# ------------------------------------------------------------------------------------------ numbers beyond a double
+
+BIG = 10**400  # a JSON integer no double holds
+LONG_FLOAT = "0." + "0" * 4998 + "1"  # a float literal of 5000 digits
+
+
+def _cli_exit(args) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from diffcli.cli.app import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res.exit_code, res.stderr
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda h: h["values"].update(max_abs_error=BIG),
+    lambda h: h["values"].update(max_rel_error=-BIG),
+    lambda h: h["meta"].update(x=BIG),
+    lambda h: h["config"].update(x=[BIG]),
+    lambda h: h.update(nnz=BIG),
+])
+def test_v2_integers_beyond_a_double_are_a_format_error(mutate, tmp_path, tiny_base):
+    header, payload = split2(V2)
+    mutate(header)
+    data = build2(header, payload)
+    with pytest.raises(FormatError, match="JSON"):
+        artifact.loads(data)
+    path = tmp_path / "big.diff"
+    path.write_bytes(data)
+    for args in (["verify", path], ["inspect", path], ["apply", tiny_base, path, "-o", tmp_path / "out"]):
+        code, err = _cli_exit(args)
+        assert code == 4 and len(err.strip().splitlines()) == 1 and "JSON" in err, (args, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_v2_a_basis_probe_beyond_a_double_is_a_format_error():
+    header, payload = split2(artifact.pack(_with_bases(golden_diff())))
+    rec = next(r for r in header["records"] if r[0] == "basis")
+    rec[5][0] = BIG
+    with pytest.raises(FormatError, match="JSON"):
+        artifact.loads(build2(header, payload))
+    rec[5][0] = 2**64  # an integer a double holds but int64 does not: a finite probe number, read as a float
+    assert artifact.loads(build2(header, payload)).bases[rec[1]].probe[0] == float(2**64)
+
+
+def test_float_literals_of_over_4300_digits_are_a_format_error():
+    header, payload = split2(V2)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    for literal in (LONG_FLOAT, "1." + "0" * 4300, "1" + "0" * 4301 + "e-4300"):
+        with pytest.raises(FormatError, match="JSON"):
+            artifact.loads(build2({}, payload, text=text.replace(b'"meta":{', f'"meta":{{"x":{literal},'.encode())))
+    ok = "1." + "0" * 4298  # 4299 digits: within the limit
+    assert artifact.loads(build2({}, payload, text=text.replace(b'"meta":{', f'"meta":{{"x":{ok},'.encode()))
+                          ).meta["x"] == 1.0
+    assert artifact.loads(build2({}, payload, text=text.replace(b'"meta":{', f'"meta":{{"x":{2**1023},'.encode()))
+                          ).meta["x"] == 2**1023
+
+
+def test_v1_numbers_beyond_a_double_are_a_format_error():
+    header, payload = split(VALID)
+    header["max_abs_error"] = BIG
+    with pytest.raises(FormatError, match="JSON"):
+        artifact.loads(build(header, payload))
+    header, payload = split(VALID)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    for lit in (str(BIG), LONG_FLOAT, str(-2**1024)):
+        with pytest.raises(FormatError, match="JSON"):
+            artifact.loads(build({}, payload, text=text.replace(b'"meta":{', f'"meta":{{"x":{lit},'.encode())))
