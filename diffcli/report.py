@@ -114,9 +114,10 @@ def inspect(path: str | Path) -> dict[str, Any]:
 
 
 def _config_brief(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys `inspect` shows, as the file has them (num_labels from id2label when it is a mapping)."""
     keys = ("architectures", "model_type", "num_labels", "id2label", "problem_type")
     brief = {k: config[k] for k in keys if k in config}
-    if "num_labels" not in brief and "id2label" in config:
+    if "num_labels" not in brief and isinstance(config.get("id2label"), (dict, list)):
         brief["num_labels"] = len(config["id2label"])
     return brief
 
@@ -176,7 +177,7 @@ def render_report(console, report: dict[str, Any], per_tensor: bool = False) -> 
         block = f" (blocks of {q['block']})" if q.get("block") else ""
         rel = f"  max rel error: {q['max_rel_error']:.3g}" if q.get("max_rel_error") is not None else ""
         console.print(f"values: {report['values']}{block}  max abs error: {report['max_abs_error']:.3g}{rel}  "
-                      f"format v{report['format_version']} by {report['producer']}")
+                      f"format v{report['format_version']} by {escape(str(report['producer']))}")
         console.print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in report["bytes"].items()))
     if report["config"]:
         console.print("config: " + escape(", ".join(f"{k}={v}" for k, v in report["config"].items())))
@@ -213,13 +214,20 @@ def _render_units(console, units: list[dict[str, Any]], every: bool) -> None:
     """The units a budgeted method (swr) chose, with their final gate probability and cost (all with every)."""
     from rich.table import Table
 
+    units = [u for u in units if isinstance(u, dict)]  # a file's meta is free-form: skip what is not a unit
     chosen = [u for u in units if u.get("chosen")]
-    cost = sum(int(u.get("cost", 0)) for u in chosen)
+    cost = sum(u["cost"] for u in chosen if _is_number(u.get("cost")))
     table = Table(title=f"units: {len(chosen)} of {len(units)} chosen, cost {cost:,} parameters")
     for col in ("tensor", "update", "probability", "cost", "chosen"):
         table.add_column(col, justify="left" if col in ("tensor", "update") else "right",
                          overflow="fold" if col == "tensor" else "ellipsis")
     for u in units if every else chosen:
-        table.add_row(escape(str(u.get("tensor"))), escape(str(u.get("kind"))), f"{float(u.get('probability', 0)):.3f}",
-                      f"{int(u.get('cost', 0)):,}", "yes" if u.get("chosen") else "no")
+        p, c = u.get("probability", 0), u.get("cost", 0)
+        table.add_row(escape(str(u.get("tensor"))), escape(str(u.get("kind"))),
+                      f"{p:.3f}" if _is_number(p) else escape(str(p)), f"{c:,}" if _is_number(c) else escape(str(c)),
+                      "yes" if u.get("chosen") else "no")
     console.print(table)
+
+
+def _is_number(v: Any) -> bool:
+    return type(v) in (int, float)

@@ -64,8 +64,9 @@ class Output:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+            # description and status hold names from files (apply's tensor names): shown as text, never as markup
+            with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(), TextColumn("eta"),
                           TimeRemainingColumn(), console=self.err, transient=False) as bar:
                 task = bar.add_task(description, total=total, status="")
                 yield ProgressHandle(lambda n, status: bar.update(task, advance=n, status=status))
