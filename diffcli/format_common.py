@@ -21,6 +21,7 @@ MAX_NUMEL = 1 << 60
 MAX_NDIM = 16
 MAX_NAME = 1024
 MAX_REF = 4096
+RESERVED_NAME = "__metadata__"  # a safetensors header's own key: no tensor may take it
 
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
                "int64": 8, "uint8": 1, "bool": 1}
@@ -83,6 +84,8 @@ def check_shape(shape: Any, where: str) -> tuple[int, ...]:
 def check_name(name: Any, where: str) -> None:
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME:
         raise InvalidValueError(f"{where} name {name!r} must be a string of 1..{MAX_NAME} characters")
+    if name == RESERVED_NAME:
+        raise InvalidValueError(f"{where} name {name!r} is reserved: safetensors headers use it for metadata")
 
 
 def check_diff(diff: Diff) -> None:
@@ -176,6 +179,14 @@ def integer(v: Any, where: str, hi: int = MAX_NUMEL) -> int:
 def string(v: Any, where: str, hi: int, lo: int = 0, pattern: re.Pattern | None = None) -> str:
     if not isinstance(v, str) or not lo <= len(v) <= hi or (pattern is not None and not pattern.fullmatch(v)):
         raise fail(f"{where} is not a valid string")
+    return v
+
+
+def tensor_name(v: Any, where: str) -> str:
+    """A record's (tensor's) name: 1..1024 characters, not the safetensors header's `__metadata__` key."""
+    string(v, where, MAX_NAME, 1)
+    if v == RESERVED_NAME:
+        raise fail(f"{where} is {v!r}, the key a safetensors header keeps for its metadata (no tensor may take it)")
     return v
 
 

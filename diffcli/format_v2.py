@@ -13,9 +13,9 @@ from diffcli import codec, lowrank, quantize
 from diffcli.diff import BasisScales, Diff, TensorDiff
 from diffcli.errors import ChecksumError, FormatError, InvalidValueError
 from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC, MAX_HEADER,
-                                   MAX_NAME, PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
+                                   PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
                                    check_tensor, choice, error_bound, fail, from_le_bytes, integer, keys, le_bytes,
-                                   numel, parse_json, shape_of, sparse_entries, string)
+                                   numel, parse_json, shape_of, sparse_entries, string, tensor_name)
 
 VERSION = 2
 RAW_LEN = struct.Struct("<I")  # after the preamble: the header's JSON length before compression
@@ -237,7 +237,7 @@ def _basis_record(r: Any, i: int, prev: tuple[str, dict[str, Any]] | None) -> tu
     where = f"records[{i}]"
     if len(r) != _RECORD_LEN["basis"]:
         raise fail(f"{where} (basis) must have {_RECORD_LEN['basis']} fields")
-    name = string(r[1], f"{where} name", MAX_NAME, 1)
+    name = tensor_name(r[1], f"{where} name")
     if prev is None or prev[0] != name or prev[1]["kind"] != "sparse":
         raise fail(f"{where} basis record {name!r} must follow the sparse record of the same name")
     shape, dtype = prev[1]["shape"], prev[1]["dtype"]
@@ -265,14 +265,14 @@ def _record(r: Any, i: int, prev: str | None) -> tuple[str, dict[str, Any]]:
                           f"({', '.join(KINDS)})", hint="upgrade diffprune to read this file")
     if len(r) != _RECORD_LEN[r[0]]:
         raise fail(f"{where} ({r[0]}) must have {_RECORD_LEN[r[0]]} fields")
-    name = string(r[1], f"{where} name", MAX_NAME, 1)
+    name = tensor_name(r[1], f"{where} name")
     if prev is not None and not prev < name:
         raise fail(f"{where} name {name!r} is not after {prev!r}: records must be sorted with unique names")
     where = f"records[{name!r}]"
     if r[0] == "dense":
         shape = shape_of(r[3], where)
         return name, {"kind": "dense", "dtype": choice(r[2], DTYPE_SIZES, f"{where}.dtype"), "shape": shape}
-    base = name if r[2] is None else string(r[2], f"{where} base", MAX_NAME, 1)
+    base = name if r[2] is None else tensor_name(r[2], f"{where} base")
     dtype = choice(r[3], DTYPE_SIZES, f"{where}.dtype")
     shape = shape_of(r[4], where)
     digest = string(r[5], f"{where}.digest", 32, 32, DIGEST_RE)

@@ -765,3 +765,58 @@ def test_v1_numbers_beyond_a_double_are_a_format_error():
     for lit in (str(BIG), LONG_FLOAT, str(-2**1024)):
         with pytest.raises(FormatError, match="JSON"):
             artifact.loads(build({}, payload, text=text.replace(b'"meta":{', f'"meta":{{"x":{lit},'.encode())))
+
+
+# ------------------------------------------------------------------------------------------ reserved and repeated names
+
+def _renamed2(data: bytes, old: str, new: str) -> bytes:
+    header, payload = split2(data)
+    for r in header["records"]:
+        if r[1] == old:
+            r[1] = new
+    header["records"].sort(key=lambda r: (r[1], r[0] == "basis"))
+    return build2(header, payload)
+
+
+@pytest.mark.parametrize("old", ["classifier.bias", "bert.encoder.w", "bert.empty"])
+def test_v2_a_record_named_like_the_safetensors_metadata_key_is_refused(old, tmp_path, tiny_base):
+    """apply wrote such a tensor over the safetensors header's `__metadata__` entry: a broken file, exit 0."""
+    data = _renamed2(artifact.pack(golden_diff()), old, "__metadata__")
+    with pytest.raises(FormatError, match="__metadata__"):
+        artifact.loads(data)
+    path = tmp_path / "meta.diff"
+    path.write_bytes(data)
+    for args in (["verify", path], ["inspect", path], ["apply", tiny_base, path, "-o", tmp_path / "out"]):
+        code, err = _cli_exit(args)
+        assert code == 4 and len(err.strip().splitlines()) == 1 and "__metadata__" in err, (args, err)
+    assert not (tmp_path / "out").exists()
+    header, payload = split2(artifact.pack(golden_diff()))
+    next(r for r in header["records"] if r[1] == old or r[0] == "sparse")[2] = "__metadata__"  # as a base name
+    with pytest.raises(FormatError, match="__metadata__"):
+        artifact.loads(build2(header, payload))
+
+
+def test_v1_a_tensor_or_extra_named_like_the_safetensors_metadata_key_is_refused():
+    for kind, old in (("extras", "classifier.bias"), ("tensors", "bert.encoder.w")):
+        header, payload = split(VALID)
+        header[kind]["__metadata__"] = header[kind].pop(old)  # refused before any section is placed or read
+        with pytest.raises(FormatError, match="__metadata__"):
+            artifact.loads(build(header, payload))
+    header, payload = split(VALID)
+    header["tensors"]["bert.encoder.w"]["base"] = "__metadata__"
+    with pytest.raises(FormatError, match="__metadata__"):
+        artifact.loads(build(header, payload))
+
+
+def test_a_writer_refuses_the_safetensors_metadata_key_as_a_name():
+    from diffcli.errors import InvalidValueError
+
+    diff = golden_diff()
+    diff.extras["__metadata__"] = diff.extras.pop("classifier.bias")
+    for version in (1, 2):
+        with pytest.raises(InvalidValueError, match="__metadata__"):
+            artifact.pack(diff, version=version)
+    diff = golden_diff()
+    diff.tensors["__metadata__"] = diff.tensors.pop("bert.encoder.w")
+    with pytest.raises(InvalidValueError, match="__metadata__"):
+        artifact.pack(diff)
