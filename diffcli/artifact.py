@@ -229,7 +229,7 @@ def verify(path: str | Path, base: str | None = None) -> VerifyReport:
         return report
     store = WeightStore(resolve_model(base))
     differ: list[tuple[str, str]] = []
-    digests = []
+    digests: dict[str, str] = {}  # one per base tensor, as the writer's fingerprint counts them
     for name in sorted(diff.tensors):
         t = diff.tensors[name]
         bname = t.base_name
@@ -240,8 +240,8 @@ def verify(path: str | Path, base: str | None = None) -> VerifyReport:
             differ.append((name, f"shape/dtype {list(store.shape(bname))} {store.dtype(bname)} "
                                  f"!= {list(t.shape)} {t.dtype}"))
             continue
-        digest = tensor_digest(store[bname])
-        digests.append(digest)
+        digest = digests[bname] if bname in digests else tensor_digest(store[bname])
+        digests[bname] = digest
         if digest != t.digest:
             differ.append((name, "content differs"))
     if differ:
@@ -249,7 +249,7 @@ def verify(path: str | Path, base: str | None = None) -> VerifyReport:
         raise BaseMismatchError(f"{len(differ)} of {len(diff.tensors)} base tensors differ from the base "
                                 f"the diff was made on; first: {first!r} ({why})",
                                 hint="pass the base the diff was made on")
-    if fingerprint(digests) != header["base"]["fingerprint"]:
+    if fingerprint(digests.values()) != header["base"]["fingerprint"]:
         raise BaseMismatchError("the base's fingerprint differs from the one the diff records",
                                 hint="pass the base the diff was made on")
     report.base = base

@@ -89,7 +89,7 @@ def check_name(name: Any, where: str) -> None:
 
 
 def check_diff(diff: Diff) -> None:
-    """What any writer checks first: the base reference, its fingerprint, and no name both tensor and extra."""
+    """What any writer checks first: base reference and fingerprint, no name both tensor and extra, one per base."""
     if not isinstance(diff.base_ref, str) or len(diff.base_ref) > MAX_REF:
         raise InvalidValueError("the base reference must be a string of at most 4096 characters")
     if not isinstance(diff.base_fingerprint, str) or not FINGERPRINT_RE.fullmatch(diff.base_fingerprint):
@@ -97,6 +97,12 @@ def check_diff(diff: Diff) -> None:
     clash = sorted(set(diff.tensors) & set(diff.extras))
     if clash:
         raise InvalidValueError(f"{clash[0]!r} is both a diff tensor and an extra")
+    by_base: dict[Any, str] = {}
+    for name in sorted(diff.tensors):
+        base = diff.tensors[name].base_name
+        if isinstance(base, str) and by_base.setdefault(base, name) != name:
+            raise InvalidValueError(f"diff tensors {by_base[base]!r} and {name!r} both build on base tensor {base!r}; "
+                                    "a base tensor takes one")
 
 
 def check_tensor(name: str, td: TensorDiff) -> tuple[int, ...]:
@@ -180,6 +186,15 @@ def string(v: Any, where: str, hi: int, lo: int = 0, pattern: re.Pattern | None 
     if not isinstance(v, str) or not lo <= len(v) <= hi or (pattern is not None and not pattern.fullmatch(v)):
         raise fail(f"{where} is not a valid string")
     return v
+
+
+def one_per_base(pairs: list[tuple[str, str]], what: str) -> None:
+    """(name, base name) of every tensor a header lists: two on one base tensor is an error (FORMAT.md §2)."""
+    seen: dict[str, str] = {}
+    for name, base in pairs:
+        if seen.setdefault(base, name) != name:
+            raise fail(f"{what} {seen[base]!r} and {name!r} both build on base tensor {base!r}: two records on one "
+                       "base tensor")
 
 
 def tensor_name(v: Any, where: str) -> str:

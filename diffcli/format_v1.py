@@ -13,7 +13,8 @@ from diffcli.errors import ChecksumError, FormatError, InvalidValueError
 from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC,
                                    PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
                                    check_tensor, choice, error_bound, fail, from_le_bytes, integer, keys, le_bytes,
-                                   numel, parse_json, shape_of, sparse_entries, string, tensor_name)
+                                   numel, one_per_base, parse_json, shape_of, sparse_entries, string,
+                                   tensor_name)
 
 VERSION = 1
 VALUE_TYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -174,6 +175,7 @@ def validate_header(h: Any, payload_size: int) -> list[_Section]:
         lo, hi = codec.positions_raw_bounds(nnz, n)
         sections.append(_section(t["index"], f"{where}.index", "index", lo, hi))
         sections.append(_section(t["values"], f"{where}.values", "values", nnz * vsize, nnz * vsize))
+    one_per_base([(name, h["tensors"][name]["base"]) for name in sorted(h["tensors"])], "tensors")
     if integer(h["budget_numel"], "budget_numel", 1 << 62) != budget:
         raise fail(f"budget_numel {h['budget_numel']} is not the {budget} its tensors imply")
     if integer(h["nnz"], "nnz", 1 << 62) != nnz_total:

@@ -15,7 +15,8 @@ from diffcli.errors import ChecksumError, FormatError, InvalidValueError
 from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC, MAX_HEADER,
                                    PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
                                    check_tensor, choice, error_bound, fail, from_le_bytes, integer, keys, le_bytes,
-                                   numel, parse_json, shape_of, sparse_entries, string, tensor_name)
+                                   numel, one_per_base, parse_json, shape_of, sparse_entries, string,
+                                   tensor_name)
 
 VERSION = 2
 RAW_LEN = struct.Struct("<I")  # after the preamble: the header's JSON length before compression
@@ -297,6 +298,7 @@ def validate_header(h: Any, payload_size: int) -> list[tuple[str, dict[str, Any]
         prev, rec = _record(r, i, prev)
         records.append((prev, rec))
     updates = [rec for _n, rec in records if rec["kind"] in ("sparse", lowrank.KIND)]  # one per base tensor
+    one_per_base([(n, rec["base"]) for n, rec in records if rec["kind"] in ("sparse", lowrank.KIND)], "records")
     coded = [rec for _n, rec in records if rec["kind"] != "dense"]  # every record in the values stream
     budget = sum(numel(rec["shape"]) for rec in updates if rec["dtype"] in FLOAT_DTYPES)
     counts = _value_counts(coded)

@@ -820,3 +820,53 @@ def test_a_writer_refuses_the_safetensors_metadata_key_as_a_name():
     diff.tensors["__metadata__"] = diff.tensors.pop("bert.encoder.w")
     with pytest.raises(InvalidValueError, match="__metadata__"):
         artifact.pack(diff)
+
+
+def _one_base_twice(header: dict, a: str, b: str) -> None:
+    """Record b names record a's base tensor (and copies its digest): two records, one base tensor."""
+    ra = next(r for r in header["records"] if r[0] != "dense" and r[1] == a)
+    rb = next(r for r in header["records"] if r[0] != "dense" and r[1] == b)
+    rb[2], rb[5] = ra[2] if ra[2] is not None else ra[1], ra[5]
+
+
+def test_v2_two_records_on_one_base_tensor_are_refused():
+    header, payload = split2(V2)
+    _one_base_twice(header, "bert.encoder.w", "bert.empty")
+    with pytest.raises(FormatError, match="'encoder.w'.*two records|two records.*'encoder.w'"):
+        artifact.loads(build2(header, payload))
+
+
+def test_v1_two_tensors_on_one_base_tensor_are_refused():
+    header, payload = split(VALID)
+    header["tensors"]["bert.empty"]["base"] = header["tensors"]["bert.encoder.w"]["base"]
+    with pytest.raises(FormatError, match="'encoder.w'"):
+        artifact.loads(build(header, payload))
+
+
+def test_a_writer_refuses_two_tensors_on_one_base_tensor():
+    from diffcli.errors import InvalidValueError
+
+    diff = golden_diff()
+    td = diff.tensors["bert.empty"]
+    diff.tensors["bert.empty"] = type(td).zeros("encoder.w", td.shape, td.dtype, td.digest)
+    for version in (1, 2):
+        with pytest.raises(InvalidValueError, match="'encoder.w'"):
+            artifact.pack(diff, version=version)
+
+
+def test_verify_base_and_apply_agree_on_a_file_with_one_base_tensor_twice(tmp_path, tiny_base, tiny_finetune):
+    """verify --base counted the shared base tensor's digest twice (exit 5) while apply counted it once (exit 0)."""
+    from diffcli.extract import extract_diff
+    from diffcli.projection import project
+
+    diff = project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.05).diff
+    header, payload = split2(artifact.pack(diff))
+    q, k = (next(n for n in diff.tensors if n.endswith(f"layer.0.attention.self.{m}.weight")) for m in ("query", "key"))
+    _one_base_twice(header, q, k)
+    path = tmp_path / "twice.diff"
+    path.write_bytes(build2(header, payload))
+    for args in (["verify", path, "--base", tiny_base], ["apply", tiny_base, path, "-o", tmp_path / "out"],
+                 ["apply", tiny_base, path, "-o", tmp_path / "out", "--force"]):
+        code, err = _cli_exit(args)
+        assert code == 4 and len(err.strip().splitlines()) == 1 and "two records" in err, (args, err)
+    assert not (tmp_path / "out").exists()
