@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,12 +159,16 @@ def validate_header(h: Any, payload_size: int) -> list:
 
 
 def _open_path(path: str | Path) -> Path:
+    """A path every reader may open: it exists and is a regular file (a pipe or device has no trustworthy size)."""
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"{path} does not exist")
     if path.is_dir():
         raise FormatError(f"{path} is a folder, not a packed diff file",
                           hint="pack a checkpoint folder first: diffprune pack FOLDER -o FILE.diff")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise FormatError(f"{path} is not a regular file (a pipe, socket or device)",
+                          hint="save the diff to a file first")
     return path
 
 

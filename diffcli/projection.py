@@ -142,7 +142,8 @@ def prune(source: str | Path, sparsity: float, out: str | Path, *, base: str | N
 
     _check_scope(scope)
     check_output(Path(out), force)
-    if checkpoint.is_checkpoint(source) or Path(source).is_file():  # a checkpoint, or a packed .diff
+    src = Path(source)  # a checkpoint, or a packed .diff (a pipe or device: load_diff refuses it, exit 4)
+    if checkpoint.is_checkpoint(source) or (src.exists() and not src.is_dir()):
         if base is not None:
             raise InvalidValueError(f"{source} is a diff; --base is only for full finetuned models")
         from diffcli.sources import load_diff

@@ -870,3 +870,52 @@ def test_verify_base_and_apply_agree_on_a_file_with_one_base_tensor_twice(tmp_pa
         code, err = _cli_exit(args)
         assert code == 4 and len(err.strip().splitlines()) == 1 and "two records" in err, (args, err)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ not a regular file
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A named pipe that would give a valid file's bytes to whoever reads it (as `<(cat x.diff)` does)."""
+    import os
+    import threading
+
+    path = tmp_path / "pipe.diff"
+    os.mkfifo(path)
+
+    def feed():
+        try:
+            with open(path, "wb") as fh:  # blocks until a reader opens the pipe
+                fh.write(V2)
+        except OSError:
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    yield path
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # release the feeder if nobody read the pipe
+    try:
+        while os.read(fd, 1 << 16):
+            pass
+    except BlockingIOError:
+        pass
+    os.close(fd)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/null", "/dev/zero"])
+def test_a_path_that_is_not_a_regular_file_is_refused_by_every_reader(special, request, tmp_path, tiny_base):
+    """verify read /dev/zero until memory ran out; a pipe verified (exit 0) where inspect found it 'too short'."""
+    from pathlib import Path
+
+    path = request.getfixturevalue("fifo") if special == "fifo" else Path(special)
+    if not path.exists():
+        pytest.skip(f"{path} does not exist here")
+    for call in (artifact.load, artifact.read_header, artifact.verify):
+        with pytest.raises(FormatError, match="not a regular file"):
+            call(path)
+    out = tmp_path / "out"
+    for args in (["verify", path], ["inspect", path], ["apply", tiny_base, path, "-o", out],
+                 ["eval", tiny_base, path, "--task", "sst2"], ["merge", path, path, "-o", out],
+                 ["prune", path, "-s", "1%", "-o", out], ["pack", path, "-o", out]):
+        code, err = _cli_exit(args)
+        assert code == 4 and len(err.strip().splitlines()) == 1 and "not a regular file" in err, (args, err)
+    assert not out.exists()
