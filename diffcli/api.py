@@ -44,9 +44,12 @@ if TYPE_CHECKING:
 def checked_options(method: str, options: dict[str, Any]) -> TrainOptions:
     """`TrainOptions` for `method`, refused with one line as `train` refuses its flags (an unknown option, a value
     out of range, an option the method does not take); for basis, giving `sparsity` implies `double_prune`."""
+    from diffcli.training import check_method_flags
+
     unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__) - {"method"})
     if unknown:
         raise InvalidValueError(f"unknown option {unknown[0]!r}; the options are TrainOptions' fields")
+    check_method_flags(method, sorted(options))  # every option the method does not take, even at its default
     if method == "basis" and "sparsity" in options and "double_prune" not in options:
         options = {**options, "double_prune": True}  # as `train --method basis --sparsity S`: double pruning
     opts = TrainOptions(**{**options, "method": method})

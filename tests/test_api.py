@@ -143,3 +143,20 @@ def test_trainer_callback_trains_a_diff_with_the_users_training_arguments(tmp_pa
     with torch.no_grad():
         want = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert torch.allclose(_rebuilt_logits(tmp_path, tiny_base, diff, batch), want, atol=1e-6)
+
+
+def test_checked_options_refuses_a_foreign_option_even_at_its_default():
+    """`train --method random --epochs 3` is refused; the library let epochs=3 (its default) through."""
+    from diffcli.api import checked_options
+    from diffcli.train_options import TrainOptions
+
+    defaults = TrainOptions()
+    for method, name in (("random", "epochs"), ("random", "lr"), ("magnitude", "alpha_lr"), ("l0", "basis_lr"),
+                         ("basis", "rank")):
+        for value in (getattr(defaults, name), getattr(defaults, name) * 2):
+            with pytest.raises(InvalidValueError, match=f"--method {method} does not take --{name.replace('_', '-')}"):
+                checked_options(method, {name: value})
+    assert checked_options("random", {"sparsity": 0.02, "seed": 1, "fixmask_lr": 1e-3}).method == "random"
+    assert checked_options("l0", {"epochs": 3, "lr": 1e-4}).epochs == 3
+    with pytest.raises(InvalidValueError, match="unknown option 'alpha'"):
+        checked_options("random", {"alpha": 0.1})
