@@ -196,3 +196,26 @@ def test_cli_defaults_are_the_library_defaults():
         assert got == want, f"--{f.name.replace('_', '-')}: CLI default {got!r}, TrainOptions default {want!r}"
         checked += 1
     assert checked >= 20
+
+
+def _train_help() -> dict[str, str]:
+    import click
+    import typer
+
+    top = typer.main.get_command(app)
+    train = top.get_command(click.Context(top), "train")
+    return {p.name: p.help or "" for p in train.params}
+
+
+def test_shared_phase_options_name_every_method_that_reads_them():
+    """--epochs said 'of the L0 phase', --lr 'of w', --fill-samples named --fill only: each also drives other
+    methods' phases; --weight-decay said 'of w and the head', which for basis is the head only."""
+    from diffcli.methods import all_methods
+
+    helps = _train_help()
+    for option in ("epochs", "lr", "fill_samples"):
+        takers = [name for name, m in all_methods().items() if option in m.options]
+        assert len(takers) > 1 and all(name in helps[option] for name in takers), (option, takers, helps[option])
+    assert "basis: the head only" in helps["weight_decay"]
+    assert "of w" not in helps["lr"] + helps["weight_decay"] and "L0 phase" not in helps["epochs"]
+    assert all(len(helps[o]) <= 100 for o in ("epochs", "lr", "fill_samples", "weight_decay")), helps
