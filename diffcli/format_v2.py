@@ -134,6 +134,9 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
     nnz = int(count_arr.sum())  # every stored value: sparse entries, low-rank factors, basis scales
     if nnz and not np.isfinite(q.values).all():
         raise InvalidValueError(f"the diff has values beyond the {values} range", hint="pack with --values bf16 or fp32")
+    if q.max_abs_error > quantize.error_limit(q.values, q.scales, count_arr, values, block):  # what readers check
+        raise InvalidValueError(f"the diff has values the {values} quantizer cannot store within its error bound",
+                                hint="pack with --values bf16 or fp32")
     streams = iter(codec.encode_many([p for p in idx_parts if p.size]))
     positions = []
     positioned = [c for c, f in zip(count_arr.tolist(), factor_seg) if not f]
@@ -365,6 +368,10 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
     values = quantize.dequantize(raw["values"], scales, counts, quantizer, block)
     if values.size and not np.isfinite(values).all():
         raise FormatError(f"{source}: the values stream holds NaN or infinite values")
+    limit = quantize.error_limit(values, scales, counts, quantizer, block)
+    if header["values"]["max_abs_error"] > limit:  # the probe check trusts it (§11): a lie must not widen it
+        raise FormatError(f"{source}: values.max_abs_error {header['values']['max_abs_error']:.6g} exceeds the "
+                          f"{limit:.6g} that its {quantizer} values can be off by")
     stored = [rec for _n, rec in records if rec["kind"] in _COUNT and rec["nnz"]]
     positions = iter(codec.decode_many(raw["positions"], [rec["nnz"] for rec in stored],
                                        [rec["positions"] for rec in stored],

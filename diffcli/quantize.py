@@ -163,6 +163,32 @@ def errors(values: np.ndarray, back: np.ndarray, counts: np.ndarray) -> tuple[fl
     return float(err.max()), float(rel.max())
 
 
+ERROR_MARGIN = 2.0 ** -10  # relative slack of the block quantizers' bound: float32 rounding of v/s, q·s and means
+ERROR_FLOOR = 2.0 ** -100  # absolute slack: a subnormal scale rounds by up to 2^-150 per code step
+_HALF_ULP = {"fp16": (11, -14, 2.0 ** -25), "bf16": (8, -126, 2.0 ** -134)}  # bits kept, smallest normal, below it
+
+
+def error_limit(values: np.ndarray, scales: np.ndarray, counts: np.ndarray, quantizer: str, block: int) -> float:
+    """The largest max_abs_error the decoded `values` (and their block scales) allow (docs/FORMAT.md §5)."""
+    import math
+
+    n = int(values.size)
+    if quantizer == "fp32" or n == 0:
+        return 0.0
+    if quantizer in _HALF_ULP:  # half a unit in the last place of the largest decoded value
+        bits, smallest, below = _HALF_ULP[quantizer]
+        top = float(np.abs(values).max())
+        return below if top < 2.0 ** smallest else math.ldexp(1.0, math.frexp(top)[1] - 1 - bits)
+    starts = block_starts(counts, block)
+    coded = np.add.reduceat((values != 0).astype(np.int64), starts)  # q·s ≠ 0 exactly where q ≠ 0 (s > 0)
+    scale = scales.astype(np.float64)
+    if quantizer == "ternary":  # s·(codes ≠ 0): the block's L1 mass, which no entry's error exceeds
+        bound = float((scale * coded).max())
+    else:  # round to nearest: half a step of the coarsest block that codes anything
+        bound = float(scale[coded > 0].max()) / 2 if bool((coded > 0).any()) else 0.0
+    return bound * (1 + ERROR_MARGIN) + ERROR_FLOOR
+
+
 def pack_codes(q: np.ndarray, quantizer: str) -> bytes:
     """Integer codes → bytes: int8 as is, int4 as q+8 nibbles (high first), ternary as q+1 in 2 bits (MSB first)."""
     if quantizer == "int8":

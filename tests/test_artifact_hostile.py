@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diffcli import artifact
 from diffcli.errors import ChecksumError, FormatError, NotFoundError, UnsupportedVersionError
@@ -919,3 +920,68 @@ def test_a_path_that_is_not_a_regular_file_is_refused_by_every_reader(special, r
         code, err = _cli_exit(args)
         assert code == 4 and len(err.strip().splitlines()) == 1 and "not a regular file" in err, (args, err)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ the recorded value error
+
+@pytest.mark.parametrize("values", ["fp16", "bf16", "int8", "int4", "ternary"])
+def test_every_file_the_writer_makes_keeps_its_value_error_within_the_bound(values):
+    """The bound a reader checks max_abs_error against holds for sparse, dense, low-rank and basis records."""
+    from test_lowrank import golden_lowrank
+
+    for diff in (golden_diff(), golden_lowrank(), _with_bases(golden_diff()), _with_bases(golden_lowrank())):
+        for block in ((None, 1, 2, 3, 1000) if values in ("int8", "int4", "ternary") else (None,)):
+            data = artifact.pack(diff, values, block=block)
+            check_consistent2(artifact.loads(data), split2(data)[0])
+
+
+def test_the_golden_files_keep_their_value_error_within_the_bound():
+    from test_artifact import DATA
+
+    for path in sorted(DATA.glob("golden_*.diff")):
+        artifact.load(path)
+
+
+def test_v2_a_value_error_above_what_the_quantizer_can_make_is_refused():
+    for values, lie in (("fp32", 1e-30), ("fp16", 2.0**-9), ("bf16", 2.0**-6), ("int8", 0.1), ("int4", 1.0),
+                        ("ternary", 10.0)):
+        header, payload = split2(artifact.pack(golden_diff(), values))  # largest |δ| 3: fp16 half-ulp 2^-10
+        header["values"]["max_abs_error"] = lie
+        with pytest.raises(FormatError, match="max_abs_error"):
+            artifact.loads(build2(header, payload))
+
+
+_MAGNITUDES = st.sampled_from([0.0, 1e-45, 1e-40, 2.0**-126, 6e-8, 2.0**-14, 1e-3, 0.3, 1.0, 7.0, 1e4, 65519.0, 1e30])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["fp16", "bf16", "int8", "int4", "ternary"]),
+       st.lists(st.lists(st.tuples(_MAGNITUDES, st.floats(-1, 1, width=32)), max_size=40), min_size=1, max_size=5),
+       st.lists(st.booleans(), min_size=5, max_size=5), st.integers(1, 64))
+def test_the_writers_value_error_never_exceeds_the_bound_a_reader_checks(values, segments, droppable, block):
+    """quantize_stored (both passes, dropped entries included) against quantize.error_limit over what it stores."""
+    from diffcli import quantize
+
+    if values in ("fp16", "bf16") and any(m >= 1e30 for seg in segments for m, _ in seg):
+        segments = [[(m, f) for m, f in seg if m < 1e30] for seg in segments]  # beyond fp16: refused at pack
+    if values == "fp16":
+        segments = [[(m, f) for m, f in seg if m * abs(f) < 65504] for seg in segments]
+    vals = np.asarray([m * f for seg in segments for m, f in seg], dtype=np.float32)
+    counts = np.asarray([len(seg) for seg in segments], dtype=np.int64)
+    block = 0 if values in ("fp16", "bf16") else block
+    q, _keep, kept = quantize.quantize_stored(vals, counts, values, block, droppable=np.asarray(droppable[:counts.size]))
+    limit = quantize.error_limit(q.values, q.scales, kept, values, quantize.fit_block(block, kept))
+    assert q.max_abs_error <= limit, (q.max_abs_error, limit)
+
+
+def test_a_writer_refuses_values_its_quantizer_cannot_store_within_the_bound():
+    """A ternary block whose magnitudes sum past float32 would code nothing and store an error readers refuse."""
+    from diffcli.diff import Diff, TensorDiff
+    from diffcli.errors import InvalidValueError
+    from diffcli.weights import fingerprint
+
+    td = TensorDiff("w", (4,), "float32", "0" * 32, torch.tensor([3e38, -3e38, 1.0, 2.0]), torch.arange(4))
+    diff = Diff({"w": td}, {}, {}, "b", fingerprint([td.digest]), {})
+    with np.errstate(over="ignore"), pytest.raises(InvalidValueError, match="within its error bound"):
+        artifact.pack(diff, "ternary")
+    assert artifact.loads(artifact.pack(diff, "int8")).tensors["w"].nnz == 2  # 1 and 2 round to 0 beside 3e38
