@@ -173,12 +173,14 @@ def error_limit(values: np.ndarray, scales: np.ndarray, counts: np.ndarray, quan
     import math
 
     n = int(values.size)
-    if quantizer == "fp32" or n == 0:
-        return 0.0
-    if quantizer in _HALF_ULP:  # half a unit in the last place of the largest decoded value
+    if quantizer in FLOAT_QUANTIZERS:  # fp32 exact; fp16/bf16: half a unit in the last place of the largest value
+        if quantizer == "fp32" or n == 0:
+            return 0.0
         bits, smallest, below = _HALF_ULP[quantizer]
         top = float(np.abs(values).max())
         return below if top < 2.0 ** smallest else math.ldexp(1.0, math.frexp(top)[1] - 1 - bits)
+    if n == 0:  # every entry dropped: only entries too small for their block scale (below 2^-142) can be
+        return ERROR_FLOOR
     starts = block_starts(counts, block)
     coded = np.add.reduceat((values != 0).astype(np.int64), starts)  # q·s ≠ 0 exactly where q ≠ 0 (s > 0)
     scale = scales.astype(np.float64)

@@ -985,3 +985,13 @@ def test_a_writer_refuses_values_its_quantizer_cannot_store_within_the_bound():
     with np.errstate(over="ignore"), pytest.raises(InvalidValueError, match="within its error bound"):
         artifact.pack(diff, "ternary")
     assert artifact.loads(artifact.pack(diff, "int8")).tensors["w"].nnz == 2  # 1 and 2 round to 0 beside 3e38
+
+
+@pytest.mark.parametrize("values", ["int8", "int4", "ternary"])
+def test_a_subnormal_entry_dropped_with_its_whole_segment_keeps_within_the_bound(values):
+    """2^-149 alone: its int8 scale underflows, it codes 0 and is dropped; the error it leaves is within the floor."""
+    from diffcli import quantize
+
+    vals = np.asarray([1e-45], dtype=np.float32)
+    q, _keep, kept = quantize.quantize_stored(vals, np.asarray([1]), values, 1)
+    assert q.max_abs_error <= quantize.error_limit(q.values, q.scales, kept, values, quantize.fit_block(1, kept))
