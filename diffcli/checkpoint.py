@@ -17,7 +17,7 @@ from typing import Any
 
 from diffcli import __version__
 from diffcli.diff import BasisScales, Diff, TensorDiff
-from diffcli.errors import FormatError, NotFoundError, UnsupportedVersionError
+from diffcli.errors import FormatError, InvalidValueError, NotFoundError, UnsupportedVersionError
 from diffcli.outputs import atomic_dir
 from diffcli.weights import DIGEST_ALGORITHM, torch_dtype
 
@@ -78,6 +78,9 @@ def write_into(folder: Path, diff: Diff) -> None:
 
 def save(diff: Diff, out: str | Path, force: bool = False) -> Path:
     """Write a checkpoint folder atomically: an interrupted save leaves nothing at `out`."""
+    if not isinstance(diff, Diff):  # e.g. DiffPruningCallback.diff of a run stopped before its switch
+        raise InvalidValueError(f"nothing to save at {out}: expected a Diff, got {type(diff).__name__}",
+                                hint="a DiffPruningCallback run stopped before its switch has no diff")
     with atomic_dir(out, force) as tmp:
         write_into(tmp, diff)
     return Path(out)
