@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from diffcli import codec
+from diffcli import codec, quantize
 from diffcli.diff import Diff, TensorDiff
 from diffcli.errors import ChecksumError, FormatError, InvalidValueError
 from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC,
@@ -251,7 +251,7 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
         pos = codec.decode_positions(raw[("index", name)], t["nnz"], numel(shape))
         vals = from_le_bytes(codec.from_planes(raw[("values", name)], DTYPE_SIZES[vtype]), vtype, (t["nnz"],))
         vals = vals.to(torch.float32)
-        if not np.isfinite(vals.numpy()).all():
+        if not quantize.all_finite(vals.numpy()):
             raise FormatError(f"{source}: tensors[{name!r}] holds NaN or infinite values")
         tensors[name] = TensorDiff(t["base"], shape, t["dtype"], t["digest"], vals,
                                    torch.from_numpy(np.ascontiguousarray(pos, dtype=np.int64)))

@@ -364,9 +364,11 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
         raw[s] = codec.decompress(sec["codec"], stored, sec["raw_length"])
     quantizer, block = header["values"]["quantizer"], header["values"].get("block", 0)
     counts = _value_counts([rec for _n, rec in records if rec["kind"] != "dense"])
-    scales = np.frombuffer(codec.from_planes(raw["scales"], 4), dtype="<f4").astype(np.float32)
-    values = quantize.dequantize(raw["values"], scales, counts, quantizer, block)
-    if values.size and not np.isfinite(values).all():
+    scales = codec.from_planes(raw["scales"], 4).view("<f4").astype(np.float32, copy=False)
+    # the decoded values are the one array here that grows with the file (4 bytes a value); lowrank, sparse and
+    # basis records hold views into it, and every pass over it works a chunk at a time (FORMAT.md §3)
+    values = quantize.dequantize(raw.pop("values"), scales, counts, quantizer, block)
+    if values.size and not quantize.all_finite(values):
         raise FormatError(f"{source}: the values stream holds NaN or infinite values")
     limit = quantize.error_limit(values, scales, counts, quantizer, block)
     if header["values"]["max_abs_error"] > limit:  # the probe check trusts it (§11): a lie must not widen it

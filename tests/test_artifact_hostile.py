@@ -995,3 +995,73 @@ def test_a_subnormal_entry_dropped_with_its_whole_segment_keeps_within_the_bound
     vals = np.asarray([1e-45], dtype=np.float32)
     q, _keep, kept = quantize.quantize_stored(vals, np.asarray([1]), values, 1)
     assert q.max_abs_error <= quantize.error_limit(q.values, q.scales, kept, values, quantize.fit_block(1, kept))
+
+
+# ------------------------------------------------------------------------------------------------- reader memory
+
+def _returned_bytes(diff) -> int:
+    """Bytes of the arrays a loaded Diff holds: values, positions, low-rank factors, basis scales, extras."""
+    arrays = [t for td in diff.tensors.values() for t in (td.values, td.indices, *(td.factors or ())) if t is not None]
+    arrays += [bs.kept for bs in diff.bases.values()] + [bs.values for bs in diff.bases.values()]
+    return sum(t.numel() * t.element_size() for t in arrays + list(diff.extras.values()))
+
+
+def _peak_of_loading(data: bytes) -> tuple[object, int]:
+    tracemalloc.start()  # counts numpy's allocations, which hold everything the v2 reader decodes
+    try:
+        diff = artifact.loads(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return diff, peak
+
+
+def test_v2_a_tiny_low_rank_file_costs_a_reader_little_beyond_its_decoded_values():
+    """A 600-byte file (one low-rank record of zeros, ternary, one RLE zstd frame) decodes to 32 MiB of float32
+    factors (FORMAT.md §3: raw_length ≤ 32768 × length allows it); the reader once held 4.3x that (int64 block ids,
+    float temporaries, copies of B and A), now the factors, the 2 MiB raw stream and a few MB of work buffers."""
+    from diffcli import codec
+
+    n, rank = 4096, 1024
+    nnz = 2 * n * rank
+    codes = zstandard.ZstdCompressor(level=19).compress(b"\x55" * (nnz // 4))  # q = 0: code 01, four a byte
+    scales = codec.to_planes(np.ones(2, dtype="<f4").view(np.uint8), 4)  # one block for B, one for A
+    def desc(stored, raw_length, kind="raw"):  # noqa: E306
+        return {"length": len(stored), "raw_length": raw_length, "sha256": hashlib.sha256(stored).hexdigest(),
+                "codec": kind}
+    header = {"format": "diffprune", "version": 2, "producer": "x",
+              "base": {"ref": "x", "fingerprint": "sha256:" + "0" * 64, "digest": "xxh3-128"},
+              "values": {"quantizer": "ternary", "block": n * rank, "max_abs_error": 0, "max_rel_error": 0},
+              "budget_numel": n * n, "nnz": nnz, "records": [["lowrank", "w", None, "float32", [n, n], "0" * 32, rank]],
+              "streams": {"positions": desc(b"", 0), "values": desc(codes, nnz // 4, "zstd"),
+                          "scales": desc(scales, 8), "dense": desc(b"", 0)},
+              "config": {}, "meta": {}}
+    data = build2(header, codes + scales)
+    assert len(data) < 1000
+    diff, peak = _peak_of_loading(data)
+    b, a = diff.tensors["w"].factors
+    assert tuple(b.shape) == (n, rank) and tuple(a.shape) == (rank, n) and not b.any() and not a.any()
+    returned = _returned_bytes(diff)
+    assert returned == 4 * nnz
+    assert peak <= 1.5 * returned + (4 << 20), (peak, returned)
+
+
+@pytest.mark.parametrize("values", ["ternary", "int4", "int8", "fp16"])
+def test_v2_the_reader_holds_what_it_returns_its_raw_streams_and_a_few_mb(values):
+    """The writer's own tiny files of huge regular content (every position of a tensor, one value; a low-rank
+    record of zeros): a reader's peak is the float32 values and int64 positions it returns, one copy of the raw
+    streams and work buffers of a few MB, whatever the quantizer (before: 4-6x what it returned)."""
+    from diffcli import lowrank
+    from diffcli.diff import Diff, TensorDiff
+
+    m, n, rank = 1 << 21, 2048, 256
+    sparse = TensorDiff("s", (m,), "float32", "0" * 32, torch.full((m,), 0.5), torch.arange(m))
+    low = lowrank.make("w", (n, n), "float32", "1" * 32, torch.zeros(n, rank), torch.zeros(rank, n))
+    data = artifact.pack(Diff({"s": sparse, "w": low}, {}, {}, "x", "sha256:" + "0" * 64, {}), values)
+    raw = sum(s["raw_length"] for s in split2(data)[0]["streams"].values())
+    assert len(data) < 1 << 16 < raw
+    diff, peak = _peak_of_loading(data)
+    assert diff.tensors["s"].indices.tolist()[-3:] == [m - 3, m - 2, m - 1]
+    returned = _returned_bytes(diff)
+    assert returned == 12 * m + 8 * n * rank
+    assert peak <= returned + raw + (4 << 20), (peak, returned, raw)
