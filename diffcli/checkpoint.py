@@ -73,7 +73,10 @@ def write_into(folder: Path, diff: Diff) -> None:
         "meta": diff.meta,
     }
     save_file(tensors, str(folder / TENSOR_FILE))
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    from diffcli.json_safe import finite  # a diverged run's NaN metrics: null, so the file is JSON and packs
+
+    text = json.dumps(finite(meta), indent=1, sort_keys=True, allow_nan=False)
+    (folder / META_FILE).write_text(text + "\n", encoding="utf-8")
 
 
 def save(diff: Diff, out: str | Path, force: bool = False) -> Path:
