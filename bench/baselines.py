@@ -175,9 +175,7 @@ def _linear_schedule(optimizer, total_steps: int, warmup_steps: int):
 
 
 def _trainable_state(model) -> dict:
-    """The best epoch's trained tensors, on the CPU: what changed, not a copy of the whole model on the device
-    (it was: up to two extra model copies in the run's measured peak memory)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _dir_bytes(folder: Path, name: str) -> int:
@@ -271,12 +269,9 @@ def run_baseline(cfg: BaselineConfig, out_dir: Path, log: Callable[[str], None] 
         log(f"[{cfg.method} {cfg.task}] epoch {epoch}: {split} {dev[split]} (score {score:.2f})")
         if score > best_score:
             best_score, best_epoch = score, epoch
-            best_state = None  # the previous best goes first: one copy at a time
             best_state = _trainable_state(model) if epoch < cfg.epochs else None
     if best_state is not None:
-        missing = set(best_state) - set(model.state_dict())
-        assert not missing, f"best-epoch tensors the model does not have: {sorted(missing)[:3]}"
-        model.load_state_dict(best_state, strict=False)
+        model.load_state_dict(best_state)
     elapsed = time.perf_counter() - t_start
     best = history[best_epoch - 1]
     score, dev = best["score"], best["metrics"]

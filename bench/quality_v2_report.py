@@ -414,8 +414,11 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "(alpha = 2 r).",
           "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory is "
           "the process's peak RSS on CPU (it includes the Python, torch and transformers runtime: the head-only run "
-          "shows that floor), torch's peak allocated memory on cuda. LoRA all-linear's rank is in the JSON (`lora_rank`). A baseline "
-          "keeps its best epoch as its trained tensors on the CPU, as diffprune keeps its k values and the head.",
+          "shows that floor), torch's peak allocated memory on cuda. LoRA all-linear's rank is in the JSON (`lora_rank`). "
+          "Known bias against the baselines, to go when they are next rerun: `bench/baselines.py` keeps its best "
+          "epoch as a copy of every weight on the training device (about 91 MB for MiniLM in fp32; two copies for "
+          "a moment when a later epoch is better), so a baseline's peak is up to about 0.18 GB above what its "
+          "training needs; diffprune's best epoch keeps its k values and the head.",
           "- Baselines: AdamW, linear decay, no warmup or weight decay, gradient norm clipped to 1, the head "
           "initialised as `train` does; LoRA via PEFT (dropout 0.1), BitFit and the head by freezing.", ""]
     # main table
