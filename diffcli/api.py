@@ -44,9 +44,16 @@ if TYPE_CHECKING:
 def checked_options(method: str, options: dict[str, Any]) -> TrainOptions:
     """`TrainOptions` for `method`, refused with one line as `train` refuses its flags (an unknown option, a value
     out of range, an option the method does not take); for basis, giving `sparsity` implies `double_prune`."""
+    from diffcli.methods import get_method
+    from diffcli.methods.registry import SHARED_OPTIONS, foreign_message
+
     unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__) - {"method"})
     if unknown:
         raise InvalidValueError(f"unknown option {unknown[0]!r}; the options are TrainOptions' fields")
+    taken = get_method(method).options  # every option it does not take is refused, even at its default (as train)
+    foreign = sorted(n for n in options if n not in SHARED_OPTIONS and n not in taken)
+    if foreign:
+        raise InvalidValueError(foreign_message(method, foreign), hint="drop them, or pick a method that takes them")
     if method == "basis" and "sparsity" in options and "double_prune" not in options:
         options = {**options, "double_prune": True}  # as `train --method basis --sparsity S`: double pruning
     opts = TrainOptions(**{**options, "method": method})
@@ -70,6 +77,8 @@ class DiffPruner:
         opts = checked_options(method, options)
         tm = attach_base(model, resolve_model(str(base)))
         self._setup(tm, opts, str(base), next(model.parameters()).device, total_steps, own_head)
+        self._planned = {"first": max(1, total_steps), "fixed": None}  # your loop's plan: a step past it warns once
+        self._taken = {"first": 0, "fixed": 0}
 
     @classmethod
     def for_task_model(cls, tm, opts: TrainOptions, device, total_steps: int, *, base_ref: str,
@@ -115,6 +124,7 @@ class DiffPruner:
         """Before each forward pass of the first phase (l0: sample the gates; swr: sample the unit gates and write
         θ₀ + z·Δ; basis: clear dL/dθ)."""
         self._need_phase().begin()
+        self._count("first")
 
     def finish(self) -> dict[str, float]:
         """After `loss.backward()` in the first phase: the method's own gradients and optimizer steps (l0: w and
@@ -152,6 +162,8 @@ class DiffPruner:
         self.engine = self.method.fixed_engine(self, max(1, total_steps), opts)
         self.trainer = getattr(self.engine, "trainer", None)
         self.engine.zero_grad()  # gradients left by the choice (Fisher, the first phase) do not leak in
+        if hasattr(self, "_planned"):
+            self._planned["fixed"], self._taken["fixed"] = max(1, total_steps), 0
         return self.trainer
 
     def mask_engine(self, total_steps: int, opts: TrainOptions):
@@ -175,6 +187,20 @@ class DiffPruner:
             raise InvalidValueError("the fixed phase has not started: call start_fixed() first")
         self.engine.step()
         self.engine.zero_grad()
+        self._count("fixed")
+
+    def _count(self, phase: str) -> None:
+        """Warn once when your loop takes more steps than it planned: the learning rate has decayed to 0 there."""
+        import warnings
+
+        if not hasattr(self, "_planned"):  # `train`'s pruner (for_task_model) plans its own steps
+            return
+        self._taken[phase] += 1
+        planned = self._planned[phase]
+        if self._taken[phase] == planned + 1:
+            where = "DiffPruner(total_steps=...)" if phase == "first" else "start_fixed(total_steps=...)"
+            warnings.warn(f"step {planned + 1} of the {phase} phase is past its {where} of {planned}: its learning "
+                          "rate has decayed to 0, so nothing it trains changes any more", stacklevel=3)
 
     def export(self, meta: dict | None = None, best: dict | None = None) -> "Diff":
         """The diff as `train` writes it: the method's records for every shared tensor (zero δ where untouched)

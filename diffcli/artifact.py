@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,12 +159,16 @@ def validate_header(h: Any, payload_size: int) -> list:
 
 
 def _open_path(path: str | Path) -> Path:
+    """A path every reader may open: it exists and is a regular file (a pipe or device has no trustworthy size)."""
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"{path} does not exist")
     if path.is_dir():
         raise FormatError(f"{path} is a folder, not a packed diff file",
                           hint="pack a checkpoint folder first: diffprune pack FOLDER -o FILE.diff")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise FormatError(f"{path} is not a regular file (a pipe, socket or device)",
+                          hint="save the diff to a file first")
     return path
 
 
@@ -229,7 +234,7 @@ def verify(path: str | Path, base: str | None = None) -> VerifyReport:
         return report
     store = WeightStore(resolve_model(base))
     differ: list[tuple[str, str]] = []
-    digests = []
+    digests: dict[str, str] = {}  # one per base tensor, as the writer's fingerprint counts them
     for name in sorted(diff.tensors):
         t = diff.tensors[name]
         bname = t.base_name
@@ -240,8 +245,8 @@ def verify(path: str | Path, base: str | None = None) -> VerifyReport:
             differ.append((name, f"shape/dtype {list(store.shape(bname))} {store.dtype(bname)} "
                                  f"!= {list(t.shape)} {t.dtype}"))
             continue
-        digest = tensor_digest(store[bname])
-        digests.append(digest)
+        digest = digests[bname] if bname in digests else tensor_digest(store[bname])
+        digests[bname] = digest
         if digest != t.digest:
             differ.append((name, "content differs"))
     if differ:
@@ -249,7 +254,7 @@ def verify(path: str | Path, base: str | None = None) -> VerifyReport:
         raise BaseMismatchError(f"{len(differ)} of {len(diff.tensors)} base tensors differ from the base "
                                 f"the diff was made on; first: {first!r} ({why})",
                                 hint="pass the base the diff was made on")
-    if fingerprint(digests) != header["base"]["fingerprint"]:
+    if fingerprint(digests.values()) != header["base"]["fingerprint"]:
         raise BaseMismatchError("the base's fingerprint differs from the one the diff records",
                                 hint="pass the base the diff was made on")
     report.base = base

@@ -17,9 +17,9 @@ from typing import Any
 
 from diffcli import __version__
 from diffcli.diff import BasisScales, Diff, TensorDiff
-from diffcli.errors import FormatError, NotFoundError, UnsupportedVersionError
+from diffcli.errors import FormatError, InvalidValueError, NotFoundError, UnsupportedVersionError
 from diffcli.outputs import atomic_dir
-from diffcli.weights import DIGEST_ALGORITHM
+from diffcli.weights import DIGEST_ALGORITHM, torch_dtype
 
 META_FILE = "diffprune.json"
 TENSOR_FILE = "diff.safetensors"
@@ -73,11 +73,17 @@ def write_into(folder: Path, diff: Diff) -> None:
         "meta": diff.meta,
     }
     save_file(tensors, str(folder / TENSOR_FILE))
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    from diffcli.json_safe import finite  # a diverged run's NaN metrics: null, so the file is JSON and packs
+
+    text = json.dumps(finite(meta), indent=1, sort_keys=True, allow_nan=False)
+    (folder / META_FILE).write_text(text + "\n", encoding="utf-8")
 
 
 def save(diff: Diff, out: str | Path, force: bool = False) -> Path:
     """Write a checkpoint folder atomically: an interrupted save leaves nothing at `out`."""
+    if not isinstance(diff, Diff):  # e.g. DiffPruningCallback.diff of a run stopped before its switch
+        raise InvalidValueError(f"nothing to save at {out}: expected a Diff, got {type(diff).__name__}",
+                                hint="a DiffPruningCallback run stopped before its switch has no diff")
     with atomic_dir(out, force) as tmp:
         write_into(tmp, diff)
     return Path(out)
@@ -117,6 +123,7 @@ def load(path: str | Path) -> Diff:
         bases: dict[str, BasisScales] = {}
         for name, e in meta["tensors"].items():
             shape = tuple(int(d) for d in e["shape"])
+            torch_dtype(e["dtype"])  # a dtype torch does not know: corrupt here, not a bad value later
             if e["storage"] == "dense":
                 td = TensorDiff(e["base"], shape, e["dtype"], e["digest"], tensors[f"dense/{name}"])
                 if tuple(td.values.shape) != shape:
@@ -139,7 +146,7 @@ def load(path: str | Path) -> Diff:
         extras = {name: tensors[f"extra/{name}"] for name in meta["extras"]}
         return Diff(diffs, extras, meta["config"], meta["base"]["ref"], meta["base"]["fingerprint"],
                     meta.get("meta", {}), bases)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a list or str for a dict
         raise FormatError(f"{path} is inconsistent: missing or bad entry {exc}") from exc
 
 

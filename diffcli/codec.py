@@ -15,6 +15,18 @@ ZSTD_MAX_WINDOW = 1 << 23  # level 19 never uses a larger window; readers refuse
 ZSTD_MAX_RATIO = 32768
 MAX_RICE = 60  # tensors hold at most 2**60 entries, so a larger parameter is never needed
 _CHUNK = 1 << 20  # entries per vectorised bit-packing chunk (a multiple of 8 keeps chunks byte-aligned)
+DECODE_CHUNK = 1 << 16  # entries per step of a reader's passes (a multiple of 8): work buffers of a few MB at most
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
+
+
+def chunk_segments(starts: np.ndarray, lo: int, hi: int) -> tuple[int, int, np.ndarray]:
+    """Segments s0..s1 that entries lo..hi (hi > lo) of back-to-back segments touch, given their strictly
+    increasing `starts` (starts[0] = 0), and where each begins within lo..hi (counted from 0)."""
+    s0 = int(np.searchsorted(starts, lo, side="right")) - 1
+    s1 = int(np.searchsorted(starts, hi, side="left"))
+    edges = starts[s0:s1] - lo
+    edges[0] = 0
+    return s0, s1, edges
 
 
 def rice_parameter(gaps: np.ndarray) -> int:
@@ -65,7 +77,8 @@ def _unpack_fixed(data: memoryview | bytes, count: int, width: int) -> np.ndarra
         return out.reshape(-1)[:count].astype(np.int64)
     weights = (np.int64(1) << np.arange(width - 1, -1, -1, dtype=np.int64))
     out = np.empty(count, dtype=np.int64)
-    step = _CHUNK  # multiple of 8 entries → each chunk starts on a byte boundary
+    step = max(8, DECODE_CHUNK // width // 8 * 8)  # multiple of 8 entries → each chunk starts on a byte boundary; its
+    # bits (one int64 each in the product below) stay within DECODE_CHUNK
     for start in range(0, count, step):
         n = min(step, count - start)
         b0 = start * width // 8
@@ -221,43 +234,97 @@ def decode_many(raw: bytes | memoryview, counts: list[int], lengths: list[int], 
     r_a = np.asarray(rs, dtype=np.int64)
     starts = np.cumsum(counts_a) - counts_a
     q_len_a = np.asarray(q_len, dtype=np.int64)
-    region = 8 * (np.cumsum(q_len_a) - q_len_a)
+    qstart = np.cumsum(q_len_a) - q_len_a  # where each tensor's unary quotients begin in qbytes
     qbytes = buf[q_at[0]:q_at[0] + q_len[0]] if T == 1 else np.concatenate(
         [buf[a:a + n] for a, n in zip(q_at, q_len)])
-    ends = np.flatnonzero(np.unpackbits(qbytes).view(bool))
-    first = np.searchsorted(ends, region)
-    found = np.diff(np.append(first, ends.size))
+    # Memory: the int64 positions returned (8 bytes each), qbytes (a copy of the quotient bytes) and work buffers
+    # of DECODE_CHUNK entries; every pass below goes a chunk at a time (docs/FORMAT.md §3).
+    found = np.zeros(T, dtype=np.int64)  # each quotient ends at a 1 bit: one per position
+    step = DECODE_CHUNK // 8
+    for lo in range(0, qbytes.size, step):
+        t0, t1, edges = chunk_segments(qstart, lo, min(lo + step, qbytes.size))
+        found[t0:t1] += np.add.reduceat(_POPCOUNT[qbytes[lo:lo + step]], edges, dtype=np.int64)
     if not np.array_equal(found, counts_a):
         t = int(np.flatnonzero(found != counts_a)[0])
         raise FormatError(f"position stream holds {int(found[t])} positions, header says {counts[t]}")
-    tid = np.repeat(np.arange(T), counts_a)
-    prev = np.empty_like(ends)
-    prev[1:] = ends[:-1]
-    prev[starts] = region - 1
-    quot = ends - prev - 1
+    total = int(counts_a.sum())
+    out = np.empty(total, dtype=np.int64)
+    k = 0
+    for lo in range(0, qbytes.size, step):  # the bit index of every quotient's end, in order
+        ends = np.flatnonzero(np.unpackbits(qbytes[lo:lo + step]))
+        ends += 8 * lo
+        out[k:k + ends.size] = ends
+        k += ends.size
+    region = 8 * qstart  # bit where each tensor's quotients begin
     numel_a = np.asarray(numels, dtype=np.int64)
-    if bool((quot > (numel_a >> r_a)[tid]).any()):
-        raise FormatError("position stream points outside its tensor")
-    gaps = quot * (np.int64(1) << r_a)[tid]  # below numel: quot ≤ numel >> r was checked
-    for width in np.unique(r_a).tolist():
+    limit = numel_a >> r_a  # quot ≤ numel >> r: the gap quot·2^r + rem then stays below 2^61
+    last_end = np.int64(0)
+    for lo in range(0, total, DECODE_CHUNK):  # ends → quotients → gaps' high bits, in place
+        hi = min(lo + DECODE_CHUNK, total)
+        t0, t1, edges = chunk_segments(starts, lo, hi)
+        ends = out[lo:hi].copy()
+        prev = np.empty_like(ends)
+        prev[1:] = ends[:-1]
+        prev[0] = last_end
+        first = 1 if starts[t0] < lo else 0  # tensors that start in this chunk
+        prev[edges[first:]] = region[t0 + first:t1] - 1
+        last_end = ends[-1]
+        quot = ends - prev - 1
+        tid = np.repeat(np.arange(t0, t1), np.diff(np.append(edges, hi - lo)))
+        if bool((quot > limit[tid]).any()):
+            raise FormatError("position stream points outside its tensor")
+        np.left_shift(quot, r_a[tid], out=out[lo:hi])  # below numel: quot ≤ numel >> r was checked
+    for width in np.unique(r_a).tolist():  # remainders: a batch of up to DECODE_CHUNK entries at a time
         if width == 0:
             continue
-        sel = np.flatnonzero(r_a == width).tolist()
-        slots, slot_start = _padded_slots(counts_a[sel])
-        padded = np.zeros(int(slots.sum()) * width // 8, dtype=np.uint8)
-        for t, s0 in zip(sel, (slot_start * width // 8).tolist()):
-            n = (counts[t] * width + 7) // 8
-            padded[s0:s0 + n] = buf[rem_at[t]:rem_at[t] + n]
-        rem = _unpack_fixed(padded, int(slots.sum()), width)
-        for t, s0 in zip(sel, slot_start.tolist()):
-            gaps[starts[t]:starts[t] + counts[t]] |= rem[s0:s0 + counts[t]]
-    total = np.cumsum(gaps + 1)
-    before = np.concatenate([[0], total[starts[1:] - 1]])
-    positions = total - 1 - before[tid]  # modular arithmetic: exact per tensor even if the running sum wraps
-    # Increments are positive and below 2**63, so an int64 wrap-around shows up as a negative position.
-    if int(positions.min()) < 0 or bool((positions[starts + counts_a - 1] >= numel_a).any()):
+        batch: list[tuple[int, int, int]] = []  # (first entry in out, first remainder byte in buf, entries)
+        slots = 0
+        for t in np.flatnonzero(r_a == width).tolist():
+            for c0 in range(0, counts[t], DECODE_CHUNK):  # pieces of a multiple of 8 entries start on a byte
+                m = min(DECODE_CHUNK, counts[t] - c0)
+                if batch and slots + m > DECODE_CHUNK:
+                    _or_remainders(out, buf, batch, slots, width)
+                    batch, slots = [], 0
+                batch.append((int(starts[t]) + c0, rem_at[t] + c0 * width // 8, m))
+                slots += (m + 7) // 8 * 8
+        if batch:
+            _or_remainders(out, buf, batch, slots, width)
+    run = before = np.int64(0)  # running sum of gap + 1 (modular: exact per tensor even if it wraps); its value
+    for lo in range(0, total, DECODE_CHUNK):  # before the current tensor's first entry
+        hi = min(lo + DECODE_CHUNK, total)
+        t0, t1, edges = chunk_segments(starts, lo, hi)
+        part = out[lo:hi]
+        part += 1
+        np.cumsum(part, out=part)
+        part += run
+        bases = np.empty(t1 - t0, dtype=np.int64)
+        bases[0] = before if starts[t0] < lo else run
+        bases[1:] = part[edges[1:] - 1]
+        before, run = bases[-1], part[-1]
+        part -= 1
+        part -= np.repeat(bases, np.diff(np.append(edges, hi - lo)))
+        # Increments are positive and below 2**63, so an int64 wrap-around shows up as a negative position.
+        if int(part.min()) < 0:
+            raise FormatError("position stream points outside its tensor")
+    if bool((out[starts + counts_a - 1] >= numel_a).any()):
         raise FormatError("position stream points outside its tensor")
-    return np.split(positions, (starts[1:]).tolist()) if T > 1 else [positions]
+    return np.split(out, (starts[1:]).tolist()) if T > 1 else [out]
+
+
+def _or_remainders(out: np.ndarray, buf: np.ndarray, batch: list[tuple[int, int, int]], slots: int,
+                   width: int) -> None:
+    """OR the `width`-bit remainders of a batch of pieces (each padded to 8 entries) into their entries of out."""
+    padded = np.zeros(slots * width // 8, dtype=np.uint8)
+    s0 = 0
+    for _at, src, m in batch:
+        n = (m * width + 7) // 8
+        padded[s0 * width // 8:s0 * width // 8 + n] = buf[src:src + n]
+        s0 += (m + 7) // 8 * 8
+    rem = _unpack_fixed(padded, slots, width)
+    s0 = 0
+    for at, _src, m in batch:
+        out[at:at + m] |= rem[s0:s0 + m]
+        s0 += (m + 7) // 8 * 8
 
 
 def to_planes(data: np.ndarray, itemsize: int) -> bytes:

@@ -21,6 +21,7 @@ MAX_NUMEL = 1 << 60
 MAX_NDIM = 16
 MAX_NAME = 1024
 MAX_REF = 4096
+RESERVED_NAME = "__metadata__"  # a safetensors header's own key: no tensor may take it
 
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
                "int64": 8, "uint8": 1, "bool": 1}
@@ -83,10 +84,12 @@ def check_shape(shape: Any, where: str) -> tuple[int, ...]:
 def check_name(name: Any, where: str) -> None:
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME:
         raise InvalidValueError(f"{where} name {name!r} must be a string of 1..{MAX_NAME} characters")
+    if name == RESERVED_NAME:
+        raise InvalidValueError(f"{where} name {name!r} is reserved: safetensors headers use it for metadata")
 
 
 def check_diff(diff: Diff) -> None:
-    """What any writer checks first: the base reference, its fingerprint, and no name both tensor and extra."""
+    """What any writer checks first: base reference and fingerprint, no name both tensor and extra, one per base."""
     if not isinstance(diff.base_ref, str) or len(diff.base_ref) > MAX_REF:
         raise InvalidValueError("the base reference must be a string of at most 4096 characters")
     if not isinstance(diff.base_fingerprint, str) or not FINGERPRINT_RE.fullmatch(diff.base_fingerprint):
@@ -94,6 +97,12 @@ def check_diff(diff: Diff) -> None:
     clash = sorted(set(diff.tensors) & set(diff.extras))
     if clash:
         raise InvalidValueError(f"{clash[0]!r} is both a diff tensor and an extra")
+    by_base: dict[Any, str] = {}
+    for name in sorted(diff.tensors):
+        base = diff.tensors[name].base_name
+        if isinstance(base, str) and by_base.setdefault(base, name) != name:
+            raise InvalidValueError(f"diff tensors {by_base[base]!r} and {name!r} both build on base tensor {base!r}; "
+                                    "a base tensor takes one")
 
 
 def check_tensor(name: str, td: TensorDiff) -> tuple[int, ...]:
@@ -179,6 +188,23 @@ def string(v: Any, where: str, hi: int, lo: int = 0, pattern: re.Pattern | None 
     return v
 
 
+def one_per_base(pairs: list[tuple[str, str]], what: str) -> None:
+    """(name, base name) of every tensor a header lists: two on one base tensor is an error (FORMAT.md §2)."""
+    seen: dict[str, str] = {}
+    for name, base in pairs:
+        if seen.setdefault(base, name) != name:
+            raise fail(f"{what} {seen[base]!r} and {name!r} both build on base tensor {base!r}: two records on one "
+                       "base tensor")
+
+
+def tensor_name(v: Any, where: str) -> str:
+    """A record's (tensor's) name: 1..1024 characters, not the safetensors header's `__metadata__` key."""
+    string(v, where, MAX_NAME, 1)
+    if v == RESERVED_NAME:
+        raise fail(f"{where} is {v!r}, the key a safetensors header keeps for its metadata (no tensor may take it)")
+    return v
+
+
 def choice(v: Any, allowed: Any, where: str) -> str:
     if not isinstance(v, str) or v not in allowed:
         raise fail(f"{where} {v!r} is not one of {', '.join(allowed)}")
@@ -240,17 +266,36 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+MAX_DIGITS = 4300  # digits of one JSON number (Python's own limit for int text)
+
+
+def _digits(text: str) -> None:
+    if sum(c.isdigit() for c in text) > MAX_DIGITS:
+        raise ValueError(f"a number has over {MAX_DIGITS} digits")
+
+
 def _finite_float(text: str) -> float:
+    _digits(text)
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text} overflows a double")
+        raise ValueError(f"{text[:40]} overflows a double")
+    return value
+
+
+def _double_int(text: str) -> int:
+    _digits(text)
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"{text[:40]}... overflows a double") from None
     return value
 
 
 def parse_json(text: bytes | memoryview, source: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, no number that overflows a double."""
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, no number beyond a double or of over 4300 digits."""
     try:
         return json.loads(bytes(text).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                          parse_constant=_reject_constant, parse_float=_finite_float)
+                          parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_double_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"{source}: header is not valid JSON ({type(exc).__name__})") from None

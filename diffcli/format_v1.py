@@ -7,13 +7,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from diffcli import codec
+from diffcli import codec, quantize
 from diffcli.diff import Diff, TensorDiff
 from diffcli.errors import ChecksumError, FormatError, InvalidValueError
-from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC, MAX_NAME,
+from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC,
                                    PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
                                    check_tensor, choice, error_bound, fail, from_le_bytes, integer, keys, le_bytes,
-                                   numel, parse_json, shape_of, sparse_entries, string)
+                                   numel, one_per_base, parse_json, shape_of, sparse_entries, string,
+                                   tensor_name)
 
 VERSION = 1
 VALUE_TYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -143,7 +144,7 @@ def validate_header(h: Any, payload_size: int) -> list[_Section]:
     sections: list[_Section] = []
     for name in sorted(h["extras"]):
         where = f"extras[{name!r}]"
-        string(name, where, MAX_NAME, 1)
+        tensor_name(name, "an extra's name")
         e = keys(h["extras"][name], _EXTRA_KEYS, where)
         shape = shape_of(e["shape"], where)
         choice(e["dtype"], DTYPE_SIZES, f"{where}.dtype")
@@ -152,11 +153,11 @@ def validate_header(h: Any, payload_size: int) -> list[_Section]:
     budget = nnz_total = 0
     for name in sorted(h["tensors"]):
         where = f"tensors[{name!r}]"
-        string(name, where, MAX_NAME, 1)
+        tensor_name(name, "a tensor's name")
         if name in h["extras"]:
             raise fail(f"{name!r} is both a tensor and an extra")
         t = keys(h["tensors"][name], _TENSOR_KEYS, where)
-        string(t["base"], f"{where}.base", MAX_NAME, 1)
+        tensor_name(t["base"], f"{where}.base")
         shape = shape_of(t["shape"], where)
         choice(t["dtype"], DTYPE_SIZES, f"{where}.dtype")
         string(t["digest"], f"{where}.digest", 32, 32, DIGEST_RE)
@@ -174,6 +175,7 @@ def validate_header(h: Any, payload_size: int) -> list[_Section]:
         lo, hi = codec.positions_raw_bounds(nnz, n)
         sections.append(_section(t["index"], f"{where}.index", "index", lo, hi))
         sections.append(_section(t["values"], f"{where}.values", "values", nnz * vsize, nnz * vsize))
+    one_per_base([(name, h["tensors"][name]["base"]) for name in sorted(h["tensors"])], "tensors")
     if integer(h["budget_numel"], "budget_numel", 1 << 62) != budget:
         raise fail(f"budget_numel {h['budget_numel']} is not the {budget} its tensors imply")
     if integer(h["nnz"], "nnz", 1 << 62) != nnz_total:
@@ -249,7 +251,7 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
         pos = codec.decode_positions(raw[("index", name)], t["nnz"], numel(shape))
         vals = from_le_bytes(codec.from_planes(raw[("values", name)], DTYPE_SIZES[vtype]), vtype, (t["nnz"],))
         vals = vals.to(torch.float32)
-        if not np.isfinite(vals.numpy()).all():
+        if not quantize.all_finite(vals.numpy()):
             raise FormatError(f"{source}: tensors[{name!r}] holds NaN or infinite values")
         tensors[name] = TensorDiff(t["base"], shape, t["dtype"], t["digest"], vals,
                                    torch.from_numpy(np.ascontiguousarray(pos, dtype=np.int64)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from typing import Any
 
@@ -12,9 +13,10 @@ from diffcli import codec, lowrank, quantize
 from diffcli.diff import BasisScales, Diff, TensorDiff
 from diffcli.errors import ChecksumError, FormatError, InvalidValueError
 from diffcli.format_common import (DIGEST_LEN, DIGEST_RE, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_NAME, MAGIC, MAX_HEADER,
-                                   MAX_NAME, PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
+                                   PREAMBLE, SHA_RE, canonical_header, check_diff, check_top, check_extra,
                                    check_tensor, choice, error_bound, fail, from_le_bytes, integer, keys, le_bytes,
-                                   numel, parse_json, shape_of, sparse_entries, string)
+                                   numel, one_per_base, parse_json, shape_of, sparse_entries, string,
+                                   tensor_name)
 
 VERSION = 2
 RAW_LEN = struct.Struct("<I")  # after the preamble: the header's JSON length before compression
@@ -132,6 +134,9 @@ def encode(diff: Diff, values: str, producer: str, block: int | None = None) -> 
     nnz = int(count_arr.sum())  # every stored value: sparse entries, low-rank factors, basis scales
     if nnz and not np.isfinite(q.values).all():
         raise InvalidValueError(f"the diff has values beyond the {values} range", hint="pack with --values bf16 or fp32")
+    if q.max_abs_error > quantize.error_limit(q.values, q.scales, count_arr, values, block):  # what readers check
+        raise InvalidValueError(f"the diff has values the {values} quantizer cannot store within its error bound",
+                                hint="pack with --values bf16 or fp32")
     streams = iter(codec.encode_many([p for p in idx_parts if p.size]))
     positions = []
     positioned = [c for c, f in zip(count_arr.tolist(), factor_seg) if not f]
@@ -236,7 +241,7 @@ def _basis_record(r: Any, i: int, prev: tuple[str, dict[str, Any]] | None) -> tu
     where = f"records[{i}]"
     if len(r) != _RECORD_LEN["basis"]:
         raise fail(f"{where} (basis) must have {_RECORD_LEN['basis']} fields")
-    name = string(r[1], f"{where} name", MAX_NAME, 1)
+    name = tensor_name(r[1], f"{where} name")
     if prev is None or prev[0] != name or prev[1]["kind"] != "sparse":
         raise fail(f"{where} basis record {name!r} must follow the sparse record of the same name")
     shape, dtype = prev[1]["shape"], prev[1]["dtype"]
@@ -249,7 +254,7 @@ def _basis_record(r: Any, i: int, prev: tuple[str, dict[str, Any]] | None) -> tu
     kept, plen = _counted(r[3], r[4], rank, where, "kept", "bases")
     probe = r[5]
     if (not isinstance(probe, list) or len(probe) != PROBES
-            or not all(type(p) in (int, float) and np.isfinite(p) for p in probe)):
+            or not all(type(p) in (int, float) and math.isfinite(p) for p in probe)):
         raise fail(f"{where}.probe must be {PROBES} finite numbers")
     return name, {"kind": "basis", "rank": rank, "nnz": kept, "positions": plen, "probe": [float(p) for p in probe],
                   "counts": [kept]}
@@ -264,14 +269,14 @@ def _record(r: Any, i: int, prev: str | None) -> tuple[str, dict[str, Any]]:
                           f"({', '.join(KINDS)})", hint="upgrade diffprune to read this file")
     if len(r) != _RECORD_LEN[r[0]]:
         raise fail(f"{where} ({r[0]}) must have {_RECORD_LEN[r[0]]} fields")
-    name = string(r[1], f"{where} name", MAX_NAME, 1)
+    name = tensor_name(r[1], f"{where} name")
     if prev is not None and not prev < name:
         raise fail(f"{where} name {name!r} is not after {prev!r}: records must be sorted with unique names")
     where = f"records[{name!r}]"
     if r[0] == "dense":
         shape = shape_of(r[3], where)
         return name, {"kind": "dense", "dtype": choice(r[2], DTYPE_SIZES, f"{where}.dtype"), "shape": shape}
-    base = name if r[2] is None else string(r[2], f"{where} base", MAX_NAME, 1)
+    base = name if r[2] is None else tensor_name(r[2], f"{where} base")
     dtype = choice(r[3], DTYPE_SIZES, f"{where}.dtype")
     shape = shape_of(r[4], where)
     digest = string(r[5], f"{where}.digest", 32, 32, DIGEST_RE)
@@ -296,6 +301,7 @@ def validate_header(h: Any, payload_size: int) -> list[tuple[str, dict[str, Any]
         prev, rec = _record(r, i, prev)
         records.append((prev, rec))
     updates = [rec for _n, rec in records if rec["kind"] in ("sparse", lowrank.KIND)]  # one per base tensor
+    one_per_base([(n, rec["base"]) for n, rec in records if rec["kind"] in ("sparse", lowrank.KIND)], "records")
     coded = [rec for _n, rec in records if rec["kind"] != "dense"]  # every record in the values stream
     budget = sum(numel(rec["shape"]) for rec in updates if rec["dtype"] in FLOAT_DTYPES)
     counts = _value_counts(coded)
@@ -358,10 +364,16 @@ def decode(view: memoryview, source: str, hlen: int) -> tuple[dict, Diff]:
         raw[s] = codec.decompress(sec["codec"], stored, sec["raw_length"])
     quantizer, block = header["values"]["quantizer"], header["values"].get("block", 0)
     counts = _value_counts([rec for _n, rec in records if rec["kind"] != "dense"])
-    scales = np.frombuffer(codec.from_planes(raw["scales"], 4), dtype="<f4").astype(np.float32)
-    values = quantize.dequantize(raw["values"], scales, counts, quantizer, block)
-    if values.size and not np.isfinite(values).all():
+    scales = codec.from_planes(raw["scales"], 4).view("<f4").astype(np.float32, copy=False)
+    # the decoded values are the one array here that grows with the file (4 bytes a value); lowrank, sparse and
+    # basis records hold views into it, and every pass over it works a chunk at a time (FORMAT.md §3)
+    values = quantize.dequantize(raw.pop("values"), scales, counts, quantizer, block)
+    if values.size and not quantize.all_finite(values):
         raise FormatError(f"{source}: the values stream holds NaN or infinite values")
+    limit = quantize.error_limit(values, scales, counts, quantizer, block)
+    if header["values"]["max_abs_error"] > limit:  # the probe check trusts it (§11): a lie must not widen it
+        raise FormatError(f"{source}: values.max_abs_error {header['values']['max_abs_error']:.6g} exceeds the "
+                          f"{limit:.6g} that its {quantizer} values can be off by")
     stored = [rec for _n, rec in records if rec["kind"] in _COUNT and rec["nnz"]]
     positions = iter(codec.decode_many(raw["positions"], [rec["nnz"] for rec in stored],
                                        [rec["positions"] for rec in stored],

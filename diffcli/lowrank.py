@@ -103,6 +103,6 @@ def decode_record(rec: dict[str, Any], values: "np.ndarray", source: str) -> "Te
     if values.size != r * (out + inp):
         raise FormatError(f"{source}: low-rank record {rec['base']!r} has {values.size} values, rank {r} needs "
                           f"{r * (out + inp)}")
-    b = torch.from_numpy(values[:out * r].copy()).reshape(out, r)
-    a = torch.from_numpy(values[out * r:].copy()).reshape(r, inp)
+    b = torch.from_numpy(values[:out * r]).reshape(out, r)  # views of the decoded values, as sparse records'
+    a = torch.from_numpy(values[out * r:]).reshape(r, inp)  # (a copy would double a reader's memory)
     return make(rec["base"], rec["shape"], rec["dtype"], rec["digest"], b, a)

@@ -409,18 +409,19 @@ def _report(rows: list[dict[str, Any]], merged: Diff, names: list[str], weights:
 
 def render_merge(console, report: dict[str, Any]) -> None:
     """Human rendering of the overlap report, per layer like `inspect`."""
+    from rich.markup import escape
     from rich.table import Table
 
     t = report["totals"]
     for inp in report["inputs"]:
-        console.print(f"input {inp['name']}: {inp['nnz']:,} entries, weight {inp['weight']:g}")
+        console.print(f"input {inp['name']}: {inp['nnz']:,} entries, weight {inp['weight']:g}", markup=False)
     table = Table(title=f"overlap per layer ({report['method']})")
     ties = report["method"] == "ties"
     cols = ["layer", "union", "shared", "sign conflicts"] + (["dropped"] if ties else []) + ["kept"]
     for col in cols:
         table.add_column(col, justify="left" if col == "layer" else "right")
     for g in report["layers"]:
-        row = [g["layer"], f"{g['union']:,}", f"{g['shared']:,}", f"{g['conflicts']:,}"]
+        row = [escape(g["layer"]), f"{g['union']:,}", f"{g['shared']:,}", f"{g['conflicts']:,}"]
         if report["method"] == "ties":
             row.append(f"{g['dropped']:,}")
         row.append(f"{g['nnz']:,}")
@@ -430,13 +431,13 @@ def render_merge(console, report: dict[str, Any]) -> None:
                   f"{t['conflicts']:,} with sign conflicts ({t['conflict_fraction']:.1%} of shared); "
                   f"merged diff keeps {t['nnz']:,} of {t['budget_numel']:,} entries ({t['density']:.4%})")
     if report["extras_kept"]:
-        console.print(f"extras ({report['extras']}): {', '.join(report['extras_kept'])}")
+        console.print(f"extras ({report['extras']}): {', '.join(report['extras_kept'])}", markup=False)
     if report["extras_dropped"]:
-        console.print(f"extras dropped: {', '.join(report['extras_dropped'])}")
+        console.print(f"extras dropped: {', '.join(report['extras_dropped'])}", markup=False)
     if report.get("densified"):
         console.print(f"low-rank δ merged exactly as dense B·A (stored sparse): {len(report['densified'])} tensors, "
-                      f"first {report['densified'][0]}")
+                      f"first {report['densified'][0]}", markup=False)
     if report.get("resolved"):
         console.print(f"basis scales resolved on the base into dense δ (stored sparse): {len(report['resolved'])} "
                       f"tensors, first {report['resolved'][0]}; largest relative probe error "
-                      f"{report['basis_probe_error']:.2g}")
+                      f"{report['basis_probe_error']:.2g}", markup=False)

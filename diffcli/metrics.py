@@ -107,7 +107,8 @@ def lm_scores(nll_sum: float, tokens: int) -> dict[str, float]:
     if tokens <= 0:
         raise InvalidValueError("no tokens to score")
     loss = nll_sum / tokens
-    return {"loss": float(loss), "perplexity": math.exp(loss) if loss < 700 else math.inf}
+    perplexity = math.nan if math.isnan(loss) else math.exp(loss) if loss < 700 else math.inf
+    return {"loss": float(loss), "perplexity": perplexity}
 
 
 def main_score(spec: "TaskSpec", metrics: Mapping[str, float]) -> float:

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from diffcli.errors import InvalidValueError, OutputExistsError
+from diffcli.errors import DiffpruneError, InvalidValueError, NotFoundError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,11 @@ def check_output(path: Path, force: bool) -> None:
             raise OutputExistsError(f"{path} already exists")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
-        raise InvalidValueError(f"output folder {parent} does not exist")
+        raise NotFoundError(f"output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise InvalidValueError(f"{parent} is not a folder, so {path} cannot be written")
+    if not os.access(parent, os.W_OK | os.X_OK):  # before the work, not after it (train ran an epoch first)
+        raise DiffpruneError(f"permission denied: cannot write {path} in {parent}")
     clean_stale(path)
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 from diffcli import checkpoint
 from diffcli.diff import Diff, TensorDiff
-from diffcli.errors import InvalidValueError, NotFoundError
+from diffcli.errors import FormatError, InvalidValueError, NotFoundError
 from diffcli.outputs import check_output
 
 SCOPES = ("global", "per-tensor")
@@ -97,7 +97,9 @@ def project(diff: Diff, sparsity: float, scope: str = "global") -> Projection:
     _check_scope(scope)
     names = sorted(n for n, t in diff.tensors.items() if t.is_float)  # canonical order for ties
     sparse = {n: diff.tensors[n].sparse() for n in names}
-    for s in sparse.values():  # zeros in δ are never kept
+    for name, s in sparse.items():  # zeros in δ are never kept
+        if not bool(torch.isfinite(s.values).all()):  # a NaN threshold would keep nothing (and say nothing)
+            raise FormatError(f"δ of {name!r} holds NaN or infinite values", hint="the finetuned model is broken")
         keep = s.values != 0
         if not bool(keep.all()):
             s.indices, s.values = s.indices[keep], s.values[keep]
@@ -135,15 +137,18 @@ def project(diff: Diff, sparsity: float, scope: str = "global") -> Projection:
 def prune(source: str | Path, sparsity: float, out: str | Path, *, base: str | None = None,
           scope: str = "global", force: bool = False,
           on_tensor: Callable[[str], None] | None = None) -> Projection:
-    """`diffprune prune`: read a checkpoint (or a full finetune with `base`), project, save."""
+    """`diffprune prune`: read a checkpoint or a packed .diff (or a full finetune with `base`), project, save."""
     from diffcli.extract import extract_diff
 
     _check_scope(scope)
     check_output(Path(out), force)
-    if checkpoint.is_checkpoint(source):
+    src = Path(source)  # a checkpoint, or a packed .diff (a pipe or device: load_diff refuses it, exit 4)
+    if checkpoint.is_checkpoint(source) or (src.exists() and not src.is_dir()):
         if base is not None:
-            raise InvalidValueError(f"{source} is a diff checkpoint; --base is only for full finetuned models")
-        diff = checkpoint.load(source)
+            raise InvalidValueError(f"{source} is a diff; --base is only for full finetuned models")
+        from diffcli.sources import load_diff
+
+        diff = load_diff(source, as_trained=False)
     else:
         if base is None:
             if not Path(source).exists():

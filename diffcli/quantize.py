@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffcli.codec import DECODE_CHUNK, chunk_segments
 from diffcli.errors import FormatError, InvalidValueError
 
 FLOAT_QUANTIZERS = {"fp16": 2, "bf16": 2, "fp32": 4}  # name → bytes per value
@@ -54,10 +55,11 @@ def block_starts(counts: np.ndarray, block: int) -> np.ndarray:
     if counts.size == 0:
         return np.zeros(0, dtype=np.int64)
     nblocks = -(-counts // block)
-    tensor_start = np.cumsum(counts) - counts
     first_block = np.cumsum(nblocks) - nblocks
-    j = np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first_block, nblocks)
-    return np.repeat(tensor_start, nblocks) + j * block
+    starts = np.full(int(nblocks.sum()), block, dtype=np.int64)  # steps from the block before: `block` within a
+    starts[first_block[1:]] = counts[:-1] - (nblocks[:-1] - 1) * block  # tensor, its last block's size after it
+    starts[0] = 0
+    return np.cumsum(starts, out=starts)  # one int64 a block, no temporaries of that size
 
 
 def scale_count(counts: np.ndarray, block: int) -> int:
@@ -163,6 +165,41 @@ def errors(values: np.ndarray, back: np.ndarray, counts: np.ndarray) -> tuple[fl
     return float(err.max()), float(rel.max())
 
 
+ERROR_MARGIN = 2.0 ** -10  # relative slack of the block quantizers' bound: float32 rounding of v/s, q·s and means
+ERROR_FLOOR = 2.0 ** -100  # absolute slack: a subnormal scale rounds by up to 2^-150 per code step
+_HALF_ULP = {"fp16": (11, -14, 2.0 ** -25), "bf16": (8, -126, 2.0 ** -134)}  # bits kept, smallest normal, below it
+
+
+def error_limit(values: np.ndarray, scales: np.ndarray, counts: np.ndarray, quantizer: str, block: int) -> float:
+    """The largest max_abs_error the decoded `values` (and their block scales) allow (docs/FORMAT.md §5)."""
+    import math
+
+    n = int(values.size)
+    if quantizer in FLOAT_QUANTIZERS:  # fp32 exact; fp16/bf16: half a unit in the last place of the largest value
+        if quantizer == "fp32" or n == 0:
+            return 0.0
+        bits, smallest, below = _HALF_ULP[quantizer]
+        top = max(float(values.max()), -float(values.min()))  # max |v| without a copy of the values
+        return below if top < 2.0 ** smallest else math.ldexp(1.0, math.frexp(top)[1] - 1 - bits)
+    if n == 0:  # every entry dropped: only entries too small for their block scale (below 2^-142) can be
+        return ERROR_FLOOR
+    starts = block_starts(counts, block)
+    coded = np.zeros(starts.size, dtype=np.int64)  # per block, q·s ≠ 0 exactly where q ≠ 0 (s > 0)
+    for lo in range(0, n, DECODE_CHUNK):
+        b0, b1, edges = chunk_segments(starts, lo, min(lo + DECODE_CHUNK, n))
+        nonzero = values[lo:lo + DECODE_CHUNK] != 0
+        if b1 - b0 == 1:
+            coded[b0] += np.count_nonzero(nonzero)
+        else:
+            coded[b0:b1] += np.add.reduceat(nonzero, edges, dtype=np.int64)
+    scale = scales.astype(np.float64)
+    if quantizer == "ternary":  # s·(codes ≠ 0): the block's L1 mass, which no entry's error exceeds
+        bound = float(np.multiply(scale, coded, out=scale).max())
+    else:  # round to nearest: half a step of the coarsest block that codes anything
+        bound = float(np.max(scale, where=coded > 0, initial=-np.inf)) / 2 if bool(coded.any()) else 0.0
+    return bound * (1 + ERROR_MARGIN) + ERROR_FLOOR
+
+
 def pack_codes(q: np.ndarray, quantizer: str) -> bytes:
     """Integer codes → bytes: int8 as is, int4 as q+8 nibbles (high first), ternary as q+1 in 2 bits (MSB first)."""
     if quantizer == "int8":
@@ -178,8 +215,10 @@ def pack_codes(q: np.ndarray, quantizer: str) -> bytes:
     return ((c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]).astype(np.uint8).tobytes()
 
 
-def unpack_codes(raw: bytes | memoryview, n: int, quantizer: str) -> np.ndarray:
-    """Inverse of pack_codes, rejecting codes outside the quantizer's range and non-zero padding."""
+def _decode_codes(raw: bytes | memoryview, n: int, quantizer: str, out: np.ndarray) -> None:
+    """Stored codes → their float32 integer values in `out` (chunk by chunk), rejecting codes outside the
+    quantizer's range and non-zero padding. Codes: int8 as is, int4 as q+8 nibbles (high first), ternary as
+    q+1 in 2 bits (MSB first), the inverse of pack_codes."""
     buf = np.frombuffer(raw, dtype=np.uint8)
     if buf.size != codes_length(quantizer, n):
         raise FormatError(f"values stream is {buf.size} bytes; {n} {quantizer} values need "
@@ -188,42 +227,77 @@ def unpack_codes(raw: bytes | memoryview, n: int, quantizer: str) -> np.ndarray:
         q = buf.view(np.int8)
         if n and int(q.min()) < -127:
             raise FormatError("values stream holds the int8 code -128, which the format forbids")
-        return q
-    if quantizer == "int4":
-        c = np.empty(buf.size * 2, dtype=np.uint8)
-        c[0::2], c[1::2] = buf >> 4, buf & 15
-        bad, offset = 0, 8
-    else:
-        c = np.empty(buf.size * 4, dtype=np.uint8)
-        c[0::4], c[1::4], c[2::4], c[3::4] = buf >> 6, (buf >> 4) & 3, (buf >> 2) & 3, buf & 3
-        bad, offset = 3, 1
-    if c[n:].any():
+        np.copyto(out, q, casting="safe")
+        return
+    per, offset, bad = (2, 8, 0) if quantizer == "int4" else (4, 1, 3)  # codes a byte, q = code − offset, forbidden
+    bits = 8 // per
+    if n % per and int(buf[-1]) & ((1 << bits * (per - n % per)) - 1):  # the codes after the last value
         raise FormatError(f"{quantizer} values stream has non-zero padding bits")
-    c = c[:n]
-    if n and bool((c == bad).any()):
-        raise FormatError(f"values stream holds a code outside the {quantizer} range")
-    return (c.astype(np.int8) - np.int8(offset)).astype(np.int8)
+    step = DECODE_CHUNK // per  # bytes per chunk
+    for b0 in range(0, buf.size, step):
+        part = buf[b0:b0 + step]
+        c = np.empty((part.size, per), dtype=np.uint8)
+        for j in range(per):  # most significant code first
+            np.right_shift(part, 8 - bits * (j + 1), out=c[:, j])
+            c[:, j] &= (1 << bits) - 1
+        c = c.reshape(-1)
+        v0 = b0 * per
+        k = min(c.size, n - v0)
+        c = c[:k]
+        if bool((c == bad).any()):
+            raise FormatError(f"values stream holds a code outside the {quantizer} range")
+        np.subtract(c, np.float32(offset), out=out[v0:v0 + k])  # exact: small integers
+
+
+def _decode_floats(raw: bytes | memoryview, n: int, quantizer: str) -> np.ndarray:
+    """fp16/bf16/fp32 byte planes → float32 values, chunk by chunk into one output array."""
+    import torch
+
+    size = FLOAT_QUANTIZERS[quantizer]
+    if len(raw) != n * size:
+        raise FormatError(f"values stream is {len(raw)} bytes; {n} {quantizer} values need {n * size}")
+    out = np.empty(n, dtype=np.float32)
+    if not n:
+        return out
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(size, n)  # most significant plane first
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[quantizer]
+    for lo in range(0, n, DECODE_CHUNK):
+        hi = min(lo + DECODE_CHUNK, n)
+        le = np.empty((hi - lo, size), dtype=np.uint8)
+        for j in range(size):
+            le[:, j] = planes[size - 1 - j, lo:hi]
+        torch.from_numpy(out[lo:hi]).copy_(torch.from_numpy(le.reshape(-1)).view(dtype))
+    return out
 
 
 def dequantize(raw: bytes | memoryview, scales: np.ndarray, counts: np.ndarray, quantizer: str,
                block: int) -> np.ndarray:
-    """The float32 values a stored values stream (and its scales) stands for."""
+    """The float32 values a stored values stream (and its scales) stands for.
+
+    Memory: the float32 output (4 bytes a value) plus the block starts (8 bytes a scale) and work buffers of
+    DECODE_CHUNK values; nothing else grows with the stream (docs/FORMAT.md §3)."""
     n = int(counts.sum())
     if quantizer in FLOAT_QUANTIZERS:
-        import torch
-
-        from diffcli.codec import from_planes
-
-        size = FLOAT_QUANTIZERS[quantizer]
-        if len(raw) != n * size:
-            raise FormatError(f"values stream is {len(raw)} bytes; {n} {quantizer} values need {n * size}")
-        le = torch.from_numpy(from_planes(raw, size))
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[quantizer]
-        return le.view(dtype).to(torch.float32).numpy()
-    q = unpack_codes(raw, n, quantizer)
+        return _decode_floats(raw, n, quantizer)
+    out = np.empty(n, dtype=np.float32)
+    _decode_codes(raw, n, quantizer, out)
     starts = block_starts(counts, block)
     if scales.size != starts.size:
         raise FormatError(f"{scales.size} scales for {starts.size} blocks")
     if scales.size and not (np.isfinite(scales).all() and (scales > 0).all()):
         raise FormatError("a scale is NaN, infinite, zero or negative")
-    return q.astype(np.float32) * scales[_block_ids(n, starts)]
+    scales = scales.astype(np.float32, copy=False)
+    for lo in range(0, n, DECODE_CHUNK):  # code · its block's scale, in float32
+        hi = min(lo + DECODE_CHUNK, n)
+        b0, b1, edges = chunk_segments(starts, lo, hi)
+        part = out[lo:hi]
+        if b1 - b0 == 1:
+            part *= scales[b0]
+        else:
+            part *= np.repeat(scales[b0:b1], np.diff(np.append(edges, hi - lo)))
+    return out
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """np.isfinite(values).all(), a chunk at a time."""
+    return all(bool(np.isfinite(values[lo:lo + DECODE_CHUNK]).all()) for lo in range(0, values.size, DECODE_CHUNK))

@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from diffcli.diff import Diff
 from diffcli.errors import NotFoundError
 
@@ -15,9 +17,10 @@ _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 def layer_of(name: str) -> str:
     """Group key for a tensor: 'layer 3', 'embeddings', 'pooler', 'classifier', ..."""
     m = _LAYER.search(name)
-    if m:
-        return f"layer {int(m.group(1)):02d}"
-    for key in ("embeddings", "pooler", "classifier", "head"):
+    if m:  # an encoder-decoder's two stacks stay apart (BART, T5): their layer 0s are different tensors
+        decoder = "decoder" in name[:m.start()].split(".")
+        return f"{'decoder ' if decoder else ''}layer {int(m.group(1)):02d}"
+    for key in ("embeddings", "pooler", "classifier", "classification_head", "head"):
         if key in name.split("."):
             return key
     parts = name.split(".")
@@ -111,9 +114,10 @@ def inspect(path: str | Path) -> dict[str, Any]:
 
 
 def _config_brief(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys `inspect` shows, as the file has them (num_labels from id2label when it is a mapping)."""
     keys = ("architectures", "model_type", "num_labels", "id2label", "problem_type")
     brief = {k: config[k] for k in keys if k in config}
-    if "num_labels" not in brief and "id2label" in config:
+    if "num_labels" not in brief and isinstance(config.get("id2label"), (dict, list)):
         brief["num_labels"] = len(config["id2label"])
     return brief
 
@@ -146,53 +150,56 @@ def _fmt_bytes(n: float) -> str:
 def render_allocation(console, report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    share = report["kept"] / report["n"] if report["n"] else 0.0  # what was kept; the flag's share may be more
     table = Table(title=f"kept {report['kept']:,} of {report['n']:,} entries "
-                        f"({report['sparsity']:.4%}, {report['scope']})")
+                        f"({share:.4%}; --sparsity {report['sparsity']:.4%}, {report['scope']})")
     for col in ("layer", "numel", "nonzero", "kept", "density", "share of k"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for g in report["layers"]:
-        table.add_row(g["layer"], f"{g['numel']:,}", f"{g['nonzero']:,}", f"{g['kept']:,}",
+        table.add_row(escape(g["layer"]), f"{g['numel']:,}", f"{g['nonzero']:,}", f"{g['kept']:,}",
                       f"{g['density']:.3%}", f"{g['share']:.1%}")
     console.print(table)
     if report["kept"] < report["k"]:
         console.print(f"note: δ has only {report['kept']:,} nonzero entries, fewer than k = {report['k']:,}")
     if report["extras"]:
-        console.print(f"dense extras (outside the budget): {', '.join(report['extras'])}")
+        console.print(f"dense extras (outside the budget): {escape(', '.join(report['extras']))}")
 
 
 def render_report(console, report: dict[str, Any], per_tensor: bool = False) -> None:
     from rich.table import Table
 
     t = report["totals"]
-    console.print(f"[bold]{report['path']}[/bold] ({report['kind']}, {_fmt_bytes(report['size_bytes'])})")
-    console.print(f"base: {report['base'].get('ref')}  fingerprint: {report['base'].get('fingerprint')}")
+    console.print(f"[bold]{escape(str(report['path']))}[/bold] ({report['kind']}, {_fmt_bytes(report['size_bytes'])})")
+    console.print(f"base: {escape(str(report['base'].get('ref')))}  "
+                  f"fingerprint: {escape(str(report['base'].get('fingerprint')))}")
     if report.get("values"):
         q = report["quantizer"]
         block = f" (blocks of {q['block']})" if q.get("block") else ""
         rel = f"  max rel error: {q['max_rel_error']:.3g}" if q.get("max_rel_error") is not None else ""
         console.print(f"values: {report['values']}{block}  max abs error: {report['max_abs_error']:.3g}{rel}  "
-                      f"format v{report['format_version']} by {report['producer']}")
+                      f"format v{report['format_version']} by {escape(str(report['producer']))}")
         console.print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in report["bytes"].items()))
     if report["config"]:
-        console.print("config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
+        console.print("config: " + escape(", ".join(f"{k}={v}" for k, v in report["config"].items())))
     for key in ("task", "metrics"):
         if key in report["meta"]:
-            console.print(f"{key}: {report['meta'][key]}")
+            console.print(f"{key}: {escape(str(report['meta'][key]))}")
     if isinstance(report["meta"].get("units"), list):
         _render_units(console, report["meta"]["units"], per_tensor)
     table = Table(title="per layer")
     for col in ("layer", "tensors", "numel", "nnz", "density", "bytes"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for g in report["layers"]:
-        table.add_row(g["layer"], str(g["tensors"]), f"{g['numel']:,}", f"{g['nnz']:,}", f"{g['density']:.3%}",
+        table.add_row(escape(g["layer"]), str(g["tensors"]), f"{g['numel']:,}", f"{g['nnz']:,}", f"{g['density']:.3%}",
                       _fmt_bytes(g["bytes"]))
     console.print(table)
     if per_tensor:
         tt = Table(title="per tensor")
         for col in ("tensor", "kind", "shape", "numel", "nnz", "density", "bytes"):
-            tt.add_column(col, justify="left" if col in ("tensor", "kind", "shape") else "right")
+            tt.add_column(col, justify="left" if col in ("tensor", "kind", "shape") else "right",
+                          overflow="fold" if col == "tensor" else "ellipsis")  # a piped table keeps whole names
         for r in report["tensors"]:
-            tt.add_row(r["tensor"], r["kind"], "×".join(map(str, r["shape"])) or "scalar", f"{r['numel']:,}",
+            tt.add_row(escape(r["tensor"]), r["kind"], "×".join(map(str, r["shape"])) or "scalar", f"{r['numel']:,}",
                        f"{r['nnz']:,}", f"{r['density']:.3%}", _fmt_bytes(r["bytes"]))
         console.print(tt)
     basis = [r for r in report["tensors"] if r["kind"] == "basis"]
@@ -207,12 +214,20 @@ def _render_units(console, units: list[dict[str, Any]], every: bool) -> None:
     """The units a budgeted method (swr) chose, with their final gate probability and cost (all with every)."""
     from rich.table import Table
 
+    units = [u for u in units if isinstance(u, dict)]  # a file's meta is free-form: skip what is not a unit
     chosen = [u for u in units if u.get("chosen")]
-    cost = sum(int(u.get("cost", 0)) for u in chosen)
+    cost = sum(u["cost"] for u in chosen if _is_number(u.get("cost")))
     table = Table(title=f"units: {len(chosen)} of {len(units)} chosen, cost {cost:,} parameters")
     for col in ("tensor", "update", "probability", "cost", "chosen"):
-        table.add_column(col, justify="left" if col in ("tensor", "update") else "right")
+        table.add_column(col, justify="left" if col in ("tensor", "update") else "right",
+                         overflow="fold" if col == "tensor" else "ellipsis")
     for u in units if every else chosen:
-        table.add_row(str(u.get("tensor")), str(u.get("kind")), f"{float(u.get('probability', 0)):.3f}",
-                      f"{int(u.get('cost', 0)):,}", "yes" if u.get("chosen") else "no")
+        p, c = u.get("probability", 0), u.get("cost", 0)
+        table.add_row(escape(str(u.get("tensor"))), escape(str(u.get("kind"))),
+                      f"{p:.3f}" if _is_number(p) else escape(str(p)), f"{c:,}" if _is_number(c) else escape(str(c)),
+                      "yes" if u.get("chosen") else "no")
     console.print(table)
+
+
+def _is_number(v: Any) -> bool:
+    return type(v) in (int, float)

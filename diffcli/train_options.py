@@ -32,7 +32,7 @@ class TrainOptions:
     fixmask_epochs: int = 3
     batch_size: int = 32
     eval_batch_size: int = 64
-    max_seq_length: int = 128
+    max_seq_length: int | None = None  # None: 128, or the model's position table where shorter (train resolves it)
     seed: int = 42
     lr: float = 1e-4
     alpha_lr: float = 0.05
@@ -70,7 +70,7 @@ class TrainOptions:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise InvalidValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_seq_length < 8:
+        if self.max_seq_length is not None and self.max_seq_length < 8:
             raise InvalidValueError(f"--max-seq-length must be at least 8, got {self.max_seq_length}")
         for name in ("lr", "alpha_lr", "fixmask_lr", "l0_lambda", "weight_decay", "controller_rate", "grad_clip"):
             v = getattr(self, name)

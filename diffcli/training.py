@@ -12,7 +12,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ from diffcli.fisher import fisher_diagonal
 from diffcli.fixmask import fixmask_phase
 from diffcli.methods import get_method
 from diffcli.methods.l0 import DensityController, L0Trainer
+from diffcli.positions import DEFAULT_MAX_SEQ_LENGTH, seq_length_for
 from diffcli.task_types import build_task_model
 from diffcli.taskmodel import TaskModel
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
@@ -52,11 +53,15 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
 
     from diffcli import checkpoint, task_types
     from diffcli.outputs import check_output
-    from diffcli.weights import resolve_model
+    from diffcli.weights import load_config, resolve_model
 
     opts = options or TrainOptions()
     opts.validate()
     method = get_method(opts.method)
+    if opts.fixmask_epochs == 0 and ("epochs" not in method.options or opts.epochs == 0):
+        zero = "--epochs 0 and --fixmask-epochs 0" if "epochs" in method.options else "--fixmask-epochs 0"
+        raise InvalidValueError(f"--method {opts.method} with {zero} trains nothing: its diff would be empty",
+                                hint="give it at least one epoch")
     kind = task_types.get(task_type)
     check_device(device)
     rep = reporter or Reporter()
@@ -72,9 +77,12 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
                                     hint="pass --resume to continue it, or --force to start over")
     interrupted = read_state(work) if resuming else None  # what cannot resume is refused before anything is built
     if interrupted is not None:
+        if opts.max_seq_length is None:  # not given: the length the interrupted run resolved (same model, checked)
+            opts = replace(opts, max_seq_length=interrupted["options"].get("max_seq_length"))
         check_resume_options(interrupted["options"], asdict(opts))
         check_resume_world(interrupted, launched_world(), work)
     base_dir = resolve_model(model)
+    opts = replace(opts, max_seq_length=seq_length_for(load_config(base_dir), opts.max_seq_length, f"model {model}"))
     kind.check(base_dir)  # an architecture that cannot serve the task type: refused before any data is read
     task_data = kind.load(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
                           text_fields=text_fields, label_field=label_field,
@@ -200,7 +208,8 @@ def memory_needs(tm: TaskModel, opts: TrainOptions, device, checkpoint_every: in
     params = dict(tm.model.named_parameters())
     k = budget(opts.sparsity, sum(int(params[n].numel()) for n in tm.gated))
     every = opts.activation_checkpointing if checkpoint_every is None else checkpoint_every
-    kinds = {kind: estimate(tm.model, kind, batch_size=opts.batch_size, seq_len=opts.max_seq_length,
+    seq_len = opts.max_seq_length if opts.max_seq_length is not None else DEFAULT_MAX_SEQ_LENGTH  # unresolved: API
+    kinds = {kind: estimate(tm.model, kind, batch_size=opts.batch_size, seq_len=seq_len,
                             shared=tm.gated, k=k, device=device, checkpoint_every=every).total
              for kind in ("full", "l0", "sparse")}
     chosen = all_methods() if methods is None else {name: get_method(name) for name in methods}

@@ -143,3 +143,54 @@ def test_trainer_callback_trains_a_diff_with_the_users_training_arguments(tmp_pa
     with torch.no_grad():
         want = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert torch.allclose(_rebuilt_logits(tmp_path, tiny_base, diff, batch), want, atol=1e-6)
+
+
+def test_checked_options_refuses_a_foreign_option_even_at_its_default():
+    """`train --method random --epochs 3` is refused; the library let epochs=3 (its default) through."""
+    from diffcli.api import checked_options
+    from diffcli.train_options import TrainOptions
+
+    defaults = TrainOptions()
+    for method, name in (("random", "epochs"), ("random", "lr"), ("magnitude", "alpha_lr"), ("l0", "basis_lr"),
+                         ("basis", "rank")):
+        for value in (getattr(defaults, name), getattr(defaults, name) * 2):
+            with pytest.raises(InvalidValueError, match=f"--method {method} does not take --{name.replace('_', '-')}"):
+                checked_options(method, {name: value})
+    assert checked_options("random", {"sparsity": 0.02, "seed": 1, "fixmask_lr": 1e-3}).method == "random"
+    assert checked_options("l0", {"epochs": 3, "lr": 1e-4}).epochs == 3
+    with pytest.raises(InvalidValueError, match="unknown option 'alpha'"):
+        checked_options("random", {"alpha": 0.1})
+
+
+def test_steps_past_the_planned_total_warn_once_per_phase(tiny_base):
+    """Past total_steps the linear decay has reached 0 and nothing trains: your loop is told, once per phase."""
+    import warnings
+
+    from diffcli import DiffPruner
+
+    model = _model(tiny_base)
+    batches = _batches(4)
+    pruner = DiffPruner(model, str(tiny_base), method="l0", sparsity=0.02, total_steps=2, lr=1e-3, fixmask_lr=1e-2)
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in batches:
+            pruner.begin()
+            model(**b).loss.backward()
+            pruner.finish()
+    assert [str(w.message)[:60] for w in caught] == ["step 3 of the first phase is past its DiffPruner(total_steps"]
+    pruner.project()
+    pruner.start_fixed(total_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in batches:
+            model(**b).loss.backward()
+            pruner.fixed_step()
+    assert len(caught) == 1 and "step 4 of the fixed phase is past its start_fixed(total_steps=...) of 3" in str(
+        caught[0].message)
+
+
+def test_saving_no_diff_is_one_clear_error(tmp_path):
+    with pytest.raises(InvalidValueError, match="nothing to save .* got NoneType"):
+        checkpoint.save(None, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -679,3 +679,64 @@ def test_a_probe_made_on_another_base_is_refused_with_exit_5(models, tmp_path):
         assert result.exit_code == 5 and "probe" in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ the recorded value error
+
+def _with_eps(data: bytes, eps) -> bytes:
+    header, payload = split_v2(data)
+    header["values"]["max_abs_error"] = eps
+    return build_v2(header, payload)
+
+
+def test_a_lying_value_error_cannot_switch_the_probe_check_off(models, tmp_path):
+    """max_abs_error 1e300 widened the probe tolerance to anything: apply --force rebuilt another base (exit 0)."""
+    path = tmp_path / "eps.diff"
+    path.write_bytes(_with_eps(artifact.pack(models["diff"], "fp16"), 1e300))
+    with pytest.raises(FormatError, match="max_abs_error"):
+        artifact.load(path)
+    for args in (["apply", str(models["other"]), str(path), "-o", str(tmp_path / "out"), "--force"],
+                 ["verify", str(path)], ["verify", str(path), "--base", str(models["base"])]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 4 and "max_abs_error" in result.stderr, (args, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("values", ["fp16", "bf16", "int8", "int4", "ternary"])
+def test_the_value_error_is_refused_just_above_its_bound_and_kept_at_it(models, values):
+    from diffcli import quantize
+
+    data = artifact.pack(models["diff"], values)
+    header = artifact.loads_header(data)
+    back = artifact.loads(data)
+    stored = np.concatenate([v.numpy().reshape(-1) for v in _stored_values(back)])
+    counts = np.asarray([v.numel() for v in _stored_values(back)], dtype=np.int64)
+    scales = _scales_of(data)
+    limit = quantize.error_limit(stored, scales, counts, values, header["values"].get("block", 0))
+    assert 0 < header["values"]["max_abs_error"] <= limit
+    artifact.loads(_with_eps(data, limit))
+    with pytest.raises(FormatError, match="max_abs_error"):
+        artifact.loads(_with_eps(data, limit * (1 + 2**-20) + 2**-90))
+
+
+def _stored_values(diff) -> list[torch.Tensor]:
+    """The values stream's segments in record order: sparse values, then a tensor's basis scales."""
+    out = []
+    for name in sorted(diff.tensors):
+        td = diff.tensors[name]
+        if td.nnz and not td.is_dense:
+            out.append(td.values.reshape(-1))
+        if name in diff.bases and diff.bases[name].nkept:
+            out.append(diff.bases[name].values.reshape(-1))
+    return out
+
+
+def _scales_of(data: bytes) -> np.ndarray:
+    header, payload = split_v2(data)
+    lengths = [header["streams"][s]["length"] for s in ("positions", "values", "scales")]
+    stored = payload[lengths[0] + lengths[1]:sum(lengths)]
+    if header["streams"]["scales"]["codec"] == "zstd":
+        stored = zstandard.ZstdDecompressor().decompress(stored)
+    planes = np.frombuffer(stored, dtype=np.uint8).reshape(4, -1)  # byte planes, most significant first
+    return np.ascontiguousarray(planes[::-1].T).view("<f4").reshape(-1).astype(np.float32)

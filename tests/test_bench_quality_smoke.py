@@ -42,7 +42,7 @@ def _tiny_rte(root: Path, n_train: int = 24, n_dev: int = 12) -> Path:
 def test_harness_runs_all_methods_and_writes_table(tmp_path: Path, monkeypatch):
     pytest.importorskip("peft")
     bench = _load_bench()
-    base = make_base(tmp_path / "base")
+    base = make_base(tmp_path / "base", max_position_embeddings=128)  # the harness trains at --max-seq-length 128
     glue = _tiny_rte(tmp_path / "glue")
     work, results = tmp_path / "work", tmp_path / "results"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

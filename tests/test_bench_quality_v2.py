@@ -41,7 +41,7 @@ def test_quick_protocol_runs_every_kind_and_reports_missing_cells(tmp_path: Path
     from tests.test_bench_quality_smoke import _tiny_rte
 
     q = load_bench("quality_v2")
-    base = make_base(tmp_path / "base")
+    base = make_base(tmp_path / "base", max_position_embeddings=128)  # the protocol trains at length 128
     glue = _tiny_rte(tmp_path / "glue")
     work, results = tmp_path / "work", tmp_path / "results"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -99,7 +99,7 @@ def test_pack_refuses_existing_output_unless_forced(setup, tmp_path):
     ("bad", 4, "not valid JSON"),
     ("huge", 2, "fp16 range"),
     ("values", 2, "fp8"),
-    ("nofolder", 2, "does not exist"),
+    ("nofolder", 3, "does not exist"),  # not found, as the README documents (it was 2)
     ("model", 4, "is a folder but not a diff checkpoint"),  # as inspect and verify say of it: exit 4, not 2
 ])
 def test_pack_failures_leave_nothing_behind(setup, tmp_path, case, code, text):

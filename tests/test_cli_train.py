@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -127,10 +128,53 @@ def test_leftover_partial_run_needs_resume_or_force(tmp_path, tiny_base, data):
 def test_no_l0_epochs_warns_that_the_budget_is_not_filled(tmp_path, tiny_base, data):
     train, dev = data
     result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
-                     "--epochs", "0", "--fixmask-epochs", "0", "-o", str(tmp_path / "c"))
+                     "--epochs", "0", "--fixmask-epochs", "1", "-o", str(tmp_path / "c"))
     assert result.exit_code == 0, result.output
     assert "fewer than the budget" in result.stderr
     assert checkpoint.load(tmp_path / "c").nnz == 0
+
+
+@pytest.mark.parametrize("method, args", [("l0", ["--epochs", "0"]), ("random", [])])
+def test_a_run_that_trains_nothing_is_refused_before_it_starts(tmp_path, tiny_base, data, method, args):
+    """No epoch in any phase: the diff would be empty (it was written, exit 0)."""
+    train, dev = data
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--method", method, *args, "--fixmask-epochs", "0", "-o", str(tmp_path / "c"))
+    assert result.exit_code == 2 and "trains nothing" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_output_folder_problems_are_found_before_training(tmp_path, tiny_base, data, monkeypatch):
+    """A missing folder is 'not found' (exit 3, as documented); one that cannot be written is refused before the
+    first epoch, not after it (the message named a temporary path)."""
+    import os
+
+    train, dev = data
+    common = ["--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base)]
+    result = _invoke(*common, "-o", str(tmp_path / "nope" / "c"))
+    assert result.exit_code == 3 and "output folder" in result.stderr and "does not exist" in result.stderr
+    (tmp_path / "file").write_text("x")
+    result = _invoke(*common, "-o", str(tmp_path / "file" / "c"))
+    assert result.exit_code == 2 and "is not a folder" in result.stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro else real(p, mode, **kw))
+    result = _invoke(*common, *FAST, "-o", str(ro / "c"))
+    assert result.exit_code == 1 and f"cannot write {ro / 'c'}" in result.stderr
+    assert "epoch" not in result.stderr and "Traceback" not in result.output
+
+
+def test_a_max_seq_length_above_the_models_positions_is_refused_before_training(tmp_path, tiny_base, data):
+    """Long inputs crashed mid-training (exit 70); the default is cut to the tiny model's 64 positions."""
+    train, dev = data
+    common = ["--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base)]
+    result = _invoke(*common, *FAST, "--max-seq-length", "512", "-o", str(tmp_path / "c"))
+    assert result.exit_code == 2 and "--max-seq-length 512 is above the 64 positions" in result.stderr
+    assert not (tmp_path / "c").exists() and "epoch" not in result.stderr
+    result = _invoke(*common, *FAST, "-o", str(tmp_path / "c"))
+    assert result.exit_code == 0, result.output
+    assert checkpoint.load(tmp_path / "c").meta["hyperparameters"]["max_seq_length"] == 64
 
 
 def test_cli_defaults_are_the_library_defaults():
@@ -152,3 +196,26 @@ def test_cli_defaults_are_the_library_defaults():
         assert got == want, f"--{f.name.replace('_', '-')}: CLI default {got!r}, TrainOptions default {want!r}"
         checked += 1
     assert checked >= 20
+
+
+def _train_help() -> dict[str, str]:
+    import click
+    import typer
+
+    top = typer.main.get_command(app)
+    train = top.get_command(click.Context(top), "train")
+    return {p.name: p.help or "" for p in train.params}
+
+
+def test_shared_phase_options_name_every_method_that_reads_them():
+    """--epochs said 'of the L0 phase', --lr 'of w', --fill-samples named --fill only: each also drives other
+    methods' phases; --weight-decay said 'of w and the head', which for basis is the head only."""
+    from diffcli.methods import all_methods
+
+    helps = _train_help()
+    for option in ("epochs", "lr", "fill_samples"):
+        takers = [name for name, m in all_methods().items() if option in m.options]
+        assert len(takers) > 1 and all(name in helps[option] for name in takers), (option, takers, helps[option])
+    assert "basis: the head only" in helps["weight_decay"]
+    assert "of w" not in helps["lr"] + helps["weight_decay"] and "L0 phase" not in helps["epochs"]
+    assert all(len(helps[o]) <= 100 for o in ("epochs", "lr", "fill_samples", "weight_decay")), helps

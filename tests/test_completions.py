@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,17 @@ def test_fish_and_zsh_get_one_line_per_candidate():
     out = subprocess.run([sys.executable, "-c", "from diffcli.cli.app import run; run()"], env=env,
                          capture_output=True, text=True).stdout.splitlines()
     assert len(out) > 20 and all(line.startswith("--") and "\t" in line for line in out)
+
+
+def test_any_completion_script_gets_one_line_per_candidate_at_a_narrow_terminal():
+    """--install-completion writes Typer's own script, without COLUMNS: the app asks for one long line itself."""
+    for shell in ("fish", "zsh"):
+        env = {**os.environ, "COLUMNS": "40", "_DIFFPRUNE_COMPLETE": f"complete_{shell}",
+               "_TYPER_COMPLETE_FISH_ACTION": "get-args", "_TYPER_COMPLETE_ARGS": "diffprune train --"}
+        out = subprocess.run([sys.executable, "-c", "from diffcli.cli.app import run; run()"], env=env,
+                             capture_output=True, text=True).stdout.splitlines()
+        if shell == "fish":
+            assert len(out) > 20 and all(line.startswith("--") and "\t" in line for line in out), out[:5]
+        else:  # zsh: _arguments '*: :(( then "option":"help" per line, then ))'
+            lines = [re.sub(r"^_arguments '\*: :\(\(|\)\)'$", "", line) for line in out]
+            assert len(lines) > 20 and all(re.fullmatch(r'"--[a-z0-9-]+":".*"', ln) for ln in lines), lines[:5]

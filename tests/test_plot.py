@@ -161,7 +161,7 @@ def test_existing_output_needs_force(diffs, tmp_path):
     (["--plot", "{tmp}/p.png", "--plot-by", "colour"], 2, "--plot-by"),
     (["--plot-by", "bytes"], 2, "only apply with --plot"),
     (["--force"], 2, "only apply with --plot"),
-    (["--plot", "{tmp}/no/such/folder/p.png"], 2, "does not exist"),
+    (["--plot", "{tmp}/no/such/folder/p.png"], 3, "does not exist"),  # not found (it was 2)
 ])
 def test_bad_plot_arguments(diffs, tmp_path, args, code, text):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

@@ -135,3 +135,70 @@ def test_prune_against_a_base_that_shares_no_tensor_is_a_wrong_base(tiny_base, t
     assert res.exit_code == 5 and res.stderr.startswith("error:") and "matches a tensor of base" in res.stderr
     assert "--base" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(tensors="oops"),                                                # a string for the tensor map
+    lambda m: m.update(tensors=[1, 2]),                                                # a list for it
+    lambda m: next(iter(m["tensors"].values())).update(dtype="float99"),               # a dtype torch has not
+], ids=["tensors-str", "tensors-list", "unknown-dtype"])
+def test_a_malformed_checkpoint_header_is_corrupt_for_every_reader(tiny_base, tiny_finetune, tmp_path, edit):
+    """These reached exit 70 (AttributeError) or exit 2: a checkpoint is the user's file, its damage is exit 4."""
+    out = tmp_path / "ck"
+    assert runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "1%", "-o", str(out)]).exit_code == 0
+    meta = json.loads((out / checkpoint.META_FILE).read_text())
+    edit(meta)
+    (out / checkpoint.META_FILE).write_text(json.dumps(meta))
+    for args in (["inspect", str(out)], ["pack", str(out), "-o", str(tmp_path / "x.diff")],
+                 ["apply", str(tiny_base), str(out), "-o", str(tmp_path / "merged")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 4, (args, res.output)
+        assert res.stderr.startswith("error:") and "Traceback" not in res.output
+    assert not (tmp_path / "x.diff").exists() and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_finetune_is_refused_not_pruned_to_nothing(tiny_base, tiny_finetune, tmp_path, bad):
+    """One NaN made the top-k threshold NaN: prune kept 0 of k entries and exited 0 (Inf: pack failed later)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_finetune.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(broken / "model.safetensors"))
+    name = next(n for n in weights if n.endswith("query.weight"))
+    weights[name][0, 0] = bad
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    for scope in ("global", "per-tensor"):
+        res = runner.invoke(app, ["prune", str(broken), "-b", str(tiny_base), "-s", "5%", "--scope", scope,
+                                  "-o", str(tmp_path / "o")])
+        assert res.exit_code == 4 and "NaN or infinite" in res.stderr and "Traceback" not in res.output
+        assert not (tmp_path / "o").exists()
+
+
+def test_prune_re_projects_a_packed_diff_as_it_does_its_checkpoint(tiny_base, tiny_finetune, tmp_path):
+    """A .diff was refused with a hint to pass --base (for a full finetune, which it is not)."""
+    ck = tmp_path / "ck"
+    assert runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "5%", "-o", str(ck)]).exit_code == 0
+    assert runner.invoke(app, ["pack", str(ck), "-o", str(tmp_path / "a.diff"), "--values", "fp32"]).exit_code == 0
+    for src, out in ((ck, "from-ck"), (tmp_path / "a.diff", "from-diff")):
+        res = runner.invoke(app, ["prune", str(src), "-s", "1%", "-o", str(tmp_path / out), "-q"])
+        assert res.exit_code == 0, res.output
+    a, b = checkpoint.load(tmp_path / "from-ck"), checkpoint.load(tmp_path / "from-diff")
+    assert a.nnz == b.nnz == round(0.01 * a.budget_numel)
+    assert all(torch.equal(a.tensors[n].values, b.tensors[n].values) for n in a.tensors)
+    res = runner.invoke(app, ["prune", str(tmp_path / "a.diff"), "-b", str(tiny_base), "-s", "1%", "-o",
+                              str(tmp_path / "x")])
+    assert res.exit_code == 2 and "is a diff; --base is only for full finetuned models" in res.stderr
+
+
+def test_the_allocation_title_gives_the_share_kept_and_the_share_asked(tiny_base, tmp_path):
+    """A diff with fewer nonzeros than k keeps all of them: the title said the requested share as if kept."""
+    from tests.conftest import make_finetune
+
+    ft = make_finetune(tiny_base, tmp_path / "ft", scale=0.0)  # δ = 0 except the new head: nothing to keep
+    res = runner.invoke(app, ["prune", str(ft), "-b", str(tiny_base), "-s", "5%", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.stdout.split())
+    assert "(0.0000%; --sparsity 5.0000%, global)" in flat and "fewer than k" in flat

@@ -33,7 +33,7 @@ def classify(exc: BaseException) -> tuple[int, str, str | None]:
             hint = getattr(exc, "hint", None) or default_hint
             return code, str(exc), hint
     if isinstance(exc, MemoryError):
-        return EXIT_INTERNAL, "out of memory", "try a smaller --batch-size or a machine with more memory"
+        return 1, "out of memory", "try a smaller --batch-size or a machine with more memory"
     if isinstance(exc, OSError):
         # Disk full, permission denied and friends: the OS message is the clearest line.
         return 1, f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", None

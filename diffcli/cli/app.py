@@ -89,6 +89,10 @@ def run(argv: list[str] | None = None) -> int:
     from diffcli.cli.commands import names
 
     args = sys.argv[1:] if argv is None else list(argv)
+    if os.environ.get("_DIFFPRUNE_COMPLETE", "").startswith(("complete_zsh", "complete_fish")):
+        # Rich wraps a candidate's help at the terminal's width, and each wrapped line reads as a candidate: one long
+        # line, whatever script asked (completions/, or the one --install-completion writes)
+        os.environ["COLUMNS"] = "4096"
     # `diffprune CMD ...` builds CMD alone; anything else (root help, a typo, completion) the whole app
     target = build(args[0]) if args and args[0] in names() else __getattr__("app")
     try:

@@ -30,7 +30,10 @@ class Output:
     def result(self, data: Any, render: Callable[[Console], None] | None = None) -> None:
         """Emit a command's result: JSON in --json mode, else the human rendering (unless quiet)."""
         if self.json_mode:
-            sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+            from diffcli.json_safe import finite  # NaN/Infinity are not JSON: a diverged metric prints null
+
+            text = json.dumps(finite(data), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+            sys.stdout.write(text + "\n")
             sys.stdout.flush()
         elif not self.quiet and render is not None:
             render(self.out)
@@ -64,8 +67,9 @@ class Output:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+            # description and status hold names from files (apply's tensor names): shown as text, never as markup
+            with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(), TextColumn("eta"),
                           TimeRemainingColumn(), console=self.err, transient=False) as bar:
                 task = bar.add_task(description, total=total, status="")
                 yield ProgressHandle(lambda n, status: bar.update(task, advance=n, status=status))
@@ -123,8 +127,10 @@ class _PlainLines:
 
 
 def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
+    from diffcli.json_safe import finite
+
+    if hasattr(obj, "item"):  # numpy and torch scalars (a float32 NaN included)
+        return finite(obj.item())
     if isinstance(obj, (set, tuple)):
-        return list(obj)
+        return finite(list(obj))
     return str(obj)
