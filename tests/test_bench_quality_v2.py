@@ -110,7 +110,7 @@ def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_
     assert doc["pass_counts"]["avg_within_0.5_of_full"] == (3, 3)  # dp-l0 (3e-3 → 300) far above full
     assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
     assert doc["progress"].pop("other_kind") in ("CPU", "GPU")  # the kind this machine is not
-    assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0,
+    assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0, "attested": 0,
                                "unmatched": 0, "hours_left": 0.0, "hours_left_low": 0.0,
                                "by_task": {"rte": {"runs_left": 0, "hours": None, "hours_other_kind": None}}}
     executed.clear()
