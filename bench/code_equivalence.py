@@ -104,10 +104,15 @@ def diff_digests(commit: str, name: str) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.suffix in (".diff", ".safetensors")} if folder.is_dir() else {}
 
 
+_snapshots: dict[Path, code_record.Snapshot] = {}
+
+
 def own_code(commit: str, entry: dict) -> list[str]:
     """Files the entry recorded whose hash is not the commit's: a run that imported code from elsewhere."""
     tree = tree_of(commit)
-    snap = code_record.Snapshot(tree, checked=False)  # the tree's own bytes only
+    snap = _snapshots.get(tree)
+    if snap is None:  # one per tree: each file is hashed once, not once per run
+        snap = _snapshots[tree] = code_record.Snapshot(tree, checked=False)  # the tree's own bytes only
     code = entry.get("code") or {}
     bad = [rel for rel, h in code.items() if snap.digest(rel) != h]
     if not any(rel.startswith("diffcli/") for rel in code):
@@ -165,7 +170,7 @@ def changed_files(old: str, new: str) -> tuple[dict[str, list[str]], list[str], 
 
 def _blob_hash(commit: str, rel: str) -> str:
     data = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{rel}"], check=True, capture_output=True).stdout
-    return hashlib.sha256(data).hexdigest()[:16]
+    return code_record.content_hash(data)
 
 
 def record(old: str, new: str, why: str, tasks: str) -> dict:

@@ -32,6 +32,11 @@ def _is_code(rel: str) -> bool:
     return rel not in NOT_CODE and not rel.startswith(SCRATCH)
 
 
+def content_hash(data: bytes) -> str:
+    """The hash a record keeps of a file's bytes: sha256, 16 hex digits."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 class Snapshot:
     """Content hashes of the repository's Python files, each re-read only when its size or mtime changed."""
 
@@ -50,7 +55,7 @@ class Snapshot:
         stamp = (st.st_mtime_ns, st.st_size)
         hit = self._memo.get(rel)
         if hit is None or hit[0] != stamp:
-            hit = (stamp, hashlib.sha256(f.read_bytes()).hexdigest()[:16])
+            hit = (stamp, content_hash(f.read_bytes()))
             self._memo[rel] = hit
         return hit[1]
 
