@@ -161,7 +161,7 @@ class DiffBank:
 
         self.base_ref = str(base)
         self.folder = resolve_model(str(base))
-        from diffcli.evaluation import pick_device
+        from diffcli.prediction import pick_device
 
         self.device = torch.device(device) if device is not None else pick_device()  # cuda when present
         self.encoder = _quiet_load(AutoModel, self.folder).to(self.device).eval()

@@ -127,7 +127,7 @@ def evaluate(model, tokenizer, examples: Sequence[LMExample], spec: SequenceSpec
     """Mean next-token loss over every target token of the split (token-weighted) and its perplexity, exp(loss)."""
     import torch
 
-    from diffcli.evaluation import forward_batches
+    from diffcli.prediction import forward_batches
     from diffcli.metrics import lm_scores
 
     data = encode(examples, tokenizer, spec, max_seq_length)

@@ -14,6 +14,8 @@ def prune_report(result) -> dict[str, Any]:
     from diffcli.report import allocation_report
 
     report = allocation_report(result)
+    # `tensor`, as inspect's rows say; `name` stays for the scripts that read it
+    report["tensors"] = [{"tensor": row["name"], **row} for row in report["tensors"]]
     bases = result.diff.bases
     if bases:
         report["basis_scales"] = {"matrices": len(bases), "kept": sum(bs.nkept for bs in bases.values()),

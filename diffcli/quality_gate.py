@@ -137,7 +137,8 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     if not data.eval:
         raise InvalidValueError("no evaluation data", hint="pass --validation-file")
 
-    from diffcli.evaluation import evaluate, pick_device
+    from diffcli.evaluation import evaluate
+    from diffcli.prediction import pick_device
 
     bank = DiffBank(base, device=device if device is not None else pick_device())
     bank.add(spec.name, diff, task_type=kind.name, source=str(diff_path))

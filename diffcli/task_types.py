@@ -127,7 +127,7 @@ class SequenceClassification(TaskType):
     def evaluate(self, model, tokenizer, examples, spec, *, max_seq_length: int = 128,
                  batch_size: int = 64) -> dict[str, float]:
         from diffcli import metrics
-        from diffcli.evaluation import predict
+        from diffcli.prediction import predict
 
         logits, labels = predict(model, tokenizer, examples, max_seq_length=max_seq_length, batch_size=batch_size)
         return metrics.compute(spec, logits, labels)

@@ -214,7 +214,7 @@ def test_moving_the_encoder_behind_the_banks_back_is_refused(setup):
 
 
 def test_default_device_is_the_shared_pick_cuda_when_present(setup, monkeypatch):
-    import diffcli.evaluation as evaluation
+    import diffcli.prediction as prediction
 
     _root, base, _diffs = setup
     calls = []
@@ -223,7 +223,7 @@ def test_default_device_is_the_shared_pick_cuda_when_present(setup, monkeypatch)
         calls.append(1)
         return torch.device("cpu")
 
-    monkeypatch.setattr(evaluation, "pick_device", spy)
+    monkeypatch.setattr(prediction, "pick_device", spy)
     bank = DiffBank(str(base))
     assert calls == [1] and bank.device == torch.device("cpu")
     assert all(p.device == bank.device for p in bank.encoder.parameters())

@@ -32,7 +32,7 @@ def apply(
                                  dtype=dtype, on_tensor=lambda name: bar.advance(1, name))
     for warning in report.warnings:
         out.warn(warning)
-    data = report.to_dict()
+    data = {"output": str(report.out), **report.to_dict()}  # `out` too: the same folder, its name before `output`
 
     def render(console) -> None:
         shards = f"{report.shards} shard{'s' if report.shards != 1 else ''}"

@@ -32,7 +32,7 @@ def pack(
         raise InvalidValueError("--json needs stdout, so it cannot be used with -o -")
     out = Output(json_, quiet)
     report = pack_checkpoint(checkpoint, output, values=values, force=force, version=format_version, block=block)
-    data = report.to_dict()
+    data = {"output": report.path, **report.to_dict()}  # `path` too: the same file, its name before `output`
     where = "stdout" if to_stdout else report.path
     quant = report.values + (f" (blocks of {report.block})" if report.block else "")
     kind = "cast" if report.block is None else "quantization"

@@ -26,6 +26,6 @@ def prune(
 
     out = Output(json_, quiet)
     result = run_prune(source, parse_sparsity(sparsity), output, base=base, scope=scope, force=force)
-    report = prune_report(result)
+    report = {"output": str(output), **prune_report(result)}
     out.result(report, lambda console: render_prune(console, report))
     out.info(f"wrote {output}")
