@@ -127,8 +127,8 @@ def evaluate(model, tokenizer, examples: Sequence[LMExample], spec: SequenceSpec
     """Mean next-token loss over every target token of the split (token-weighted) and its perplexity, exp(loss)."""
     import torch
 
-    from diffcli.prediction import forward_batches
     from diffcli.metrics import lm_scores
+    from diffcli.prediction import forward_batches
 
     data = encode(examples, tokenizer, spec, max_seq_length)
     total, count = 0.0, 0

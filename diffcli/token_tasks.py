@@ -168,8 +168,8 @@ def encode(sentences: Sequence[TaggedSentence], tokenizer, spec: SequenceSpec, m
 def evaluate(model, tokenizer, sentences: Sequence[TaggedSentence], spec: SequenceSpec, *, max_seq_length: int,
              batch_size: int) -> dict[str, float]:
     """Entity-level precision/recall/F1 (seqeval) and token accuracy; words cut by truncation count as 'O'."""
-    from diffcli.prediction import forward_batches
     from diffcli.metrics import token_scores
+    from diffcli.prediction import forward_batches
 
     data = encode(sentences, tokenizer, spec, max_seq_length)
     names = spec.labels or ()
