@@ -3,6 +3,7 @@ and `output` names what the command wrote."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "JSON.md"
 runner = CliRunner()
 
 
+@functools.cache
 def documented() -> dict[str, tuple[set[str], set[str]]]:
     """Per command: (keys present always, every documented key), from the doc's tables."""
     out: dict[str, tuple[set[str], set[str]]] = {}
