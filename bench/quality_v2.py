@@ -339,6 +339,48 @@ class Suite(RunTimes):
         gpu = bool(here and here[2])
         return [t for t, kinds in self.task_kinds().items() if t in self.p.tasks and gpu not in kinds]
 
+    def retired_dir(self) -> Path:
+        """Where `retire_other_kind` moves entries: beside the store, `<store>-retired/`."""
+        return self.store.with_name(self.store.name + "-retired")
+
+    def retire_other_kind(self, tasks: list[str]) -> list[Path]:
+        """Move the entries (finished and failed, with any file they kept) of `tasks` that trained on the other kind
+        of machine out of the store into `retired_dir()`, so this kind's lanes can run those rows from the start and
+        each row keeps to one kind. Nothing is deleted: moving them back undoes it. Returns the entries moved."""
+        here = run_times.this_machine()
+        gpu = bool(here and here[2])
+        moved = []
+        for f in sorted(self.store.glob("*.json")):
+            try:
+                e = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if (e.get("settings") or {}).get("task", e.get("task")) not in tasks or run_times.on_gpu(e) == gpu:
+                continue
+            dest = self.retired_dir()
+            for rel in [e["kept_diff"]] if e.get("kept_diff") else []:
+                if (self.store / rel).is_file():
+                    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (self.store / rel).rename(dest / rel)
+            dest.mkdir(parents=True, exist_ok=True)
+            f.rename(dest / f.name)
+            moved.append(dest / f.name)
+        return moved
+
+    def retired_entries(self) -> dict[str, dict[str, int]]:
+        """{task: {"GPU" or "CPU": entries}} in `retired_dir()`, for the report."""
+        out: dict[str, dict[str, int]] = {}
+        for f in sorted(self.retired_dir().glob("*.json")):
+            try:
+                e = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            task = (e.get("settings") or {}).get("task", e.get("task"))
+            kind = "GPU" if run_times.on_gpu(e) else "CPU"
+            out.setdefault(task, {}).setdefault(kind, 0)
+            out[task][kind] += 1
+        return out
+
     # -------------------------------------------------------------------------------- running
     def run_one(self, run: Run) -> bool:
         """Train one run in its own process (unless another lane holds it); cache its result or its failure."""
@@ -509,6 +551,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-report", action="store_true", help="run, but do not rewrite bench/results")
     ap.add_argument("--mixed-machines", action="store_true",
                     help="also run tasks whose runs trained on the other kind of machine (CPU vs GPU)")
+    ap.add_argument("--retire-other-kind", metavar="TASKS",
+                    help="first move these tasks' entries made on the other kind of machine (CPU vs GPU) to "
+                    "<store>-retired/, so this kind's lanes run their rows from the start")
     ap.add_argument("--work-dir", default=str(REPO / "bench" / "work" / "v2"),
                     help="run folders (checkpoints, logs) and locks")
     ap.add_argument("--store-dir", help="finished runs' entries (default: the full protocol's tracked "
@@ -556,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     suite = table(proto, work, store=store)
     trainer_methods()
     suite.mixed_machines = args.mixed_machines
+    if args.retire_other_kind:
+        moved = suite.retire_other_kind([t.strip() for t in args.retire_other_kind.split(",") if t.strip()])
+        print(f"retired {len(moved)} entries to {suite.retired_dir()}", flush=True)
     if not args.report_only:
         left = suite.other_kind_tasks() if not args.mixed_machines else []
         if left:

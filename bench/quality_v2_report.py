@@ -94,6 +94,9 @@ def assemble(suite: Suite) -> dict:
     progress["stale"] = suite.stale_entries()
     progress["attested"] = suite.attested_entries()
     progress["unmatched"] = suite.unmatched_entries()
+    progress["retired"] = suite.retired_entries()
+    if progress["retired"]:
+        progress["retired_to"] = suite.retired_dir().name
     # The targets, averages and the default are judged on means over every seed (issue 11): a cell short of a seed
     # counts as missing there, so no verdict or default comes from one seed, or from seeds that differ by method.
     means = {t: {m: complete_mean(table[t][m], len(p.seeds)) for m in p.methods} for t in p.tasks}
@@ -280,6 +283,12 @@ def model_name(p) -> str:
     return "the bundled MiniLM (all-MiniLM-L6-v2)" if p.model == "minilm" else f"`{p.model}`"
 
 
+def _retired(retired: dict) -> str:
+    """'11 GPU runs of cola' from retired_entries()."""
+    return ", ".join(f"{n} {kind} run{'s' * (n != 1)} of {task}" for task, kinds in sorted(retired.items())
+                     for kind, n in sorted(kinds.items()))
+
+
 def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[str]:
     """Title (QUICK-labelled), what the table compares, progress, date and machine, and the commands."""
     env, left = doc["environment"], left_by_task(doc["progress"])
@@ -299,6 +308,9 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                 + (f"; {doc['progress']['unmatched']} cached runs of current code match no run as the protocol "
                    "stands (sized from a reference .diff that is gone or was retrained): they count again if it "
                    "returns" if doc["progress"].get("unmatched") else "")
+                + (f"; {_retired(doc['progress']['retired'])} retired to bench/results/{doc['progress']['retired_to']}/ "
+                   "(`--retire-other-kind`): they trained on the other kind of machine, and the row restarts on "
+                   "this kind so its methods share one" if doc["progress"].get("retired") else "")
                 + (f"; the runs left need about {_hours_left(doc['progress'])} hours of one lane at the run times "
                    "measured so far (each task and method's longest run on this machine, else on any of its kind, "
                    "CPU or GPU; where a task has none, the method's runs on other tasks scaled by the ratios of "

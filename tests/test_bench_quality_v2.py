@@ -111,7 +111,7 @@ def test_lane_tunes_on_the_first_seed_then_runs_the_others_at_the_chosen_lr(tmp_
     assert doc["pass_counts"]["l0_1pt_over_random"] == (0, 0)
     assert doc["progress"].pop("other_kind") in ("CPU", "GPU")  # the kind this machine is not
     assert doc["progress"] == {"finished": 3 * (3 + 2), "failed": 0, "planned": 3 * (3 + 2), "stale": 0, "attested": 0,
-                               "unmatched": 0, "hours_left": 0.0, "hours_left_low": 0.0,
+                               "unmatched": 0, "retired": {}, "hours_left": 0.0, "hours_left_low": 0.0,
                                "by_task": {"rte": {"runs_left": 0, "hours": None, "hours_other_kind": None}}}
     executed.clear()
     suite.lane(wait_s=0)  # everything cached: nothing runs again
@@ -388,3 +388,34 @@ def test_a_lane_leaves_a_task_whose_runs_trained_on_the_other_kind_of_machine(tm
     assert executed == []
     suite.mixed_machines = True
     assert suite.plan()
+
+
+def test_retiring_a_task_moves_only_its_other_kind_entries_aside_and_the_row_restarts_on_this_kind(tmp_path,
+                                                                                                 monkeypatch):
+    """A row stuck on a kind of machine no session gets moves to this kind: its other-kind entries go to
+    <store>-retired/ (kept, not deleted), the lane then runs the row from its first run, and the report says how
+    many were retired; entries of other tasks stay where they are."""
+    q, report, suite, executed = fake_suite(tmp_path, monkeypatch)
+    rt = _run_times(q)
+    first = q.Protocol(tasks=["rte"], methods=list(suite.p.methods), seeds=[1], data_dir=str(tmp_path))
+    q.Suite(first, tmp_path / "work").lane(wait_s=0)  # seed 1's grid on this (CPU) machine
+    on_cpu = sorted(f.name for f in suite.store.glob("*.json"))
+    assert on_cpu
+    other = suite.store / "mrpc-full-s1-lr2e-05-0000000000.json"  # another task's CPU entry stays
+    other.write_text(json.dumps({"task": "mrpc", "settings": {"task": "mrpc"}, "score": 1.0,
+                                 "machine": {"cpu": "CPU C", "cores": 2, "gpu": None}}))
+    monkeypatch.setattr(rt, "this_machine", lambda: ("CPU G", 16, "NVIDIA H200"))  # now a GPU session
+    assert suite.other_kind_tasks() == ["rte"] and suite.plan() == []
+
+    moved = suite.retire_other_kind(["rte"])
+    assert sorted(f.name for f in moved) == on_cpu
+    assert sorted(f.name for f in suite.retired_dir().glob("*.json")) == on_cpu
+    assert other.is_file() and suite.retired_dir() == suite.store.with_name(suite.store.name + "-retired")
+    assert suite.other_kind_tasks() == [] and suite.plan()
+    assert suite.retire_other_kind(["rte"]) == []  # nothing left to move
+    progress = report.assemble(suite)["progress"]
+    assert progress["retired"] == {"rte": {"CPU": len(on_cpu)}} and progress["retired_to"] == "work-retired"
+    assert report._retired(progress["retired"]) == f"{len(on_cpu)} CPU runs of rte"
+    executed.clear()
+    suite.lane(wait_s=0)
+    assert ("full", 5e-05, 1, None) in executed  # the row's first run again, on this kind
