@@ -340,22 +340,20 @@ class Suite(RunTimes):
         return [t for t, kinds in self.task_kinds().items() if t in self.p.tasks and gpu not in kinds]
 
     def retired_dir(self) -> Path:
-        """Where `retire_other_kind` moves entries: beside the store, `<store>-retired/`."""
+        """Where `retire` moves entries: beside the store, `<store>-retired/`."""
         return self.store.with_name(self.store.name + "-retired")
 
-    def retire_other_kind(self, tasks: list[str]) -> list[Path]:
-        """Move the entries (finished and failed, with any file they kept) of `tasks` that trained on the other kind
-        of machine out of the store into `retired_dir()`, so this kind's lanes can run those rows from the start and
-        each row keeps to one kind. Nothing is deleted: moving them back undoes it. Returns the entries moved."""
-        here = run_times.this_machine()
-        gpu = bool(here and here[2])
+    def retire(self, tasks: list[str], gpu: bool) -> list[Path]:
+        """Move the entries (finished and failed, with any file they kept) of `tasks` that trained on a GPU (`gpu`)
+        or on CPU out of the store into `retired_dir()`, so lanes of the other kind can run those rows from the
+        start and each row keeps to one kind. Nothing is deleted: moving them back undoes it. The entries moved."""
         moved = []
         for f in sorted(self.store.glob("*.json")):
             try:
                 e = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
-            if (e.get("settings") or {}).get("task", e.get("task")) not in tasks or run_times.on_gpu(e) == gpu:
+            if (e.get("settings") or {}).get("task", e.get("task")) not in tasks or run_times.on_gpu(e) != gpu:
                 continue
             dest = self.retired_dir()
             for rel in [e["kept_diff"]] if e.get("kept_diff") else []:
@@ -551,9 +549,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-report", action="store_true", help="run, but do not rewrite bench/results")
     ap.add_argument("--mixed-machines", action="store_true",
                     help="also run tasks whose runs trained on the other kind of machine (CPU vs GPU)")
-    ap.add_argument("--retire-other-kind", metavar="TASKS",
-                    help="first move these tasks' entries made on the other kind of machine (CPU vs GPU) to "
-                    "<store>-retired/, so this kind's lanes run their rows from the start")
+    for kind in ("gpu", "cpu"):
+        ap.add_argument(f"--retire-{kind}-runs", metavar="TASKS",
+                        help=f"first move these tasks' entries made on {kind.upper()} to <store>-retired/, so lanes of "
+                        "the other kind run their rows from the start (a row keeps to one kind of machine)")
     ap.add_argument("--work-dir", default=str(REPO / "bench" / "work" / "v2"),
                     help="run folders (checkpoints, logs) and locks")
     ap.add_argument("--store-dir", help="finished runs' entries (default: the full protocol's tracked "
@@ -601,9 +600,10 @@ def main(argv: list[str] | None = None) -> int:
     suite = table(proto, work, store=store)
     trainer_methods()
     suite.mixed_machines = args.mixed_machines
-    if args.retire_other_kind:
-        moved = suite.retire_other_kind([t.strip() for t in args.retire_other_kind.split(",") if t.strip()])
-        print(f"retired {len(moved)} entries to {suite.retired_dir()}", flush=True)
+    for gpu, tasks in ((True, args.retire_gpu_runs), (False, args.retire_cpu_runs)):
+        if tasks:
+            moved = suite.retire([t.strip() for t in tasks.split(",") if t.strip()], gpu)
+            print(f"retired {len(moved)} {'GPU' if gpu else 'CPU'} entries to {suite.retired_dir()}", flush=True)
     if not args.report_only:
         left = suite.other_kind_tasks() if not args.mixed_machines else []
         if left:
@@ -612,7 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         suite.lane(jobs=args.jobs, hours=args.hours)
     if args.no_report:
         return 0
-    shown = [a for a in argv if a not in ("--report-only", "--no-report")]
+    shown, skip = [], False  # the table's command: what makes it, not this call's one-off moves
+    for a in argv:
+        if not skip and a not in ("--report-only", "--no-report") and not a.startswith("--retire-"):
+            shown.append(a)
+        skip = a in ("--retire-gpu-runs", "--retire-cpu-runs")
     cmd = " ".join(["python bench/quality_v2.py"] + [shlex.quote(a) for a in shown])
     commands = ["# lanes (each a background process; they share the cache):", f"OMP_NUM_THREADS=1 {cmd} --no-report",
                 "# what the CPU lanes ran: N lanes, one thread each, from a frozen worktree of the commit, none",

@@ -309,8 +309,8 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                    "stands (sized from a reference .diff that is gone or was retrained): they count again if it "
                    "returns" if doc["progress"].get("unmatched") else "")
                 + (f"; {_retired(doc['progress']['retired'])} retired to bench/results/{doc['progress']['retired_to']}/ "
-                   "(`--retire-other-kind`): they trained on the other kind of machine, and the row restarts on "
-                   "this kind so its methods share one" if doc["progress"].get("retired") else "")
+                   "(`--retire-gpu-runs`, `--retire-cpu-runs`): the row restarted on the "
+                   "other kind of machine, so its methods share one" if doc["progress"].get("retired") else "")
                 + (f"; the runs left need about {_hours_left(doc['progress'])} hours of one lane at the run times "
                    "measured so far (each task and method's longest run on this machine, else on any of its kind, "
                    "CPU or GPU; where a task has none, the method's runs on other tasks scaled by the ratios of "

@@ -407,12 +407,13 @@ def test_retiring_a_task_moves_only_its_other_kind_entries_aside_and_the_row_res
     monkeypatch.setattr(rt, "this_machine", lambda: ("CPU G", 16, "NVIDIA H200"))  # now a GPU session
     assert suite.other_kind_tasks() == ["rte"] and suite.plan() == []
 
-    moved = suite.retire_other_kind(["rte"])
+    assert suite.retire(["rte"], gpu=True) == []  # they trained on CPU
+    moved = suite.retire(["rte"], gpu=False)
     assert sorted(f.name for f in moved) == on_cpu
     assert sorted(f.name for f in suite.retired_dir().glob("*.json")) == on_cpu
     assert other.is_file() and suite.retired_dir() == suite.store.with_name(suite.store.name + "-retired")
     assert suite.other_kind_tasks() == [] and suite.plan()
-    assert suite.retire_other_kind(["rte"]) == []  # nothing left to move
+    assert suite.retire(["rte"], gpu=False) == []  # nothing left to move
     progress = report.assemble(suite)["progress"]
     assert progress["retired"] == {"rte": {"CPU": len(on_cpu)}} and progress["retired_to"] == "work-retired"
     assert report._retired(progress["retired"]) == f"{len(on_cpu)} CPU runs of rte"
