@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import shlex
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import code_record  # noqa: E402
 import quality_v2_rules as rules  # noqa: E402
 import run_times  # noqa: E402
+from run_store import RunStore  # noqa: E402
 from run_times import RunTimes  # noqa: E402
 from run_cache import claim  # noqa: E402
 from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
@@ -130,7 +130,7 @@ def trainer_methods() -> set[str]:
     return {"l0"} | {m for m in (*DIFFPRUNE.values(), "swr", "basis") if m in line}
 
 
-class Suite(RunTimes):
+class Suite(RunStore, RunTimes):
     """The protocol, its cache of finished runs, and the order runs become ready in."""
 
     scoring_code = SCORING_CODE  # bench files a diffprune entry records beside the library modules it imported
@@ -235,28 +235,6 @@ class Suite(RunTimes):
             hit = None if chosen is None else self.cached(Run(task, "dp-l0", chosen, self.p.seeds[0]))
         return hit["bytes"] if hit else None
 
-    def stem(self, run: Run, s: dict) -> str:
-        key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{run.task}-{run.method}-s{run.seed}-lr{run.lr:g}-{key}"
-
-    def cached(self, run: Run) -> dict | None:
-        s = self.settings(run)
-        if s is None:
-            return None
-        return self._entry(self.store / f"{self.stem(run, s)}.json")
-
-    def failed(self, run: Run) -> dict | None:
-        s = self.settings(run)
-        return None if s is None else self._entry(self.store / f"{self.stem(run, s)}.failed.json")
-
-    def stale_entries(self) -> int:
-        """Cached runs (finished or failed) that no longer count: a file their run imported has changed since."""
-        return sum(bool(self.code.stale(e.get("code"))) for e in self._stored())
-
-    def attested_entries(self) -> int:
-        """Cached runs that count because their code changed only in checked ways (code_record.EQUIVALENCE)."""
-        return sum(self.code.attested(e.get("code")) for e in self._stored())
-
     def unmatched_entries(self) -> int:
         """Entries of current code that no run of the protocol names as it stands: a run sized from a reference that
         is gone or changed (lora-all's dp-l0 .diff, the methods table's basis .diff). They count again if it returns."""
@@ -279,21 +257,6 @@ class Suite(RunTimes):
             except (OSError, ValueError):
                 continue
         return n
-
-    def _stored(self):
-        """Every entry in the store (finished and failed runs), parsed; unreadable files are skipped."""
-        for f in self.store.glob("*.json"):
-            try:
-                yield json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-
-    def _entry(self, path: Path) -> dict | None:
-        """A cache entry, unless a file its run imported has changed since (then the run is due again)."""
-        if not path.is_file():
-            return None
-        entry = json.loads(path.read_text())
-        return None if self.code.stale(entry.get("code")) else entry
 
     def available(self, method: str) -> bool:
         return method not in DIFFPRUNE or DIFFPRUNE[method] in trainer_methods()
@@ -338,46 +301,6 @@ class Suite(RunTimes):
         here = run_times.this_machine()
         gpu = bool(here and here[2])
         return [t for t, kinds in self.task_kinds().items() if t in self.p.tasks and gpu not in kinds]
-
-    def retired_dir(self) -> Path:
-        """Where `retire` moves entries: beside the store, `<store>-retired/`."""
-        return self.store.with_name(self.store.name + "-retired")
-
-    def retire(self, tasks: list[str], gpu: bool) -> list[Path]:
-        """Move the entries (finished and failed, with any file they kept) of `tasks` that trained on a GPU (`gpu`)
-        or on CPU out of the store into `retired_dir()`, so lanes of the other kind can run those rows from the
-        start and each row keeps to one kind. Nothing is deleted: moving them back undoes it. The entries moved."""
-        moved = []
-        for f in sorted(self.store.glob("*.json")):
-            try:
-                e = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            if (e.get("settings") or {}).get("task", e.get("task")) not in tasks or run_times.on_gpu(e) != gpu:
-                continue
-            dest = self.retired_dir()
-            for rel in [e["kept_diff"]] if e.get("kept_diff") else []:
-                if (self.store / rel).is_file():
-                    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (self.store / rel).rename(dest / rel)
-            dest.mkdir(parents=True, exist_ok=True)
-            f.rename(dest / f.name)
-            moved.append(dest / f.name)
-        return moved
-
-    def retired_entries(self) -> dict[str, dict[str, int]]:
-        """{task: {"GPU" or "CPU": entries}} in `retired_dir()`, for the report."""
-        out: dict[str, dict[str, int]] = {}
-        for f in sorted(self.retired_dir().glob("*.json")):
-            try:
-                e = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            task = (e.get("settings") or {}).get("task", e.get("task"))
-            kind = "GPU" if run_times.on_gpu(e) else "CPU"
-            out.setdefault(task, {}).setdefault(kind, 0)
-            out[task][kind] += 1
-        return out
 
     # -------------------------------------------------------------------------------- running
     def run_one(self, run: Run) -> bool:
