@@ -73,12 +73,15 @@ class RunStore:
             if (e.get("settings") or {}).get("task", e.get("task")) not in tasks or run_times.on_gpu(e) != gpu:
                 continue
             dest = self.retired_dir()
-            for rel in [e["kept_diff"]] if e.get("kept_diff") else []:
-                if (self.store / rel).is_file():
-                    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (self.store / rel).rename(dest / rel)
-            dest.mkdir(parents=True, exist_ok=True)
-            f.rename(dest / f.name)
+            try:  # lanes started together may all retire: the first one moves each file, the others skip it
+                for rel in [e["kept_diff"]] if e.get("kept_diff") else []:
+                    if (self.store / rel).is_file():
+                        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                        (self.store / rel).rename(dest / rel)
+                dest.mkdir(parents=True, exist_ok=True)
+                f.rename(dest / f.name)
+            except FileNotFoundError:
+                continue
             moved.append(dest / f.name)
         return moved
 

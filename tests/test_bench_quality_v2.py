@@ -420,3 +420,17 @@ def test_retiring_a_task_moves_only_its_other_kind_entries_aside_and_the_row_res
     executed.clear()
     suite.lane(wait_s=0)
     assert ("full", 5e-05, 1, None) in executed  # the row's first run again, on this kind
+
+
+def test_retiring_moves_the_diff_an_entry_kept_beside_it(tmp_path, monkeypatch):
+    """A methods-table basis entry keeps its .diff under refs/ (the runs sized to it read it): it moves with it."""
+    _q, _report, suite, _executed = fake_suite(tmp_path, monkeypatch)
+    suite.store.mkdir(parents=True, exist_ok=True)
+    (suite.store / "refs").mkdir()
+    (suite.store / "refs" / "rte-basis-s1.diff").write_bytes(b"DIFFPRUN")
+    entry = suite.store / "rte-basis-s1-lr0.001-0000000000.json"
+    entry.write_text(json.dumps({"task": "rte", "settings": {"task": "rte"}, "score": 1.0, "device": "cpu",
+                                 "kept_diff": "refs/rte-basis-s1.diff"}))
+    assert suite.retire(["rte"], gpu=False) == [suite.retired_dir() / entry.name]
+    assert not entry.exists() and not (suite.store / "refs" / "rte-basis-s1.diff").exists()
+    assert (suite.retired_dir() / "refs" / "rte-basis-s1.diff").read_bytes() == b"DIFFPRUN"
