@@ -125,7 +125,6 @@ def _child(args) -> dict:
     hf_logging.set_verbosity_error()
     from diffcli import masks
     from diffcli.activations import checkpoint_activations
-    from diffcli.projection import budget
     from diffcli.sparse_training import SparseDiffTrainer
     from diffcli.dist import autocast
 
@@ -150,7 +149,6 @@ def _child(args) -> dict:
     out: dict = {"mode": args.child, "model": args.model, "device": str(dev), "rss_after_load_mb": _rss_mb(),
                  "parameters": sum(p.numel() for p in model.parameters())}
     n = sum(int(p.numel()) for name, p in model.named_parameters() if name in shared)
-    k = budget(args.sparsity, n)
     if args.child == "full":
         opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
 

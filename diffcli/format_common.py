@@ -7,10 +7,14 @@ import math
 import re
 import struct
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffcli.diff import Diff, TensorDiff
 from diffcli.errors import FormatError, InvalidValueError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 MAGIC = b"DIFFPRUN"
 FORMAT_NAME = "diffprune"

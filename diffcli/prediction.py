@@ -38,7 +38,6 @@ def predict(model, tokenizer, examples: Sequence["Example"], *, max_seq_length: 
     moves the model there; None keeps the model where it is.
     """
     import numpy as np
-    import torch
 
     from diffcli.tasks import encode
 
@@ -46,26 +45,18 @@ def predict(model, tokenizer, examples: Sequence["Example"], *, max_seq_length: 
         raise InvalidValueError(f"batch_size must be at least 1, got {batch_size}")
     if device is not None:
         model.to(device)
-    device = _model_device(model)
     data = encode(examples, tokenizer, max_seq_length)
-    order = np.argsort(np.asarray(data.lengths, dtype=np.int64), kind="stable")
-    was_training = model.training
-    model.eval()
+    rows: list[int] = []
     chunks: list[np.ndarray] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                batch = data.collate([data[int(i)] for i in order[start:start + batch_size]])
-                batch.pop("labels")
-                batch = {k: v.to(device) for k, v in batch.items()}
-                chunks.append(model(**batch).logits.float().cpu().numpy())
-    finally:
-        model.train(was_training)
+    for idx, _batch, logits in forward_batches(model, data, batch_size):
+        rows += idx
+        chunks.append(logits.float().cpu().numpy())
     labels = data.labels.numpy()
     if not chunks:
         return np.zeros((0, getattr(getattr(model, "config", None), "num_labels", 1)), np.float32), labels
-    logits = np.empty_like(np.concatenate(chunks))
-    logits[order] = np.concatenate(chunks)
+    sorted_logits = np.concatenate(chunks)
+    logits = np.empty_like(sorted_logits)
+    logits[rows] = sorted_logits
     return logits, labels
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from diffcli import checkpoint
 from diffcli.diff import Diff, TensorDiff
 from diffcli.errors import FormatError, InvalidValueError, NotFoundError
 from diffcli.outputs import check_output
+
+if TYPE_CHECKING:
+    import torch
 
 SCOPES = ("global", "per-tensor")
 

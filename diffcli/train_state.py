@@ -30,11 +30,11 @@ def partial_dir(output: Path) -> Path:
 
 def optimizer_tensors(opt, prefix: str) -> dict[str, "torch.Tensor"]:
     """An optimiser's per-parameter state as flat named CPU tensors."""
+    import torch
+
     out = {}
     for pid, st in opt.state_dict()["state"].items():
         for key, val in st.items():
-            import torch
-
             t = val if isinstance(val, torch.Tensor) else torch.tensor(float(val))
             out[f"{prefix}/{pid}/{key}"] = t.detach().to("cpu").contiguous()
     return out

@@ -56,8 +56,6 @@ def _weights(folder: Path) -> dict:
 
 def _expected(base: Path, diff, dtype=None) -> dict:
     """Reference result computed independently: dense (base.float() + δ) cast once, plus extras."""
-    import torch
-
     b = _weights(base)
     out = {}
     for name, td in diff.tensors.items():

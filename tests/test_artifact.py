@@ -33,7 +33,7 @@ def test_clustered_positions_are_compressed_below_their_rice_code():
     numel, rows = 1 << 20, 10
     idx = torch.cat([torch.arange(r * 4096, r * 4096 + 1024) for r in range(rows)])  # 10 contiguous runs of 1024
     vals = torch.linspace(1e-3, 2e-3, idx.numel())
-    td = TensorDiff("w", (1024, 1024), "float32", _digest("w"), vals, idx)
+    td = TensorDiff("w", (1024, numel // 1024), "float32", _digest("w"), vals, idx)
     diff = Diff({"bert.w": td}, {}, {}, "b", fingerprint([td.digest]), {})
     data = artifact.pack(diff, "fp16")
     stream = artifact.loads_header(data)["streams"]["positions"]
