@@ -323,6 +323,7 @@ class Suite(RunStore, RunTimes):
                 print(f"FAILED: {stem}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 _write_json_atomic(self.store / f"{stem}.failed.json",
                                    {"settings": s, "error": f"{type(exc).__name__}: {exc}"[-3000:],
+                                    "machine": run_times.machine_here(),
                                     "code": self._used_code(run_dir, at_start, None, self.is_diffprune(run.method)),
                                     "finished": _now()})
                 return True

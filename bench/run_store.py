@@ -70,7 +70,9 @@ class RunStore:
                 e = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
-            if (e.get("settings") or {}).get("task", e.get("task")) not in tasks or run_times.on_gpu(e) != gpu:
+            unknown = "score" not in e and not e.get("machine") and not e.get("device")  # an older failed entry
+            if (e.get("settings") or {}).get("task", e.get("task")) not in tasks or (
+                    run_times.on_gpu(e) != gpu and not unknown):  # a failure of unknown kind is tried again
                 continue
             dest = self.retired_dir()
             try:  # lanes started together may all retire: the first one moves each file, the others skip it

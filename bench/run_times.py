@@ -20,13 +20,18 @@ def machine_key(m: dict | None) -> tuple | None:
 
 
 @functools.lru_cache(maxsize=None)
-def this_machine() -> tuple | None:
-    """machine_key of the machine this process runs on (its GPU too, when torch sees one)."""
+def machine_here() -> dict:
+    """measured.machine() of the machine this process runs on (its GPU too, when torch sees one)."""
     try:
         import torch
     except ImportError:
         torch = None
-    return machine_key(measured.machine(torch))
+    return measured.machine(torch)
+
+
+def this_machine() -> tuple | None:
+    """machine_key of the machine this process runs on."""
+    return machine_key(machine_here())
 
 
 def on_gpu(entry: dict) -> bool:

@@ -434,3 +434,17 @@ def test_retiring_moves_the_diff_an_entry_kept_beside_it(tmp_path, monkeypatch):
     assert suite.retire(["rte"], gpu=False) == [suite.retired_dir() / entry.name]
     assert not entry.exists() and not (suite.store / "refs" / "rte-basis-s1.diff").exists()
     assert (suite.retired_dir() / "refs" / "rte-basis-s1.diff").read_bytes() == b"DIFFPRUN"
+
+
+def test_a_failed_run_records_its_machine_and_retiring_moves_failures_of_unknown_kind(tmp_path, monkeypatch):
+    """A failed entry says where it failed, so retiring by kind can tell; an older one that does not is moved with
+    the row (its lr is tried again on the new kind rather than counted as failed there)."""
+    q, _report, suite, _executed = fake_suite(tmp_path, monkeypatch, fail={("full", 5e-05)})
+    first = q.Protocol(tasks=["rte"], methods=["full"], seeds=[1], data_dir=str(tmp_path))
+    q.Suite(first, tmp_path / "work").lane(wait_s=0)
+    failed = list(suite.store.glob("*.failed.json"))
+    assert len(failed) == 1 and json.loads(failed[0].read_text())["machine"]["cores"]
+    old = suite.store / "rte-full-s2-lr5e-05-0000000000.failed.json"
+    old.write_text(json.dumps({"settings": {"task": "rte"}, "error": "RuntimeError: boom"}))
+    moved = {f.name for f in suite.retire(["rte"], gpu=True)}  # this machine is a CPU: only the unknown one moves
+    assert moved == {old.name} and failed[0].is_file()
