@@ -300,8 +300,8 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
     return L + [what, "",
                 f"Progress: {doc['progress']['finished']} of {doc['progress']['planned']} runs finished, "
                 f"{doc['progress']['failed']} failed (methods the trainer lacks are not counted)"
-                + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since, so "
-                   "they run again" if doc["progress"].get("stale") else "")
+                + (f"; {doc['progress']['stale']} cached runs left out: code they imported has changed since (those the "
+                   "protocol still names are trained again)" if doc["progress"].get("stale") else "")
                 + (f"; {doc['progress']['attested']} cached runs count although code they imported has changed since: "
                    "only in ways a check showed compute the same runs (bench/results/code-equivalence.json)"
                    if doc["progress"].get("attested") else "")
