@@ -69,8 +69,10 @@ def plot_format(path: str | Path) -> str:
 
 
 def _matplotlib() -> None:
+    import importlib
+
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         raise DiffpruneError("--plot needs matplotlib, which is not installed", hint=INSTALL_HINT) from None
 

@@ -122,3 +122,11 @@ def token_rows(n: int = 32):
             return self.rows[i]
 
     return Rows()
+
+
+@pytest.fixture
+def golden_producer(monkeypatch):
+    """The golden files pin the format, not the version string of whoever wrote them."""
+    from diffcli import artifact
+
+    monkeypatch.setattr(artifact, "PRODUCER", "diffprune golden")

@@ -91,12 +91,6 @@ def assert_same_diff(a: Diff, b: Diff, atol: float = 0.0) -> None:
         assert ea.dtype == eb.dtype and ea.shape == eb.shape and torch.equal(ea, eb), name
 
 
-@pytest.fixture
-def golden_producer(monkeypatch):
-    """The golden file pins the format, not the version string of whoever wrote it."""
-    monkeypatch.setattr(artifact, "PRODUCER", "diffprune golden")
-
-
 def test_golden_bytes(golden_producer):
     data = GOLDEN.read_bytes()
     assert hashlib.sha256(data).hexdigest() == GOLDEN_SHA256

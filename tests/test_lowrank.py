@@ -19,7 +19,7 @@ from diffcli.diff import Diff
 from diffcli.errors import FormatError, InvalidValueError
 from diffcli.extract import extract_diff
 from diffcli.projection import project
-from test_artifact import golden_diff, golden_producer  # noqa: F401  (a fixture)
+from test_artifact import golden_diff
 from test_artifact_hostile import build2, replace_raw, split2
 
 runner = CliRunner()
