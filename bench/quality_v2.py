@@ -41,7 +41,7 @@ import quality_v2_rules as rules  # noqa: E402
 import run_times  # noqa: E402
 from run_store import RunStore  # noqa: E402
 from run_times import RunTimes  # noqa: E402
-from run_cache import claim  # noqa: E402
+from run_cache import claim, read_entries  # noqa: E402
 from run_cache import write_json_atomic as _write_json_atomic  # noqa: E402
 import dp_run  # noqa: E402
 from dp_run import diffprune_args  # noqa: E402
@@ -248,14 +248,9 @@ class Suite(RunStore, RunTimes):
                         if s is not None:
                             stems.add(self.stem(run, s))
         n = 0
-        for f in self.store.glob("*.json"):
+        for f, e in read_entries(self.store):
             stem = f.name[:-len(".failed.json")] if f.name.endswith(".failed.json") else f.stem
-            if stem in stems:
-                continue
-            try:
-                n += not self.code.stale(json.loads(f.read_text()).get("code"))
-            except (OSError, ValueError):
-                continue
+            n += stem not in stems and not self.code.stale(e.get("code"))
         return n
 
     def available(self, method: str) -> bool:

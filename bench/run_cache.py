@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -57,3 +58,17 @@ def kept_copy_fits(entry: dict, size_of) -> bool:
     None) is the run's own file, by its recorded `bytes`: runs sized from a reference depend on that very file."""
     kept = entry.get("kept_diff")
     return bool(kept) and size_of(kept) == entry.get("bytes")
+
+
+def read_entries(folder: Path) -> Iterator[tuple[Path, dict]]:
+    """(path, parsed entry) of every JSON entry in a store folder, sorted by name; unreadable files are skipped."""
+    for f in sorted(folder.glob("*.json")):
+        try:
+            yield f, json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+
+
+def entry_task(entry: dict) -> str | None:
+    """The task an entry ran: its settings' task, else the entry's own (older entries)."""
+    return (entry.get("settings") or {}).get("task", entry.get("task"))

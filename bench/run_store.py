@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import run_times
+from run_cache import entry_task, read_entries
 
 if TYPE_CHECKING:
     from quality_v2 import Run
@@ -43,11 +44,8 @@ class RunStore:
 
     def _stored(self):
         """Every entry in the store (finished and failed runs), parsed; unreadable files are skipped."""
-        for f in self.store.glob("*.json"):
-            try:
-                yield json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
+        for _, e in read_entries(self.store):
+            yield e
 
     def _entry(self, path: Path) -> dict | None:
         """A cache entry, unless a file its run imported has changed since (then the run is due again)."""
@@ -64,22 +62,16 @@ class RunStore:
         """Move the entries (finished and failed, with any file they kept) of `tasks` that trained on a GPU (`gpu`)
         or on CPU out of the store into `retired_dir()`, so lanes of the other kind can run those rows from the
         start and each row keeps to one kind. Nothing is deleted: moving them back undoes it. The entries moved."""
-        moved = []
-        for f in sorted(self.store.glob("*.json")):
-            try:
-                e = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
+        moved, dest = [], self.retired_dir()
+        for f, e in read_entries(self.store):
             unknown = "score" not in e and not e.get("machine") and not e.get("device")  # an older failed entry
-            if (e.get("settings") or {}).get("task", e.get("task")) not in tasks or (
-                    run_times.on_gpu(e) != gpu and not unknown):  # a failure of unknown kind is tried again
+            if entry_task(e) not in tasks or (run_times.on_gpu(e) != gpu and not unknown):  # unknown: tried again
                 continue
-            dest = self.retired_dir()
+            kept = e.get("kept_diff")
             try:  # lanes started together may all retire: the first one moves each file, the others skip it
-                for rel in [e["kept_diff"]] if e.get("kept_diff") else []:
-                    if (self.store / rel).is_file():
-                        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                        (self.store / rel).rename(dest / rel)
+                if kept and (self.store / kept).is_file():
+                    (dest / kept).parent.mkdir(parents=True, exist_ok=True)
+                    (self.store / kept).rename(dest / kept)
                 dest.mkdir(parents=True, exist_ok=True)
                 f.rename(dest / f.name)
             except FileNotFoundError:
@@ -90,13 +82,8 @@ class RunStore:
     def retired_entries(self) -> dict[str, dict[str, int]]:
         """{task: {"GPU" or "CPU": entries}} in `retired_dir()`, for the report."""
         out: dict[str, dict[str, int]] = {}
-        for f in sorted(self.retired_dir().glob("*.json")):
-            try:
-                e = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            task = (e.get("settings") or {}).get("task", e.get("task"))
+        for _, e in read_entries(self.retired_dir()):
+            kinds = out.setdefault(entry_task(e), {})
             kind = "GPU" if run_times.on_gpu(e) else "CPU"
-            out.setdefault(task, {}).setdefault(kind, 0)
-            out[task][kind] += 1
+            kinds[kind] = kinds.get(kind, 0) + 1
         return out

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import measured
-from run_cache import write_json_atomic
+from run_cache import entry_task, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ class RunTimes:
         kinds: dict[str, set[bool]] = {}
         for e in self._stored():
             if "score" in e and not e.get("error") and not self.code.stale(e.get("code")):
-                kinds.setdefault((e.get("settings") or {}).get("task", e.get("task")), set()).add(on_gpu(e))
+                kinds.setdefault(entry_task(e), set()).add(on_gpu(e))
         return kinds
 
     def task_work(self) -> dict[str, dict]:
