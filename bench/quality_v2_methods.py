@@ -326,7 +326,8 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
           "swr gets `--budget` from the same bisection with its units taken cheapest first (the most bytes per "
           "parameter), so the cap errs small; an swr file is never cut (marked 'over' if above the target).",
           "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory the "
-          "process's peak RSS on CPU (Python, torch and transformers included), torch's peak allocated on cuda.", ""]
+          "process's peak RSS on CPU (Python, torch and transformers included), torch's peak allocated on cuda. "
+          + report.CPU_LOAD, ""]
     L += ["## Results (dev score; mean ± sample std (n − 1) over seeds, (n) seeds)", "",
           "| task | ran on | " + " | ".join(LABELS[m] for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
     for t in tasks:

@@ -283,6 +283,12 @@ def model_name(p) -> str:
     return "the bundled MiniLM (all-MiniLM-L6-v2)" if p.model == "minilm" else f"`{p.model}`"
 
 
+# Said under both tables' Cost line: what a CPU run's wall time carries beside its own work.
+CPU_LOAD = ("On CPU the lanes (one thread each) share the machine's cores with each other and at times with other "
+            "work (test runs, code checks), so a CPU run's time carries that load: compare times across methods "
+            "roughly, not to the minute.")
+
+
 def _retired(retired: dict) -> str:
     """'11 GPU runs of cola' from retired_entries()."""
     return ", ".join(f"{n} {kind} run{'s' * (n != 1)} of {task}" for task, kinds in sorted(retired.items())
@@ -430,7 +436,7 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "Known bias against the baselines, to go when they are next rerun: `bench/baselines.py` keeps its best "
           "epoch as a copy of every weight on the training device (about 91 MB for MiniLM in fp32; two copies for "
           "a moment when a later epoch is better), so a baseline's peak is up to about 0.18 GB above what its "
-          "training needs; diffprune's best epoch keeps its k values and the head.",
+          "training needs; diffprune's best epoch keeps its k values and the head. " + CPU_LOAD,
           "- Baselines: AdamW, linear decay, no warmup or weight decay, gradient norm clipped to 1, the head "
           "initialised as `train` does; LoRA via PEFT (dropout 0.1), BitFit and the head by freezing.", ""]
     # main table
