@@ -130,3 +130,58 @@ def golden_producer(monkeypatch):
     from diffcli import artifact
 
     monkeypatch.setattr(artifact, "PRODUCER", "diffprune golden")
+
+
+MATRICES = ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.intermediate.dense.weight",
+            "encoder.layer.1.output.dense.weight")
+
+
+def with_bases(diff, base_dir: Path, seed: int = 0):
+    """`diff` plus basis scales on three matrices: random a around 1, a quarter of the bases pruned."""
+    import torch
+
+    from diffcli import svd_basis
+    from diffcli.weights import WeightStore
+
+    store = WeightStore(base_dir)
+    gen = torch.Generator().manual_seed(seed)
+    for target, td in diff.tensors.items():
+        if td.base_name in MATRICES:
+            u, s, vh = svd_basis.canonical_svd(store[td.base_name])
+            a = 1 + 0.2 * torch.randn(s.numel(), generator=gen)
+            a[torch.randperm(s.numel(), generator=gen)[: s.numel() // 4]] = 0
+            diff.bases[target] = svd_basis.make_scales(u, s, vh, a)
+    store.release()
+    assert len(diff.bases) == len(MATRICES)
+    return diff
+
+
+@pytest.fixture(scope="module")
+def basis_models(tmp_path_factory):
+    """A tiny base, a diff of a finetune of it with basis scales on three matrices, and another base."""
+    from diffcli.extract import extract_diff
+    from diffcli.projection import project
+
+    root = tmp_path_factory.mktemp("basis")
+    base = make_base(root / "base")
+    ft = make_finetune(base, root / "ft")
+    diff = with_bases(project(extract_diff(str(base), str(ft)), 0.02).diff, base)
+    return {"root": root, "base": base, "diff": diff, "other": make_base(root / "other", seed=5)}
+
+
+def probes_of_another_base(basis_models):
+    """The basis diff with the right base's digests but probes computed on another base's SVD."""
+    import copy
+
+    from diffcli import svd_basis
+    from diffcli.diff import BasisScales
+    from diffcli.weights import WeightStore
+
+    diff = copy.copy(basis_models["diff"])
+    other = WeightStore(basis_models["other"])
+    diff.bases = {}
+    for name, bs in basis_models["diff"].bases.items():
+        u, s, vh = svd_basis.canonical_svd(other[diff.tensors[name].base_name])
+        diff.bases[name] = BasisScales(bs.rank, bs.kept, bs.values, svd_basis.probe(u, s, vh, bs.coefficients()))
+    other.release()
+    return diff

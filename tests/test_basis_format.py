@@ -1,57 +1,21 @@
 """Basis-scale records: the deterministic basis and probe, format v2 and checkpoint round trips, every reader
-(apply, DiffBank, verify, inspect), merge's refusal, and hostile files."""
+(apply, DiffBank, verify, inspect, eval, prune) and merge; hostile files are in test_basis_hostile.py."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import random
-import struct
 
 import numpy as np
 import pytest
 import torch
-import zstandard
 from typer.testing import CliRunner
 
-from conftest import apply_sharded_in_small_chunks, make_base, make_finetune
+from conftest import MATRICES, apply_sharded_in_small_chunks, make_finetune, probes_of_another_base, with_bases
 from diffcli import artifact, checkpoint, svd_basis
 from diffcli.cli.app import app
 from diffcli.diff import BasisScales, TensorDiff
-from diffcli.errors import BaseMismatchError, FormatError, InvalidValueError
-
-MATRICES = ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.intermediate.dense.weight",
-            "encoder.layer.1.output.dense.weight")
-
-
-def with_bases(diff, base_dir, seed: int = 0):
-    """`diff` plus basis scales on three matrices: random a around 1, a quarter of the bases pruned."""
-    from diffcli.weights import WeightStore
-
-    store = WeightStore(base_dir)
-    gen = torch.Generator().manual_seed(seed)
-    for target, td in diff.tensors.items():
-        if td.base_name in MATRICES:
-            u, s, vh = svd_basis.canonical_svd(store[td.base_name])
-            a = 1 + 0.2 * torch.randn(s.numel(), generator=gen)
-            a[torch.randperm(s.numel(), generator=gen)[: s.numel() // 4]] = 0
-            diff.bases[target] = svd_basis.make_scales(u, s, vh, a)
-    store.release()
-    assert len(diff.bases) == len(MATRICES)
-    return diff
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from diffcli.extract import extract_diff
-    from diffcli.projection import project
-
-    root = tmp_path_factory.mktemp("basis")
-    base = make_base(root / "base")
-    ft = make_finetune(base, root / "ft")
-    diff = with_bases(project(extract_diff(str(base), str(ft)), 0.02).diff, base)
-    return {"root": root, "base": base, "diff": diff, "other": make_base(root / "other", seed=5)}
+from diffcli.errors import BaseMismatchError, InvalidValueError
 
 
 def _expected_state(diff, base_dir):
@@ -147,8 +111,8 @@ def test_probe_tolerance_covers_the_recorded_value_error_and_no_more():
 # ------------------------------------------------------------------------------------------ round trips
 
 @pytest.mark.parametrize("values", ["fp32", "fp16", "int8"])
-def test_v2_round_trip_keeps_the_basis_records(models, values):
-    diff = models["diff"]
+def test_v2_round_trip_keeps_the_basis_records(basis_models, values):
+    diff = basis_models["diff"]
     back = artifact.loads(artifact.pack(diff, values))
     assert sorted(back.bases) == sorted(diff.bases)
     for name, bs in diff.bases.items():
@@ -160,8 +124,8 @@ def test_v2_round_trip_keeps_the_basis_records(models, values):
     assert back.nnz == diff.nnz and sorted(back.tensors) == sorted(diff.tensors)
 
 
-def test_checkpoint_round_trip_and_v1_refusal(models, tmp_path):
-    diff = models["diff"]
+def test_checkpoint_round_trip_and_v1_refusal(basis_models, tmp_path):
+    diff = basis_models["diff"]
     back = checkpoint.load(checkpoint.save(diff, tmp_path / "ck"))
     for name, bs in diff.bases.items():
         assert torch.equal(back.bases[name].values, bs.values) and back.bases[name].probe == bs.probe
@@ -170,10 +134,10 @@ def test_checkpoint_round_trip_and_v1_refusal(models, tmp_path):
         artifact.pack(diff, version=1)
 
 
-def test_inspect_counts_the_scales_in_params(models, tmp_path):
+def test_inspect_counts_the_scales_in_params(basis_models, tmp_path):
     from diffcli.report import inspect
 
-    diff = models["diff"]
+    diff = basis_models["diff"]
     path = tmp_path / "b.diff"
     artifact.write(diff, path)
     scales = sum(bs.nkept for bs in diff.bases.values())
@@ -187,10 +151,10 @@ def test_inspect_counts_the_scales_in_params(models, tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout)["totals"]["params"] == diff.nnz
 
 
-def test_diff_nnz_is_the_packed_headers_nnz_with_basis_scales(models, tmp_path):
+def test_diff_nnz_is_the_packed_headers_nnz_with_basis_scales(basis_models, tmp_path):
     """Issue 10: Diff.nnz, the checkpoint's nnz, `pack`'s report and the header's nnz all count every stored
     update parameter (sparse entries and the kept basis scales alike), as docs/FORMAT.md defines the header's."""
-    diff = models["diff"]
+    diff = basis_models["diff"]
     scales = sum(bs.nkept for bs in diff.bases.values())
     sparse = sum(td.nnz for td in diff.tensors.values())
     assert scales > 0 and sparse > 0 and diff.nnz == sparse + scales
@@ -202,53 +166,53 @@ def test_diff_nnz_is_the_packed_headers_nnz_with_basis_scales(models, tmp_path):
     assert json.loads((ck / checkpoint.META_FILE).read_text())["nnz"] == diff.nnz == checkpoint.load(ck).nnz
 
 
-def test_header_with_basis_records_matches_the_schema(models):
+def test_header_with_basis_records_matches_the_schema(basis_models):
     jsonschema = pytest.importorskip("jsonschema")
     from pathlib import Path
 
     schema = json.loads((Path(artifact.__file__).parent / "schema" / "header.schema.json").read_text())
-    header = artifact.loads_header(artifact.pack(models["diff"]))
+    header = artifact.loads_header(artifact.pack(basis_models["diff"]))
     jsonschema.validate(header, schema)
     assert [r[0] for r in header["records"]].count("basis") == len(MATRICES)
 
 
 # ------------------------------------------------------------------------------------------ readers
 
-def test_apply_to_folder_rebuilds_base_plus_scales_plus_delta(models, tmp_path):
+def test_apply_to_folder_rebuilds_base_plus_scales_plus_delta(basis_models, tmp_path):
     from safetensors.torch import load_file
 
     from diffcli.applying import apply_to_folder
 
     path = tmp_path / "b.diff"
-    artifact.write(models["diff"], path, values="fp32")
-    report = apply_to_folder(models["base"], path, tmp_path / "out")
+    artifact.write(basis_models["diff"], path, values="fp32")
+    report = apply_to_folder(basis_models["base"], path, tmp_path / "out")
     assert report.basis_probe_error is not None and report.basis_probe_error < 1e-9
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
-    want = _expected_state(models["diff"], models["base"])
+    want = _expected_state(basis_models["diff"], basis_models["base"])
     for name in MATRICES:
-        target = next(t for t, td in models["diff"].tensors.items() if td.base_name == name)
+        target = next(t for t, td in basis_models["diff"].tensors.items() if td.base_name == name)
         assert torch.allclose(got[target].double(), want[target], atol=1e-5)
 
 
-def test_apply_from_a_sharded_base_into_shards_through_small_chunks_is_the_same_model(models, tmp_path,
+def test_apply_from_a_sharded_base_into_shards_through_small_chunks_is_the_same_model(basis_models, tmp_path,
                                                                                       monkeypatch):
     """The rebuilt basis tensors reach every shard and every 50-float chunk exactly as in one file at default chunks."""
     path = tmp_path / "b.diff"
-    artifact.write(models["diff"], path)
-    got, want, report = apply_sharded_in_small_chunks(models["base"], path, tmp_path, monkeypatch)
+    artifact.write(basis_models["diff"], path)
+    got, want, report = apply_sharded_in_small_chunks(basis_models["base"], path, tmp_path, monkeypatch)
     assert report.shards > 2 and report.basis_probe_error is not None
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_apply_force_on_a_tampered_base_still_refuses_with_exit_5(models, tmp_path):
+def test_apply_force_on_a_tampered_base_still_refuses_with_exit_5(basis_models, tmp_path):
     """--force overrides the digest check, never the probe: the recomputed basis would be another."""
     from safetensors.torch import load_file, save_file
 
     path = tmp_path / "b.diff"
-    artifact.write(models["diff"], path)
+    artifact.write(basis_models["diff"], path)
     tampered = tmp_path / "tampered"
     tampered.mkdir()
-    for f in models["base"].iterdir():
+    for f in basis_models["base"].iterdir():
         (tampered / f.name).write_bytes(f.read_bytes())
     state = load_file(str(tampered / "model.safetensors"))
     state[MATRICES[0]][0, 0] += 0.05
@@ -261,25 +225,25 @@ def test_apply_force_on_a_tampered_base_still_refuses_with_exit_5(models, tmp_pa
     assert result.exit_code == 5
 
 
-def test_verify_with_base_checks_the_probes(models, tmp_path):
+def test_verify_with_base_checks_the_probes(basis_models, tmp_path):
     path = tmp_path / "b.diff"
-    artifact.write(models["diff"], path)
-    report = artifact.verify(path, base=str(models["base"]))
+    artifact.write(basis_models["diff"], path)
+    report = artifact.verify(path, base=str(basis_models["base"]))
     assert any("basis probes of 3 matrices" in c for c in report.checks)
     with pytest.raises(BaseMismatchError):
-        artifact.verify(path, base=str(models["other"]))
+        artifact.verify(path, base=str(basis_models["other"]))
 
 
-def test_in_memory_apply_and_revert_are_exact(models):
+def test_in_memory_apply_and_revert_are_exact(basis_models):
     from transformers import AutoModelForSequenceClassification
 
     from diffcli.applying import apply_, revert_
 
-    model = AutoModelForSequenceClassification.from_pretrained(models["base"], num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(basis_models["base"], num_labels=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    diff = artifact.loads(artifact.pack(models["diff"], "fp32"))
+    diff = artifact.loads(artifact.pack(basis_models["diff"], "fp32"))
     handle = apply_(model, diff)
-    want = _expected_state(diff, models["base"])
+    want = _expected_state(diff, basis_models["base"])
     state = model.state_dict()
     for target, w in want.items():
         key = handle.names[target]
@@ -288,22 +252,22 @@ def test_in_memory_apply_and_revert_are_exact(models):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_bank_switches_and_restores_the_base_bit_for_bit(models, tmp_path):
+def test_bank_switches_and_restores_the_base_bit_for_bit(basis_models, tmp_path):
     from diffcli.bank import DiffBank
 
     path = tmp_path / "b.diff"
-    artifact.write(models["diff"], path, values="fp32")
-    bank = DiffBank(models["base"], device="cpu")
+    artifact.write(basis_models["diff"], path, values="fp32")
+    bank = DiffBank(basis_models["base"], device="cpu")
     base_state = {k: v.clone() for k, v in bank.encoder.state_dict().items()}
     bank.add("t", path)
     with bank.use("t") as model:
         enc = model.base_model.state_dict()
-        want = _expected_state(models["diff"], models["base"])
+        want = _expected_state(basis_models["diff"], basis_models["base"])
         key = MATRICES[1]
-        target = next(t for t, td in models["diff"].tensors.items() if td.base_name == key)
+        target = next(t for t, td in basis_models["diff"].tensors.items() if td.base_name == key)
         assert torch.allclose(enc[key].double(), want[target], atol=1e-5)
     plain = tmp_path / "plain.diff"  # the same sparse δ without the scales: switching goes through both paths
-    no_bases = copy.copy(models["diff"])
+    no_bases = copy.copy(basis_models["diff"])
     no_bases.bases = {}
     artifact.write(no_bases, plain, values="fp32")
     bank.add("plain", plain)
@@ -312,24 +276,24 @@ def test_bank_switches_and_restores_the_base_bit_for_bit(models, tmp_path):
             got = model.base_model.state_dict()[key].double()
         scaled = torch.allclose(got, want[target], atol=1e-5)
         assert scaled == (name == "t")
-    assert bank.task_nbytes("t") < 2 * 4 * sum(models["diff"].tensors[n].numel for n in models["diff"].bases) + 10**5
+    assert bank.task_nbytes("t") < 2 * 4 * sum(basis_models["diff"].tensors[n].numel for n in basis_models["diff"].bases) + 10**5
     assert bank.basis_probe_error("t") < 1e-9 and bank.basis_probe_error("plain") is None  # kept from `add`
     bank.reset()
     assert all(torch.equal(base_state[k], v) for k, v in bank.encoder.state_dict().items())
     with pytest.raises(BaseMismatchError):
-        DiffBank(models["other"], device="cpu").add("t", path)
+        DiffBank(basis_models["other"], device="cpu").add("t", path)
 
 
-def test_eval_reports_the_basis_probe_error_only_for_basis_diffs(models, tmp_path):
+def test_eval_reports_the_basis_probe_error_only_for_basis_diffs(basis_models, tmp_path):
     """`eval` (through DiffBank) reports the rebuild's largest relative probe error, as `apply` does."""
     data = tmp_path / "dev.csv"
     data.write_text("sentence,label\nthe movie is good,1\nthe movie is bad,0\na cat,0\nyes the dog,1\n")
-    plain = copy.copy(models["diff"])
+    plain = copy.copy(basis_models["diff"])
     plain.bases = {}
-    for diff, scaled in ((models["diff"], True), (plain, False)):
+    for diff, scaled in ((basis_models["diff"], True), (plain, False)):
         path = tmp_path / f"{scaled}.diff"
         artifact.write(diff, path, values="fp32")
-        args = ["eval", str(models["base"]), str(path), "--task", "sst2", "--validation-file", str(data)]
+        args = ["eval", str(basis_models["base"]), str(path), "--task", "sst2", "--validation-file", str(data)]
         result = CliRunner().invoke(app, [*args, "--json"])
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
@@ -341,10 +305,10 @@ def test_eval_reports_the_basis_probe_error_only_for_basis_diffs(models, tmp_pat
         assert human.exit_code == 0 and ("largest relative probe error" in human.stdout) == scaled, human.output
 
 
-def test_merge_refuses_basis_records_without_a_base_with_one_line(models, tmp_path):
+def test_merge_refuses_basis_records_without_a_base_with_one_line(basis_models, tmp_path):
     a, b = tmp_path / "a.diff", tmp_path / "b.diff"
-    artifact.write(models["diff"], a)
-    artifact.write(models["diff"], b)
+    artifact.write(basis_models["diff"], a)
+    artifact.write(basis_models["diff"], b)
     result = CliRunner().invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "m.diff")])
     assert result.exit_code == 2
     assert "basis scales" in result.stderr and "pass --base BASE" in result.stderr
@@ -352,12 +316,12 @@ def test_merge_refuses_basis_records_without_a_base_with_one_line(models, tmp_pa
     assert not (tmp_path / "m.diff").exists()
 
 
-def test_prune_projects_the_sparse_delta_and_keeps_the_basis_scales(models, tmp_path):
+def test_prune_projects_the_sparse_delta_and_keeps_the_basis_scales(basis_models, tmp_path):
     """A double-pruned checkpoint: δ is projected to k = round(S·N) exactly as without scales; every scale survives."""
     from diffcli.projection import project
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "pruned"
-    checkpoint.save(models["diff"], ckpt)
+    checkpoint.save(basis_models["diff"], ckpt)
     result = CliRunner().invoke(app, ["prune", str(ckpt), "-s", "1%", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -385,23 +349,23 @@ def test_prune_projects_the_sparse_delta_and_keeps_the_basis_scales(models, tmp_
     assert CliRunner().invoke(app, ["pack", str(out), "-o", str(packed), "--values", "fp32"]).exit_code == 0
     assert CliRunner().invoke(app, ["verify", str(packed)]).exit_code == 0
     merged = tmp_path / "merged"
-    applied = CliRunner().invoke(app, ["apply", str(models["base"]), str(packed), "-o", str(merged)])
+    applied = CliRunner().invoke(app, ["apply", str(basis_models["base"]), str(packed), "-o", str(merged)])
     assert applied.exit_code == 0, applied.output
     from safetensors.torch import load_file
 
-    got, want = load_file(str(merged / "model.safetensors")), _expected_state(pruned, models["base"])
+    got, want = load_file(str(merged / "model.safetensors")), _expected_state(pruned, basis_models["base"])
     for target in pruned.bases:
         assert torch.allclose(got[target].double(), want[target], atol=1e-5), target
 
 
 @pytest.fixture(scope="module")
-def second(models):
+def second(basis_models):
     """Another basis diff on the same base: another finetune, other scales and pruned bases."""
     from diffcli.extract import extract_diff
     from diffcli.projection import project
 
-    ft = make_finetune(models["base"], models["root"] / "ft2", seed=2)
-    return with_bases(project(extract_diff(str(models["base"]), str(ft)), 0.02).diff, models["base"], seed=1)
+    ft = make_finetune(basis_models["base"], basis_models["root"] / "ft2", seed=2)
+    return with_bases(project(extract_diff(str(basis_models["base"]), str(ft)), 0.02).diff, basis_models["base"], seed=1)
 
 
 def _resolved_dense(diff, base_dir) -> dict[str, torch.Tensor]:
@@ -414,27 +378,27 @@ def _resolved_dense(diff, base_dir) -> dict[str, torch.Tensor]:
     return {td.base_name: td.dense().double() for td in resolved.tensors.values()}
 
 
-def test_merge_with_the_base_is_the_weighted_sum_of_the_resolved_deltas(models, second):
+def test_merge_with_the_base_is_the_weighted_sum_of_the_resolved_deltas(basis_models, second):
     """Library: each basis record becomes its resolved dense δ on the base, summed exactly. Tolerance 1e-6 (plus
     1e-5 relative): the inputs are float32 resolutions summed in float64 and cast once, so only rounding differs."""
     from diffcli.merging import merge
 
     from test_lowrank import with_lowrank
 
-    plain = copy.copy(models["diff"])  # the same sparse δ without scales: a basis record merged with a sparse one
+    plain = copy.copy(basis_models["diff"])  # the same sparse δ without scales: a basis record merged with a sparse one
     plain.bases = {}
     query = next(t for t, td in plain.tensors.items() if td.base_name == MATRICES[0])
     lowrank = with_lowrank(plain, query, 3, seed=4)  # a low-rank δ where the first input has basis scales
     weights = [0.5, -1.5]
-    for inputs in ((models["diff"], second), (second, plain), (models["diff"], lowrank)):
-        result = merge(list(inputs), weights, base=models["base"], names=["a", "b"])
+    for inputs in ((basis_models["diff"], second), (second, plain), (basis_models["diff"], lowrank)):
+        result = merge(list(inputs), weights, base=basis_models["base"], names=["a", "b"])
         assert not result.diff.bases  # every basis record is folded into a sparse record
         scaled = sum(len(d.bases) for d in inputs)
         assert len(result.report["resolved"]) == scaled
         assert result.report["basis_probe_error"] < 1e-9
         want = {}
         for w, d in zip(weights, inputs):
-            for name, delta in _resolved_dense(d, models["base"]).items():
+            for name, delta in _resolved_dense(d, basis_models["base"]).items():
                 want[name] = want.get(name, 0) + w * delta
         got = {td.base_name: td.dense().double() for td in result.diff.tensors.values()}
         assert sorted(got) == sorted(want)
@@ -443,300 +407,50 @@ def test_merge_with_the_base_is_the_weighted_sum_of_the_resolved_deltas(models, 
     # and the resolved δ is the definition, U·diag(σ⊙c)·Vᵀ + δ in float64 (FORMAT.md §11), to float32 rounding
     from diffcli.weights import WeightStore
 
-    store = WeightStore(models["base"])
-    defined = _expected_state(second, models["base"])
-    resolved = _resolved_dense(second, models["base"])
+    store = WeightStore(basis_models["base"])
+    defined = _expected_state(second, basis_models["base"])
+    resolved = _resolved_dense(second, basis_models["base"])
     for target, td in second.tensors.items():
         assert torch.allclose(resolved[td.base_name], defined[target] - store[td.base_name].double(), atol=1e-6)
     store.release()
 
 
-def test_cli_merge_with_base_writes_a_sparse_diff_that_verifies_and_reports_the_probe_error(models, second, tmp_path):
+def test_cli_merge_with_base_writes_a_sparse_diff_that_verifies_and_reports_the_probe_error(basis_models, second, tmp_path):
     from diffcli.merging import merge
 
     a, b, out = tmp_path / "a.diff", tmp_path / "b.diff", tmp_path / "m.diff"
-    artifact.write(models["diff"], a, values="fp32")
+    artifact.write(basis_models["diff"], a, values="fp32")
     artifact.write(second, b, values="fp32")
-    result = CliRunner().invoke(app, ["merge", str(a), str(b), "--base", str(models["base"]), "-o", str(out),
+    result = CliRunner().invoke(app, ["merge", str(a), str(b), "--base", str(basis_models["base"]), "-o", str(out),
                                       "--values", "fp32", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert len(report["resolved"]) == 2 * len(MATRICES) and report["basis_probe_error"] < 1e-9
     merged = artifact.load(out)
-    assert not merged.bases and merged.meta["merge"]["base"] == str(models["base"])
-    assert CliRunner().invoke(app, ["verify", str(out), "--base", str(models["base"])]).exit_code == 0
-    lib = merge([artifact.load(a), artifact.load(b)], base=models["base"]).diff
+    assert not merged.bases and merged.meta["merge"]["base"] == str(basis_models["base"])
+    assert CliRunner().invoke(app, ["verify", str(out), "--base", str(basis_models["base"])]).exit_code == 0
+    lib = merge([artifact.load(a), artifact.load(b)], base=basis_models["base"]).diff
     for target, td in lib.tensors.items():
         assert torch.equal(merged.tensors[target].dense(), td.dense()), target
-    human = CliRunner().invoke(app, ["merge", str(a), str(b), "-b", str(models["base"]), "-o",
+    human = CliRunner().invoke(app, ["merge", str(a), str(b), "-b", str(basis_models["base"]), "-o",
                                      str(tmp_path / "h.diff")])
     assert human.exit_code == 0, human.output
     assert "basis scales resolved on the base" in human.stdout and "probe error" in human.stdout
 
 
-def test_merge_refuses_a_probe_or_a_base_that_misses_with_exit_5_and_writes_nothing(models, second, tmp_path):
+def test_merge_refuses_a_probe_or_a_base_that_misses_with_exit_5_and_writes_nothing(basis_models, second, tmp_path):
     """The probe check of apply: a probe made on another base (digests of the right one) is refused, exit 5; so is a
     --base other than the one the diffs were made on (its digests differ) and a missing one (exit 3)."""
-    lying = _probe_of_other_base(models)
+    lying = probes_of_another_base(basis_models)
     a, b, good, out = tmp_path / "lying.diff", tmp_path / "b.diff", tmp_path / "a.diff", tmp_path / "m.diff"
     artifact.write(lying, a)
     artifact.write(second, b)
-    artifact.write(models["diff"], good)
-    cases = [([str(a), str(b), "--base", str(models["base"])], 5, "probe"),
-             ([str(good), str(b), "--base", str(models["other"])], 5, "another base"),
+    artifact.write(basis_models["diff"], good)
+    cases = [([str(a), str(b), "--base", str(basis_models["base"])], 5, "probe"),
+             ([str(good), str(b), "--base", str(basis_models["other"])], 5, "another base"),
              ([str(good), str(b), "--base", str(tmp_path / "nowhere")], 3, "nowhere")]
     for args, code, needle in cases:
         result = CliRunner().invoke(app, ["merge", *args, "-o", str(out)])
         assert result.exit_code == code, result.output
         assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not out.exists() and not list(tmp_path.glob(".m.diff*"))
-
-
-# ------------------------------------------------------------------------------------------ hostile files
-
-def split_v2(data: bytes) -> tuple[dict, bytes]:
-    hlen = int.from_bytes(data[12:16], "little")
-    text = zstandard.ZstdDecompressor().decompress(data[20:20 + hlen])
-    return json.loads(text), data[20 + hlen + 32:]
-
-
-def build_v2(header: dict, payload: bytes) -> bytes:
-    """A version-2 file whose header digest is right, whatever the header says."""
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    frame = zstandard.ZstdCompressor(level=3).compress(text)
-    front = b"DIFFPRUN" + struct.pack("<HHI", 2, 0, len(frame)) + struct.pack("<I", len(text)) + frame
-    return front + hashlib.sha256(front).digest() + payload
-
-
-def _basis_index(header: dict) -> int:
-    return next(i for i, r in enumerate(header["records"]) if r[0] == "basis")
-
-
-def _set(field: int, value):
-    def mutate(h):
-        h["records"][_basis_index(h)][field] = value
-    return mutate
-
-
-def _move_basis(h):
-    i = _basis_index(h)
-    h["records"].insert(0, h["records"].pop(i))
-
-
-def _integer_tensor(h):
-    i = _basis_index(h)
-    h["records"][i - 1][3] = "int64"
-
-
-@pytest.mark.parametrize("mutate, message", [
-    (_set(2, 7), "not min\\(out, in\\)"),
-    (_set(2, 10**6), "not min\\(out, in\\)"),
-    (_set(3, 10**6), "exceeds its"),
-    (_set(5, [0.0, 1.0]), "probe must be 4 finite numbers"),
-    (_set(5, ["x", 1.0, 2.0, 3.0]), "probe must be 4 finite numbers"),
-    (_set(5, [1e308, 1e308, 1e308, True]), "probe must be 4 finite numbers"),
-    (_move_basis, "must follow the sparse record"),
-    (_integer_tensor, "needs a 2-D float tensor"),
-    (lambda h: h["records"][_basis_index(h)].append(0), "must have 6 fields"),
-])
-def test_lying_basis_records_are_refused(models, tmp_path, mutate, message):
-    header, payload = split_v2(artifact.pack(models["diff"]))
-    mutate(header)
-    with pytest.raises(FormatError, match=message):
-        artifact.loads(build_v2(header, payload))
-    path = tmp_path / "x.diff"
-    path.write_bytes(build_v2(header, payload))
-    result = CliRunner().invoke(app, ["apply", str(models["base"]), str(path), "-o", str(tmp_path / "out")])
-    assert result.exit_code == 4 and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
-
-
-def test_scale_values_that_are_not_finite_are_refused_at_pack_and_at_read(models, tmp_path):
-    diff = models["diff"]
-    name = sorted(diff.bases)[0]
-    bs = diff.bases[name]
-    bad = BasisScales(bs.rank, bs.kept, bs.values.clone(), bs.probe)
-    bad.values[0] = float("nan")
-    saved = diff.bases[name]
-    diff.bases[name] = bad
-    try:
-        with pytest.raises(InvalidValueError, match="NaN"):
-            artifact.pack(diff)
-    finally:
-        diff.bases[name] = saved
-    header, payload = split_v2(artifact.pack(diff, "fp32"))
-    # an fp32 NaN planted in the values stream (with its checksum fixed) is refused when read
-    streams = ["positions", "values", "scales", "dense"]
-    blobs, off = {}, 0
-    for s in streams:
-        blobs[s] = payload[off:off + header["streams"][s]["length"]]
-        off += header["streams"][s]["length"]
-    raw = bytearray(zstandard.ZstdDecompressor().decompress(blobs["values"]) if header["streams"]["values"]["codec"]
-                    == "zstd" else blobs["values"])
-    n = len(raw) // 4
-    planes = np.frombuffer(bytes(raw), np.uint8).reshape(4, n).copy()
-    nan = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
-    planes[:, n - 1] = nan[::-1]  # the last stored value
-    blobs["values"] = planes.tobytes()
-    header["streams"]["values"].update(codec="raw", length=len(blobs["values"]),
-                                       sha256=hashlib.sha256(blobs["values"]).hexdigest())
-    planted = build_v2(header, b"".join(blobs[s] for s in streams))
-    with pytest.raises(FormatError, match="NaN"):
-        artifact.loads(planted)
-    # through the CLI: one line, exit 4, nothing written
-    bad = tmp_path / "nan.diff"
-    bad.write_bytes(planted)
-    for args in (["verify", str(bad)], ["apply", str(models["base"]), str(bad), "-o", str(tmp_path / "merged")],
-                 ["pack", str(bad), "-o", str(tmp_path / "again.diff")]):
-        res = CliRunner().invoke(app, args)
-        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        assert res.exit_code == 4 and len(lines) == 1 and "NaN" in lines[0], (args, res.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.diff"]
-
-
-def test_fuzz_mutated_basis_files_give_typed_errors_or_consistent_diffs(models):
-    """Random lies in the header and damage to the bytes: a typed error, or a diff whose records obey the rules."""
-    from diffcli.errors import DiffpruneError
-
-    valid = artifact.pack(models["diff"])
-    header0, payload = split_v2(valid)
-    rng = random.Random(20261202)
-    outcomes = {"error": 0, "loaded": 0}
-    for _ in range(300):
-        if rng.random() < 0.5:
-            data = bytearray(valid)
-            for _ in range(rng.randint(1, 3)):
-                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-            data = bytes(data)
-        else:
-            header = json.loads(json.dumps(header0))
-            rec = header["records"][rng.choice([i for i, r in enumerate(header["records"]) if r[0] == "basis"])]
-            field = rng.randrange(1, 6)
-            rec[field] = rng.choice([0, 1, -1, 7, 31, 32, 2**62, None, "x", [], 1.5, True,
-                                     [0.0] * 4, [float(rng.random())] * 4])
-            data = build_v2(header, payload)
-        try:
-            diff = artifact.loads(data)
-        except DiffpruneError:
-            outcomes["error"] += 1
-            continue
-        for name, bs in diff.bases.items():
-            td = diff.tensors[name]
-            svd_basis.check_scales(name, td.shape, td.dtype, bs)
-        outcomes["loaded"] += 1
-    assert outcomes["error"] > 150 and sum(outcomes.values()) == 300
-
-
-@pytest.mark.parametrize("values", ["int4", "ternary"])
-def test_a_scale_quantized_to_zero_stays_a_kept_basis(models, values):
-    """Sparse entries coded 0 are dropped; a basis scale coded 0 must stay (a = 1), never become pruned (a = 0)."""
-    diff = models["diff"]
-    name = sorted(diff.bases)[0]
-    saved = diff.bases[name]
-    vals = saved.values.clone()
-    vals[: vals.numel() // 2] = 0.0  # a = 1 exactly: an unchanged basis
-    diff.bases[name] = BasisScales(saved.rank, saved.kept, vals, saved.probe)
-    try:
-        back = artifact.loads(artifact.pack(diff, values))
-    finally:
-        diff.bases[name] = saved
-    got = back.bases[name]
-    assert torch.equal(got.kept, saved.kept)
-    assert not bool(got.values[: vals.numel() // 2].any())
-
-
-def test_inspect_plot_draws_a_file_with_basis_records(models, tmp_path):
-    pytest.importorskip("matplotlib")
-    path = tmp_path / "b.diff"
-    artifact.write(models["diff"], path)
-    result = CliRunner().invoke(app, ["inspect", str(path), "--plot", str(tmp_path / "p.png")])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "p.png").stat().st_size > 1000
-
-
-def _probe_of_other_base(models):
-    """The basis diff with the right base's digests but probes computed on another base's SVD."""
-    from diffcli.weights import WeightStore
-
-    diff = copy.copy(models["diff"])
-    other = WeightStore(models["other"])
-    diff.bases = {}
-    for name, bs in models["diff"].bases.items():
-        u, s, vh = svd_basis.canonical_svd(other[diff.tensors[name].base_name])
-        diff.bases[name] = BasisScales(bs.rank, bs.kept, bs.values, svd_basis.probe(u, s, vh, bs.coefficients()))
-    other.release()
-    return diff
-
-
-def test_a_probe_made_on_another_base_is_refused_with_exit_5(models, tmp_path):
-    """Digests of the right base, probe of another: the rebuild check alone catches it; nothing is written."""
-    diff = _probe_of_other_base(models)
-    path = tmp_path / "b.diff"
-    artifact.write(diff, path)
-    for args in (["apply", str(models["base"]), str(path), "-o", str(tmp_path / "out")],
-                 ["verify", str(path), "--base", str(models["base"])]):
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 5 and "probe" in result.stderr, result.output
-        assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
-
-
-# ------------------------------------------------------------------------------------------ the recorded value error
-
-def _with_eps(data: bytes, eps) -> bytes:
-    header, payload = split_v2(data)
-    header["values"]["max_abs_error"] = eps
-    return build_v2(header, payload)
-
-
-def test_a_lying_value_error_cannot_switch_the_probe_check_off(models, tmp_path):
-    """max_abs_error 1e300 widened the probe tolerance to anything: apply --force rebuilt another base (exit 0)."""
-    path = tmp_path / "eps.diff"
-    path.write_bytes(_with_eps(artifact.pack(models["diff"], "fp16"), 1e300))
-    with pytest.raises(FormatError, match="max_abs_error"):
-        artifact.load(path)
-    for args in (["apply", str(models["other"]), str(path), "-o", str(tmp_path / "out"), "--force"],
-                 ["verify", str(path)], ["verify", str(path), "--base", str(models["base"])]):
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 4 and "max_abs_error" in result.stderr, (args, result.output)
-        assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("values", ["fp16", "bf16", "int8", "int4", "ternary"])
-def test_the_value_error_is_refused_just_above_its_bound_and_kept_at_it(models, values):
-    from diffcli import quantize
-
-    data = artifact.pack(models["diff"], values)
-    header = artifact.loads_header(data)
-    back = artifact.loads(data)
-    stored = np.concatenate([v.numpy().reshape(-1) for v in _stored_values(back)])
-    counts = np.asarray([v.numel() for v in _stored_values(back)], dtype=np.int64)
-    scales = _scales_of(data)
-    limit = quantize.error_limit(stored, scales, counts, values, header["values"].get("block", 0))
-    assert 0 < header["values"]["max_abs_error"] <= limit
-    artifact.loads(_with_eps(data, limit))
-    with pytest.raises(FormatError, match="max_abs_error"):
-        artifact.loads(_with_eps(data, limit * (1 + 2**-20) + 2**-90))
-
-
-def _stored_values(diff) -> list[torch.Tensor]:
-    """The values stream's segments in record order: sparse values, then a tensor's basis scales."""
-    out = []
-    for name in sorted(diff.tensors):
-        td = diff.tensors[name]
-        if td.nnz and not td.is_dense:
-            out.append(td.values.reshape(-1))
-        if name in diff.bases and diff.bases[name].nkept:
-            out.append(diff.bases[name].values.reshape(-1))
-    return out
-
-
-def _scales_of(data: bytes) -> np.ndarray:
-    header, payload = split_v2(data)
-    lengths = [header["streams"][s]["length"] for s in ("positions", "values", "scales")]
-    stored = payload[lengths[0] + lengths[1]:sum(lengths)]
-    if header["streams"]["scales"]["codec"] == "zstd":
-        stored = zstandard.ZstdDecompressor().decompress(stored)
-    planes = np.frombuffer(stored, dtype=np.uint8).reshape(4, -1)  # byte planes, most significant first
-    return np.ascontiguousarray(planes[::-1].T).view("<f4").reshape(-1).astype(np.float32)

@@ -20,7 +20,7 @@ from diffcli.errors import FormatError, InvalidValueError
 from diffcli.extract import extract_diff
 from diffcli.projection import project
 from test_artifact import golden_diff
-from test_artifact_hostile import build2, replace_raw, split2
+from diff_bytes import build2, replace_raw, split2
 
 runner = CliRunner()
 GOLDEN_LOWRANK = Path(__file__).parent / "data" / "golden_v2_lowrank.diff"
@@ -201,7 +201,7 @@ def test_reader_refuses_a_rank_that_lies_even_with_matching_totals(rank):
 
 def test_reader_refuses_non_finite_factors():
     header, payload = split2(artifact.pack(golden_lowrank(), "fp32"))
-    from test_artifact_hostile import raw2
+    from diff_bytes import raw2
     from diffcli import codec
 
     raw = codec.from_planes(np.frombuffer(raw2(header, payload, "values"), np.uint8).copy(), 4)

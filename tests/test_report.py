@@ -67,7 +67,7 @@ def test_a_piped_per_tensor_table_keeps_whole_tensor_names(packed):
 
 def _rewritten(packed, tmp_path, mutate, name: str = "odd.diff"):
     """`packed` with its header changed by `mutate` (header digest fixed)."""
-    from test_artifact_hostile import build2, split2
+    from diff_bytes import build2, split2
 
     header, payload = split2(packed.read_bytes())
     mutate(header)
