@@ -110,7 +110,18 @@ def assemble(suite: Suite) -> dict:
             "verdicts_on_score_alone": rules.verdicts(means, p.tasks), "budgets": budgets,
             "bytes_ratios": rules.bytes_ratios(means, sizes, p.tasks, budgets=budgets),
             "cheaper_masks_vs_l0": rules.cheaper_masks(means, p.tasks),
-            "default_mask": rules.default_mask(means, p.tasks, sizes, budgets), "run_versions": run_versions(suite)}
+            "default_mask": rules.default_mask(means, p.tasks, sizes, budgets), "run_versions": run_versions(suite),
+            "interim": interim(means, p.tasks, [m for m in p.methods if suite.available(m)])}
+
+
+def interim(means: dict, tasks: list[str], methods: list[str]) -> dict | None:
+    """Averages over the tasks whose every cell (of the methods the trainer has) has all its seeds, while other
+    tasks are short: shown, never judged."""
+    done = [t for t in tasks if all(means[t][m] is not None for m in methods)]
+    if not done or len(done) == len(tasks):
+        return None
+    return {"tasks": done, "averages": {m: sum(means[t][m] for t in done) / len(done) for m in methods},
+            "cheaper_masks_vs_l0": rules.cheaper_masks(means, done)}
 
 
 def matched_budgets(suite: Suite, cells: dict) -> dict:
@@ -239,6 +250,10 @@ def task_devices(doc: dict, task: str) -> str:
     return " + ".join({"CPU": "CPU fp32", "GPU": "GPU bf16", "?": "? (not recorded)"}[k] for k in kinds) or "—"
 
 
+INTERIM_NOTE = ("*Interim* (the row in italics above, and here): the same means averaged over the tasks whose every "
+                "cell has all its seeds ({tasks}), while the others ({left}) are short of runs. It judges nothing: the targets, the "
+                "averages and the default mask wait for every task. Ablation masks vs the L0 mask on those tasks: "
+                "{gaps}.")
 DEVICE_NOTE = ("`ran on`: where the task's finished runs trained: CPU in fp32, or a lent GPU under the bf16 autocast "
                "that `diffprune train` and the baselines use on cuda (bench/device_lanes.sh). A task's methods are "
                "compared on one kind of machine unless its row names both.")
@@ -448,7 +463,12 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
         floor = doc["majority"].get(t)
         L.append(f"| {t} | {task_devices(doc, t)} | {'—' if floor is None else f'{floor:.2f}'} | "
                  + " | ".join(row) + " |")
-    L += ["| **average** | | | " + " | ".join(averages(table, tasks, methods, len(p.seeds))) + " |", "", DEVICE_NOTE, "",
+    L += ["| **average** | | | " + " | ".join(averages(table, tasks, methods, len(p.seeds))) + " |"]
+    part = doc.get("interim")
+    if part:
+        L += [f"| *interim: {', '.join(part['tasks'])}* | | | "
+              + " | ".join(f"{part['averages'][m]:.2f}" if m in part["averages"] else "—" for m in methods) + " |"]
+    L += ["", DEVICE_NOTE, "",
           "`metric floor`: always predicting the most frequent train label (stsb: the mean). Scores: GLUE metric ×100 "
           "(rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, cola Matthews).", ""]
     letters = machine_letters(doc)
@@ -489,6 +509,11 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
     cm = doc["cheaper_masks_vs_l0"]
     L += ["Ablation masks vs the L0 mask (task average of the means): " + "; ".join(
         f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in cm.items()), ""]
+    if part:
+        gaps = "; ".join(f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}"
+                         for m, v in part["cheaper_masks_vs_l0"].items())
+        left = ", ".join(t for t in tasks if t not in part["tasks"])
+        L += [INTERIM_NOTE.format(tasks=", ".join(part["tasks"]), left=left, gaps=gaps), ""]
     L += default_mask_text(doc["default_mask"])
     # per seed
     L += ["## Per seed", "", "Best epoch of diffprune: the fixed-mask epoch (0: the projected diff before it).", "",

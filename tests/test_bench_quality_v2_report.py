@@ -159,3 +159,29 @@ def test_a_resumed_runs_partial_time_and_memory_stay_out_of_costs_and_estimates(
     assert c["train_seconds"] == 1.0 and c["peak_rss_bytes"] == 1  # ... its cost does not
     assert "[1 resumed run(s) left out]" in report.times_text(c, {None: "?"})
     assert 0.25 not in [sec for *_, sec, _n in suite.finished_times()]
+
+
+def test_an_interim_average_covers_only_the_tasks_with_every_seed_and_judges_nothing(tmp_path, monkeypatch):
+    q, report, suite, _ = fake_suite(tmp_path, monkeypatch)  # rte, seeds 1, 2, 3
+    both = q.Protocol(tasks=["rte", "mrpc"], methods=list(suite.p.methods), seeds=[1, 2, 3], data_dir=str(tmp_path))
+    suite.lane(wait_s=0)  # rte: every seed
+    q.Suite(q.Protocol(tasks=["mrpc"], methods=list(suite.p.methods), seeds=[1], data_dir=str(tmp_path)),
+            tmp_path / "work").lane(wait_s=0)  # mrpc: seed 1 only
+    two = q.Suite(both, tmp_path / "work")
+    doc = report.assemble(two)
+    part = doc["interim"]
+    assert part["tasks"] == ["rte"]
+    ran = ["full", "dp-l0", "lora-all"]  # dp-random: the fake trainer lacks it, so it counts nowhere
+    assert part["averages"] == {m: doc["table"]["rte"][m]["mean"] for m in ran}
+    assert part["cheaper_masks_vs_l0"]["dp-random"] is None
+    assert doc["default_mask"]["mask"] is None and all(v is None for v in doc["verdicts_on_means"].values())
+    extra = {"environment": report.environment(), "date": "d", "majority": {}}
+    text = report.render(two, {**doc, **extra}, ["cmd"])
+    row = [f"{doc['table']['rte'][m]['mean']:.2f}" if m in ran else "—" for m in both.methods]
+    assert "| *interim: rte* | | | " + " | ".join(row) + " |" in text
+    assert "while the others (mrpc) are short of runs" in text and "random mask —" in text
+    assert "| **average** | | | " + " | ".join(["—"] * len(both.methods)) + " |" in text
+    # every task complete: the average is judged and no interim line is left
+    q.Suite(both, tmp_path / "work").lane(wait_s=0)
+    done = report.assemble(two)
+    assert done["interim"] is None and "*interim" not in report.render(two, {**done, **extra}, ["cmd"])
