@@ -327,6 +327,9 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
 
     merged_extras, dropped = _merge_extras(diffs, names, extras)
     meta = {k: v for k, v in diffs[0].meta.items() if k not in ("metrics", "projection", "merge")}
+    hp = meta.get("hyperparameters")
+    if isinstance(hp, dict) and "values" in hp:  # no training saw the merged δ packed (`train --values`): it is
+        meta["hyperparameters"] = {k: v for k, v in hp.items() if k != "values"}  # read and packed as stored
     if extras == "mean" and len({str(d.meta.get("task")) for d in diffs}) > 1:
         meta.pop("task", None)
     meta["merge"] = {"method": method, "weights": w, "extras": extras, "density": density, "inputs": names}

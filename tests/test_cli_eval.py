@@ -185,3 +185,19 @@ def test_a_metric_that_is_not_a_number_meets_no_bound():
         {"split": "validation", "metric": "loss", "value": float("nan"), "op": "<=", "bound": 2.0, "min": 2.0}]}
     with pytest.raises(ThresholdNotMetError, match="loss is nan, which meets no bound"):
         enforce(report)
+
+
+@pytest.mark.parametrize("problem_type", ["regression", None])
+def test_a_custom_regression_diff_is_scored_on_float_labels(tmp_path, problem_type):
+    """A one-output head's config carries id2label {0: LABEL_0} (transformers fills it in): eval took it for a
+    one-class classifier and refused every float label (exit 7), so no custom regression diff could be scored."""
+    base = make_base(tmp_path / "base")
+    diff = project(extract_diff(str(base), str(make_finetune(base, tmp_path / "ft", num_labels=1))), 0.1).diff
+    diff.config["id2label"] = {"0": "LABEL_0"}
+    diff.config["problem_type"] = problem_type  # as train writes it, and as a config that never said
+    artifact.write(diff, tmp_path / "reg.diff", values="fp32")
+    data = tmp_path / "reg.csv"
+    data.write_text("sentence,label\nthe movie is good,3.5\nthe cat,1.2\nno . not good,0.7\na good movie,2.25\n")
+    res = runner.invoke(app, ["eval", str(base), str(tmp_path / "reg.diff"), "--validation-file", str(data), "--json"])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(res.stdout)["metrics"]["validation"]) >= {"pearson", "spearmanr"}

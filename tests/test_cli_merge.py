@@ -159,3 +159,24 @@ def test_existing_output_and_single_input(env, tmp_path):
     assert res.exit_code == 6 and out.read_bytes() == b"keep"
     res = runner.invoke(app, ["merge", str(root / "d1.diff"), "-o", str(tmp_path / "n.diff")])
     assert res.exit_code == 2 and "at least two" in res.stderr
+
+
+def test_a_merge_of_a_diff_trained_for_int4_is_read_and_packed_as_stored(env, tmp_path):
+    """The first input's `train --values int4` no longer travels into the merge: no training saw the merged δ as
+    int4, so readers took it re-quantized (apply, eval, DiffBank) and pack chose int4 without a word."""
+    from diffcli.sources import load_diff
+
+    root, _, diffs = env
+    trained = artifact.load(root / "d1.diff")
+    trained.meta["hyperparameters"] = {"values": "int4", "fixmask_lr": 1e-3}
+    checkpoint.save(trained, tmp_path / "qat.ckpt")
+    requantized, stored = load_diff(tmp_path / "qat.ckpt"), load_diff(tmp_path / "qat.ckpt", as_trained=False)
+    assert any(not torch.equal(requantized.tensors[n].dense(), td.dense()) for n, td in stored.tensors.items())
+    res = runner.invoke(app, ["merge", str(tmp_path / "qat.ckpt"), str(root / "d2.diff"), "-o", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    merged = checkpoint.load(tmp_path / "m")
+    assert merged.meta["hyperparameters"] == {"fixmask_lr": 1e-3}  # the rest of the provenance stays
+    as_read = load_diff(tmp_path / "m")
+    assert all(torch.equal(as_read.tensors[n].dense(), td.dense()) for n, td in merged.tensors.items())
+    packed = runner.invoke(app, ["pack", str(tmp_path / "m"), "-o", str(tmp_path / "m.diff"), "--json"])
+    assert packed.exit_code == 0 and json.loads(packed.stdout)["values"] == "fp16" and "warning" not in packed.stderr
