@@ -255,9 +255,11 @@ class DiffBank:
         mapping = match_names(state.keys(), [td.base_name for td in diff.tensors.values()])
 
         def base_of(name: str):
-            if name not in mapping:
-                raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {name}")
-            return state[mapping[name]]
+            if name in mapping:
+                return state[mapping[name]]
+            if name in self._outside().names:  # an untied LM head: in the base folder, not the bare encoder
+                return self._outside().store[name]
+            raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {name}")
 
         return resolve_diff(diff, base_of)
 
@@ -383,8 +385,7 @@ class DiffBank:
     @contextmanager
     def use(self, name: str) -> Iterator["torch.nn.Module"]:
         """Make `name` the active task and yield its model. Nesting the same task is fine; another is refused."""
-        if name not in self._tasks:
-            raise InvalidValueError(f"no task {name!r} in the bank; tasks: {', '.join(self._tasks) or 'none'}")
+        self._task(name)
         if self._depth and name != self._active:
             raise InvalidValueError(f"cannot use task {name!r} inside `bank.use({self._active!r})`: "
                                     "the encoder is shared, so only one task can be active",
@@ -465,23 +466,26 @@ class DiffBank:
     def tasks(self) -> list[str]:
         return list(self._tasks)
 
+    def _task(self, name: str) -> "_Task":
+        if name not in self._tasks:
+            raise InvalidValueError(f"no task {name!r} in the bank; tasks: {', '.join(self._tasks) or 'none'}")
+        return self._tasks[name]
+
     def config(self, name: str):
         """The task model's config (num_labels, id2label, ...)."""
-        return self._tasks[name].model.config
+        return self._task(name).model.config
 
     def meta(self, name: str) -> dict[str, Any]:
         """The diff's metadata (task, metrics, hyperparameters) as recorded when it was made."""
-        return dict(self._tasks[name].meta)
+        return dict(self._task(name).meta)
 
     def basis_probe_error(self, name: str) -> float | None:
         """The largest relative probe error of the task's basis records, checked at `add` (None: it has none)."""
-        if name not in self._tasks:
-            raise InvalidValueError(f"no task {name!r} in the bank; tasks: {', '.join(self._tasks) or 'none'}")
-        return self._tasks[name].probe_error
+        return self._task(name).probe_error
 
     def task_nbytes(self, name: str) -> int:
         """Tensor bytes held for one task: sparse δ, encoder extras and its head."""
-        return self._tasks[name].nbytes
+        return self._task(name).nbytes
 
     def encoder_nbytes(self) -> int:
         """Tensor bytes of the shared encoder (held once, whatever the number of tasks)."""

@@ -13,8 +13,12 @@ finetune densely before it, then keeps the k largest |δ|; fisher and random cho
 swr: the chosen units; basis: the kept scales, and with double pruning the second half of the remaining steps
 trains the sparse δ on the scaled model, its mask Fisher-ranked over `fisher_batches` batches); the Trainer's own
 optimizer keeps the new head through both phases. Clipping: in the first phase the pruner steps on the gradients
-the Trainer clipped to `max_grad_norm`; in the fixed phase δ's gradient leaves the parameters during backward, so
-the Trainer's clip sees the head only and the pruner clips δ to its own `grad_clip` (default 1.0).
+the Trainer clipped to `max_grad_norm`. In the fixed phase of l0 and the mask methods δ's gradient leaves the
+parameters during backward, so the Trainer's clip sees the head only and the pruner clips δ to its own `grad_clip`
+(default 1.0). swr's and basis's fixed phases read dL/dθ of the shared tensors at the optimizer step, after the
+Trainer has clipped it with the head's: the head's clip then counts every shared tensor's gradient, the units or
+bases not chosen included (`diffprune train` clips each engine's own parameters instead).
+A callback may serve several `train()` calls (as `Trainer.hyperparameter_search` makes them): each starts afresh.
 Refused at `on_train_begin`, each with one `InvalidValueError`: a Trainer with `world_size > 1` (torchrun, DDP;
 `diffprune train` runs under torchrun), `resume_from_checkpoint` (a Trainer checkpoint holds the model, not the
 gates, w, mask and optimizer the diff needs: train again, or use `diffprune train --resume`),
@@ -42,6 +46,9 @@ class DiffPruningCallback(TrainerCallback):
         if not 0 <= switch < 1 or (switch == 0 and not at_start):
             raise InvalidValueError(f"switch is a fraction of the steps in {'[0' if at_start else '(0'}, 1), "
                                     f"got {switch}", hint=f"--method {method} trains a first phase before the switch")
+        if not isinstance(fisher_batches, int) or fisher_batches < 1:
+            raise InvalidValueError(f"fisher_batches must be a whole number of batches, at least 1, "
+                                    f"got {fisher_batches!r}")
         checked_options(method, options)  # refused here, before the Trainer starts
         self.base, self.method, self.options = base, method, options
         self.switch = 0.0 if at_start else switch
@@ -53,6 +60,7 @@ class DiffPruningCallback(TrainerCallback):
         self.diff = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+        self.pruner, self.fixed, self.second_step, self.diff = None, False, None, None  # a run of its own
         world = int(getattr(args, "world_size", 1) or 1)
         if world > 1:
             raise InvalidValueError(f"DiffPruningCallback trains in one process, and this Trainer runs {world}",

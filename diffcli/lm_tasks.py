@@ -57,6 +57,8 @@ def read_lm(path: str | Path) -> list[LMExample]:
     for where, values in table.rows:
         row = dict(zip(cols, values))
         prompt, completion = row.get("prompt", _MISSING), row.get("completion", _MISSING)
+        if prompt == completion == "" and row.get("text") not in (_MISSING, None, ""):
+            prompt = completion = _MISSING  # a csv/tsv row's empty cells: a text row of a mixed table
         if prompt not in (_MISSING, None) or completion not in (_MISSING, None):
             if prompt in (_MISSING, None) or completion in (_MISSING, None):
                 raise DataError(f"{where}: a row with a prompt needs a completion, and the other way round")

@@ -134,3 +134,27 @@ def test_a_stop_before_the_switch_warns_that_there_is_no_diff(tmp_path, tiny_bas
         Trainer(model=_model(tiny_base), args=_args(tmp_path), train_dataset=token_rows(),
                 callbacks=[cb, Stop()]).train()
     assert cb.diff is None
+
+
+@pytest.mark.parametrize("method", ["l0", "double"])
+def test_one_callback_serves_two_trainings_each_from_the_start(tmp_path, tiny_base, method):
+    """hyperparameter_search reuses callbacks: the second train() found the first's fixed phase still on and
+    failed ('the fixed phase has not started'); now each run starts afresh and gives the same diff."""
+    from transformers import Trainer
+
+    cb = _callback(tiny_base, method)
+    diffs = []
+    for _ in range(2):
+        Trainer(model=_model(tiny_base), args=_args(tmp_path), train_dataset=token_rows(), callbacks=[cb]).train()
+        diffs.append(cb.diff)
+    assert diffs[0] is not diffs[1] and set(diffs[0].tensors) == set(diffs[1].tensors)
+    for name, td in diffs[0].tensors.items():
+        assert torch.equal(td.dense(), diffs[1].tensors[name].dense()), name
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_fisher_batches_below_one_are_refused_at_construction(tiny_base, bad):
+    from diffcli import DiffPruningCallback
+
+    with pytest.raises(InvalidValueError, match="fisher_batches"):
+        DiffPruningCallback(str(tiny_base), method="fisher", sparsity=0.02, fisher_batches=bad)

@@ -34,6 +34,20 @@ def test_rows_of_each_kind(tmp_path):
     assert lm_tasks.read_lm(txt)[1].where.endswith("d.txt:3")
 
 
+
+def test_a_csv_mixes_text_rows_and_prompt_rows_as_jsonl_does(tmp_path):
+    """A csv has every column in every row, so a text row's prompt and completion are empty cells: they read as
+    absent (the row was refused as an empty completion), while a prompt row with an empty completion still is."""
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("text,prompt,completion\nthe cat sat on the mat,,\n,say hello,hello world\n")
+    assert [(r.prompt, r.target) for r in lm_tasks.read_lm(mixed)] == [("", "the cat sat on the mat"),
+                                                                      ("say hello", "hello world")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,prompt,completion\n,say hello,\n")
+    with pytest.raises(DataError, match="empty completion"):
+        lm_tasks.read_lm(bad)
+
+
 @pytest.mark.parametrize("rows, needle", [
     ([{"sentence": "a"}], "needs a 'text' field or 'prompt' and 'completion'"),
     ([{"prompt": "say", "completion": ""}], "empty completion"),

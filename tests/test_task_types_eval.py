@@ -211,3 +211,44 @@ def test_llama_tasks_share_the_base_lm_head(tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / f"m_{n}").eval()
         with torch.no_grad(), bank.use(n) as model:
             assert torch.allclose(model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5), n
+
+
+def test_a_llama_basis_diff_scaling_the_untied_lm_head_loads_into_the_bank(tmp_path):
+    """basis scales Llama's untied lm_head, which the base folder holds and the bare encoder does not: the bank
+    refused the diff ('no tensor lm_head.weight') that apply rebuilds; now it resolves it from the folder."""
+    from transformers import AutoModelForCausalLM
+
+    from diffcli import DiffPruner, checkpoint
+    from diffcli.applying import apply_to_folder
+    from diffcli.bank import DiffBank
+    from tiny_lms import make_llama
+
+    base = make_llama(tmp_path / "llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    ids = torch.randint(4, 40, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    pruner = DiffPruner(model, str(base), method="basis", keep_bases=0.5, total_steps=2)
+    model.train()
+    for _ in range(2):
+        pruner.begin()
+        model(**batch).loss.backward()
+        pruner.finish()
+    pruner.project()
+    pruner.start_fixed(2)
+    for _ in range(2):
+        model(**batch).loss.backward()
+        pruner.fixed_step()
+    diff = pruner.export()
+    assert "lm_head.weight" in diff.bases
+    checkpoint.save(diff, tmp_path / "ckpt")
+    apply_to_folder(str(base), tmp_path / "ckpt", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    bank = DiffBank(str(base), device="cpu")
+    bank.add("story", tmp_path / "ckpt")
+    with torch.no_grad(), bank.use("story") as m:
+        assert torch.allclose(m(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(task_types.InvalidValueError, match="no task 'other'"):
+        bank.meta("other")  # every per-task accessor: one clear error, not a KeyError
+    with pytest.raises(task_types.InvalidValueError, match="no task 'other'"):
+        bank.task_nbytes("other")
