@@ -159,6 +159,11 @@ class DiffPruner:
         if not self.chosen and self.index is None:
             raise InvalidValueError("no mask yet: call project() (l0, swr, basis) or choose_mask() first")
         opts = self.opts if lr is None else dataclasses.replace(self.opts, fixmask_lr=lr)
+        if lr is not None:
+            opts.validate()  # before any engine hooks the parameters
+        if self.trainer is not None:  # a second start_fixed: the first engine's gradient hooks go first
+            self.trainer.close()
+            self.trainer = None
         self.engine = self.method.fixed_engine(self, max(1, total_steps), opts)
         self.trainer = getattr(self.engine, "trainer", None)
         self.engine.zero_grad()  # gradients left by the choice (Fisher, the first phase) do not leak in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from diffcli.errors import InvalidValueError
@@ -17,6 +18,8 @@ def parse_budget(text: str | None) -> tuple[str, float] | None:
     if not m:
         raise InvalidValueError(f"--budget {text!r} is not a parameter count (100000) or a percentage (0.5%)")
     value = float(m.group(1))
+    if not math.isfinite(value):  # 309 digits or more
+        raise InvalidValueError(f"--budget {text[:20]}... is too large a number of parameters")
     if m.group(2):
         if not 0 < value <= 100:
             raise InvalidValueError(f"--budget {text} must be a percentage in (0, 100]")

@@ -154,6 +154,7 @@ def fisher_scores(model: "torch.nn.Module", names: Iterable[str], batches: Itera
 
     handles = []
     was_training = model.training
+    seen = 0
     model.eval()
     try:
         for n, p in params.items():
@@ -165,6 +166,7 @@ def fisher_scores(model: "torch.nn.Module", names: Iterable[str], batches: Itera
             with autocast(dev):
                 loss = model(**{k: v.to(dev) for k, v in batch.items()}).loss
             loss.backward()
+            seen += 1
     finally:
         for h in handles:
             h.remove()
@@ -172,6 +174,9 @@ def fisher_scores(model: "torch.nn.Module", names: Iterable[str], batches: Itera
             p.grad = None
             p.requires_grad_(flags[n])
         model.train(was_training)
+    if not seen:  # all-zero scores: every position would tie, and the mask would be the first k, not a Fisher mask
+        raise InvalidValueError("the Fisher scores saw no batch of training data",
+                                hint="pass an iterable that yields at least one batch (a used-up generator has none)")
     return scores
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 from diffcli.errors import InvalidValueError
@@ -62,6 +63,13 @@ class TrainOptions:
     activation_checkpointing: int = 0  # recompute every n-th layer's activations in backward (0: off; `activations`)
 
     def validate(self) -> None:
+        for name in ("sparsity", "lr", "alpha_lr", "fixmask_lr", "l0_lambda", "weight_decay", "controller_rate",
+                     "grad_clip", "controller_warmup"):  # the library API takes them unparsed
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise InvalidValueError(f"{name} must be a number, got {v!r}",
+                                        hint="a share is a fraction: sparsity=0.005 for 0.5%" if name == "sparsity"
+                                        else None)
         if not 0 < self.sparsity <= 1:
             raise InvalidValueError(f"sparsity must lie in (0, 100%], got {self.sparsity}")
         for name in ("epochs", "fixmask_epochs"):

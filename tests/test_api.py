@@ -106,6 +106,34 @@ def test_api_refuses_what_it_cannot_do(tiny_base):
         pruner.start_fixed(total_steps=1)
     with pytest.raises(InvalidValueError, match="the Fisher mask needs batches"):
         DiffPruner(_model(tiny_base), str(tiny_base), method="fisher").choose_mask()
+    with pytest.raises(InvalidValueError, match="sparsity must be a number"):
+        DiffPruner(_model(tiny_base), str(tiny_base), method="random", sparsity="0.5%")
+
+
+def test_api_misuse_is_one_clear_error_and_a_later_call_still_works(tiny_base):
+    """A Fisher pass over no batch gave all-zero scores (a 'fisher' mask of the first k positions); a second
+    choose_mask or start_fixed, or one retried after a bad lr, left the first engine's gradient hooks on the model,
+    and the next backward failed inside them with an AttributeError."""
+    from diffcli import DiffPruner
+
+    model = _model(tiny_base)
+    pruner = DiffPruner(model, str(tiny_base), method="fisher", sparsity=0.02)
+    with pytest.raises(InvalidValueError, match="saw no batch"):
+        pruner.choose_mask(iter([]))
+    pruner.choose_mask(_batches(2))
+    with pytest.raises(InvalidValueError, match="chosen already"):
+        pruner.choose_mask(_batches(2))
+    with pytest.raises(InvalidValueError, match="--fixmask-lr must be a finite number"):
+        pruner.start_fixed(3, lr=-1.0)
+    pruner.start_fixed(3)
+    pruner.start_fixed(3, lr=1e-2)  # starts the fixed phase again, at the chosen entries
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for batch in _batches(3):
+        model(**batch).loss.backward()
+        pruner.fixed_step()
+    diff = pruner.export()
+    assert diff.nnz and sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters()) > 0
 
 
 @pytest.mark.parametrize("method", ["l0", "random", "magnitude"])

@@ -52,7 +52,7 @@ def test_parse_budget(text, want):
     assert parse_budget(text) == want
 
 
-@pytest.mark.parametrize("text", ["abc", "1.5", "0%", "150%", "-3", ""])
+@pytest.mark.parametrize("text", ["abc", "1.5", "0%", "150%", "-3", "", "9" * 400])
 def test_parse_budget_refuses_nonsense(text):
     with pytest.raises(InvalidValueError, match="--budget"):
         parse_budget(text)

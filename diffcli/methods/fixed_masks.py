@@ -67,6 +67,8 @@ class MaskMethod(TrainMethod):
         from diffcli.projection import budget
         from diffcli.trained_diff import join_index
 
+        if pruner.chosen:  # a second choice would stack a new engine's gradient hooks on the first's
+            raise InvalidValueError("the mask is chosen already: choose_mask() has run")
         if self.name == "fisher" and batches is None:
             raise InvalidValueError("the Fisher mask needs batches of training data")
         mask, values, info = self.mask(pruner.tm, pruner.layout, pruner.opts, lambda: batches, world)
