@@ -251,9 +251,9 @@ def task_devices(doc: dict, task: str) -> str:
 
 
 INTERIM_NOTE = ("*Interim* (the row in italics above, and here): the same means averaged over the tasks whose every "
-                "cell has all its seeds ({tasks}), while the others ({left}) are short of runs. It judges nothing: the targets, the "
-                "averages and the default mask wait for every task. Ablation masks vs the L0 mask on those tasks: "
-                "{gaps}.")
+                "cell has all its seeds ({tasks}), while the others ({left}) are short of runs. It judges nothing: "
+                "the targets, the averages and the default mask wait for every task. Ablation masks vs the L0 mask "
+                "on those tasks: {gaps}.")
 DEVICE_NOTE = ("`ran on`: where the task's finished runs trained: CPU in fp32, or a lent GPU under the bf16 autocast "
                "that `diffprune train` and the baselines use on cuda (bench/device_lanes.sh). A task's methods are "
                "compared on one kind of machine unless its row names both.")
@@ -507,13 +507,11 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "win at equal bytes. A target is '—' while a cell it needs lacks a seed's run: targets, averages and the "
           "default are judged on means over all seeds only.", ""]
     cm = doc["cheaper_masks_vs_l0"]
-    L += ["Ablation masks vs the L0 mask (task average of the means): " + "; ".join(
-        f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in cm.items()), ""]
+    L += ["Ablation masks vs the L0 mask (task average of the means): " + gaps_text(cm), ""]
     if part:
-        gaps = "; ".join(f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}"
-                         for m, v in part["cheaper_masks_vs_l0"].items())
         left = ", ".join(t for t in tasks if t not in part["tasks"])
-        L += [INTERIM_NOTE.format(tasks=", ".join(part["tasks"]), left=left, gaps=gaps), ""]
+        L += [INTERIM_NOTE.format(tasks=", ".join(part["tasks"]), left=left,
+                                  gaps=gaps_text(part["cheaper_masks_vs_l0"])), ""]
     L += default_mask_text(doc["default_mask"])
     # per seed
     L += ["## Per seed", "", "Best epoch of diffprune: the fixed-mask epoch (0: the projected diff before it).", "",
@@ -541,6 +539,11 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
                     f"{100 * (h['deterministic_density'] or 0):.2f}%" for h in r["l0_density_path"]))
     L += ["", "Every run's settings and command are in the JSON file next to this one (`cells`)."]
     return "\n".join(L) + "\n"
+
+
+def gaps_text(gaps: dict) -> str:
+    """'random mask -3.96; ...' from rules.cheaper_masks ('—' where a cell is missing)."""
+    return "; ".join(f"{LABELS[m]} {'—' if v is None else f'{v:+.2f}'}" for m, v in gaps.items())
 
 
 def ratio_text(ratios: dict, key: str) -> str:

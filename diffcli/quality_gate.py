@@ -73,10 +73,9 @@ def _task_from_meta(meta: Mapping[str, Any]) -> str | None:
 
 
 def _label_names(config: Mapping[str, Any]) -> list[str] | None:
-    """The head's labels in class-id order, for custom tasks (so file labels map to the right logits); None for a
-    regression head, whose one-entry id2label (`LABEL_0`) transformers fills in and no file label names."""
+    """The head's labels in class-id order, for custom tasks (so file labels map to the right logits)."""
     id2label = config.get("id2label")
-    if not isinstance(id2label, dict) or not id2label or config.get("problem_type") == "regression":
+    if not isinstance(id2label, dict) or not id2label:
         return None
     try:
         return [str(id2label[k]) for k in sorted(id2label, key=int)]
@@ -117,8 +116,8 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
         if task is None and validation_file is None:
             raise InvalidValueError(f"{diff_path} records no task; pass --task (or --validation-file)")
         labels = _label_names(diff.config) if task is None or task.lower() == "custom" else None
-        if labels is not None and len(labels) == 1:  # one output: a regression head (num_labels 1), not one class
-            labels = None
+        if (diff.config or {}).get("problem_type") == "regression" or (labels is not None and len(labels) == 1):
+            labels = None  # a regression head: its one-entry id2label (LABEL_0) is transformers' filler, not a class
     else:
         labels = _label_names(diff.config)
         if labels is None and kind.name == "token-classification":
