@@ -317,6 +317,31 @@ def test_a_task_without_runs_is_estimated_from_other_tasks_scaled_by_steps_and_t
                                                    f"{doc['progress']['hours_left']:g}")
 
 
+def test_a_task_with_runs_of_other_methods_is_scaled_by_their_measured_ratios(tmp_path, monkeypatch):
+    """CoLA's first mask run must not be judged by MRPC's time times CoLA's 2.3x steps (3 h, so no lane ever took it)
+    when CoLA's other methods show it runs at 0.8x MRPC's pace: the ratios measured on methods both tasks ran."""
+    q, _report, suite, _executed = fake_suite(tmp_path, monkeypatch)
+    here = {"cpu": "CPU H", "cores": 2, "gpu": None}
+    rt = _run_times(q)
+    monkeypatch.setattr(rt, "this_machine", lambda: rt.machine_key(here))
+    suite._task_work = {"mrpc": {"steps": 100, "tokens": 1000}, "cola": {"steps": 233, "tokens": 670}}
+    entries = [{"task": "mrpc", "method": "dp-l0", "train_seconds": 3000.0, "machine": here},
+               {"task": "mrpc", "method": "full", "train_seconds": 2000.0, "machine": here},
+               {"task": "mrpc", "method": "full", "train_seconds": 2500.0, "machine": here},
+               {"task": "mrpc", "method": "head", "train_seconds": 1000.0, "machine": here},
+               {"task": "cola", "method": "full", "train_seconds": 2000.0, "machine": here},
+               {"task": "cola", "method": "head", "train_seconds": 500.0, "machine": here},
+               {"task": "cola", "method": "head", "train_seconds": 9000.0, "machine": dict(here, gpu="NVIDIA H200")}]
+    monkeypatch.setattr(q.Suite, "_stored", lambda self: entries)
+    monkeypatch.setattr(suite.code, "stale", lambda code: False)
+    done = suite.finished_times()
+    assert suite.scale("mrpc", "cola", done) == (0.5, 0.8)          # head 500/1000, full 2000/2500 (longest each)
+    assert suite.expected_range(q.Run("cola", "dp-l0", 1e-3, 42)) == (1500.0, 2400.0)
+    assert suite.scale("mrpc", "cola") == (0.67, 2.33)              # no runs given: the work figures
+    del entries[4:6]                                                # CoLA's CPU runs gone: a GPU run is no ratio
+    assert suite.expected_seconds(q.Run("cola", "dp-l0", 1e-3, 42)) == 3000.0 * 2.33
+
+
 def test_task_work_counts_steps_and_the_tokens_of_randomly_padded_batches(tmp_path):
     """Dynamic padding of random batches computes on each batch's longest example; backward counts twice."""
     tw = load_bench("task_work")
