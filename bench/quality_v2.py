@@ -545,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
                 "bash bench/device_lanes.sh stage1; bash bench/device_lanes.sh stage2 SECONDS QJOBS MJOBS",
                 "# the table:", f"{cmd} --report-only"]
     import quality_v2_report as report  # it imports this module
+    import run_machines
 
-    doc = {"date": _dt.date.today().isoformat(), "protocol": asdict(proto), "environment": report.environment(),
+    doc = {"date": _dt.date.today().isoformat(), "protocol": asdict(proto), "environment": run_machines.environment(),
            "lr_grids": {m: list(proto.grid(m)) for m in proto.methods},
            "trainer_methods": sorted(trainer_methods()), "commands": commands,
            "majority": {t: _floor(t, proto) for t in proto.tasks}}

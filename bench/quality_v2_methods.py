@@ -293,6 +293,7 @@ def _synthetic_swr(diff, budget: int):
 def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
     """The markdown results file of the methods table."""
     import quality_v2_report as report
+    import run_machines
 
     p, table, cells = suite.p, doc["table"], doc["cells"]
     tasks, methods = p.tasks, p.methods
@@ -327,18 +328,18 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
           "parameter), so the cap errs small; an swr file is never cut (marked 'over' if above the target).",
           "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory the "
           "process's peak RSS on CPU (Python, torch and transformers included), torch's peak allocated on cuda. "
-          + report.CPU_LOAD, ""]
+          + run_machines.CPU_LOAD, ""]
     L += ["## Results (dev score; mean ± sample std (n − 1) over seeds, (n) seeds)", "",
           "| task | ran on | " + " | ".join(LABELS[m] for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
     for t in tasks:
-        L.append(f"| {t} | {report.task_devices(doc, t)} | "
+        L.append(f"| {t} | {run_machines.task_devices(doc, t)} | "
                  + " | ".join(report.cell_text(table[t][m]) for m in methods) + " |")
     avg = report.averages(table, tasks, methods, len(p.seeds))
-    L += ["| **average** | | " + " | ".join(avg) + " |", "", report.DEVICE_NOTE, "",
+    L += ["| **average** | | " + " | ".join(avg) + " |", "", run_machines.DEVICE_NOTE, "",
           "Scores: GLUE metric ×100 (rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, "
           "cola Matthews). Floors (most frequent train label; stsb the mean): "
           + ", ".join(f"{t} {v:.2f}" for t, v in doc["majority"].items() if v is not None) + ".", ""]
-    letters = report.machine_letters(doc)
+    letters = run_machines.machine_letters(doc)
     L += ["## Bytes and cost (first seed, at the chosen lr)", "",
           "| task | method | lr | target bytes | size setting | stored bytes | stored params | score | best epoch "
           "| train time | machine | peak memory | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -365,7 +366,7 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
                      f"{r['bytes']:,} B | {r.get('params', r.get('nnz'))} | {r['score']:.2f} | {r.get('best_epoch')} | "
                      f"{r['train_seconds'] / 60:.1f} min | {letters[r.get('machine')]} | {rules.fmt_bytes(mem)} | "
                      f"{'; '.join(note)} |")
-    L += [""] + report.machine_legend(letters)
+    L += [""] + run_machines.machine_legend(letters)
     L += report.tuning(p, table, LABELS, suite.available, letters)
     failed = [(t, m, suite.failed(q.Run(t, m, lr, p.seeds[0]))) for t in tasks for m in methods for lr in p.grid(m)]
     failed = [(t, m, f) for t, m, f in failed if f]

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import load_bench
 from tests.test_bench_code_record import _code_suite, _touch
 
+machines = load_bench("run_machines")
+
 
 def _hash(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -47,7 +49,7 @@ def test_an_entry_counts_through_checked_changes_and_only_through_them(tmp_path,
     assert s.plan() == [] and s.cached(q.Run("rte", "full", q.LR_GRID["full"][1], 1)) is not None
     report = load_bench("quality_v2_report")
     doc = report.assemble(s)
-    text = report.render(s, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    text = report.render(s, {**doc, "environment": machines.environment(), "date": "d", "majority": {}}, ["cmd"])
     assert "2 cached runs count although code they imported has changed since" in text
     _touch(train, "# computes something else\n")           # an unchecked change: stale as before
     assert fresh().stale_entries() == 2 and fresh().attested_entries() == 0

@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-
 from tests.conftest import load_bench
+
+machines = load_bench("run_machines")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def test_a_cached_run_is_retrained_when_a_file_it_imported_changes_and_only_then
     assert suite.stale_entries() == 2
     report = load_bench("quality_v2_report")
     doc = report.assemble(suite)
-    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    text = report.render(suite, {**doc, "environment": machines.environment(), "date": "d", "majority": {}}, ["cmd"])
     assert "2 cached runs left out: code they imported has changed since" in text
     suite.lane(wait_s=0)
     assert len(executed) == 2

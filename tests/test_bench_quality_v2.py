@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import load_bench
 from tests.quality_v2_fakes import fake_suite
 
+machines = load_bench("run_machines")
+
 
 def test_every_diffprune_method_gets_the_same_total_epochs_and_one_command_builder(tmp_path):
     q = load_bench("quality_v2")
@@ -159,7 +161,7 @@ def test_a_failed_run_is_recorded_not_retried_and_never_chosen(tmp_path, monkeyp
     doc = report.assemble(suite)
     assert doc["table"]["rte"]["full"]["grid"]["0.0001"] is None  # shown as 'failed' in the tuning list
     assert doc["progress"]["failed"] == 1
-    assert "0.0001 → failed" in report.render(suite, {**doc, "environment": report.environment(), "date": "d",
+    assert "0.0001 → failed" in report.render(suite, {**doc, "environment": machines.environment(), "date": "d",
                                                       "majority": {}}, ["cmd"])
 
 
@@ -280,7 +282,7 @@ def test_the_report_gives_each_tasks_runs_left_at_this_machines_pace_and_at_the_
     assert left["runs_left"] == 3 * 5  # full, dp-l0, lora-all (the fake trainer has no random mask): 3 lrs + 2 seeds
     assert left["hours"] == [6.0, 6.0] and left["hours_other_kind"] == [0.3, 0.3]  # 15 × 1440 s; 15 × 72 s
     assert doc["progress"]["other_kind"] == "GPU"
-    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    text = report.render(suite, {**doc, "environment": machines.environment(), "date": "d", "majority": {}}, ["cmd"])
     assert "rte 15 runs (6 h here; GPU 0.3 h)" in text
     cpu = entries.pop(0)  # only the GPU run: this CPU machine's pace is unknown, not the GPU's
     only_gpu = report.assemble(suite)["progress"]

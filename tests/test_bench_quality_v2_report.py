@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from tests.conftest import load_bench
 from tests.quality_v2_fakes import fake_suite
+
+machines = load_bench("run_machines")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,16 +29,16 @@ def test_report_letters_each_machine_and_marks_entries_without_one():
     runs = {"a": {"finished": "2026-01-02", "machine": fast}, "b": {"finished": "2026-01-01"},
             "c": {"finished": "2026-01-03", "machine": slow}, "d": {"finished": "2026-01-04", "machine": dict(fast)}}
     doc = {"cells": {"rte": {m: {"42": {"status": "ok", "result": report._brief(r)}} for m, r in runs.items()}}}
-    letters = report.machine_letters(doc)
-    assert letters == {None: "?", report.machine_text(fast): "A", report.machine_text(slow): "B"}
-    legend = "\n".join(report.machine_legend(letters))
+    letters = machines.machine_letters(doc)
+    assert letters == {None: "?", machines.machine_text(fast): "A", machines.machine_text(slow): "B"}
+    legend = "\n".join(machines.machine_legend(letters))
     assert "- A: CPU X, 2 cores, 1 thread(s), no GPU" in legend and "- B: CPU Y" in legend
     assert "- ?: not recorded" in legend
-    assert "?: not recorded" not in "\n".join(report.machine_legend({report.machine_text(fast): "A"}))
+    assert "?: not recorded" not in "\n".join(machines.machine_legend({machines.machine_text(fast): "A"}))
     # a run of an lr grid that no cell shows yet still gets its machine's letter, not '?'
     grid_only = {"cells": {}, "table": {"rte": {"basis": {"grid_cost": {"0.001": {
-        "machine": report.machine_text(slow), "finished": "2026-01-05", "train_seconds": 60.0}}}}}}
-    assert report.machine_letters(grid_only) == {report.machine_text(slow): "A"}
+        "machine": machines.machine_text(slow), "finished": "2026-01-05", "train_seconds": 60.0}}}}}}
+    assert machines.machine_letters(grid_only) == {machines.machine_text(slow): "A"}
 
 
 def test_a_cells_train_time_is_averaged_per_machine_never_across_two(tmp_path, monkeypatch):
@@ -57,8 +58,8 @@ def test_a_cells_train_time_is_averaged_per_machine_never_across_two(tmp_path, m
     suite.lane(wait_s=0)
     doc = report.assemble(suite)
     c = doc["table"]["rte"]["full"]
-    assert c["train_seconds_by_machine"] == [[report.machine_text(fast), 26 * 60.0], [None, 80 * 60.0]]
-    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    assert c["train_seconds_by_machine"] == [[machines.machine_text(fast), 26 * 60.0], [None, 80 * 60.0]]
+    text = report.render(suite, {**doc, "environment": machines.environment(), "date": "d", "majority": {}}, ["cmd"])
     row = next(ln for ln in text.splitlines() if ln.startswith("| rte | full FT |"))
     assert "| 26.0 min (A); 80.0 min (?) |" in row and "44.0 min" not in row
 
@@ -80,7 +81,7 @@ def test_report_shows_every_runs_cost_entries_and_versions(tmp_path, monkeypatch
     suite.lane(wait_s=0)
     doc = report.assemble(suite)
     assert doc["run_versions"] == [["python 3.11, torch 9.9", doc["progress"]["finished"]]]
-    text = report.render(suite, {**doc, "environment": report.environment(), "date": "d", "majority": {}}, ["cmd"])
+    text = report.render(suite, {**doc, "environment": machines.environment(), "date": "d", "majority": {}}, ["cmd"])
     assert f"Versions the runs recorded: python 3.11, torch 9.9 ({doc['progress']['finished']} runs)." in text
     row = next(ln for ln in text.splitlines() if ln.startswith("| rte | random mask |"))
     assert "| 700 (0.35%) |" in row
@@ -109,20 +110,20 @@ def test_report_names_the_kind_of_machine_each_tasks_runs_trained_on():
     report = load_bench("quality_v2_report")
     cpu = {"cpu": "CPU X", "cores": 2, "threads": 1, "gpu": None}
     gpu = dict(cpu, gpu="NVIDIA H200")
-    assert report.device_of({"machine": gpu}) == "GPU" and report.device_of({"machine": cpu}) == "CPU"
-    assert report.device_of(report._brief({"machine": gpu, "score": 1})) == "GPU"
-    assert report.device_of({"device": "cuda:0"}) == "GPU" and report.device_of({"device": "cpu"}) == "CPU"
-    assert report.device_of({"score": 1}) == "?"
+    assert machines.device_of({"machine": gpu}) == "GPU" and machines.device_of({"machine": cpu}) == "CPU"
+    assert machines.device_of(report._brief({"machine": gpu, "score": 1})) == "GPU"
+    assert machines.device_of({"device": "cuda:0"}) == "GPU" and machines.device_of({"device": "cpu"}) == "CPU"
+    assert machines.device_of({"score": 1}) == "?"
 
     def doc(cell_runs, grid_runs=()):
         return {"cells": {"rte": {"full": {str(i): {"status": "ok", "result": r} for i, r in enumerate(cell_runs)}}},
                 "table": {"rte": {"full": {"grid_cost": {str(i): r for i, r in enumerate(grid_runs)}}}}}
 
-    assert report.task_devices(doc([{"machine": cpu}, {"device": "cpu"}]), "rte") == "CPU fp32"
-    assert report.task_devices(doc([{"machine": gpu}]), "rte") == "GPU bf16"
-    assert report.task_devices(doc([{"machine": gpu}], [{"machine": report.machine_text(cpu)}]),
+    assert machines.task_devices(doc([{"machine": cpu}, {"device": "cpu"}]), "rte") == "CPU fp32"
+    assert machines.task_devices(doc([{"machine": gpu}]), "rte") == "GPU bf16"
+    assert machines.task_devices(doc([{"machine": gpu}], [{"machine": machines.machine_text(cpu)}]),
                                "rte") == "CPU fp32 + GPU bf16"
-    assert report.task_devices(doc([]), "rte") == "—"
+    assert machines.task_devices(doc([]), "rte") == "—"
 
 
 
@@ -157,7 +158,7 @@ def test_a_resumed_runs_partial_time_and_memory_stay_out_of_costs_and_estimates(
     c = doc["table"]["rte"]["dp-l0"]
     assert c["n"] == 3 and c["resumed_runs"] == 1  # its score counts ...
     assert c["train_seconds"] == 1.0 and c["peak_rss_bytes"] == 1  # ... its cost does not
-    assert "[1 resumed run(s) left out]" in report.times_text(c, {None: "?"})
+    assert "[1 resumed run(s) left out]" in machines.times_text(c, {None: "?"})
     assert 0.25 not in [sec for *_, sec, _n in suite.finished_times()]
 
 
@@ -175,7 +176,7 @@ def test_an_interim_average_covers_only_the_tasks_with_every_seed_and_judges_not
     assert part["averages"] == {m: doc["table"]["rte"][m]["mean"] for m in ran}
     assert part["cheaper_masks_vs_l0"]["dp-random"] is None
     assert doc["default_mask"]["mask"] is None and all(v is None for v in doc["verdicts_on_means"].values())
-    extra = {"environment": report.environment(), "date": "d", "majority": {}}
+    extra = {"environment": machines.environment(), "date": "d", "majority": {}}
     text = report.render(two, {**doc, **extra}, ["cmd"])
     row = [f"{doc['table']['rte'][m]['mean']:.2f}" if m in ran else "—" for m in both.methods]
     assert "| *interim: rte* | | | " + " | ".join(row) + " |" in text
