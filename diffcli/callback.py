@@ -20,7 +20,8 @@ Trainer has clipped it with the head's: the head's clip then counts every shared
 bases not chosen included (`diffprune train` clips each engine's own parameters instead).
 A callback may serve several `train()` calls (as `Trainer.hyperparameter_search` makes them): each starts afresh.
 Refused at `on_train_begin`, each with one `InvalidValueError`: a Trainer with `world_size > 1` (torchrun, DDP;
-`diffprune train` runs under torchrun), `resume_from_checkpoint` (a Trainer checkpoint holds the model, not the
+`diffprune train` runs under torchrun) or with `n_gpu > 1` (one process on several GPUs: the Trainer's
+DataParallel copies the model per GPU, and the pruner is built for the one model it wraps), `resume_from_checkpoint` (a Trainer checkpoint holds the model, not the
 gates, w, mask and optimizer the diff needs: train again, or use `diffprune train --resume`),
 `load_best_model_at_end` (it would reload weights that are not the diff this callback exports), and a switch that
 leaves either phase without a step. A run stopped before the switch leaves `diff` None, with a warning.
@@ -65,6 +66,12 @@ class DiffPruningCallback(TrainerCallback):
         if world > 1:
             raise InvalidValueError(f"DiffPruningCallback trains in one process, and this Trainer runs {world}",
                                     hint="run the Trainer on one process, or train with `torchrun -m diffcli train`")
+        gpus = int(getattr(args, "n_gpu", 1) or 1)
+        if gpus > 1:
+            raise InvalidValueError(f"DiffPruningCallback trains one copy of the model, and this Trainer splits each "
+                                    f"batch over {gpus} GPUs (DataParallel)",
+                                    hint="make one GPU visible (CUDA_VISIBLE_DEVICES=0), or train with "
+                                         "`torchrun -m diffcli train`")
         if state.global_step > 0:
             raise InvalidValueError(f"DiffPruningCallback cannot resume a Trainer checkpoint (step {state.global_step}): "
                                     "it holds the model, not the diff's gates, mask and optimizer",

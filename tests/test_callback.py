@@ -80,6 +80,19 @@ def test_resuming_a_trainer_checkpoint_is_refused(tmp_path, tiny_base):
     assert cb.diff is None
 
 
+def test_a_trainer_on_several_gpus_of_one_process_is_refused_before_a_step(tmp_path, tiny_base):
+    """With n_gpu > 1 and no torchrun the Trainer wraps the model in DataParallel: refused, not trained wrongly."""
+    from transformers import Trainer
+
+    args = _args(tmp_path)
+    args._n_gpu = 2  # what a machine with two visible GPUs gives (DataParallel passes through on CPU)
+    cb, watch = _callback(tiny_base, "l0"), _HeadLog()
+    trainer = Trainer(model=_model(tiny_base), args=args, train_dataset=token_rows(), callbacks=[cb, watch.callback])
+    with pytest.raises(InvalidValueError, match=r"splits each batch over 2 GPUs \(DataParallel\)") as err:
+        trainer.train()
+    assert "CUDA_VISIBLE_DEVICES=0" in err.value.hint and watch.log == [] and cb.pruner is None
+
+
 def test_load_best_model_at_end_is_refused_before_a_step(tmp_path, tiny_base):
     from transformers import Trainer
 
