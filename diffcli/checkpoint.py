@@ -143,7 +143,10 @@ def load(path: str | Path) -> Diff:
             diffs[name] = td
             if "basis" in e:
                 bases[name] = _basis(name, e, tensors)
-        extras = {name: tensors[f"extra/{name}"] for name in meta["extras"]}
+        extras = {name: _extra(name, e, tensors) for name, e in meta["extras"].items()}
+        for key in ("config", "meta"):  # what a packed file's header requires of them too (docs/FORMAT.md)
+            if not isinstance(meta.get(key, {}), dict):
+                raise FormatError(f"{path / META_FILE}: {key} must be an object")
         return Diff(diffs, extras, meta["config"], meta["base"]["ref"], meta["base"]["fingerprint"],
                     meta.get("meta", {}), bases)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a list or str for a dict
@@ -160,6 +163,16 @@ def _check_sparse(name: str, td: TensorDiff) -> None:
     if idx.numel():
         if int(idx[0]) < 0 or int(idx[-1]) >= td.numel or bool((idx[1:] <= idx[:-1]).any()):
             raise FormatError(f"sparse diff {name!r} has unsorted or out-of-range positions")
+
+
+def _extra(name: str, entry: dict, tensors: dict) -> Any:
+    """A head tensor, as the shape and dtype its entry records (else a model rebuilt with it would not load)."""
+    t = tensors[f"extra/{name}"]
+    shape, dtype = [int(d) for d in entry["shape"]], str(entry["dtype"])
+    if list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
+        raise FormatError(f"extra tensor {name!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
+                          f"its entry says {dtype} {shape}")
+    return t
 
 
 def _basis(name: str, entry: dict, tensors: dict) -> BasisScales:

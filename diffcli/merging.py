@@ -321,6 +321,9 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     for b in order:
         target, td = first_td[b]
         idx, val, stats = _merge_tensor(parts[b], w, method)
+        if not bool(val.isfinite().all()):  # finite inputs, weights that overflow float32: refused for any OUT
+            raise InvalidValueError(f"the merged δ of {target!r} is not finite: the weights {w} overflow float32",
+                                    hint="use smaller --weights")
         tensors[target] = TensorDiff(b, td.shape, td.dtype, td.digest, val, idx)
         rows.append({"tensor": target, "layer": layer_of(target), "numel": td.numel, "nnz_in": nnz_in[b],
                      **stats, "nnz": int(idx.numel())})
@@ -351,12 +354,12 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
 
 
 def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequence[float] | None = None,
-                method: str = "sum", extras: str = "first", density: float | None = None, values: str = "fp16",
+                method: str = "sum", extras: str = "first", density: float | None = None, values: str | None = None,
                 force: bool = False, base: str | Path | None = None) -> dict[str, Any]:
     """`diffprune merge`: load diffs (packed files or checkpoints), merge, write OUT; returns the report.
 
-    OUT ending in `.diff` is packed with `artifact.write` (`values` as in `pack`; fp32 keeps the merge
-    exact); any other path becomes a checkpoint folder (float32 values). `base` (folder, alias or hub id)
+    OUT ending in `.diff` is packed with `artifact.write` (`values` as in `pack`, fp16 by default; fp32 keeps the
+    merge exact); any other path becomes a checkpoint folder (float32 values; `values` is refused). `base` (folder, alias or hub id)
     resolves basis records, which are refused without it.
     """
     from diffcli import checkpoint
@@ -369,8 +372,12 @@ def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequen
     if out.suffix == ".diff":
         from diffcli.artifact import VALUE_TYPES
 
+        values = "fp16" if values is None else values
         if values not in VALUE_TYPES:
             raise InvalidValueError(f"--values {values!r} is not one of {', '.join(VALUE_TYPES)}")
+    elif values is not None:
+        raise InvalidValueError(f"--values packs an OUT.diff, and {out} is a checkpoint folder (float32 values)",
+                                hint="name the output *.diff to pack it, or leave --values out")
     if base is not None:
         from diffcli.weights import resolve_model
 

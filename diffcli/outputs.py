@@ -172,6 +172,9 @@ def clean_stale(path: str | Path) -> list[Path]:
 
 def check_output(path: Path, force: bool) -> None:
     """Refuse an existing output unless forced, before any work starts; clear what killed runs left for it."""
+    if path.name in ("", ".", ".."):  # '.', '..', '/': no name to write beside and swap in
+        raise InvalidValueError(f"{str(path)!r} names a folder you are in or above, not an output",
+                                hint="name the output, e.g. -o out/")
     if path.exists() or path.is_symlink():
         if not force:
             raise OutputExistsError(f"{path} already exists")

@@ -41,5 +41,13 @@ def load_diff(path: str | Path, *, as_trained: bool = True) -> Diff:
 
 def trained_values(diff: Diff) -> str | None:
     """The value format a diff's fixed phase was trained for (`train --values`), from its checkpoint meta."""
+    from diffcli import quantize
+
     hp = (diff.meta or {}).get("hyperparameters") or {}
-    return hp.get("values")
+    if not isinstance(hp, dict):
+        raise FormatError(f"the diff's meta.hyperparameters is a {type(hp).__name__}, not an object")
+    values = hp.get("values")
+    if values is not None and values not in quantize.QUANTIZERS:  # a corrupt record, not a flag the user passed
+        raise FormatError(f"the diff's meta.hyperparameters.values {values!r} is no value format "
+                          f"({', '.join(quantize.QUANTIZERS)})")
+    return values

@@ -82,12 +82,15 @@ def _check_model_dir(path: Path) -> None:
 def _download(repo_id: str) -> Path:
     """Fetch a model from the Hugging Face hub, mapping offline and missing cases to typed errors."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
 
     offline = hub.unavailable()  # then only the local cache is looked at, at once, instead of retrying the network
     try:
         folder = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=offline is not None)
+    except HFValidationError as exc:  # a ValueError, but no network would help: a typo'd path, most likely
+        raise NotFoundError(f"{repo_id!r} is no folder here and no valid hub model id",
+                            hint="check the path, or give a hub id such as org/name") from exc
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise NotFoundError(f"no model {repo_id!r} on the hub (or it is gated)",
                             hint="check the name, or pass a local folder") from exc

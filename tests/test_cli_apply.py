@@ -134,6 +134,41 @@ def test_bad_options_exit_2(setup, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_a_float16_overflow_is_the_dtype_asked_not_a_corrupt_diff(setup, tmp_path):
+    """Exit 4 said the diff was corrupt; it is fine in float32, and the hint says so."""
+    from diffcli.extract import extract_diff
+
+    big = extract_diff(str(setup["base"]), str(setup["ft"]))
+    name = next(iter(big.tensors))
+    big.tensors[name].values.mul_(0).add_(1e6)
+    ckpt = checkpoint.save(big, tmp_path / "big")
+    res = runner.invoke(app, ["apply", str(setup["base"]), str(ckpt), "-o", str(tmp_path / "m"), "--dtype", "float16"])
+    _one_error_line(res, 2, f"{name!r} overflows float16")
+    assert "--dtype float32" in res.stderr and not (tmp_path / "m").exists()
+    res = runner.invoke(app, ["apply", str(setup["base"]), str(ckpt), "-o", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_base_that_is_no_folder_nor_hub_id_is_not_found_not_the_hub_down(setup, tmp_path, monkeypatch):
+    """'my base' (a typo'd path) said "cannot download ... go online" (exit 9): no network fixes it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for ref in ("my base", "org/na me"):
+        res = runner.invoke(app, ["apply", ref, str(setup["ckpt"]), "-o", str(tmp_path / "m")])
+        _one_error_line(res, 3, f"{ref!r} is no folder here and no valid hub model id")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_output_of_dot_or_dot_dot_is_refused_before_the_work(setup, tmp_path, monkeypatch, out):
+    """-o . --force did all the work, then crashed (exit 70) at the final rename."""
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = runner.invoke(app, ["apply", str(setup["base"]), str(setup["ckpt"]), "-o", out, "--force"])
+    _one_error_line(res, 2, f"{out!r} names a folder you are in or above")
+    assert list(work.iterdir()) == []
+
+
 def test_nan_in_diff_exit_4(setup, tmp_path):
     res = runner.invoke(app, ["apply", str(setup["base"]), str(setup["nan"]), "-o", str(tmp_path / "m")])
     _one_error_line(res, 4, "classifier.bias")

@@ -86,3 +86,15 @@ def test_help_texts_hold_no_rich_markup_tags():
     assert found == []
     res = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "250"})
     assert "or the model's positions if fewer" in res.stdout
+
+
+def test_a_closed_stdout_is_refused_before_any_work(tmp_path):
+    """`apply ... --json >&-` wrote the model, then crashed (exit 70) printing its report to the closed stdout."""
+    import os
+
+    res = subprocess.run([sys.executable, "-m", "diffcli", "inspect", str(tmp_path / "none.diff"), "--json"],
+                         capture_output=False, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == ["error: standard output is closed: diffprune writes its results there "
+                                       "(hint: redirect it instead, e.g. >/dev/null)"]
+

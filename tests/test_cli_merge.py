@@ -143,6 +143,28 @@ def test_bad_options(env, tmp_path, args, code, needle):
     assert not (tmp_path / "m.diff").exists()
 
 
+def test_values_is_refused_for_a_checkpoint_folder_not_silently_ignored(env, tmp_path):
+    root, _, _ = env
+    ins = [str(root / "d1.diff"), str(root / "d2.diff")]
+    for values in ("bogus", "int4", "fp16"):  # each exited 0 and wrote float32 values, the flag unread
+        res = runner.invoke(app, ["merge", *ins, "-o", str(tmp_path / "m"), "--values", values])
+        assert res.exit_code == 2 and "--values packs an OUT.diff" in res.stderr, res.output
+        assert not (tmp_path / "m").exists()
+    assert runner.invoke(app, ["merge", *ins, "-o", str(tmp_path / "m")]).exit_code == 0
+    assert runner.invoke(app, ["merge", *ins, "-o", str(tmp_path / "m.diff")]).exit_code == 0  # fp16 by default
+    assert artifact.load(tmp_path / "m.diff") is not None
+
+
+@pytest.mark.parametrize("name", ["m", "m.diff"])
+def test_weights_that_overflow_float32_are_refused_for_any_output(env, tmp_path, name):
+    """-w 1e300,1 wrote a folder of Inf that apply and pack then refused; the .diff output was refused."""
+    root, _, _ = env
+    res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "d2.diff"), "-o", str(tmp_path / name),
+                              "-w", "1e300,1"])
+    assert res.exit_code == 2 and "is not finite: the weights" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_heads_of_different_shapes_cannot_be_averaged(env, tmp_path):
     root, _, _ = env
     res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "d3.diff"), "-o", str(tmp_path / "m.diff"),

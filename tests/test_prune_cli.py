@@ -141,20 +141,49 @@ def test_prune_against_a_base_that_shares_no_tensor_is_a_wrong_base(tiny_base, t
     lambda m: m.update(tensors="oops"),                                                # a string for the tensor map
     lambda m: m.update(tensors=[1, 2]),                                                # a list for it
     lambda m: next(iter(m["tensors"].values())).update(dtype="float99"),               # a dtype torch has not
-], ids=["tensors-str", "tensors-list", "unknown-dtype"])
+    lambda m: m.update(config=[1, 2]),                                                 # pack wrote a file verify refused
+    lambda m: m.update(config="x"),
+    lambda m: m.update(meta="x"),                                                      # --plot left its PNG behind
+    lambda m: m["extras"]["classifier.bias"].update(shape=[3, 3]),                     # apply built a model that
+], ids=["tensors-str", "tensors-list", "unknown-dtype", "config-list", "config-str", "meta-str", "extra-shape"])
 def test_a_malformed_checkpoint_header_is_corrupt_for_every_reader(tiny_base, tiny_finetune, tmp_path, edit):
-    """These reached exit 70 (AttributeError) or exit 2: a checkpoint is the user's file, its damage is exit 4."""
+    """These reached exit 70 (AttributeError) or exit 2 (or exit 0 with a model `from_pretrained` refuses, or a file
+    `verify` refuses): a checkpoint is the user's file, its damage is exit 4, and nothing is written."""
     out = tmp_path / "ck"
     assert runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "1%", "-o", str(out)]).exit_code == 0
     meta = json.loads((out / checkpoint.META_FILE).read_text())
     edit(meta)
     (out / checkpoint.META_FILE).write_text(json.dumps(meta))
-    for args in (["inspect", str(out)], ["pack", str(out), "-o", str(tmp_path / "x.diff")],
-                 ["apply", str(tiny_base), str(out), "-o", str(tmp_path / "merged")]):
+    written = [tmp_path / n for n in ("x.diff", "merged", "pruned", "sum", "heat.png")]
+    for args in (["inspect", str(out)], ["pack", str(out), "-o", str(written[0])],
+                 ["apply", str(tiny_base), str(out), "-o", str(written[1])],
+                 ["prune", str(out), "-s", "1%", "-o", str(written[2])],
+                 ["merge", str(out), str(out), "-o", str(written[3])],
+                 ["inspect", str(out), "--plot", str(written[4])]):
         res = runner.invoke(app, args)
         assert res.exit_code == 4, (args, res.output)
         assert res.stderr.startswith("error:") and "Traceback" not in res.output
-    assert not (tmp_path / "x.diff").exists() and not (tmp_path / "merged").exists()
+    assert not [p for p in written if p.exists()]
+
+
+@pytest.mark.parametrize("hp,needle", [("x", "meta.hyperparameters is a str, not an object"),
+                                       ({"values": "bogus"}, "hyperparameters.values 'bogus' is no value format")])
+def test_a_corrupt_training_record_is_exit_4_for_pack_not_a_crash_or_a_flag_never_passed(tiny_base, tiny_finetune,
+                                                                                          tmp_path, hp, needle):
+    """hyperparameters "x" crashed pack (exit 70); values "bogus" blamed a --values the user never passed (exit 2)."""
+    from diffcli import artifact
+
+    out = tmp_path / "ck"
+    assert runner.invoke(app, ["prune", str(tiny_finetune), "-b", str(tiny_base), "-s", "1%", "-o", str(out)]).exit_code == 0
+    meta = json.loads((out / checkpoint.META_FILE).read_text())
+    meta["meta"]["hyperparameters"] = hp
+    (out / checkpoint.META_FILE).write_text(json.dumps(meta))
+    packed = tmp_path / "packed.diff"  # a packed file's meta is free-form: it verifies, and pack reads the record
+    artifact.write(checkpoint.load(out), packed)
+    for source in (out, packed):
+        res = runner.invoke(app, ["pack", str(source), "-o", str(tmp_path / "again.diff")])
+        assert res.exit_code == 4 and needle in res.stderr and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "again.diff").exists()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

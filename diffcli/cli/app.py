@@ -89,6 +89,10 @@ def run(argv: list[str] | None = None) -> int:
     from diffcli.cli.commands import names
 
     args = sys.argv[1:] if argv is None else list(argv)
+    if sys.stdout is None:  # started with fd 1 closed (`>&-`): refuse before any work, not at the result
+        Output().error("standard output is closed: diffprune writes its results there",
+                       "redirect it instead, e.g. >/dev/null")
+        return 1
     if os.environ.get("_DIFFPRUNE_COMPLETE", "").startswith(("complete_zsh", "complete_fish")):
         # Rich wraps a candidate's help at the terminal's width, and each wrapped line reads as a candidate: one long
         # line, whatever script asked (completions/, or the one --install-completion writes)

@@ -22,8 +22,9 @@ def merge(
                                         "mean (average; all heads must have equal shapes).")] = "first",
     density: Annotated[Optional[float], typer.Option("--density", help="Trim each input to this fraction of its own "
                                                      "largest entries before merging (TIES trim), e.g. 0.2.")] = None,
-    values: Annotated[str, typer.Option("--values", help="Value format of a packed OUT.diff: fp16, bf16, "
-                                        "fp32 (exact), int8, int4 or ternary (as pack).")] = "fp16",
+    values: Annotated[Optional[str], typer.Option("--values", help="Value format of a packed OUT.diff: fp16 "
+                                                  "(default), bf16, fp32 (exact), int8, int4 or ternary (as "
+                                                  "pack).")] = None,
     base: Annotated[Optional[str], typer.Option(
         "--base", "-b", help="Base the diffs were made on (folder, alias or hub id), checked against every input: "
                              "needed to merge basis scales, which are rebuilt on it (probe-checked) into a dense "
