@@ -21,8 +21,9 @@ bases not chosen included (`diffprune train` clips each engine's own parameters 
 A callback may serve several `train()` calls (as `Trainer.hyperparameter_search` makes them): each starts afresh.
 Refused at `on_train_begin`, each with one `InvalidValueError`: a Trainer with `world_size > 1` (torchrun, DDP;
 `diffprune train` runs under torchrun) or with `n_gpu > 1` (one process on several GPUs: the Trainer's
-DataParallel copies the model per GPU, and the pruner is built for the one model it wraps), `resume_from_checkpoint` (a Trainer checkpoint holds the model, not the
-gates, w, mask and optimizer the diff needs: train again, or use `diffprune train --resume`),
+DataParallel copies the model per GPU, and the pruner is built for the one model it wraps),
+`resume_from_checkpoint` (a Trainer checkpoint holds the model, not the gates, w, mask and optimizer the diff
+needs: train again, or use `diffprune train --resume`),
 `load_best_model_at_end` (it would reload weights that are not the diff this callback exports), and a switch that
 leaves either phase without a step. A run stopped before the switch leaves `diff` None, with a warning.
 """

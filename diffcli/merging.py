@@ -359,8 +359,8 @@ def merge_files(paths: Sequence[str | Path], out: str | Path, *, weights: Sequen
     """`diffprune merge`: load diffs (packed files or checkpoints), merge, write OUT; returns the report.
 
     OUT ending in `.diff` is packed with `artifact.write` (`values` as in `pack`, fp16 by default; fp32 keeps the
-    merge exact); any other path becomes a checkpoint folder (float32 values; `values` is refused). `base` (folder, alias or hub id)
-    resolves basis records, which are refused without it.
+    merge exact); any other path becomes a checkpoint folder (float32 values; `values` is refused). `base`
+    (folder, alias or hub id) resolves basis records, which are refused without it.
     """
     from diffcli import checkpoint
     from diffcli.outputs import check_output
