@@ -246,8 +246,9 @@ def preamble(p, doc: dict, commands: list[str], title: str, what: str) -> list[s
                 + (f"; the runs left need about {_hours_left(doc['progress'])} hours of one lane at the run times "
                    "measured so far (each task and method's longest run on this machine, else on any of its kind, "
                    "CPU or GPU; where a task has none, the method's runs on other tasks scaled between the tasks by "
-                   "the least (low end) and greatest (high end) ratio of the longest runs of the methods both tasks "
-                   "ran, else by the ratios of their training steps and of their padded tokens per epoch "
+                   "the least (low end) and 1.25x the greatest (high end) ratio of the longest runs of the methods "
+                   "both tasks ran on this machine, else by the ratios of their training steps and of their padded "
+                   "tokens per epoch "
                    "(bench/task_work.py); else the task's longest run)"
                    if doc["progress"].get("hours_left") else "") + ".", "",
                 ] + ([f"Runs left per task, with one lane's hours at this machine's pace and at the pace of the "

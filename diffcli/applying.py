@@ -314,7 +314,7 @@ def _finite(t: "torch.Tensor", name: str) -> None:
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         if t.dtype == torch.float16 and not bool(torch.isnan(t).any()):  # the cast past ±65504, not the diff
             raise InvalidValueError(f"{name!r} overflows float16: base + diff has values beyond ±65504",
-                                    hint="apply in float32 or bfloat16 (apply --dtype float32)")
+                                    hint="use float32 or bfloat16 weights (the CLI: apply --dtype float32)")
         raise FormatError(f"applying the diff gives non-finite values (NaN or Inf) in {name!r}")
 
 

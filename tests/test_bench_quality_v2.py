@@ -337,9 +337,12 @@ def test_a_task_with_runs_of_other_methods_is_scaled_by_their_measured_ratios(tm
     monkeypatch.setattr(q.Suite, "_stored", lambda self: entries)
     monkeypatch.setattr(suite.code, "stale", lambda code: False)
     done = suite.finished_times()
-    assert suite.scale("mrpc", "cola", done) == (0.5, 0.8)          # head 500/1000, full 2000/2500 (longest each)
-    assert suite.expected_range(q.Run("cola", "dp-l0", 1e-3, 42)) == (1500.0, 2400.0)
+    margin = _run_times(q).LOAD_MARGIN
+    assert suite.scale("mrpc", "cola", done) == (0.5, 0.8 * margin)  # head 500/1000, full 2000/2500 (longest each)
+    assert suite.expected_range(q.Run("cola", "dp-l0", 1e-3, 42)) == (1500.0, 3000.0 * 0.8 * margin)
     assert suite.scale("mrpc", "cola") == (0.67, 2.33)              # no runs given: the work figures
+    entries[1]["machine"] = entries[2]["machine"] = dict(here, cpu="CPU S")  # MRPC's full runs on a slower machine:
+    assert suite.scale("mrpc", "cola", suite.finished_times()) == (0.5, 0.5 * margin)  # not divided by CoLA's here
     del entries[4:6]                                                # CoLA's CPU runs gone: a GPU run is no ratio
     assert suite.expected_seconds(q.Run("cola", "dp-l0", 1e-3, 42)) == 3000.0 * 2.33
 

@@ -88,13 +88,21 @@ def test_help_texts_hold_no_rich_markup_tags():
     assert "or the model's positions if fewer" in res.stdout
 
 
-def test_a_closed_stdout_is_refused_before_any_work(tmp_path):
-    """`apply ... --json >&-` wrote the model, then crashed (exit 70) printing its report to the closed stdout."""
+def test_a_closed_stdout_is_refused_before_any_work_when_the_result_goes_there(tmp_path):
+    """`apply ... --json >&-` wrote the model, then crashed (exit 70) printing its report to the closed stdout; human
+    output to a closed stdout is lost, as it always was, and the command still runs."""
     import os
 
-    res = subprocess.run([sys.executable, "-m", "diffcli", "inspect", str(tmp_path / "none.diff"), "--json"],
-                         capture_output=False, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
-    assert res.returncode == 1
-    assert res.stderr.splitlines() == ["error: standard output is closed: diffprune writes its results there "
-                                       "(hint: redirect it instead, e.g. >/dev/null)"]
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "diffcli", *args], stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: os.close(1))
 
+    missing = str(tmp_path / "none.diff")
+    for args in (["inspect", missing, "--json"], ["pack", missing, "-o", "-"], ["pack", missing, "--output=-"]):
+        res = run(*args)
+        assert res.returncode == 1, args
+        assert res.stderr.splitlines() == ["error: standard output is closed, and --json or -o - writes the result "
+                                           "there (hint: redirect it instead, e.g. >/dev/null)"], args
+    res = run("inspect", missing)  # no data for stdout: the command runs, and its own error is the one line
+    assert res.returncode == 3 and "does not exist" in res.stderr and "standard output" not in res.stderr
+    assert run("--version").returncode == 0

@@ -165,6 +165,22 @@ def test_weights_that_overflow_float32_are_refused_for_any_output(env, tmp_path,
     assert len(res.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+def test_a_non_finite_input_is_named_not_blamed_on_the_weights(env, tmp_path):
+    """A diverged run's checkpoint (one NaN) must not read as weights that overflow: the input and tensor are named."""
+    root, _, diffs = env
+    bad = diffs[0]
+    name = next(n for n, td in bad.tensors.items() if td.values.numel())
+    saved = bad.tensors[name].values.clone()
+    try:
+        bad.tensors[name].values[0] = float("nan")
+        checkpoint.save(bad, tmp_path / "nan")
+    finally:
+        bad.tensors[name].values.copy_(saved)
+    res = runner.invoke(app, ["merge", str(tmp_path / "nan"), str(root / "d2.diff"), "-o", str(tmp_path / "m")])
+    assert res.exit_code == 2 and f"diff {name!r} holds NaN or infinite values" in res.stderr, res.output
+    assert str(tmp_path / "nan") in res.stderr and "weights" not in res.stderr and not (tmp_path / "m").exists()
+
+
 def test_heads_of_different_shapes_cannot_be_averaged(env, tmp_path):
     root, _, _ = env
     res = runner.invoke(app, ["merge", str(root / "d1.diff"), str(root / "d3.diff"), "-o", str(tmp_path / "m.diff"),

@@ -145,7 +145,9 @@ def test_prune_against_a_base_that_shares_no_tensor_is_a_wrong_base(tiny_base, t
     lambda m: m.update(config="x"),
     lambda m: m.update(meta="x"),                                                      # --plot left its PNG behind
     lambda m: m["extras"]["classifier.bias"].update(shape=[3, 3]),                     # apply built a model that
-], ids=["tensors-str", "tensors-list", "unknown-dtype", "config-list", "config-str", "meta-str", "extra-shape"])
+    lambda m: m["extras"]["classifier.bias"].update(dtype="float16"),                  # from_pretrained refused
+], ids=["tensors-str", "tensors-list", "unknown-dtype", "config-list", "config-str", "meta-str", "extra-shape",
+        "extra-dtype"])
 def test_a_malformed_checkpoint_header_is_corrupt_for_every_reader(tiny_base, tiny_finetune, tmp_path, edit):
     """These reached exit 70 (AttributeError) or exit 2 (or exit 0 with a model `from_pretrained` refuses, or a file
     `verify` refuses): a checkpoint is the user's file, its damage is exit 4, and nothing is written."""

@@ -84,13 +84,19 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def _writes_stdout(args: list[str]) -> bool:
+    """Whether the command's result goes to stdout as data (`--json`, `-o -`); human lines to a closed one are lost."""
+    return "--json" in args or "--output=-" in args or any(
+        a in ("-o", "--output") and b == "-" for a, b in zip(args, args[1:]))
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point that turns usage errors into one line as well; returns the exit code."""
     from diffcli.cli.commands import names
 
     args = sys.argv[1:] if argv is None else list(argv)
-    if sys.stdout is None:  # started with fd 1 closed (`>&-`): refuse before any work, not at the result
-        Output().error("standard output is closed: diffprune writes its results there",
+    if sys.stdout is None and _writes_stdout(args):  # fd 1 closed (`>&-`): refused before the work, not at its end
+        Output().error("standard output is closed, and --json or -o - writes the result there",
                        "redirect it instead, e.g. >/dev/null")
         return 1
     if os.environ.get("_DIFFPRUNE_COMPLETE", "").startswith(("complete_zsh", "complete_fish")):
