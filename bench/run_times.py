@@ -145,8 +145,8 @@ class RunTimes:
             for near in (2, 1):
                 times = [(sec, t) for t, m, sec, n in done if same(t, m) and n >= near]
                 if times:
-                    scaled = [(sec * lo, sec * hi) for sec, t in times for lo, hi in [self.scale(t, run.task, done)]]
-                    return max(lo for lo, _ in scaled), max(hi for _, hi in scaled)
+                    factor = {t: self.scale(t, run.task, done) for t in {t for _, t in times}}  # once per task
+                    return (max(sec * factor[t][0] for sec, t in times), max(sec * factor[t][1] for sec, t in times))
         return None
 
     def expected_seconds(self, run, done: list | None = None) -> float | None:
