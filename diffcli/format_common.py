@@ -127,6 +127,8 @@ def check_extra(name: str, t: "torch.Tensor") -> tuple[str, tuple[int, ...]]:
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in DTYPE_SIZES:
         raise InvalidValueError(f"extra {name!r} has dtype {dtype}, which the format cannot store")
+    if t.is_floating_point() and not bool(t.isfinite().all()):  # a diverged head: refused as a NaN δ is
+        raise InvalidValueError(f"extra {name!r} holds NaN or infinite values")
     return dtype, check_shape(t.shape, f"extra {name!r}")
 
 

@@ -39,13 +39,13 @@ def predict(model, tokenizer, examples: Sequence["Example"], *, max_seq_length: 
     """
     import numpy as np
 
-    from diffcli.tasks import encode
+    from diffcli.tasks import encode, padding_id
 
     if batch_size < 1:
         raise InvalidValueError(f"batch_size must be at least 1, got {batch_size}")
     if device is not None:
         model.to(device)
-    data = encode(examples, tokenizer, max_seq_length)
+    data = encode(examples, tokenizer, max_seq_length, padding_id(getattr(model, "config", None)))
     rows: list[int] = []
     chunks: list[np.ndarray] = []
     for idx, _batch, logits in forward_batches(model, data, batch_size):

@@ -37,8 +37,9 @@ class TaskType:
     def load(self, task: str | None = None, **kw) -> "TaskData":
         raise NotImplementedError
 
-    def encode(self, examples: Sequence, tokenizer, spec, max_seq_length: int):
-        """A torch-style Dataset of dicts of 1-D tensors (with `labels`), with `.collate` and `.lengths`."""
+    def encode(self, examples: Sequence, tokenizer, spec, max_seq_length: int, pad_token_id: int | None = None):
+        """A torch-style Dataset of dicts of 1-D tensors (with `labels`), with `.collate` and `.lengths`; rows are
+        padded with `pad_token_id` (the model config's, `tasks.padding_id`) where a head reads it."""
         raise NotImplementedError
 
     def evaluate(self, model, tokenizer, examples: Sequence, spec, *, max_seq_length: int = 128,
@@ -119,10 +120,10 @@ class SequenceClassification(TaskType):
 
         return load_task(task, **kw)
 
-    def encode(self, examples, tokenizer, spec, max_seq_length: int):
+    def encode(self, examples, tokenizer, spec, max_seq_length: int, pad_token_id: int | None = None):
         from diffcli.tasks import encode
 
-        return encode(examples, tokenizer, max_seq_length)
+        return encode(examples, tokenizer, max_seq_length, pad_token_id)
 
     def evaluate(self, model, tokenizer, examples, spec, *, max_seq_length: int = 128,
                  batch_size: int = 64) -> dict[str, float]:
@@ -140,8 +141,12 @@ class SequenceClassification(TaskType):
             kw["problem_type"] = "single_label_classification"
             kw["id2label"] = {i: str(n) for i, n in enumerate(spec.labels)}
             kw["label2id"] = {str(n): i for i, n in enumerate(spec.labels)}
-        if getattr(config, "pad_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is not None:
-            kw["pad_token_id"] = tokenizer.eos_token_id  # decoders (GPT-2) find each row's last token by it
+        if getattr(config, "pad_token_id", None) is None and (getattr(tokenizer, "pad_token_id", None) is not None
+                                                               or getattr(tokenizer, "eos_token_id", None) is not None):
+            from diffcli.sequences import pad_id
+
+            # decoders (GPT-2) pool at each row's last token that is not this id: the one rows are padded with
+            kw["pad_token_id"] = pad_id(tokenizer)
         return kw
 
 
@@ -166,7 +171,8 @@ class _FileTaskType(TaskType):
             _check_limit(key, kw.get(key))
         return self._impl().load(task, kw.pop("train_file", None), kw.pop("validation_file", None), **kw)
 
-    def encode(self, examples, tokenizer, spec, max_seq_length: int):
+    def encode(self, examples, tokenizer, spec, max_seq_length: int, pad_token_id: int | None = None):
+        """Per-token tasks pad with the tokenizer's id: no head reads it (attention_mask and IGNORE labels mask it)."""
         return self._impl().encode(examples, tokenizer, spec, max_seq_length)
 
     def evaluate(self, model, tokenizer, examples, spec, *, max_seq_length: int = 128,

@@ -219,8 +219,13 @@ class EncodedDataset:
         return collate(batch, pad_token_id=self.pad_token_id)
 
 
-def encode(examples: Sequence[Example], tokenizer, max_seq_length: int) -> EncodedDataset:
-    """Tokenize all examples in one batched call (fast tokenizers run it in Rust), truncating to max_seq_length."""
+def encode(examples: Sequence[Example], tokenizer, max_seq_length: int,
+           pad_token_id: int | None = None) -> EncodedDataset:
+    """Tokenize all examples in one batched call (fast tokenizers run it in Rust), truncating to max_seq_length.
+
+    Rows are padded with `pad_token_id` (`padding_id(model.config)`: decoders such as GPT-2 pool at the last token
+    that is not the config's pad id), else the tokenizer's pad id, else its end-of-text id, else 0.
+    """
     if max_seq_length < 8:
         raise InvalidValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
     arities = {len(e.texts) for e in examples}
@@ -233,8 +238,16 @@ def encode(examples: Sequence[Example], tokenizer, max_seq_length: int) -> Encod
         enc = tokenizer(first, second, truncation=True, max_length=max_seq_length, padding=False,
                         return_attention_mask=False)
         features = {k: v for k, v in enc.items() if k in ("input_ids", "token_type_ids")}
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return EncodedDataset(features, [e.label for e in examples], 0 if pad is None else int(pad))
+    from diffcli.sequences import pad_id
+
+    pad = pad_token_id if pad_token_id is not None else pad_id(tokenizer)
+    return EncodedDataset(features, [e.label for e in examples], pad)
+
+
+def padding_id(config) -> int | None:
+    """The pad id a model's config names (a non-negative int), else None: the one rows must be padded with."""
+    pad = getattr(config, "pad_token_id", None)
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else None
 
 
 def collate(batch: list[dict], pad_token_id: int = 0) -> dict[str, "torch.Tensor"]:
@@ -258,4 +271,4 @@ def collate(batch: list[dict], pad_token_id: int = 0) -> dict[str, "torch.Tensor
 
 
 __all__ = ["TaskSpec", "Example", "TaskData", "GLUE_TASKS", "task_spec", "infer_labels", "encode", "collate",
-           "EncodedDataset"]
+           "EncodedDataset", "padding_id"]

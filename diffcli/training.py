@@ -26,6 +26,7 @@ from diffcli.methods.l0 import DensityController, L0Trainer
 from diffcli.positions import DEFAULT_MAX_SEQ_LENGTH, seq_length_for
 from diffcli.task_types import build_task_model
 from diffcli.taskmodel import TaskModel
+from diffcli.tasks import padding_id
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
 from diffcli.train_state import (STATE_JSON, check_resume_options, check_resume_source, check_resume_world,
                                  load_state, own_rng, partial_dir, read_state)
@@ -108,7 +109,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     checkpoint_activations(tm.model, opts.activation_checkpointing)
     check_memory(tm, opts, dev)
     tm.model.to(dev)
-    train_set = kind.encode(task_data.train, tm.tokenizer, task_data.spec, opts.max_seq_length)
+    train_set = kind.encode(task_data.train, tm.tokenizer, task_data.spec, opts.max_seq_length,
+                            padding_id(tm.model.config))
     run = Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end)
 
     pruner = method.setup(run)  # the run's DiffPruner (every method's); sets run.flat and run.sparse

@@ -205,6 +205,18 @@ def test_pack_rejects_unstorable_diffs():
         artifact.pack(diff)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_pack_rejects_a_head_holding_nan_or_inf(version, bad):
+    """A diverged head is refused as a NaN δ is (readers take any bit pattern; the writer stores none of these)."""
+    for name in ("classifier.weight", "classifier.bias"):
+        diff = golden_diff()
+        diff.extras[name] = diff.extras[name].clone()
+        diff.extras[name].view(-1)[1] = bad
+        with pytest.raises(InvalidValueError, match=f"extra {name!r} holds NaN or infinite values"):
+            artifact.pack(diff, "fp32", version=version)
+
+
 @st.composite
 def diffs(draw):
     """Random diffs: a few tensors (sparse or dense, some empty) and extras, arbitrary finite values."""

@@ -29,11 +29,14 @@ def setup(tmp_path_factory):
     name = next(n for n, t in huge.tensors.items() if t.nnz)
     huge.tensors[name].values = huge.tensors[name].values.clone()
     huge.tensors[name].values[0] = 1e6  # beyond fp16
+    nanhead = project(extract_diff(str(base), str(ft)), 0.05).diff
+    nanhead.extras["classifier.bias"] = torch.tensor([0.5, float("nan")])  # a diverged head
     bad = root / "bad_ckpt"
     bad.mkdir()
     (bad / checkpoint.META_FILE).write_text("{not json")
     return {"base": base, "diff": diff, "ckpt": checkpoint.save(diff, root / "ckpt"),
-            "huge": checkpoint.save(huge, root / "huge_ckpt"), "bad": bad, "other": make_base(root / "other", seed=4)}
+            "huge": checkpoint.save(huge, root / "huge_ckpt"), "bad": bad,
+            "nanhead": checkpoint.save(nanhead, root / "nanhead_ckpt"), "other": make_base(root / "other", seed=4)}
 
 
 def _one_error_line(res, code: int, text: str) -> None:
@@ -98,13 +101,14 @@ def test_pack_refuses_existing_output_unless_forced(setup, tmp_path):
     ("missing", 3, "does not exist"),
     ("bad", 4, "not valid JSON"),
     ("huge", 2, "fp16 range"),
+    ("nanhead", 2, "extra 'classifier.bias' holds NaN or infinite values"),  # as a NaN δ; it was packed
     ("values", 2, "fp8"),
     ("nofolder", 3, "does not exist"),  # not found, as the README documents (it was 2)
     ("model", 4, "is a folder but not a diff checkpoint"),  # as inspect and verify say of it: exit 4, not 2
 ])
 def test_pack_failures_leave_nothing_behind(setup, tmp_path, case, code, text):
     src = {"missing": str(tmp_path / "nope"), "bad": str(setup["bad"]), "huge": str(setup["huge"]),
-           "model": str(setup["base"])}.get(case, str(setup["ckpt"]))
+           "nanhead": str(setup["nanhead"]), "model": str(setup["base"])}.get(case, str(setup["ckpt"]))
     out = tmp_path / ("sub/d.diff" if case == "nofolder" else "d.diff")
     args = ["pack", src, "-o", str(out)] + (["--values", "fp8"] if case == "values" else [])
     _one_error_line(runner.invoke(app, args), code, text)
