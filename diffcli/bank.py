@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from diffcli.diff import Diff, TensorDiff
-from diffcli.errors import BaseMismatchError, InvalidValueError
+from diffcli.errors import BaseMismatchError, FormatError, InvalidValueError
 from diffcli.weights import match_names, resolve_model, tensor_digest
 
 if TYPE_CHECKING:
@@ -139,15 +139,28 @@ def _flatten(encoder) -> tuple[list, dict[str, tuple[int, int, tuple[int, ...]]]
     return flats, slots, holder
 
 
-def _quiet_load(auto_cls, folder: Path):
-    """from_pretrained without transformers' loading bar (stderr is for our own lines)."""
+class SharedEncoderError(InvalidValueError):
+    """A diff that replaces an encoder tensor by one of another shape (resized embeddings): the bank's tasks share
+    one encoder, so it cannot hold it (`eval` evaluates such a diff on the model `apply` rebuilds)."""
+
+
+def _made_on(diff: Diff) -> str:
+    """The hint of a diff that does not fit the bank's base (a bank, like eval, has no --force)."""
+    return f"use the base it was made on ({diff.base_ref})" if diff.base_ref else "use the base it was made on"
+
+
+def quiet_load(auto_cls, folder: Path):
+    """from_pretrained without transformers' loading bar or load report (stderr is for our own lines): a base
+    folder holding tensors the bare model does not take (an untied LM head, an MLM head) is expected here."""
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
+    was, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         return auto_cls.from_pretrained(folder)
     finally:
+        hf_logging.set_verbosity(level)
         if was:
             hf_logging.enable_progress_bar()
 
@@ -164,7 +177,7 @@ class DiffBank:
         from diffcli.prediction import pick_device
 
         self.device = torch.device(device) if device is not None else pick_device()  # cuda when present
-        self.encoder = _quiet_load(AutoModel, self.folder).to(self.device).eval()
+        self.encoder = quiet_load(AutoModel, self.folder).to(self.device).eval()
         self._flats, self._slots, self._holder = _flatten(self.encoder)
         # One parameter per flat buffer, to notice if someone moved or re-cast the encoder behind our back.
         params = dict(self.encoder.named_parameters())
@@ -225,10 +238,11 @@ class DiffBank:
             elif td.nnz == 0:  # e.g. a non-persistent buffer the checkpoint kept: nothing to apply
                 continue
             else:
-                raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {td.base_name}")
+                raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {td.base_name}",
+                                        hint=_made_on(diff))
             if tuple(tensor.shape) != tuple(td.shape):
                 raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: {key} has shape "
-                                        f"{list(tensor.shape)}, diff expects {list(td.shape)}")
+                                        f"{list(tensor.shape)}, diff expects {list(td.shape)}", hint=_made_on(diff))
             if key not in self._digests:
                 self._digests[key] = tensor_digest(tensor.detach().cpu())
             if self._digests[key] != td.digest:
@@ -236,7 +250,7 @@ class DiffBank:
         if differ:
             raise BaseMismatchError(f"{source} was made on another base than {self.base_ref} "
                                     f"({len(differ)} of {len(diff.tensors)} tensors differ, first {differ[0]})",
-                                    hint=f"use the base it was made on ({diff.base_ref})")
+                                    hint=_made_on(diff))
 
     def _outside(self) -> "_BaseHeads":
         """The base folder's tensors, for those the bare encoder does not hold (opened once)."""
@@ -259,7 +273,8 @@ class DiffBank:
                 return state[mapping[name]]
             if name in self._outside().names:  # an untied LM head: in the base folder, not the bare encoder
                 return self._outside().store[name]
-            raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {name}")
+            raise BaseMismatchError(f"{source} does not fit base {self.base_ref}: it has no tensor {name}",
+                                    hint=_made_on(diff))
 
         return resolve_diff(diff, base_of)
 
@@ -281,11 +296,19 @@ class DiffBank:
         want = {k: tuple(v.shape) for k, v in own.state_dict().items()}
         have = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
         misfit = [k for k in want if k in have and want[k] != have[k]] + [k for k in want if k not in have]
+        resized = [k for k in misfit if k in have and f"{prefix}.{k}" in diff.extras
+                   and tuple(diff.extras[f"{prefix}.{k}"].shape) == want[k]]
+        if misfit and resized == misfit:  # the diff carries each such tensor whole, at its new shape
+            k = misfit[0]
+            raise SharedEncoderError(f"{source} resizes {prefix}.{k} from {list(have[k])} in the base to "
+                                     f"{list(want[k])}: the bank's tasks share one encoder, so it cannot hold this diff",
+                                     hint="rebuild the model with `diffprune apply` and load that folder")
         if misfit:
             k = misfit[0]
             what = ("is missing from the base" if k not in have
                     else f"has shape {list(have[k])} in the base, {list(want[k])} in the diff's config")
-            raise BaseMismatchError(f"{source}'s model does not fit base {self.base_ref}: {prefix}.{k} {what}")
+            raise BaseMismatchError(f"{source}'s model does not fit base {self.base_ref}: {prefix}.{k} {what}",
+                                    hint=_made_on(diff))
         setattr(model, prefix, self.encoder)
         shared = {id(p) for p in self.encoder.parameters()}
         if getattr(cfg, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
@@ -309,7 +332,8 @@ class DiffBank:
                                         hint="diffs for the bank must carry their classifier head")
             if tuple(t.shape) != expect:
                 raise BaseMismatchError(f"{source}'s head does not fit its config: {key} has shape {list(t.shape)}, "
-                                        f"num_labels={cfg.num_labels} needs {list(expect)}")
+                                        f"num_labels={cfg.num_labels} needs {list(expect)}",
+                                        hint="its head and config disagree: make the diff again from its finetune")
             head_state[key] = t.to(dtype) if t.is_floating_point() else t  # a head saved in another dtype
         model.load_state_dict(head_state, strict=False, assign=True)
         left = [k for k, v in model.state_dict().items() if v.is_meta]
@@ -340,11 +364,14 @@ class DiffBank:
                 continue
             key = mapping.get(target)
             if key is None:
-                raise BaseMismatchError(f"{source} does not fit the task model: it has no tensor for {target}")
+                raise BaseMismatchError(f"{source} does not fit the task model: it has no tensor for {target}",
+                                        hint=_made_on(diff))
             slot = self._slots.get(key[len(prefix):]) if key.startswith(prefix) else None
             if slot is None or slot[2] != tuple(td.shape) or td.is_lowrank:  # B·A: applied at each switch
                 rest_tensors[target] = td
                 continue
+            if not bool(torch.isfinite(td.values).all()):  # named here: in the flat buffers it would be flat0
+                raise FormatError(f"diff values of {target!r} are not finite (NaN or Inf)")
             s = td.sparse()
             keep = s.values != 0
             idx, val = (s.indices, s.values) if bool(keep.all()) else (s.indices[keep], s.values[keep])

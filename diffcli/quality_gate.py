@@ -129,7 +129,7 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     for name in thresholds:
         if name not in reported:
             raise InvalidValueError(f"task {spec.name} reports {', '.join(reported)}; it has no {name} to check")
-    from diffcli.bank import DiffBank, task_config
+    from diffcli.bank import DiffBank, SharedEncoderError, task_config
 
     if kind.name == DEFAULT:
         head = task_config(diff).num_labels  # config.json omits the default (2 labels)
@@ -143,10 +143,17 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     from diffcli.prediction import pick_device
 
     bank = DiffBank(base, device=device if device is not None else pick_device())
-    bank.add(spec.name, diff, task_type=kind.name, source=str(diff_path))
     tokenizer = kind.tokenizer(bank.folder)
-    with bank.use(spec.name) as model:
-        results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)
+    try:
+        bank.add(spec.name, diff, task_type=kind.name, source=str(diff_path))
+    except SharedEncoderError:  # resized embeddings: evaluated on the model `apply` rebuilds, as its users load it
+        folder, dev = bank.folder, bank.device
+        del bank
+        results, probe_error = _evaluate_applied(folder, diff, kind, data, tokenizer, dev, max_seq_length, batch_size)
+    else:
+        with bank.use(spec.name) as model:
+            results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)
+        probe_error = bank.basis_probe_error(spec.name)
     checks = [{"split": split, "metric": m, "op": bound_op(m), "bound": t, "value": float(values[m]),
                "passed": not missed(m, float(values[m]), t)}
               for split, values in results.items() for m, t in thresholds.items()]
@@ -156,10 +163,25 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     report = {"base": str(base), "diff": str(diff_path), "task": spec.name, "task_type": kind.name,
               "data": data.source, "examples": {split: len(ex) for split, ex in data.eval.items()}, "metrics": results,
               "thresholds": thresholds, "checks": checks, "failures": failures, "passed": not failures}
-    probe_error = bank.basis_probe_error(spec.name)
     if probe_error is not None:  # basis records: the rebuild's reconstruction error (docs/FORMAT.md §11)
         report["basis_probe_error"] = probe_error
     return report
+
+
+def _evaluate_applied(folder, diff, kind, data, tokenizer, device, max_seq_length: int, batch_size: int):
+    """Metrics of the model `apply` writes (in a temporary folder), and its basis probe error: for a diff that
+    resizes encoder tensors, which a bank's shared encoder cannot take."""
+    import tempfile
+
+    from diffcli.applying import apply_to_folder
+    from diffcli.bank import quiet_load
+    from diffcli.evaluation import evaluate
+
+    with tempfile.TemporaryDirectory(prefix="diffprune-eval-") as tmp:
+        report = apply_to_folder(folder, diff, Path(tmp) / "model")
+        model = quiet_load(kind.model_class(), report.out).to(device).eval()
+        results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)
+    return results, report.basis_probe_error
 
 
 def enforce(report: Mapping[str, Any]) -> None:
