@@ -83,6 +83,18 @@ def _label_names(config: Mapping[str, Any]) -> list[str] | None:
         return None
 
 
+def _recorded_columns(meta, text_fields, label_field):
+    """--text-fields and --label-field as given, else as the diff's training recorded them (`meta.data`)."""
+    data = (meta or {}).get("data") if isinstance(meta, dict) else None
+    data = data if isinstance(data, dict) else {}
+    fields = data.get("text_fields")
+    if text_fields is None and isinstance(fields, list) and fields and all(isinstance(f, str) for f in fields):
+        text_fields = fields
+    if label_field is None and isinstance(data.get("label_field"), str):
+        label_field = data["label_field"]
+    return text_fields, label_field
+
+
 def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, task_type: str | None = None,
                   data_dir: str | Path | None = None, validation_file: str | Path | None = None,
                   text_fields: Sequence[str] | None = None, label_field: str | None = None,
@@ -115,9 +127,14 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     if kind.name == DEFAULT:
         if task is None and validation_file is None:
             raise InvalidValueError(f"{diff_path} records no task; pass --task (or --validation-file)")
-        labels = _label_names(diff.config) if task is None or task.lower() == "custom" else None
+        custom = task is None or task.lower() == "custom"
+        labels = _label_names(diff.config) if custom else None
         if (diff.config or {}).get("problem_type") == "regression" or (labels is not None and len(labels) == 1):
-            labels = None  # a regression head: its one-entry id2label (LABEL_0) is transformers' filler, not a class
+            # a regression head: its one-entry id2label (LABEL_0) is transformers' filler, not a class; no labels
+            # ([]) keeps a custom dev file a regression even where its scores are whole numbers
+            labels = [] if custom else None
+        if validation_file is not None:  # the columns a custom run was trained on, unless named here
+            text_fields, label_field = _recorded_columns(diff.meta, text_fields, label_field)
     else:
         labels = _label_names(diff.config)
         if labels is None and kind.name == "token-classification":

@@ -146,11 +146,38 @@ def read_state(folder: Path) -> dict:
                           hint="pass --force without --resume to start over") from exc
 
 
-def check_resume_source(saved: dict, task: str, model: str, work: Path) -> None:
-    """Refuse to resume a run of another task or base model."""
+def data_identity(task_data) -> dict:
+    """What a resumed run must train on again: its columns, labels, the examples each split holds and a digest of
+    them (a custom task is `custom` whatever its files, and one folder has many spellings, so names say little)."""
+    import hashlib
+
+    spec = task_data.spec
+    fields = getattr(spec, "text_fields", None)
+    splits = {"train": task_data.train or [], **task_data.eval}
+    digest = hashlib.sha256()
+    for split, examples in splits.items():
+        digest.update(split.encode())
+        for example in examples:
+            digest.update(repr(example).encode("utf-8", "surrogateescape"))
+    return {"text_fields": list(fields) if fields is not None else None,
+            "label_field": getattr(spec, "label_field", None),
+            "labels": list(spec.labels) if spec.labels is not None else None,
+            "examples": {k: len(v) for k, v in splits.items()}, "sha256": digest.hexdigest()}
+
+
+def check_resume_source(saved: dict, task: str, model: str, work: Path, data: dict | None = None) -> None:
+    """Refuse to resume a run of another task, base model or data (`data_identity`; a state written before it
+    was recorded is not checked for it)."""
     if saved.get("task") != task or saved.get("model") != model:
         raise InvalidValueError(f"the interrupted run at {work} trained {saved.get('task')} on {saved.get('model')}",
                                 hint="pass --force without --resume to start over")
+    was = saved.get("data")
+    if data is not None and isinstance(was, dict) and was != data:
+        key = next(k for k in data if was.get(k) != data[k])
+        what = ("examples of the same counts but other content" if key == "sha256"
+                else f"its {key.replace('_', ' ')} {was.get(key)!r} (now {data[key]!r})")
+        raise InvalidValueError(f"the interrupted run at {work} trained on other data: {what}",
+                                hint="resume with the same data options, or pass --force without --resume to start over")
 
 
 def load_state(folder: Path) -> tuple[dict[str, "torch.Tensor"], dict]:

@@ -29,7 +29,7 @@ from diffcli.taskmodel import TaskModel
 from diffcli.tasks import padding_id
 from diffcli.train_options import FILLS, FIXMASK_STARTS, TrainOptions, option_names
 from diffcli.train_state import (STATE_JSON, check_resume_options, check_resume_source, check_resume_world,
-                                 load_state, own_rng, partial_dir, read_state)
+                                 data_identity, load_state, own_rng, partial_dir, read_state)
 from diffcli.trainloop import Reporter, Run, autocast
 
 # re-exported: the public names the benchmarks and the tests import from here
@@ -97,7 +97,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         raise DataError("training needs evaluation data to pick the best checkpoint",
                         hint="pass --validation-file")
     if interrupted is not None:
-        check_resume_source(interrupted, task_data.spec.name, model, work)
+        check_resume_source(interrupted, task_data.spec.name, model, work, data_identity(task_data))
 
     if launched_world() > 1 and not _group_joined():  # ours to leave: a caller's own group stays theirs
         atexit.register(_leave_group)
@@ -145,7 +145,9 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
             "data": {"task": task, "train_file": str(train_file) if train_file else None,
                      "validation_file": str(validation_file) if validation_file else None,
                      "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
-                     "train_examples": len(task_data.train), "source": task_data.source},
+                     "train_examples": len(task_data.train), "source": task_data.source,
+                     **({"text_fields": list(text_fields)} if text_fields else {}),
+                     **({"label_field": label_field} if label_field else {})},
             "world_size": dist.world,
             "results": {"after_l0": run.record.get("after_l0"), "projection": run.record.get("projection"),
                         "best": run.record["best"], **({"bases": run.record["bases"]} if "bases" in run.record else {})},

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from diffcli.dist import Dist, autocast  # noqa: F401  (autocast: re-exported for the loops)
-from diffcli.train_state import gather_rng, load_optimizer, optimizer_tensors, save_state
+from diffcli.train_state import data_identity, gather_rng, load_optimizer, optimizer_tensors, save_state
 
 if TYPE_CHECKING:
     import torch
@@ -178,7 +178,7 @@ class Run:
         tensors = gather_rng(tensors, self.dist, self.dev)
         if self.dist.main:
             state.update({"options": self.opt_dict, "task": self.spec.name, "model": self.model_ref,
-                          "record": self.record, "world_size": self.dist.world})
+                          "data": data_identity(self.task_data), "record": self.record, "world_size": self.dist.world})
             save_state(self.work, tensors, state)
         self.dist.barrier()
 

@@ -221,6 +221,36 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_base
     assert not partial_dir(tmp_path / "cut").exists()
 
 
+def test_resume_refuses_other_data_and_takes_a_state_that_predates_the_check(tmp_path, tiny_base):
+    """A custom task is `custom` whatever its files: the examples themselves must match to resume."""
+    from tests.training_data import write_task
+
+    kw = dict(epochs=2, fixmask_epochs=1)
+
+    def interrupt(phase, epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_base, "cut", on_epoch_end=interrupt, **kw)
+    train_file, dev_file = write_task(tmp_path / "data")
+    other = tmp_path / "other.csv"
+    lines = train_file.read_text().splitlines()
+    other.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")  # the same rows, another order
+    for files, limit, needle in (((other, dev_file), None, "same counts but other content"),
+                                 ((train_file, dev_file), 8, "its examples")):
+        with pytest.raises(InvalidValueError, match=needle):
+            train(train_file=str(files[0]), validation_file=str(files[1]), model=str(tiny_base), output=tmp_path / "cut",
+                  options=_opts(**kw), resume=True, max_train_samples=limit)
+    state_file = partial_dir(tmp_path / "cut") / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["data"]["examples"]["train"] > 8 and len(state["data"]["sha256"]) == 64
+    del state["data"]  # written by an earlier diffprune: resumed as before
+    state_file.write_text(json.dumps(state))
+    _run(tmp_path, tiny_base, "cut", resume=True, **kw)
+    _run(tmp_path, tiny_base, "full", **kw)
+    assert _same_diff(checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "cut"))
+
+
 def test_density_controller_schedule_and_direction():
     c = DensityController(target=0.01, lam0=1e-7, rate=0.1, warmup_steps=100, start=0.9)
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
