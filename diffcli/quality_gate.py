@@ -103,7 +103,8 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     """Metrics of base + diff on the task's evaluation splits, and which --min thresholds failed.
 
     The task model is built in memory (`DiffBank`: base weights + `applying.apply_`), never written,
-    on cuda when present. `task` defaults to the task recorded in the diff's metadata, `task_type` to the
+    on cuda when present; a diff that resizes encoder tensors, which a bank cannot share, is evaluated on the model
+    `apply` writes to a temporary folder (removed after). `task` defaults to the task recorded in the diff's metadata, `task_type` to the
     type it records (or its config's architecture); token classification takes its tags from the diff's head.
     A diff with basis records also reports `basis_probe_error`, the largest relative probe error of its rebuild.
     `max_seq_length` defaults to 128 (the model's positions where fewer); more than the model takes is refused.
@@ -163,14 +164,20 @@ def evaluate_diff(base: str, diff_path: str | Path, *, task: str | None = None, 
     tokenizer = kind.tokenizer(bank.folder)
     try:
         bank.add(spec.name, diff, task_type=kind.name, source=str(diff_path))
+        shared = True
     except SharedEncoderError:  # resized embeddings: evaluated on the model `apply` rebuilds, as its users load it
-        folder, dev = bank.folder, bank.device
-        del bank
-        results, probe_error = _evaluate_applied(folder, diff, kind, data, tokenizer, dev, max_seq_length, batch_size)
-    else:
+        shared = False  # evaluated after this block: the exception's frames hold the bank while it is live
+    if shared:
         with bank.use(spec.name) as model:
             results = evaluate(model, tokenizer, data, max_seq_length=max_seq_length, batch_size=batch_size)
         probe_error = bank.basis_probe_error(spec.name)
+    else:
+        folder, dev = bank.folder, bank.device
+        del bank  # one model in memory at a time
+        import gc
+
+        gc.collect()
+        results, probe_error = _evaluate_applied(folder, diff, kind, data, tokenizer, dev, max_seq_length, batch_size)
     checks = [{"split": split, "metric": m, "op": bound_op(m), "bound": t, "value": float(values[m]),
                "passed": not missed(m, float(values[m]), t)}
               for split, values in results.items() for m, t in thresholds.items()]

@@ -141,8 +141,10 @@ class SequenceClassification(TaskType):
             kw["problem_type"] = "single_label_classification"
             kw["id2label"] = {i: str(n) for i, n in enumerate(spec.labels)}
             kw["label2id"] = {str(n): i for i, n in enumerate(spec.labels)}
-        if getattr(config, "pad_token_id", None) is None and (getattr(tokenizer, "pad_token_id", None) is not None
-                                                               or getattr(tokenizer, "eos_token_id", None) is not None):
+        from diffcli.tasks import padding_id
+
+        if padding_id(config) is None and (getattr(tokenizer, "pad_token_id", None) is not None
+                                           or getattr(tokenizer, "eos_token_id", None) is not None):
             from diffcli.sequences import pad_id
 
             # decoders (GPT-2) pool at each row's last token that is not this id: the one rows are padded with

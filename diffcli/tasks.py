@@ -245,9 +245,12 @@ def encode(examples: Sequence[Example], tokenizer, max_seq_length: int,
 
 
 def padding_id(config) -> int | None:
-    """The pad id a model's config names (a non-negative int), else None: the one rows must be padded with."""
+    """The pad id a model's config names (an int its vocabulary holds), else None: the one rows must be padded with."""
     pad = getattr(config, "pad_token_id", None)
-    return pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else None
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        return None
+    return pad if not isinstance(vocab, int) or pad < vocab else None
 
 
 def collate(batch: list[dict], pad_token_id: int = 0) -> dict[str, "torch.Tensor"]:

@@ -157,8 +157,10 @@ def data_identity(task_data) -> dict:
     digest = hashlib.sha256()
     for split, examples in splits.items():
         digest.update(split.encode())
-        for example in examples:
-            digest.update(repr(example).encode("utf-8", "surrogateescape"))
+        for example in examples:  # its content: not `where` (the path as typed, line) of LM and tagged rows
+            fields = getattr(example, "_fields", ())
+            content = tuple(v for f, v in zip(fields, example) if f != "where") if fields else example
+            digest.update(repr(content).encode("utf-8", "surrogateescape"))
     return {"text_fields": list(fields) if fields is not None else None,
             "label_field": getattr(spec, "label_field", None),
             "labels": list(spec.labels) if spec.labels is not None else None,
@@ -173,9 +175,9 @@ def check_resume_source(saved: dict, task: str, model: str, work: Path, data: di
                                 hint="pass --force without --resume to start over")
     was = saved.get("data")
     if data is not None and isinstance(was, dict) and was != data:
-        key = next(k for k in data if was.get(k) != data[k])
+        key = next(k for k in {**was, **data} if was.get(k) != data.get(k))
         what = ("examples of the same counts but other content" if key == "sha256"
-                else f"its {key.replace('_', ' ')} {was.get(key)!r} (now {data[key]!r})")
+                else f"its {key.replace('_', ' ')} {was.get(key)!r} (now {data.get(key)!r})")
         raise InvalidValueError(f"the interrupted run at {work} trained on other data: {what}",
                                 hint="resume with the same data options, or pass --force without --resume to start over")
 

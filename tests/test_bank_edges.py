@@ -76,6 +76,31 @@ def test_eval_of_a_resized_encoder_gives_the_applied_models_numbers(resized):
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("diffprune-eval-*"))  # the rebuilt model is gone
 
 
+def test_the_fallback_evaluates_with_the_bank_freed(resized, monkeypatch):
+    """One model in memory at a time: the bank's encoder is gone before the rebuilt model is loaded."""
+    import gc
+    import weakref
+
+    from diffcli import quality_gate
+
+    banks, alive = [], []
+    init, evaluate_applied = DiffBank.__init__, quality_gate._evaluate_applied
+
+    def record(self, *args, **kw):
+        init(self, *args, **kw)
+        banks.append(weakref.ref(self))
+
+    def check(*args, **kw):
+        gc.collect()
+        alive.append(banks[0]() is not None)
+        return evaluate_applied(*args, **kw)
+
+    monkeypatch.setattr(DiffBank, "__init__", record)
+    monkeypatch.setattr(quality_gate, "_evaluate_applied", check)
+    quality_gate.evaluate_diff(str(resized["base"]), resized["ck"], validation_file=resized["dev"])
+    assert alive == [False]
+
+
 def test_quiet_eval_prints_nothing_for_a_base_with_an_lm_head(tmp_path):
     """The bare encoder does not take a Llama base's untied lm_head: transformers' load report stays unprinted."""
     from transformers import LlamaForCausalLM

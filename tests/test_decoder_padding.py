@@ -45,10 +45,52 @@ def _one_at_a_time(model, tokenizer, examples):
         return torch.cat([model(**tokenizer(e.texts[0], return_tensors="pt")).logits for e in examples])
 
 
-@pytest.mark.parametrize("value, expected", [(None, None), (0, 0), (5, 5), (-1, None), (True, None), ([1], None)])
-def test_padding_id_takes_only_a_real_id(value, expected):
-    assert padding_id(type("C", (), {"pad_token_id": value})()) == expected
+@pytest.mark.parametrize("value, expected", [(None, None), (0, 0), (5, 5), (63, 63), (64, None), (-1, None),
+                                             (True, None), ([1], None)])
+def test_padding_id_takes_only_an_id_the_vocabulary_holds(value, expected):
+    assert padding_id(type("C", (), {"pad_token_id": value, "vocab_size": 64})()) == expected
     assert padding_id(None) is None
+
+
+def test_a_config_pad_outside_the_vocabulary_is_replaced_by_the_tokenizers(tmp_path):
+    """GPT-2 loads a config whose pad id its embedding cannot look up: the head pads as the tokenizer does."""
+    import json as _json
+
+    kind, data = _data(tmp_path)
+    base = make_gpt2(tmp_path / "gpt2")
+    cfg = _json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(_json.dumps({**cfg, "pad_token_id": 64}))
+    tm = kind.build(base, data, seed=0)
+    assert tm.model.config.pad_token_id == PAD
+    logits, _ = predict(tm.model.eval(), tm.tokenizer, data.eval["validation"], batch_size=64)
+    assert logits.shape == (len(data.eval["validation"]), 2)
+
+
+def test_training_pads_with_the_bases_own_pad_id(tmp_path, monkeypatch):
+    """A base whose config names a pad id (eos) other than its tokenizer's (0): the train set pads with the config's,
+    the id the head pools by, as eval does."""
+    import json as _json
+
+    from diffcli.train_options import TrainOptions
+    from diffcli.training import train
+
+    kind, _ = _data(tmp_path)
+    base = make_gpt2(tmp_path / "gpt2")
+    cfg = _json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(_json.dumps({**cfg, "pad_token_id": EOS}))
+    pads = []
+    encode_orig = type(kind).encode
+
+    def spy(self, *args, **kw):
+        out = encode_orig(self, *args, **kw)
+        pads.append(out.pad_token_id)
+        return out
+
+    monkeypatch.setattr(type(kind), "encode", spy)
+    train(train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "dev.csv"), text_fields=["sentence"],
+          label_field="label", model=str(base), output=tmp_path / "ck",
+          options=TrainOptions(method="random", sparsity=0.05, fixmask_epochs=1, batch_size=8))
+    assert pads == [EOS]
 
 
 def test_encode_pads_with_the_id_it_is_given_else_the_tokenizers(tmp_path):

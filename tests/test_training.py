@@ -251,6 +251,37 @@ def test_resume_refuses_other_data_and_takes_a_state_that_predates_the_check(tmp
     assert _same_diff(checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "cut"))
 
 
+def test_resume_of_lm_data_does_not_depend_on_how_its_path_is_spelled(tmp_path, monkeypatch):
+    """LM and tagged rows record where they were read (path as typed, line): the data check hashes their content."""
+    from test_task_types import write_lm
+    from tiny_lms import make_gpt2
+
+    base = make_gpt2(tmp_path / "gpt2")
+    write_lm(tmp_path / "lm.jsonl")
+    monkeypatch.chdir(tmp_path)
+    opts = TrainOptions(method="random", sparsity=0.05, fixmask_epochs=2, batch_size=4)
+
+    def interrupt(phase, epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(task_type="causal-lm", train_file="lm.jsonl", validation_file="lm.jsonl", model=str(base),
+              output=tmp_path / "ck", options=opts, on_epoch_end=interrupt)
+    full = str(tmp_path / "lm.jsonl")
+    train(task_type="causal-lm", train_file=full, validation_file=full, model=str(base), output=tmp_path / "ck",
+          options=opts, resume=True)
+    assert checkpoint.load(tmp_path / "ck").nnz > 0
+
+
+def test_a_resume_record_with_a_key_this_version_lacks_is_refused_in_one_line():
+    from diffcli.train_state import check_resume_source
+
+    data = {"examples": {"train": 4}, "sha256": "0" * 64}
+    check_resume_source({"task": "t", "model": "m", "data": data}, "t", "m", Path("w"), data)
+    with pytest.raises(InvalidValueError, match="its vocab 'new' \\(now None\\)"):
+        check_resume_source({"task": "t", "model": "m", "data": {**data, "vocab": "new"}}, "t", "m", Path("w"), data)
+
+
 def test_density_controller_schedule_and_direction():
     c = DensityController(target=0.01, lam0=1e-7, rate=0.1, warmup_steps=100, start=0.9)
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731

@@ -40,7 +40,7 @@ def eval_(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate base + diff in memory (no merged model written) and gate on --min thresholds."""
+    """Evaluate base + diff in memory (resized embeddings: rebuilt in a temporary folder); gate on --min thresholds."""
     from diffcli.quality_gate import enforce, evaluate_diff, parse_thresholds, render_eval
 
     out = Output(json_, quiet)
