@@ -223,7 +223,7 @@ def run_baseline(cfg: BaselineConfig, out_dir: Path, log: Callable[[str], None] 
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
 
-    train_set = tasks.encode(data.train, tokenizer, cfg.max_seq_length)
+    train_set = tasks.encode(data.train, tokenizer, cfg.max_seq_length, tasks.padding_id(tm.model.config))  # as train
     # The same batches in the same order as `diffprune train` (a seeded DistributedSampler, reshuffled per epoch).
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed,
                                                   drop_last=False)

@@ -158,10 +158,10 @@ def data_identity(task_data) -> dict:
     for split, examples in splits.items():
         digest.update(split.encode())
         for example in examples:  # its content: not `where` (the path as typed, line) of LM and tagged rows
-            fields = getattr(example, "_fields", ())
-            content = tuple(v for f, v in zip(fields, example) if f != "where") if fields else example
+            names = getattr(example, "_fields", ())
+            content = tuple(v for f, v in zip(names, example) if f != "where") if names else example
             digest.update(repr(content).encode("utf-8", "surrogateescape"))
-    return {"text_fields": list(fields) if fields is not None else None,
+    return {"identity": 2, "text_fields": list(fields) if fields is not None else None,
             "label_field": getattr(spec, "label_field", None),
             "labels": list(spec.labels) if spec.labels is not None else None,
             "examples": {k: len(v) for k, v in splits.items()}, "sha256": digest.hexdigest()}
@@ -174,8 +174,14 @@ def check_resume_source(saved: dict, task: str, model: str, work: Path, data: di
         raise InvalidValueError(f"the interrupted run at {work} trained {saved.get('task')} on {saved.get('model')}",
                                 hint="pass --force without --resume to start over")
     was = saved.get("data")
+    if isinstance(was, dict) and "identity" not in was and data is not None:
+        # identity 1 recorded the last example's field names as text_fields: compare everything else
+        was = {k: v for k, v in was.items() if k != "text_fields"}
+        data = {k: v for k, v in data.items() if k not in ("text_fields", "identity")}
     if data is not None and isinstance(was, dict) and was != data:
-        key = next(k for k in {**was, **data} if was.get(k) != data.get(k))
+        order = ("identity", "text_fields", "label_field", "labels", "examples", "sha256")  # the digest last
+        key = next(k for k in sorted({**was, **data}, key=lambda k: order.index(k) if k in order else -1)
+                   if was.get(k) != data.get(k))
         what = ("examples of the same counts but other content" if key == "sha256"
                 else f"its {key.replace('_', ' ')} {was.get(key)!r} (now {data.get(key)!r})")
         raise InvalidValueError(f"the interrupted run at {work} trained on other data: {what}",

@@ -38,17 +38,30 @@ __all__ = ["DensityController", "Dist", "FILLS", "FIXMASK_STARTS", "L0Trainer", 
            "partial_dir", "train"]
 
 
+def _check_regression(task: str | None, train_file, validation_file, task_type: str) -> None:
+    """--regression names how to read the user's own label column: a GLUE task or another task type has its own."""
+    from diffcli import task_types
+
+    if task_type != task_types.DEFAULT:
+        raise InvalidValueError(f"--regression applies to --task-type {task_types.DEFAULT}, not {task_type}")
+    if task is not None and task.strip().lower() != "custom":
+        raise InvalidValueError(f"--regression applies to your own files (no --task): task {task} has its own labels")
+    if train_file is None and validation_file is None:
+        raise InvalidValueError("--regression applies to --train-file/--validation-file")
+
+
 def train(*, task: str | None = None, data_dir: str | None = None, train_file: str | None = None,
           validation_file: str | None = None, text_fields: list[str] | None = None, label_field: str | None = None,
           model: str = "minilm", max_train_samples: int | None = None, max_eval_samples: int | None = None,
           output: str | Path, options: TrainOptions | None = None, resume: bool = False, force: bool = False,
           reporter: Reporter | None = None, device: str | None = None, task_type: str | None = None,
-          on_epoch_end: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+          on_epoch_end: Callable[[str, int], None] | None = None, regression: bool = False) -> dict[str, Any]:
     """Run the method's phases and the fixed-mask phase; write the best diff as a checkpoint at `output`; return a summary.
 
     Resumable: after each epoch the state goes to `<output>.partial/`; `resume=True` continues from it.
     Under torchrun every rank trains; rank 0 alone evaluates and writes. `task_type` (`diffcli.task_types`,
-    default sequence-classification) gives the data, the head, the encoding and the metric.
+    default sequence-classification) gives the data, the head, the encoding and the metric. `regression` reads a
+    custom file's labels as scores even when all are whole numbers.
     """
     import torch
 
@@ -64,6 +77,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
         raise InvalidValueError(f"--method {opts.method} with {zero} trains nothing: its diff would be empty",
                                 hint="give it at least one epoch")
     kind = task_types.get(task_type)
+    if regression:
+        _check_regression(task, train_file, validation_file, kind.name)
     check_device(device)
     rep = reporter or Reporter()
     output = Path(output)
@@ -87,7 +102,8 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     kind.check(base_dir)  # an architecture that cannot serve the task type: refused before any data is read
     task_data = kind.load(task, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
                           text_fields=text_fields, label_field=label_field,
-                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+                          **({"labels": []} if regression else {}))  # no label names: a regression
     if task_data.source.get("kind") == "example":
         rep.warning(f"training on {task_data.source['name']}: {task_data.source['why']} "
                     "(pass --data-dir or set GLUE_DIR to train on GLUE)")

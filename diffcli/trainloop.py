@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
@@ -173,12 +174,17 @@ class Run:
     def history(self) -> list[dict[str, Any]]:
         return self.record["history"]
 
+    @cached_property
+    def data_identity(self) -> dict:
+        """The data this run trains on (`train_state.data_identity`), digested once, not at every save."""
+        return data_identity(self.task_data)
+
     def save(self, tensors: dict, state: dict) -> None:
         """The resumable state after an epoch, with every rank's RNG states (rank 0 writes; every rank waits)."""
         tensors = gather_rng(tensors, self.dist, self.dev)
         if self.dist.main:
             state.update({"options": self.opt_dict, "task": self.spec.name, "model": self.model_ref,
-                          "data": data_identity(self.task_data), "record": self.record, "world_size": self.dist.world})
+                          "data": self.data_identity, "record": self.record, "world_size": self.dist.world})
             save_state(self.work, tensors, state)
         self.dist.barrier()
 

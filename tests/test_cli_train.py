@@ -219,3 +219,33 @@ def test_shared_phase_options_name_every_method_that_reads_them():
     assert "basis: the head only" in helps["weight_decay"]
     assert "of w" not in helps["lr"] + helps["weight_decay"] and "L0 phase" not in helps["epochs"]
     assert all(len(helps[o]) <= 100 for o in ("epochs", "lr", "fill_samples", "weight_decay")), helps
+
+
+def test_regression_reads_whole_number_scores_as_scores(tmp_path, tiny_base):
+    """1..5 ratings are classes unless --regression says they are scores: then a one-output head and pearson."""
+    rows = ["sentence,score", *(f"w{i} good x{i % 3},{1 + i % 5}" for i in range(30))]
+    for name in ("train.csv", "dev.csv"):
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    files = ["--train-file", str(tmp_path / "train.csv"), "--validation-file", str(tmp_path / "dev.csv"),
+             "--label-field", "score", "--model", str(tiny_base), *FAST]
+    as_classes = _invoke(*files, "-o", str(tmp_path / "cls"), "--json")
+    assert as_classes.exit_code == 0, as_classes.output
+    assert "accuracy" in json.loads(as_classes.stdout)["after_fixmask"]["metrics"]["validation"]
+    scored = _invoke(*files, "--regression", "-o", str(tmp_path / "reg"), "--json")
+    assert scored.exit_code == 0, scored.output
+    assert "pearson" in json.loads(scored.stdout)["after_fixmask"]["metrics"]["validation"]
+    heads = {out: checkpoint.load(tmp_path / out).extras["classifier.weight"].shape[0] for out in ("cls", "reg")}
+    assert heads == {"cls": 5, "reg": 1}
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--task", "rte", "--data-dir", "."], "task rte has its own labels"),
+    (["--task-type", "token-classification"], "applies to --task-type sequence-classification"),
+])
+def test_regression_with_a_task_of_its_own_labels_exits_2(tmp_path, tiny_base, data, extra, needle):
+    train, dev = data
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--regression", *extra, "-o", str(tmp_path / "c"))
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "c").exists()

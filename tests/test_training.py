@@ -251,6 +251,47 @@ def test_resume_refuses_other_data_and_takes_a_state_that_predates_the_check(tmp
     assert _same_diff(checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "cut"))
 
 
+def test_resume_names_other_text_fields_and_takes_a_state_whose_fields_were_misrecorded(tmp_path, tiny_base):
+    """The state records the columns it read: another --text-fields is named as such, not as "other content"."""
+    rows = ["a,b,label", *(f"w{i} good,x{i} bad,{i % 2}" for i in range(24))]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:9]) + "\n")
+    kw = dict(epochs=2, fixmask_epochs=1)
+
+    def go(fields, out, **more):
+        return train(train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "dev.csv"),
+                     model=str(tiny_base), output=tmp_path / out, options=_opts(**kw), text_fields=fields, **more)
+
+    def interrupt(phase, epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        go(["a"], "cut", on_epoch_end=interrupt)
+    state_file = partial_dir(tmp_path / "cut") / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["data"]["text_fields"] == ["a"] and state["data"]["identity"] == 2
+    with pytest.raises(InvalidValueError, match=r"its text fields \['a'\] \(now \['a', 'b'\]\)"):
+        go(["a", "b"], "cut", resume=True)
+    del state["data"]["identity"]  # written before the fields were recorded right: their record is not compared
+    state["data"]["text_fields"] = ["a", "b", "label"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(InvalidValueError, match="same counts but other content"):  # the rows still are
+        go(["a", "b"], "cut", resume=True)
+    go(["a"], "cut", resume=True)
+    go(["a"], "full")
+    assert _same_diff(checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "cut"))
+
+
+def test_the_data_is_digested_once_per_run_not_at_every_save(tmp_path, tiny_base, monkeypatch):
+    from diffcli import trainloop
+
+    calls = []
+    real = trainloop.data_identity
+    monkeypatch.setattr(trainloop, "data_identity", lambda data: calls.append(1) or real(data))
+    _run(tmp_path, tiny_base, "out", epochs=2, fixmask_epochs=2)
+    assert len(calls) == 1
+
+
 def test_resume_of_lm_data_does_not_depend_on_how_its_path_is_spelled(tmp_path, monkeypatch):
     """LM and tagged rows record where they were read (path as typed, line): the data check hashes their content."""
     from test_task_types import write_lm

@@ -23,6 +23,7 @@ def train(
     validation_file: Annotated[Optional[Path], typer.Option("--validation-file", help="Dev data for per-epoch metrics and the best checkpoint.")] = None,
     text_fields: Annotated[Optional[str], typer.Option("--text-fields", help="Text column(s), comma-separated, e.g. sentence1,sentence2.")] = None,
     label_field: Annotated[Optional[str], typer.Option("--label-field", help="Label column of the data files.")] = None,
+    regression: Annotated[bool, typer.Option("--regression", help="Read your files' labels as regression scores (pearson, spearman) even when every score is a whole number (without it, whole numbers are classes).")] = False,
     model: Annotated[str, typer.Option("--model", "-m", help="Base model: folder, alias or hub id.")] = "minilm",
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Train on the first N examples only.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on the first N examples of each split.")] = None,
@@ -89,7 +90,7 @@ def train(
     summary = run_train(task=task, data_dir=str(data_dir) if data_dir else None,
                         train_file=str(train_file) if train_file else None,
                         validation_file=str(validation_file) if validation_file else None, text_fields=fields,
-                        label_field=label_field, model=model, max_train_samples=max_train_samples,
+                        label_field=label_field, regression=regression, model=model, max_train_samples=max_train_samples,
                         max_eval_samples=max_eval_samples, output=output, options=options, resume=resume,
                         force=force, device=device, task_type=task_type, reporter=Reporter(out.progress, out.info, out.warn))
     if summary:  # empty on ranks other than 0 under torchrun
