@@ -431,6 +431,9 @@ def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
     _check_limit("max_eval_samples", max_eval_samples)
     spec = None if task is None or _norm_name(task) == "custom" else task_spec(task)
     if train_file is not None or validation_file is not None:
+        if data_dir is not None:  # one source: a GLUE folder that would go unread is refused, not ignored
+            raise InvalidValueError("--data-dir reads a GLUE folder and --train-file/--validation-file read your "
+                                    "files: give one or the other")
         return _load_from_files(spec, train_file, validation_file, text_fields, label_field, labels,
                                 need_train, max_train_samples, max_eval_samples)
     if spec is None:

@@ -101,6 +101,12 @@ def test_metric_the_task_does_not_report(env):
     assert "has no f1" in res.stderr
 
 
+def test_a_glue_folder_beside_a_dev_file_is_refused_not_ignored(env, tmp_path):
+    res = _eval(env, "--data-dir", str(tmp_path))
+    assert res.exit_code == 2, res.output
+    assert "--data-dir reads a GLUE folder" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def test_head_that_does_not_fit_the_task(env, tmp_path):
     _, _, _, data = env
     mnli = tmp_path / "mnli.csv"

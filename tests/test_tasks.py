@@ -271,6 +271,14 @@ def test_custom_float_labels_are_regression(tmp_path):
     assert [e.label for e in data.train] == [0.5, 4.0]
 
 
+def test_files_and_a_glue_folder_together_are_refused(tmp_path):
+    train = write(tmp_path / "t.csv", "sentence,label\na,1\n")
+    with pytest.raises(InvalidValueError, match="give one or the other"):
+        load_task("sst2", data_dir=tmp_path, train_file=train)
+    with pytest.raises(InvalidValueError, match="give one or the other"):
+        load_task(validation_file=train, data_dir=tmp_path, need_train=False)
+
+
 def test_custom_explicit_labels_and_eval_only(tmp_path):
     dev = write(tmp_path / "d.csv", "text,label\na,yes\n")
     data = load_task(validation_file=dev, need_train=False, labels=["no", "yes"])
