@@ -338,7 +338,8 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "`--lr 1e-4` for the L0 phase's δ and the magnitude mask's dense epochs, `--alpha-lr 0.05` for the "
           "gates): "
           + "; ".join(f"{LABELS[m]} {', '.join(f'{x:g}' for x in p.grid(m))}" for m in methods)
-          + f". The best dev score at seed {p.seeds[0]} picks the lr (ties: the first listed); the other seeds "
+          + f". The best dev score at seed {p.seeds[0]} picks the lr (ties: the first listed; a run that failed is "
+          "shown as failed in the tuning table and is not a candidate); the other seeds "
           "use it. Model selection is on dev for every method alike (best epoch and lr), so all scores are "
           "optimistic by the same rule.",
           "- Stored bytes are file sizes: diffprune the fp16 `.diff` (`artifact.write`), scored on base + that "
@@ -463,11 +464,13 @@ def default_mask_text(d: dict) -> list[str]:
     head = (f"**Default mask by this table:** {LABELS[d['mask']]} ({d['why']})." if d["mask"]
             else f"**Default mask by this table:** not decided yet ({d['why']}).")
     meets = "; ".join(f"{LABELS[m]} {rules.fmt_verdict(v)}" for m, v in d["meets_targets"].items())
-    return [head + " The rule (issue 11): the contenders are L0, every cheaper mask within "
-            f"{rules.AS_GOOD} pt of L0's task average (or above it), and the random mask when L0 is not "
-            f"≥ {rules.L0_OVER_RANDOM} pt ahead of it; the cheapest contender that meets the four diffprune targets "
-            "(each judged in dp-l0's place) wins, else the cheapest contender. Cost order (what runs before the "
-            f"fixed phase): {order}. Meets the targets: {meets}.", ""]
+    return [head + f" The rule (issue 11): L0 stays unless it is not ≥ {rules.L0_OVER_RANDOM:g} pt ahead of the "
+            f"random mask or a cheaper mask is as good (within {rules.AS_GOOD} pt of L0's task average, or above "
+            "it); then the contenders are L0, the cheaper masks as good as L0 and, when L0 is not 1 pt ahead of it, "
+            "the random mask: the cheapest contender that meets the four diffprune targets (each judged in dp-l0's "
+            f"place) wins, and when none does, the cheapest mask within {rules.AS_GOOD} pt of the best mask's task "
+            "average (what wins on score, at the lowest cost). "
+            f"Cost order (what runs before the fixed phase): {order}. Meets the targets: {meets}.", ""]
 
 
 def _run_cost(cost: dict | None, letters: dict | None) -> str:

@@ -12,6 +12,7 @@ import statistics
 AVG_GAP_MAX = 0.5      # diffprune 0.5% within 0.5 point of full finetuning on the task average
 TASK_GAP_MAX = 1.5     # and no task more than 1.5 points below
 L0_OVER_RANDOM = 1.0   # the L0 mask at least 1 point ahead of the random mask on average
+EPS = 1e-9             # bounds are met with float rounding's slack: 0.50 below in decimal is within 0.5
 MAIN = "dp-l0"
 TARGETS = (
     ("avg_within_0.5_of_full", f"dp-l0 within {AVG_GAP_MAX} pt of full finetuning on the average"),
@@ -41,6 +42,8 @@ def choose_lr(grid, scores: dict) -> float | None:
 def mean_std(values) -> tuple[float | None, float | None, int]:
     """Mean, sample standard deviation (None below two values) and count of the non-missing values."""
     vals = [v for v in values if v is not None]
+    if any(not math.isfinite(v) for v in vals):  # metrics report a diverged run's NaN as 0: this is a harness bug
+        raise ValueError(f"a score that is not finite among {vals}")
     if not vals:
         return None, None, 0
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
@@ -99,14 +102,14 @@ def verdicts(scores: dict, tasks: list[str], main: str = MAIN, sizes: dict | Non
     out: dict = {key: None for key, _ in TARGETS}
     if have(main, "full"):
         gaps = [scores[t][main] - scores[t]["full"] for t in tasks]
-        out["avg_within_0.5_of_full"] = statistics.mean(gaps) >= -AVG_GAP_MAX
-        out["no_task_below_1.5"] = min(gaps) >= -TASK_GAP_MAX
+        out["avg_within_0.5_of_full"] = statistics.mean(gaps) >= -AVG_GAP_MAX - EPS
+        out["no_task_below_1.5"] = min(gaps) >= -TASK_GAP_MAX - EPS
     if have(main, "lora-qv", "lora-all"):
         out["ahead_of_better_lora"] = ahead(better_lora(scores, tasks))
     if have(main, "bitfit"):
         out["ahead_of_bitfit"] = ahead("bitfit")
     if have(main, "dp-random"):
-        out["l0_1pt_over_random"] = avg(main) - avg("dp-random") >= L0_OVER_RANDOM
+        out["l0_1pt_over_random"] = avg(main) - avg("dp-random") >= L0_OVER_RANDOM - EPS
     return out
 
 
@@ -152,35 +155,47 @@ def cheaper_masks(means: dict, tasks: list[str]) -> dict:
 # finetuning's memory), L0 gated epochs (~14 buffers of N floats). Measured times and memory are in the cost table.
 MASKS_BY_COST = ("dp-random", "dp-fisher", "dp-magnitude", MAIN)
 AS_GOOD = 0.5  # a mask is "as good" as L0 within this many points of the task average (the issue's own "within 0.5")
+MASK_NAMES = {"dp-random": "the random mask", "dp-fisher": "the Fisher mask", "dp-magnitude": "the magnitude mask",
+              MAIN: "the L0 mask"}
 MAIN_TARGETS = ("avg_within_0.5_of_full", "no_task_below_1.5", "ahead_of_better_lora", "ahead_of_bitfit")
 
 
 def default_mask(means: dict, tasks: list[str], sizes: dict | None = None, budgets: dict | None = None) -> dict:
     """Which mask the table makes the default, by issue 11's rule; `mask` is None while a needed cell is missing.
 
-    The contenders are L0, every cheaper mask as good as L0 (within AS_GOOD of its task average, or better), and
-    the random mask when L0 is not ≥ 1 point ahead of it. The cheapest contender that meets the four diffprune
-    targets (each judged in dp-l0's place) wins; when none meets them, the cheapest contender.
+    L0 stays unless it is not >= 1 point ahead of the random mask or a cheaper mask is as good (within AS_GOOD of its
+    task average, or above it). Then the contenders are L0, the cheaper masks as good as L0, and the random mask when
+    L0 is not 1 point ahead of it: the cheapest contender that meets the four diffprune targets (each judged in
+    dp-l0's place) wins; when none meets them, what wins on score at the lowest cost: the cheapest mask within
+    AS_GOOD of the best mask's task average.
     """
     judged = {m: verdicts(means, tasks, main=m, sizes=sizes, budgets=budgets) for m in MASKS_BY_COST}
     meets = {m: (None if any(v[k] is None for k in MAIN_TARGETS) else all(v[k] for k in MAIN_TARGETS))
              for m, v in judged.items()}
     gaps = cheaper_masks(means, tasks)
     out = {"mask": None, "meets_targets": meets, "l0_over_random": judged[MAIN]["l0_1pt_over_random"],
-           "as_good_as_l0": {m: (None if g is None else g >= -AS_GOOD) for m, g in gaps.items()}, "why": None}
+           "as_good_as_l0": {m: (None if g is None else g >= -AS_GOOD - EPS) for m, g in gaps.items()}, "why": None}
     if None in meets.values() or out["l0_over_random"] is None or None in out["as_good_as_l0"].values():
         out["why"] = "waiting for every mask's cells on every task"
+        return out
+    why = [] if out["l0_over_random"] else [f"L0 is not {L0_OVER_RANDOM:g} pt ahead of the random mask"]
+    why += [f"{MASK_NAMES[m]} is within {AS_GOOD} pt of L0" for m in MASKS_BY_COST
+            if m != MAIN and out["as_good_as_l0"][m]]
+    if not why:
+        out["mask"], out["why"] = MAIN, f"L0 is >= {L0_OVER_RANDOM:g} pt ahead of random and no cheaper mask is as good"
         return out
     contenders = [m for m in MASKS_BY_COST if m == MAIN or out["as_good_as_l0"][m]
                   or (m == "dp-random" and not out["l0_over_random"])]
     passing = [m for m in contenders if meets[m]]
-    out["mask"] = (passing or contenders)[0]
-    why = [] if out["l0_over_random"] else ["L0 is not 1 pt ahead of the random mask"]
-    why += [f"{m} is within {AS_GOOD} pt of L0" for m in contenders if m not in (MAIN, "dp-random")
-            or (m == "dp-random" and out["as_good_as_l0"][m])]
-    why.append("the cheapest of them that meets the targets" if passing
-               else "no contender meets the targets: the cheapest")
-    out["why"] = "; ".join(why) if len(contenders) > 1 else "no cheaper mask is as good and L0 is >= 1 pt ahead of random"
+    if passing:
+        out["mask"] = passing[0]
+        why.append("the cheapest of these (and L0) that meets the targets")
+    else:
+        average = {MAIN: 0.0, **gaps}  # each mask's task average, relative to L0's
+        top = max(average.values())
+        out["mask"] = next(m for m in MASKS_BY_COST if average[m] >= top - AS_GOOD - EPS)
+        why.append(f"no mask meets the targets: the cheapest within {AS_GOOD} pt of the best task average")
+    out["why"] = "; ".join(why)
     return out
 
 

@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
@@ -176,6 +177,7 @@ def check_output(path: Path, force: bool) -> None:
         raise InvalidValueError(f"{str(path)!r} names a folder you are in or above, not an output",
                                 hint="name the output, e.g. -o out/")
     if path.exists() or path.is_symlink():
+        _refuse_special(path)
         if not force:
             raise OutputExistsError(f"{path} already exists")
     parent = path.parent if str(path.parent) else Path(".")
@@ -194,8 +196,20 @@ def _umask() -> int:
     return mask
 
 
+def _refuse_special(path: Path) -> None:
+    """A device, pipe or socket (`-o /dev/null`) is never replaced, --force or not: only files, folders and links."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        raise InvalidValueError(f"{path} is a device, pipe or socket, not a file or folder: it is never replaced",
+                                hint="name a file or folder to write")
+
+
 def _replace(tmp: Path, path: Path) -> None:
     """Move tmp over path; an existing path is removed only after the new one is complete."""
+    _refuse_special(path)
     if path.is_file() and not path.is_symlink() and tmp.is_file():
         os.replace(tmp, path)  # atomic for a file over a file
     elif path.exists() or path.is_symlink():

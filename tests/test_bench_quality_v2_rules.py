@@ -136,6 +136,31 @@ def test_the_table_picks_the_default_mask_by_the_issues_rule():
     assert rep.default_mask(means, tasks)["mask"] is None
 
 
+def test_when_no_contender_meets_the_targets_the_cheapest_near_the_best_average_wins():
+    """Random is a contender (L0 only 0.85 ahead) but 0.85 below: it does not win on score, so L0 stays."""
+    d = rep.default_mask(_mask_means(50.0, 49.15, 48.0, 48.0), ["rte"])
+    assert d["l0_over_random"] is False and not any(d["meets_targets"].values())
+    assert d["mask"] == "dp-l0" and "best task average" in d["why"] and "the random mask" not in d["why"].split(";")[1]
+
+
+def test_bounds_hold_at_exactly_the_decimal_gap_despite_float_rounding():
+    tasks = ["a", "b", "c", "d"]
+    full = dict(zip(tasks, (41.23, 53.36, 60.84, 83.57)))
+    dp = dict(zip(tasks, (41.26, 52.05, 62.37, 81.32)))  # 0.50 below on the average, in decimal
+    assert statistics.mean(dp[t] - full[t] for t in tasks) < -0.5  # what a bare comparison would fail on
+    assert rep.verdicts(_scores(dp, full=full), tasks)["avg_within_0.5_of_full"] is True
+    rnd = dict(zip(tasks, (60.35, 54.44, 60.81, 78.61)))
+    l0 = dict(zip(tasks, (61.35, 55.44, 61.81, 79.61)))  # exactly 1.00 ahead
+    assert rep.verdicts(_scores(l0, **{"dp-random": rnd}), tasks)["l0_1pt_over_random"] is True
+
+
+def test_a_score_that_is_not_finite_is_refused_not_averaged():
+    import pytest
+
+    with pytest.raises(ValueError, match="not finite"):
+        rep.mean_std([1.0, math.nan, 2.0])
+
+
 def test_pass_counts_count_only_seeds_with_every_cell():
     per_seed = {42: {k: True for k, _ in rep.TARGETS}, 43: {k: False for k, _ in rep.TARGETS},
                 44: {k: None for k, _ in rep.TARGETS}}

@@ -177,3 +177,28 @@ def test_pid_liveness_follows_proc(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert outputs._start_time(proc.pid) is None or not outputs._have_proc()
+
+
+def test_a_device_pipe_or_socket_is_never_replaced_even_with_force(tmp_path):
+    """`-o /dev/null --force` once swapped the device node for a folder: special files are refused, exit 2."""
+    import stat
+
+    from typer.testing import CliRunner
+
+    from diffcli.cli.app import app
+    from diffcli.errors import InvalidValueError
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for force in (False, True):
+        with pytest.raises(InvalidValueError, match="device, pipe or socket"):
+            outputs.check_output(fifo, force)
+    with pytest.raises(InvalidValueError, match="device, pipe or socket"):
+        with atomic_dir(fifo, force=True) as tmp:  # a writer that skipped the check is stopped at the swap
+            (tmp / "a").write_text("1")
+    for args in (["pack", str(REPO / "tests" / "data" / "golden_v1.diff")],
+                 ["prune", str(REPO / "tests" / "data" / "golden_v1.diff"), "--sparsity", "50%"]):
+        result = CliRunner().invoke(app, [*args, "-o", str(fifo), "--force"])
+        assert result.exit_code == 2, result.output
+        assert "is a device, pipe or socket" in result.stderr and "Traceback" not in result.output
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
