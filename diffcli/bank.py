@@ -77,7 +77,7 @@ def task_config(diff: Diff):
         raise InvalidValueError("the diff's config has no model_type; cannot build its task model")
     try:
         return AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # TypeError: a value of the wrong type (num_labels "2")
         raise InvalidValueError(f"cannot build a config for model type {model_type!r}: {exc}") from None
 
 
@@ -211,6 +211,9 @@ class DiffBank:
             from diffcli.sources import load_diff
 
             diff = load_diff(diff)
+        bad = next((k for k, t in diff.extras.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+        if bad is not None:  # a diverged head: refused as `apply` refuses it, not scored as NaN logits
+            raise FormatError(f"{source}: extra tensor {bad!r} has non-finite values (NaN or Inf)")
         self.reset()  # digests and the trial apply need the encoder as loaded
         self._check_base(diff, source)
         from diffcli.task_types import of_diff

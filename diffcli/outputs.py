@@ -221,6 +221,14 @@ def _replace(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def _usual_modes(tmp: Path) -> None:
+    """Written files get the mode a plain open() gives (safetensors' writer makes them owner-only, 0600)."""
+    mode = 0o666 & ~_umask()
+    for f in ([tmp] if tmp.is_file() else tmp.rglob("*")):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
+
+
 def _temp_prefix(path: Path) -> tuple[str, str]:
     return f"{_prefix(path)}tmp-{owner_tag()}-", str(path.parent) if str(path.parent) else "."
 
@@ -235,6 +243,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual mode
     try:
         yield tmp
+        _usual_modes(tmp)
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -255,6 +264,7 @@ def atomic_file(path: str | Path, force: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
+        _usual_modes(tmp)
         _replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

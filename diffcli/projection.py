@@ -159,6 +159,9 @@ def prune(source: str | Path, sparsity: float, out: str | Path, *, base: str | N
             raise InvalidValueError(f"{source} is not a diff checkpoint; pass --base to extract a diff "
                                     "from a full finetuned model")
         diff = extract_diff(base, str(source), on_tensor=on_tensor)
+    bad = next((k for k, t in diff.extras.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+    if bad is not None:  # a diverged head: refused here as apply and pack refuse it, not kept for them to find
+        raise FormatError(f"extra tensor {bad!r} of {source} has non-finite values (NaN or Inf)")
     result = project(diff, sparsity, scope)
     checkpoint.save(result.diff, out, force=force)
     return result

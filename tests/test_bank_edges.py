@@ -146,3 +146,48 @@ def test_eval_names_the_tensor_holding_nan(bert, tmp_path):
     name = key.removeprefix("sparse.values/")
     assert res.exit_code == 4, res.output
     assert f"diff values of {name!r} are not finite" in res.stderr and "flat" not in res.stderr
+
+
+def test_a_head_holding_nan_is_refused_by_eval_bank_and_prune_as_apply_refuses_it(tmp_path):
+    """eval passed a --min gate on a head with a NaN bias (apply: exit 4), and prune kept it for pack to find."""
+    from diffcli import checkpoint
+    from diffcli.errors import FormatError
+    from diffcli.extract import extract_diff
+    from diffcli.projection import project
+
+    base = make_base(tmp_path / "base")
+    diff = project(extract_diff(str(base), str(make_finetune(base, tmp_path / "ft", scale=0.05))), 0.1).diff
+    diff.meta["task"] = "sst2"
+    head = next(k for k in diff.extras if k.endswith("classifier.bias"))
+    diff.extras[head] = diff.extras[head].clone()
+    diff.extras[head][0] = float("nan")
+    ckpt = tmp_path / "nan.ckpt"
+    checkpoint.save(diff, ckpt)  # a checkpoint takes any values; pack refuses it
+    dev = tmp_path / "dev.csv"
+    dev.write_text("sentence,label\na good one,1\nnot good,0\n")
+    res = runner.invoke(app, ["eval", str(base), str(ckpt), "--validation-file", str(dev), "--min", "accuracy=0"])
+    assert res.exit_code == 4, res.output
+    assert "'classifier.bias' has non-finite values" in res.stderr and "gate passed" not in res.output
+    with pytest.raises(FormatError, match="non-finite"):
+        DiffBank(str(base)).add("nan", ckpt)
+    res = runner.invoke(app, ["prune", str(ckpt), "-s", "5%", "-o", str(tmp_path / "pruned")])
+    assert res.exit_code == 4 and "non-finite" in res.stderr, res.output
+    assert not (tmp_path / "pruned").exists()
+    res = runner.invoke(app, ["apply", str(base), str(ckpt), "-o", str(tmp_path / "applied")])
+    assert res.exit_code == 4 and "non-finite" in res.stderr, res.output  # what eval and prune now agree with
+
+
+def test_a_config_value_of_the_wrong_type_is_one_line_exit_2_not_an_internal_error(tmp_path):
+    from diffcli import checkpoint
+    from diffcli.extract import extract_diff
+
+    base = make_base(tmp_path / "base")
+    diff = extract_diff(str(base), str(make_finetune(base, tmp_path / "ft")))
+    diff.meta["task"] = "sst2"
+    diff.config["num_labels"] = "two"
+    checkpoint.save(diff, tmp_path / "ck")
+    dev = tmp_path / "dev.csv"
+    dev.write_text("sentence,label\na good one,1\nnot good,0\n")
+    res = runner.invoke(app, ["eval", str(base), str(tmp_path / "ck"), "--validation-file", str(dev)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: cannot build a config for model type 'bert'") and "internal" not in res.stderr

@@ -413,3 +413,28 @@ def test_prune_projects_the_product_exactly(env):
     assert int((kept != 0).sum()) == k and not any(t.is_lowrank for t in out.diff.tensors.values())
     thr = dense.abs().topk(k).values.min()
     assert bool((kept[kept != 0].abs() >= thr).all()) and torch.equal(kept[kept != 0], dense[kept != 0])
+
+
+def test_a_low_rank_record_too_big_to_densify_is_out_of_memory_exit_1_not_an_internal_error(tmp_path):
+    """A 2^23 x 2^23 rank-1 record is a small file; prune and merge densify B·A: exit 1 "out of memory", not 70."""
+    from typer.testing import CliRunner
+
+    from diffcli.cli._errors import classify
+    from diffcli.cli.app import app
+
+    d = golden_lowrank()
+    n = 2 ** 23
+    d.tensors["bert.encoder.lr"] = lowrank.make("encoder.lr", (n, n), "float32", "ab" * 16,
+                                                torch.zeros(n, 1), torch.zeros(1, n))
+    bomb = tmp_path / "bomb.diff"
+    artifact.write(d, bomb, values="fp16")
+    assert bomb.stat().st_size < 200_000
+    for args in (["prune", str(bomb), "-s", "1%", "-o", str(tmp_path / "p")],
+                 ["merge", str(bomb), str(bomb), "-o", str(tmp_path / "m.diff")]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1, (args, res.output)
+        assert res.stderr.startswith("error: out of memory") and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.diff"]
+    oom = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert classify(oom)[:2] == (1, "out of memory")
+    assert classify(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))[0] == 70

@@ -202,3 +202,22 @@ def test_a_device_pipe_or_socket_is_never_replaced_even_with_force(tmp_path):
         assert result.exit_code == 2, result.output
         assert "is a device, pipe or socket" in result.stderr and "Traceback" not in result.output
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_written_files_get_the_usual_mode_not_safetensors_owner_only(tmp_path):
+    """safetensors' save_file makes 0600 files: a checkpoint's diff.safetensors was unreadable to the group."""
+    import torch
+    from safetensors.torch import save_file
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp / "t.safetensors"))
+            (tmp / "sub").mkdir()
+            save_file({"a": torch.zeros(2)}, str(tmp / "sub" / "u.safetensors"))
+        with atomic_file(tmp_path / "f.safetensors") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(mask)
+    for f in (tmp_path / "out" / "t.safetensors", tmp_path / "out" / "sub" / "u.safetensors", tmp_path / "f.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o644, f

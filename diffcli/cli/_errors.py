@@ -32,9 +32,17 @@ def classify(exc: BaseException) -> tuple[int, str, str | None]:
         if isinstance(exc, cls):
             hint = getattr(exc, "hint", None) or default_hint
             return code, str(exc), hint
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or _torch_out_of_memory(exc):
         return 1, "out of memory", "try a smaller --batch-size or a machine with more memory"
     if isinstance(exc, OSError):
         # Disk full, permission denied and friends: the OS message is the clearest line.
         return 1, f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", None
     return EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc}", "please report this with DIFFPRUNE_DEBUG=1 output"
+
+
+def _torch_out_of_memory(exc: BaseException) -> bool:
+    """torch's allocation failures (CPU: a RuntimeError naming the bytes; cuda: torch.OutOfMemoryError), by name: the
+    CLI never imports torch to classify an error."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
