@@ -97,6 +97,17 @@ def test_pack_refuses_existing_output_unless_forced(setup, tmp_path):
     assert out.read_bytes()[:8] == b"DIFFPRUN"
 
 
+def test_pack_to_a_folder_is_refused_before_the_checkpoint_is_read(setup, tmp_path, monkeypatch):
+    from diffcli import packing
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "keep").write_text("x")
+    monkeypatch.setattr(packing, "load_diff", lambda *a, **k: pytest.fail("the checkpoint was read first"))
+    _one_error_line(runner.invoke(app, ["pack", str(setup["ckpt"]), "-o", str(folder), "--force"]), 6, "is a folder")
+    assert [p.name for p in folder.iterdir()] == ["keep"]
+
+
 @pytest.mark.parametrize("case, code, text", [
     ("missing", 3, "does not exist"),
     ("bad", 4, "not valid JSON"),
