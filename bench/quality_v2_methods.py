@@ -3,19 +3,9 @@
 Same harness as the quality table (`quality_v2.Suite`: equal compute, lr tuned on the first seed, per-run cache,
 lanes, --quick); only the methods and their sizes differ. `basis` (default --keep-bases) runs first: its packed
 .diff is B_basis, "basis scaling's own size". Every other run is sized to a byte target before it trains:
-
-- `@basis` runs fit B_basis, `@lora` runs fit LoRA's adapter: the fp16 safetensors file of LoRA r=8 on query and
-  value plus the head, exactly as the quality table's lora-qv run stores it (`baselines.lora_file_bytes`).
-- l0 and basis+double: `--sparsity` from a bisection on synthetic diffs (the basis run's file as the template:
-  its header, head and, for basis+double, its basis records; uniformly random positions, small
-  random values) packed exactly as the run's file will be. Random positions compress worse than trained masks, so
-  a trained file comes out under its target (l0 on the quick protocol: 56-95% of it). So l0 trains at
-  L0_OVERSIZE times that sparsity and a file over the target is re-projected to fit (exact top-k by bisection, no
-  retraining: `bench_size_score.fit_density`, as bench_size_score does at LoRA's bytes); the table says so.
-  basis+double is not oversized: its sparse part is not cut afterwards.
-- swr: `--budget` (parameters) from the same bisection, the units taken cheapest first (dense biases and
-  LayerNorms before low-rank matrices: the most bytes per parameter), so the cap errs on the small side; the
-  file is never cut afterwards (a low-rank record cannot be trimmed), so an overshoot is shown, not hidden.
+`@basis` runs fit B_basis, `@lora` runs fit LoRA's adapter (the fp16 safetensors file of LoRA r=8 on query and
+value plus the head, exactly as the quality table's lora-qv run stores it). How a size is found and a trained file
+fitted to it: `methods_sizing` (recorded by every entry).
 """
 
 from __future__ import annotations
@@ -28,6 +18,7 @@ from pathlib import Path
 
 import quality_v2 as q
 import quality_v2_rules as rules
+import methods_sizing as sizing
 from run_cache import file_size, kept_copy_fits
 
 # method → (trainer method, byte target: None = its own size, "basis" = B_basis, "lora" = LoRA's adapter bytes)
@@ -37,8 +28,6 @@ LABELS = {"basis": "basis (own size)", "l0@basis": "l0 @ B_basis", "swr@basis": 
           "l0@lora": "l0 @ LoRA bytes", "swr@lora": "swr @ LoRA bytes", "basis2@lora": "basis+double @ LoRA bytes"}
 LR_GRID = {m: (3e-4, 1e-3, 3e-3) for m in METHODS}  # the fixed-phase lr, as for the quality table's diffprune runs
 DOUBLE = {"basis2@lora"}
-LORA_RANK = 8
-L0_OVERSIZE = 1.25  # l0 trains at 1.25x the synthetic fit's sparsity, then is re-projected to its byte target
 # --jobs threads share one lane: a size is computed once, and transformers' lazy import is not thread-safe
 # (two threads importing it at once raised "cannot import name AutoModelForSequenceClassification" on a GPU lane).
 _memo_lock = threading.Lock()
@@ -66,7 +55,7 @@ class MethodsSuite(q.Suite):
     """quality_v2.Suite with this table's methods: every sized run waits for the basis run's .diff."""
 
     table = "methods"
-    scoring_code = q.SCORING_CODE + ("bench/bench_size_score.py",)  # fit_density trims the l0 files
+    scoring_code = q.SCORING_CODE + ("bench/bench_size_score.py", "bench/methods_sizing.py")  # sizes, trims
 
     def __init__(self, proto: MethodsProtocol, work: Path, store: Path | None = None):
         super().__init__(proto, work, store=store)
@@ -94,9 +83,8 @@ class MethodsSuite(q.Suite):
             return None
         target_bytes = ref["bytes"] if target == "basis" else self.lora_bytes(run.task)
         size = self.size(run.task, run.method, target_bytes, ref)
-        if trainer == "l0":  # trained masks pack smaller than the random ones: train more, trim to the target
-            size = {**size, "fitted_sparsity": size["sparsity"],
-                    "sparsity": f"{float(size['sparsity']) * L0_OVERSIZE:.6g}"}
+        if trainer in sizing.OVERSIZE:  # trained masks pack smaller than random ones: train more, trim to the target
+            size = {**size, "fitted_sparsity": size["sparsity"], "sparsity": sizing.oversized(trainer, size["sparsity"])}
         s.update(target=target, target_bytes=target_bytes, **size)
         return s
 
@@ -114,6 +102,9 @@ class MethodsSuite(q.Suite):
         if (hit is None or run.method != "basis" or run.lr != g[len(g) // 2] or run.seed != self.p.seeds[0]):
             return hit
         own = file_size(Path(hit.get("diff_path") or "")) == hit.get("bytes")
+        if not own and hit.get("kept_sha256") and kept_copy_fits(hit, lambda rel: file_size(self.store / rel)):
+            # files of one task's basis runs differ by tens of bytes: the kept copy is this run's by its content
+            return hit if sizing.file_sha256(self.store / hit["kept_diff"]) == hit["kept_sha256"] else None
         return hit if own or kept_copy_fits(hit, lambda rel: file_size(self.store / rel)) else None
 
     def reference(self, task: str) -> dict | None:
@@ -125,8 +116,9 @@ class MethodsSuite(q.Suite):
         """LoRA r=8 on query+value + head as fp16 safetensors: the quality table's lora-qv file, computed exactly."""
         key = ("lora", task)
         if key not in self._sizes:
-            self._sizes[key] = {"bytes": self._memo(f"lora-bytes-{task}-{self.p.model.replace('/', '_')}",
-                                                    lambda: {"bytes": lora_adapter_bytes(task, self.p)})["bytes"]}
+            name = f"lora-bytes-{task}-{self.p.model.replace('/', '_')}-r{sizing.LORA_RANK}"
+            self._sizes[key] = {"bytes": self._memo(name, lambda: {"bytes": sizing.lora_adapter_bytes(
+                task, self.p.model)})["bytes"]}
         return self._sizes[key]["bytes"]
 
     def keep(self, run: q.Run, result: dict, run_dir: Path) -> dict:
@@ -137,18 +129,20 @@ class MethodsSuite(q.Suite):
         kept = self.store / "refs" / f"{run_dir.name}.diff"
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result["diff_path"], kept)
-        return {"kept_diff": kept.relative_to(self.store).as_posix()}
+        return {"kept_diff": kept.relative_to(self.store).as_posix(), "kept_sha256": sizing.file_sha256(kept)}
 
     def size(self, task: str, method: str, target_bytes: int, ref: dict) -> dict:
         """The --sparsity (l0, basis+double) or --budget (swr) whose file fits target_bytes; memoised on disk."""
         key = (task, method, target_bytes, ref["finished"])
         if key not in self._sizes:
-            name = f"size-{task}-{method}-{target_bytes}-{_digest(ref)}"
             template = ref["diff_path"]
             if not Path(template).is_file() and ref.get("kept_diff"):  # another session's scratch: the kept copy
                 template = str(self.store / ref["kept_diff"])
-            self._sizes[key] = self._memo(name, lambda: fit_size(Path(template), METHODS[method][0], method in DOUBLE,
-                                                                  target_bytes))
+            # the name holds what the size depends on: the template file itself and the sizing code
+            name = (f"size-{task}-{method}-{target_bytes}-{_digest(ref)}-{sizing.file_sha256(Path(template))[:10]}"
+                    f"-{sizing.code_hash()}")
+            self._sizes[key] = self._memo(name, lambda: sizing.fit_size(Path(template), METHODS[method][0],
+                                                                         method in DOUBLE, target_bytes))
         return self._sizes[key]
 
     def _memo(self, name: str, compute) -> dict:
@@ -162,131 +156,14 @@ class MethodsSuite(q.Suite):
             return value
 
     def fit(self, s: dict, diff, packed_bytes: int) -> tuple[object, dict]:
-        """An l0 diff over its byte target: re-projected (exact top-k, no retraining) to the largest density that fits."""
-        target = s.get("target_bytes")
-        if target is None or packed_bytes <= target or s["dp_method"] != "l0":
-            return diff, {}
-        from bench_size_score import fit_density
-
-        from diffcli import artifact
-
-        fitted, density = fit_density(diff, target, "fp16", artifact.VERSION, steps=16)
-        return fitted, {"trimmed": {"from_bytes": packed_bytes, "from_nnz": diff.nnz, "to_density": density}}
+        """A sparse run's diff over its byte target, re-projected to fit (`methods_sizing.fit_to_target`)."""
+        return sizing.fit_to_target(s, diff, packed_bytes)
 
 
 def _digest(ref: dict) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(ref.get("settings"), sort_keys=True).encode()).hexdigest()[:10]
-
-
-# ------------------------------------------------------------------------------------------------ sizing
-def lora_adapter_bytes(task: str, p: q.Protocol) -> int:
-    """The fp16 safetensors bytes of LoRA r=8 (query, value) + the head on this task's model (no training)."""
-    from baselines import BaselineConfig, head_modules, load_model, lora_file_bytes, lora_shapes
-
-    from diffcli import tasks, weights
-
-    spec = tasks.task_spec(task)
-    model = load_model(weights.resolve_model(p.model), spec)
-    head = [n for n, _ in model.named_parameters() if n.startswith(("classifier", "score"))]
-    cfg = BaselineConfig(method="lora", task=task, model=p.model, lora_r=LORA_RANK, store="fp16-trained")
-    assert head_modules(head), "the task model has no new head"
-    return lora_file_bytes(lora_shapes(model, cfg, head), LORA_RANK)
-
-
-def fit_size(template: Path, trainer: str, keep_bases: bool, target_bytes: int) -> dict:
-    """Bisect the size parameter whose synthetic file (the template's header and head) packs to ≤ target_bytes."""
-    from diffcli import artifact
-
-    base = artifact.load(template)
-    if trainer == "swr":
-        lo, hi = 0, base.budget_numel  # parameters
-        while hi - lo > max(1, lo // 1000):
-            mid = (lo + hi + 1) // 2
-            if _packed(_synthetic_swr(base, mid)) <= target_bytes:
-                lo = mid
-            else:
-                hi = mid - 1
-        return {"budget": lo, "planned_bytes": _packed(_synthetic_swr(base, lo))}
-    lo, hi = 0.0, 0.05  # fraction of N
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        if _packed(_synthetic_sparse(base, mid, keep_bases)) <= target_bytes:
-            lo = mid
-        else:
-            hi = mid
-    if lo <= 0:
-        raise ValueError(f"no sparse entry fits in {target_bytes} B next to {template.name}'s header and head")
-    return {"sparsity": f"{lo:.6g}", "planned_bytes": _packed(_synthetic_sparse(base, lo, keep_bases))}
-
-
-def _packed(diff) -> int:
-    from diffcli import artifact
-
-    return len(artifact.pack(diff, "fp16"))
-
-
-def _shared(diff, keep_bases: bool):
-    """The template emptied: every shared tensor with no entry, the head and meta kept (a trained run's meta is of
-    the same kind: options, history, results), basis records kept or dropped."""
-    from dataclasses import replace
-
-    from diffcli.diff import TensorDiff
-
-    tensors = {n: TensorDiff.zeros(t.base_name, t.shape, t.dtype, t.digest) for n, t in diff.tensors.items()}
-    return replace(diff, tensors=tensors, bases=dict(diff.bases) if keep_bases else {}, meta=dict(diff.meta))
-
-
-def _synthetic_sparse(diff, density: float, keep_bases: bool):
-    """k = round(density·N) uniformly random positions over the float tensors, values ~ N(0, 1e-3)."""
-    import torch
-
-    out = _shared(diff, keep_bases)
-    names = [n for n, t in out.tensors.items() if t.is_float]
-    sizes = [out.tensors[n].numel for n in names]
-    n_all = sum(sizes)
-    k = round(density * n_all)
-    gen = torch.Generator().manual_seed(0)
-    flat = torch.randperm(n_all, generator=gen)[:k].sort().values
-    start = 0
-    for name, size in zip(names, sizes):
-        lo, hi = torch.searchsorted(flat, start), torch.searchsorted(flat, start + size)
-        idx = flat[lo:hi] - start
-        td = out.tensors[name]
-        values = torch.randn(idx.numel(), generator=gen) * 1e-3
-        out.tensors[name] = type(td)(td.base_name, td.shape, td.dtype, td.digest, values, idx)
-        start += size
-    return out
-
-
-def _synthetic_swr(diff, budget: int):
-    """swr's file at this budget: its units taken cheapest first (knapsack, never over), random factors, its meta."""
-    import torch
-
-    from diffcli import lowrank
-    from diffcli.diff import TensorDiff
-    from diffcli.methods.swr import choose, plan_units
-
-    out = _shared(diff, keep_bases=False)
-    units = plan_units({n: t.shape for n, t in out.tensors.items() if t.is_float}, LORA_RANK)
-    chosen = choose(units, [0.5] * len(units), budget)
-    gen = torch.Generator().manual_seed(0)
-    for u, c in zip(units, chosen):
-        if not c:
-            continue
-        td = out.tensors[u.name]
-        if u.kind == "lowrank":
-            b = torch.randn(u.shape[0], LORA_RANK, generator=gen) * 1e-2
-            a = torch.randn(LORA_RANK, u.shape[1], generator=gen) * 1e-2
-            out.tensors[u.name] = lowrank.make(td.base_name, td.shape, td.dtype, td.digest, b, a)
-        else:
-            dense = torch.randn(u.shape, generator=gen) * 1e-3
-            out.tensors[u.name] = TensorDiff(td.base_name, td.shape, td.dtype, td.digest, dense).sparse()
-    out.meta = {**out.meta, "units": [{"tensor": u.name, "kind": u.kind, "shape": list(u.shape), "cost": u.cost,
-                                       "probability": round(0.5 + 0.4 * math.sin(i), 6), "chosen": c}
-                                      for i, (u, c) in enumerate(zip(units, chosen))]}
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ the results file
@@ -312,20 +189,25 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
           "(basis+double: scales, the kept scales' fixed phase, then the sparse δ's fixed phase, both "
           "`--fixmask-epochs`). Every other option is the trainer's default (basis: `--keep-bases 0.5`; swr: "
           "`--rank 8`).",
-          "- Learning rates (the fixed-phase `--fixmask-lr`; first-phase lrs are the trainer's defaults): "
+          "- Learning rates (the fixed-phase `--fixmask-lr`; first-phase lrs are the trainer's defaults, untuned: l0's "
+          "δ and head and swr's factors and head at `--lr 1e-4`, basis's scales and head at `--basis-lr 1e-3`, so "
+          "basis's head trains 10x faster in its first phase; basis+double chooses its δ's mask with one gradient pass "
+          "over `--fill-samples` 1024 examples, 0.1-0.4 of an epoch, beyond the E epochs): "
           + "; ".join(f"{LABELS[m]} {', '.join(f'{x:g}' for x in p.grid(m))}" for m in methods)
           + f". Chosen on seed {p.seeds[0]}'s best dev score, as in the quality table.",
           "- Bytes: every size is the packed fp16 `.diff` file (`artifact.write`, header included), scored on base + "
           "that file. B_basis is the basis run's file (first seed, middle lr). LoRA's adapter bytes: LoRA r=8 on "
           "query+value plus the head as fp16 safetensors, the file the quality table's lora-qv run stores, computed "
           "exactly from the shapes (`baselines.lora_file_bytes`, no training).",
-          "- Sizing: l0 and basis+double get `--sparsity` from a bisection on synthetic files (the basis file's "
-          "header and head, plus its basis records for basis+double; uniformly random positions), packed like the "
-          "run's own; trained masks cluster and compress better, so a file lands under the target. l0 therefore "
-          f"trains at {L0_OVERSIZE}x that sparsity and a file over the target is re-projected to fit (exact top-k by "
-          "bisection, no retraining; marked 'trimmed'); basis+double is not cut. "
-          "swr gets `--budget` from the same bisection with its units taken cheapest first (the most bytes per "
-          "parameter), so the cap errs small; an swr file is never cut (marked 'over' if above the target).",
+          "- Sizing (`bench/methods_sizing.py`): l0 and basis+double get `--sparsity` from a bisection on synthetic "
+          "files (the basis file's header and head, plus its basis records for basis+double; uniformly random "
+          "positions), packed like the run's own; trained masks cluster and compress better, so they train at "
+          + " and ".join(f"{k if k == 'l0' else 'basis+double'} {v}x" for k, v in sizing.OVERSIZE.items())
+          + " that sparsity and a file over the target is re-projected to fit (exact top-k by bisection, no "
+          "retraining; 'trimmed', with the share of trained entries it removed). swr gets `--budget` from the same "
+          "bisection with its units taken cheapest first: the cost of the units that fit, so a run that fills it by "
+          "gate probability stores as many parameters as the synthetic file; an swr file is never cut ('over' if "
+          "above the target). Every seed's trims, overs and dropped δ are listed under the results.",
           "- Cost: train time is the run's process wall time (load, train, per-epoch dev evaluation); memory the "
           "process's peak RSS on CPU (Python, torch and transformers included), torch's peak allocated on cuda. "
           + run_machines.CPU_LOAD, ""]
@@ -339,6 +221,7 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
           "Scores: GLUE metric ×100 (rte accuracy, mrpc mean of F1 and accuracy, stsb mean of Pearson and Spearman, "
           "cola Matthews). Floors (most frequent train label; stsb the mean): "
           + ", ".join(f"{t} {v:.2f}" for t, v in doc["majority"].items() if v is not None) + ".", ""]
+    L += size_flags(doc, tasks, methods, p.seeds)
     letters = run_machines.machine_letters(doc)
     L += ["## Bytes and cost (first seed, at the chosen lr)", "",
           "| task | method | lr | target bytes | size setting | stored bytes | stored params | score | best epoch "
@@ -358,12 +241,12 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
             if r.get("resumed"):
                 note.append("resumed: time and memory of its last part only")
             if r.get("trimmed"):
-                note.append(f"trimmed from {rules.fmt_bytes(r['trimmed']['from_bytes'])}")
+                note.append(f"trimmed from {rules.fmt_bytes(r['trimmed']['from_bytes'])}{_removed(r)}")
             if s.get("target_bytes"):
                 note.append(f"{r['bytes'] / s['target_bytes']:.1%} of the target"
                             + (f", over by {r['bytes'] - s['target_bytes']} B" if r["bytes"] > s["target_bytes"] else ""))
             L.append(f"| {t} | {LABELS[m]} | {s['lr']:g} | {rules.fmt_bytes(s.get('target_bytes'))} | {setting} | "
-                     f"{r['bytes']:,} B | {r.get('params', r.get('nnz'))} | {r['score']:.2f} | {r.get('best_epoch')} | "
+                     f"{r['bytes']:,} B | {r.get('params', r.get('nnz'))} | {r['score']:.2f} | {best_epoch(m, r)} | "
                      f"{r['train_seconds'] / 60:.1f} min | {letters[r.get('machine')]} | {rules.fmt_bytes(mem)} | "
                      f"{'; '.join(note)} |")
     L += [""] + run_machines.machine_legend(letters)
@@ -376,3 +259,43 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
     L += ["", "Every run's settings and command are in the JSON file next to this one (`cells`)."]
     return "\n".join(L) + "\n"
 
+
+
+def best_epoch(method: str, r: dict):
+    """The epoch the stored diff comes from; '—' for basis alone, whose entry holds only the sparse phase it skips
+    (epoch 0): its scale phases' best epoch is in the run's checkpoint history, not in the entry."""
+    if METHODS[method][0] == "basis" and method not in DOUBLE:
+        best = ((r.get("train_summary") or {}).get("bases") or {}).get("best") or {}
+        return best.get("epoch", "—")
+    return r.get("best_epoch")
+
+
+def _removed(r: dict) -> str:
+    t = r["trimmed"]
+    return f", {1 - t['to_nnz'] / t['from_nnz']:.1%} of its entries" if t.get("to_nnz") and t.get("from_nnz") else ""
+
+
+def size_flags(doc: dict, tasks, methods, seeds) -> list[str]:
+    """Every seed's finished run whose bytes are not the trained file at its target: trimmed, over, or (basis+double)
+    its sparse δ dropped (the best dev epoch of its δ phase was epoch 0, δ = 0: the file holds the scales only)."""
+    lines = []
+    for t in tasks:
+        for m in methods:
+            for seed in seeds:
+                r = (doc["cells"][t][m].get(str(seed)) or {}).get("result")
+                s = (r or {}).get("settings") or {}
+                if not r or not s.get("target_bytes"):
+                    continue
+                flags = []
+                if r.get("trimmed"):
+                    flags.append(f"trimmed from {r['trimmed']['from_bytes']:,} B{_removed(r)}")
+                if r["bytes"] > s["target_bytes"]:
+                    flags.append(f"over the target by {r['bytes'] - s['target_bytes']:,} B "
+                                 f"({r['bytes'] / s['target_bytes']:.1%})")
+                if m in DOUBLE and r.get("best_epoch") == 0:
+                    flags.append(f"sparse δ dropped (scales only, {r['bytes'] / s['target_bytes']:.1%} of the target)")
+                if flags:
+                    lines.append(f"- {t} {LABELS[m]} seed {seed} (lr {s['lr']:g}): {'; '.join(flags)}")
+    if not lines:
+        return []
+    return ["Size flags (every seed, at its lr):", "", *lines, ""]

@@ -153,5 +153,5 @@ def test_a_change_to_how_the_lane_trains_or_scores_a_diffprune_run_makes_only_di
     assert "bench/dp_run.py" in suite.cached(dp)["code"]
     _touch(root / "bench/dp_run.py", "w = 4\n")
     assert suite.cached(dp) is None and suite.cached(full) is not None
-    mt = load_bench("quality_v2_methods")  # the methods table's l0 files are trimmed by bench_size_score.fit_density
-    assert set(mt.MethodsSuite.scoring_code) == {*q.SCORING_CODE, "bench/bench_size_score.py"}
+    mt = load_bench("quality_v2_methods")  # the methods table's runs are sized by methods_sizing, trimmed by fit_density
+    assert set(mt.MethodsSuite.scoring_code) == {*q.SCORING_CODE, "bench/bench_size_score.py", "bench/methods_sizing.py"}

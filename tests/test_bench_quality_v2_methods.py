@@ -24,7 +24,7 @@ def _methods_suite(tmp_path, monkeypatch, basis_bytes=7000, lora_bytes=9000):
         return {"budget": target // 2, "planned_bytes": target} if trainer == "swr" else \
             {"sparsity": f"{target / 1e7:g}", "planned_bytes": target}
 
-    monkeypatch.setattr(mt, "fit_size", fake_fit)
+    monkeypatch.setattr(mt.sizing, "fit_size", fake_fit)
     executed = []
 
     def fake(self, run, s, run_dir):
@@ -72,8 +72,10 @@ def test_methods_table_runs_basis_first_then_sizes_every_run_to_its_target(tmp_p
     assert {t for t, *_ in sized} == {"rte.diff"} and ("rte.diff", "basis", True, 9000) in sized
     args = {m: q.diffprune_args(s[m], tmp_path / "c", "d", True) for m in s}
     assert args["swr@lora"][args["swr@lora"].index("--budget") + 1] == "4500" and "--sparsity" not in args["swr@lora"]
-    assert args["l0@basis"][args["l0@basis"].index("--sparsity") + 1] == "0.000875"  # oversized 1.25x, then trimmed
-    assert s["l0@basis"]["fitted_sparsity"] == "0.0007" and args["basis2@lora"][args["basis2@lora"].index("--sparsity") + 1] == "0.0009"
+    assert args["l0@basis"][args["l0@basis"].index("--sparsity") + 1] == "0.000805"  # oversized 1.15x, then trimmed
+    assert s["l0@basis"]["fitted_sparsity"] == "0.0007"
+    assert args["basis2@lora"][args["basis2@lora"].index("--sparsity") + 1] == "0.00126"  # basis+double: 1.4x
+    assert s["basis2@lora"]["fitted_sparsity"] == "0.0009"
     assert args["basis2@lora"][args["basis2@lora"].index("--method") + 1] == "basis"
     assert "--sparsity" in args["basis2@lora"] and args["basis2@lora"][args["basis2@lora"].index("--epochs") + 1] == "2"
     n = len(sized)
@@ -104,6 +106,10 @@ def test_a_reference_basis_run_whose_file_is_gone_or_another_runs_is_run_again(t
     assert hit["bytes"] == kept.stat().st_size == 7000
     shutil.rmtree(suite.work / "runs")                    # the run folder is scratch: the kept copy serves
     assert suite.cached(ref) is not None and suite.settings(q.Run("rte", "l0@basis", 1e-3, 42)) is not None
+    same_size = bytearray(kept.read_bytes())
+    same_size[0] ^= 1
+    kept.write_bytes(bytes(same_size))                     # another file of the very same size: its content tells
+    assert suite.cached(ref) is None
     kept.write_bytes(b"an earlier basis run's file")      # not this entry's file
     assert suite.cached(ref) is None and suite.reference("rte") is None
     assert suite.waiting("rte", "l0@basis") == "the basis .diff bytes"
@@ -142,7 +148,7 @@ def test_methods_sizing_fits_a_real_file_under_its_target(tmp_path, tiny_base, t
     from diffcli import artifact, projection
     from diffcli.extract import extract_diff
 
-    mt = load_bench("quality_v2_methods")
+    mt = load_bench("methods_sizing")
     template = tmp_path / "t.diff"
     artifact.write(projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.001).diff, template)
     empty = mt._packed(mt._shared(artifact.load(template), keep_bases=False))
@@ -155,6 +161,9 @@ def test_methods_sizing_fits_a_real_file_under_its_target(tmp_path, tiny_base, t
             assert mt._packed(mt._synthetic_sparse(base, 1.05 * float(got["sparsity"]), False)) > target - 200
         else:
             assert 0 < got["budget"] and mt._packed(mt._synthetic_swr(base, base.budget_numel)) > target
+            # the budget is what the chosen units cost (the plateau's bottom), not the bisection's last value
+            assert mt._swr_cost(base, got["budget"]) == got["budget"]
+            assert mt._packed(mt._synthetic_swr(base, got["budget"])) == got["planned_bytes"]
 
 
 @pytest.mark.integration
@@ -170,7 +179,32 @@ def test_methods_table_trims_an_l0_file_over_its_target_and_leaves_others(tmp_pa
     fitted, info = suite.fit({"dp_method": "l0", "target_bytes": target}, diff, size)
     assert len(artifact.pack(fitted, "fp16")) <= target < size and fitted.nnz < diff.nnz
     assert info["trimmed"]["from_bytes"] == size and info["trimmed"]["from_nnz"] == diff.nnz
+    assert info["trimmed"]["to_nnz"] == fitted.nnz
+    fitted, info = suite.fit({"dp_method": "basis", "target_bytes": target}, diff, size)  # basis+double: trimmed too
+    assert len(artifact.pack(fitted, "fp16")) <= target and info["trimmed"]["to_nnz"] == fitted.nnz
     for s in ({"dp_method": "swr", "target_bytes": target}, {"dp_method": "l0", "target_bytes": size},
               {"dp_method": "basis"}):  # swr is never cut; a file within its target or without one is kept
         assert suite.fit(s, diff, size) == (diff, {})
 
+
+
+def test_every_seeds_trim_overshoot_and_dropped_delta_is_listed():
+    mt = load_bench("quality_v2_methods")
+
+    def cell(result):
+        return {"result": result}
+
+    s = {"lr": 1e-3, "target_bytes": 1000}
+    doc = {"cells": {"rte": {
+        "l0@lora": {"42": cell({"bytes": 990, "settings": s, "trimmed": {"from_bytes": 1100, "from_nnz": 200,
+                                                                       "to_nnz": 180}}),
+                    "43": cell({"bytes": 999, "settings": s})},
+        "swr@lora": {"42": cell(None), "44": cell({"bytes": 1050, "settings": s})},
+        "basis2@lora": {"43": cell({"bytes": 140, "settings": s, "best_epoch": 0})},
+        "basis": {"42": cell({"bytes": 140, "settings": {"lr": 1e-3}, "best_epoch": 0})}}}}
+    lines = mt.size_flags(doc, ["rte"], ["basis", "l0@lora", "swr@lora", "basis2@lora"], [42, 43, 44])
+    assert lines[2:-1] == [
+        "- rte l0 @ LoRA bytes seed 42 (lr 0.001): trimmed from 1,100 B, 10.0% of its entries",
+        "- rte swr @ LoRA bytes seed 44 (lr 0.001): over the target by 50 B (105.0%)",
+        "- rte basis+double @ LoRA bytes seed 43 (lr 0.001): sparse δ dropped (scales only, 14.0% of the target)"]
+    assert mt.best_epoch("basis", {"best_epoch": 0}) == "—" and mt.best_epoch("basis2@lora", {"best_epoch": 0}) == 0
