@@ -53,6 +53,8 @@ def fit_to_target(s: dict, diff, packed_bytes: int) -> tuple[object, dict]:
     from diffcli import artifact
 
     fitted, density = fit_density(diff, target, "fp16", artifact.VERSION, steps=16)
+    if fitted.nnz >= diff.nnz or len(artifact.pack(fitted, "fp16")) > target:
+        return diff, {}  # nothing to cut (scales and head alone are over): the file stays as trained, shown 'over'
     return fitted, {"trimmed": {"from_bytes": packed_bytes, "from_nnz": diff.nnz, "to_nnz": fitted.nnz,
                                 "to_density": density}}
 
@@ -87,6 +89,8 @@ def fit_size(template: Path, trainer: str, keep_bases: bool, target_bytes: int) 
         # the bisection ends on the top of a plateau (the next unit costs thousands): the budget is what the units
         # that fit cost, so a run that fills it by gate probability stores no more parameters than this file
         budget = _swr_cost(base, lo)
+        if budget <= 0:  # `train --budget 0` is refused: say so here, before a lane saves the size
+            raise ValueError(f"no swr unit fits in {target_bytes} B next to {template.name}'s header and head")
         return {"budget": budget, "planned_bytes": _packed(_synthetic_swr(base, budget))}
     lo, hi = 0.0, 0.05  # fraction of N
     for _ in range(20):

@@ -263,11 +263,8 @@ def render(suite: MethodsSuite, doc: dict, commands: list[str]) -> str:
 
 def best_epoch(method: str, r: dict):
     """The epoch the stored diff comes from; '—' for basis alone, whose entry holds only the sparse phase it skips
-    (epoch 0): its scale phases' best epoch is in the run's checkpoint history, not in the entry."""
-    if METHODS[method][0] == "basis" and method not in DOUBLE:
-        best = ((r.get("train_summary") or {}).get("bases") or {}).get("best") or {}
-        return best.get("epoch", "—")
-    return r.get("best_epoch")
+    (epoch 0): its scale phases' best epoch is in the run's checkpoint history, not in the entry (dp_run)."""
+    return "—" if METHODS[method][0] == "basis" and method not in DOUBLE else r.get("best_epoch")
 
 
 def _removed(r: dict) -> str:

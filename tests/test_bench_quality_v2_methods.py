@@ -208,3 +208,21 @@ def test_every_seeds_trim_overshoot_and_dropped_delta_is_listed():
         "- rte swr @ LoRA bytes seed 44 (lr 0.001): over the target by 50 B (105.0%)",
         "- rte basis+double @ LoRA bytes seed 43 (lr 0.001): sparse δ dropped (scales only, 14.0% of the target)"]
     assert mt.best_epoch("basis", {"best_epoch": 0}) == "—" and mt.best_epoch("basis2@lora", {"best_epoch": 0}) == 0
+
+
+@pytest.mark.integration
+def test_sizing_refuses_a_target_no_swr_unit_fits_and_never_reports_an_empty_trim(tmp_path, tiny_base, tiny_finetune):
+    from diffcli import artifact, projection
+    from diffcli.extract import extract_diff
+
+    sizing = load_bench("methods_sizing")
+    template = tmp_path / "t.diff"
+    artifact.write(projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.001).diff, template)
+    empty = sizing._packed(sizing._shared(artifact.load(template), keep_bases=False))
+    with pytest.raises(ValueError, match="no swr unit fits"):  # was budget 0, which train refuses after the memo
+        sizing.fit_size(template, "swr", False, empty)
+    diff = projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.05).diff
+    size = len(artifact.pack(diff, "fp16"))
+    head_only = len(artifact.pack(projection.project(diff, 0.0).diff, "fp16"))
+    # a target below what the head and header alone take: nothing to trim, the file stays as trained (shown 'over')
+    assert sizing.fit_to_target({"dp_method": "basis", "target_bytes": head_only - 50}, diff, size) == (diff, {})
