@@ -11,7 +11,6 @@ fitted to it: `methods_sizing` (recorded by every entry).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import threading
 from pathlib import Path
