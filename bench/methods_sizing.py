@@ -53,7 +53,8 @@ def fit_to_target(s: dict, diff, packed_bytes: int) -> tuple[object, dict]:
     from diffcli import artifact
 
     fitted, density = fit_density(diff, target, "fp16", artifact.VERSION, steps=16)
-    if fitted.nnz >= diff.nnz or len(artifact.pack(fitted, "fp16")) > target:
+    # a density above 0 was packed within the target by the bisection; only its fallback (density 0) is unchecked
+    if fitted.nnz >= diff.nnz or (density <= 0 and len(artifact.pack(fitted, "fp16")) > target):
         return diff, {}  # nothing to cut (scales and head alone are over): the file stays as trained, shown 'over'
     return fitted, {"trimmed": {"from_bytes": packed_bytes, "from_nnz": diff.nnz, "to_nnz": fitted.nnz,
                                 "to_density": density}}

@@ -15,9 +15,9 @@ import shutil
 import threading
 from pathlib import Path
 
+import methods_sizing as sizing
 import quality_v2 as q
 import quality_v2_rules as rules
-import methods_sizing as sizing
 from run_cache import file_size, kept_copy_fits
 
 # method → (trainer method, byte target: None = its own size, "basis" = B_basis, "lora" = LoRA's adapter bytes)
@@ -100,11 +100,14 @@ class MethodsSuite(q.Suite):
         g = LR_GRID["basis"]
         if (hit is None or run.method != "basis" or run.lr != g[len(g) // 2] or run.seed != self.p.seeds[0]):
             return hit
-        own = file_size(Path(hit.get("diff_path") or "")) == hit.get("bytes")
-        if not own and hit.get("kept_sha256") and kept_copy_fits(hit, lambda rel: file_size(self.store / rel)):
-            # files of one task's basis runs differ by tens of bytes: the kept copy is this run's by its content
-            return hit if sizing.file_sha256(self.store / hit["kept_diff"]) == hit["kept_sha256"] else None
-        return hit if own or kept_copy_fits(hit, lambda rel: file_size(self.store / rel)) else None
+        if file_size(Path(hit.get("diff_path") or "")) == hit.get("bytes"):
+            return hit
+        if not kept_copy_fits(hit, lambda rel: file_size(self.store / rel)):
+            return None
+        # files of one task's basis runs differ by tens of bytes: the kept copy is this run's by its content (entries
+        # kept before the SHA-256 was recorded: by their size alone)
+        sha = hit.get("kept_sha256")
+        return hit if sha is None or sizing.file_sha256(self.store / hit["kept_diff"]) == sha else None
 
     def reference(self, task: str) -> dict | None:
         """The basis run every size refers to: first seed, middle lr (as lora-all's dp-l0 reference)."""

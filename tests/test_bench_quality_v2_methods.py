@@ -143,15 +143,22 @@ def test_methods_table_renders_with_missing_cells(tmp_path, monkeypatch):
     assert "## Failed runs" in text and "boom" in text
 
 
-@pytest.mark.integration
-def test_methods_sizing_fits_a_real_file_under_its_target(tmp_path, tiny_base, tiny_finetune):
+def _template(tmp_path, tiny_base, tiny_finetune):
+    """methods_sizing, a tiny 0.1% template file, and the bytes of that file with every entry emptied."""
     from diffcli import artifact, projection
     from diffcli.extract import extract_diff
 
-    mt = load_bench("methods_sizing")
+    sizing = load_bench("methods_sizing")
     template = tmp_path / "t.diff"
     artifact.write(projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.001).diff, template)
-    empty = mt._packed(mt._shared(artifact.load(template), keep_bases=False))
+    return sizing, template, sizing._packed(sizing._shared(artifact.load(template), keep_bases=False))
+
+
+@pytest.mark.integration
+def test_methods_sizing_fits_a_real_file_under_its_target(tmp_path, tiny_base, tiny_finetune):
+    from diffcli import artifact
+
+    mt, template, empty = _template(tmp_path, tiny_base, tiny_finetune)
     for trainer in ("l0", "swr"):
         target = empty + 3000
         got = mt.fit_size(template, trainer, False, target)
@@ -215,10 +222,7 @@ def test_sizing_refuses_a_target_no_swr_unit_fits_and_never_reports_an_empty_tri
     from diffcli import artifact, projection
     from diffcli.extract import extract_diff
 
-    sizing = load_bench("methods_sizing")
-    template = tmp_path / "t.diff"
-    artifact.write(projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.001).diff, template)
-    empty = sizing._packed(sizing._shared(artifact.load(template), keep_bases=False))
+    sizing, template, empty = _template(tmp_path, tiny_base, tiny_finetune)
     with pytest.raises(ValueError, match="no swr unit fits"):  # was budget 0, which train refuses after the memo
         sizing.fit_size(template, "swr", False, empty)
     diff = projection.project(extract_diff(str(tiny_base), str(tiny_finetune)), 0.05).diff
