@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from diffcli.diff import Diff, TensorDiff
+from diffcli.diff import Diff, TensorDiff, nonfinite
 from diffcli.errors import BaseMismatchError, FormatError, InvalidValueError
 from diffcli.outputs import atomic_dir, check_output
 from diffcli.weights import (WeightStore, dtype_name, fingerprint, is_float, load_config, match_names,
@@ -145,8 +145,6 @@ def apply_to_folder(base_ref: str | Path, diff: Diff | str | Path, out: str | Pa
 
 def _check_fit(store: WeightStore, diff: Diff, base_dir: Path) -> None:
     """Names, shapes and dtype kinds from the base's headers only; plus the diff's own sanity."""
-    import torch
-
     for name, td in diff.tensors.items():
         if td.base_name not in store:
             raise BaseMismatchError(f"diff does not fit base: {td.base_name} is not in {base_dir}", hint=_FIT_HINT)
@@ -166,12 +164,12 @@ def _check_fit(store: WeightStore, diff: Diff, base_dir: Path) -> None:
             check(name, td, FormatError)
         if td.is_dense and td.values.numel() != td.numel:
             raise FormatError(f"dense diff {name!r} has {td.values.numel()} values for shape {list(td.shape)}")
-        if td.values.numel() and not bool(torch.isfinite(td.values).all()):
+        if nonfinite(td.values):
             raise FormatError(f"diff values of {name!r} are not finite (NaN or Inf)")
     for name, t in diff.extras.items():
         if name in diff.tensors:
             raise FormatError(f"{name!r} is both a diff tensor and an extra")
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if nonfinite(t):
             raise FormatError(f"extra tensor {name!r} has non-finite values (NaN or Inf)")
 
 
@@ -311,7 +309,7 @@ def _apply_stream(fd: int, pos: int, base: "torch.Tensor", td: TensorDiff, dt: s
 def _finite(t: "torch.Tensor", name: str) -> None:
     import torch
 
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    if nonfinite(t):
         if t.dtype == torch.float16 and not bool(torch.isnan(t).any()):  # the cast past ±65504, not the diff
             raise InvalidValueError(f"{name!r} overflows float16: base + diff has values beyond ±65504",
                                     hint="use float32 or bfloat16 weights (the CLI: apply --dtype float32)")
@@ -514,7 +512,7 @@ def apply_(model: "torch.nn.Module", diff: Diff, *, check: bool = True, strict: 
             check(name, td, FormatError)
             ops.append(("tensor", p, td, key))
             continue
-        if td.values.numel() and not bool(torch.isfinite(td.values).all()):
+        if nonfinite(td.values):
             raise FormatError(f"diff values of {name!r} are not finite (NaN or Inf)")
         if td.values.numel():
             ops.append(("tensor", p, td, key))
@@ -531,7 +529,7 @@ def apply_(model: "torch.nn.Module", diff: Diff, *, check: bool = True, strict: 
                                         hint="use the task model class (e.g. ...ForSequenceClassification)")
             handle.skipped.append(name)
             continue
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if nonfinite(t):
             raise FormatError(f"extra tensor {name!r} has non-finite values (NaN or Inf)")
         ops.append(("extra", state[key], t, key))
     try:

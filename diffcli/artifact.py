@@ -14,7 +14,7 @@ from diffcli import __version__, format_v1, format_v2, quantize
 from diffcli.diff import Diff
 from diffcli.errors import BaseMismatchError, FormatError, InvalidValueError, NotFoundError, UnsupportedVersionError
 from diffcli.format_common import MAGIC, MAX_HEADER, PREAMBLE
-from diffcli.outputs import atomic_file, check_output
+from diffcli.outputs import atomic_file, check_file_output
 
 VERSION = format_v2.VERSION  # what the writer produces by default
 VERSIONS = {1: format_v1, 2: format_v2}
@@ -122,9 +122,9 @@ def write(diff: Diff, out: str | Path, values: str = "fp16", force: bool = False
 
 
 def check_destination(out: str | Path, force: bool) -> None:
-    """Fail before any work: an existing file without force, a missing folder, or binary to a terminal."""
+    """Fail before any work: an existing file without force, a folder, a missing parent, or binary to a terminal."""
     if str(out) != "-":
-        check_output(Path(out), force)
+        check_file_output(Path(out), force)
     elif sys.stdout.isatty():
         raise InvalidValueError("refusing to write a binary file to the terminal",
                                 hint="redirect stdout, or pass -o FILE")

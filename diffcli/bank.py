@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from diffcli.diff import Diff, TensorDiff
+from diffcli.diff import Diff, TensorDiff, nonfinite
 from diffcli.errors import BaseMismatchError, FormatError, InvalidValueError
 from diffcli.weights import match_names, resolve_model, tensor_digest
 
@@ -211,7 +211,7 @@ class DiffBank:
             from diffcli.sources import load_diff
 
             diff = load_diff(diff)
-        bad = next((k for k, t in diff.extras.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+        bad = diff.nonfinite_extra
         if bad is not None:  # a diverged head: refused as `apply` refuses it, not scored as NaN logits
             raise FormatError(f"{source}: extra tensor {bad!r} has non-finite values (NaN or Inf)")
         self.reset()  # digests and the trial apply need the encoder as loaded
@@ -373,7 +373,7 @@ class DiffBank:
             if slot is None or slot[2] != tuple(td.shape) or td.is_lowrank:  # B·A: applied at each switch
                 rest_tensors[target] = td
                 continue
-            if not bool(torch.isfinite(td.values).all()):  # named here: in the flat buffers it would be flat0
+            if nonfinite(td.values):  # named here: in the flat buffers it would be flat0
                 raise FormatError(f"diff values of {target!r} are not finite (NaN or Inf)")
             s = td.sparse()
             keep = s.values != 0

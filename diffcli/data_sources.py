@@ -311,7 +311,7 @@ def _load_from_hub(spec: TaskSpec, need_train: bool, max_train: int | None, max_
         why = f"; {offline}, so only the local cache was looked at" if offline else ""
         raise HubUnavailableError(f"cannot load GLUE task {spec.name} from the hub ({HUB_DATASET}): {first[:200]}{why}",
                                   hint="pass --data-dir with a folder in the GLUE layout (or set GLUE_DIR), "
-                                       "or --train-file/--validation-file") from None
+                                       f"or {_file_options(need_train)}") from None
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
@@ -413,6 +413,11 @@ def files_source(*paths) -> dict[str, str]:
     return {"kind": "files", "path": ", ".join(files), "name": "files " + ", ".join(files)}
 
 
+def _file_options(need_train: bool) -> str:
+    """The file options of the command asking: train reads both files, eval only a validation file."""
+    return "--train-file/--validation-file" if need_train else "--validation-file"
+
+
 def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
               train_file: str | Path | None = None, validation_file: str | Path | None = None,
               text_fields: Sequence[str] | None = None, label_field: str | None = None,
@@ -430,17 +435,18 @@ def load_task(task: str | None = None, *, data_dir: str | Path | None = None,
     _check_limit("max_train_samples", max_train_samples)
     _check_limit("max_eval_samples", max_eval_samples)
     spec = None if task is None or _norm_name(task) == "custom" else task_spec(task)
+    files = _file_options(need_train)
     if train_file is not None or validation_file is not None:
         if data_dir is not None:  # one source: a GLUE folder that would go unread is refused, not ignored
-            raise InvalidValueError("--data-dir reads a GLUE folder and --train-file/--validation-file read your "
-                                    "files: give one or the other")
+            raise InvalidValueError(f"--data-dir reads a GLUE folder and {files} read"
+                                    f"{'' if need_train else 's'} your files: give one or the other")
         return _load_from_files(spec, train_file, validation_file, text_fields, label_field, labels,
                                 need_train, max_train_samples, max_eval_samples)
     if spec is None:
-        raise InvalidValueError("no data: name a GLUE task or pass --train-file/--validation-file",
+        raise InvalidValueError(f"no data: name a GLUE task or pass {files}",
                                 hint=f"GLUE tasks: {', '.join(GLUE_TASKS)}")
     if text_fields is not None or label_field is not None:
-        raise InvalidValueError("--text-fields/--label-field apply only to --train-file/--validation-file")
+        raise InvalidValueError(f"--text-fields/--label-field apply only to {files}")
     root = data_dir if data_dir is not None else os.environ.get("GLUE_DIR") or None
     if root is not None:  # an explicit folder never falls back: missing is exit 3
         data = _load_from_glue_dir(spec, Path(root).expanduser(), need_train, max_train_samples,

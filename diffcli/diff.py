@@ -18,6 +18,11 @@ def product(b: "torch.Tensor", a: "torch.Tensor") -> "torch.Tensor":
     return torch.matmul(b.to(torch.float32), a.to(torch.float32))
 
 
+def nonfinite(t: "torch.Tensor") -> bool:
+    """A floating-point tensor holding NaN or ±Inf (a diverged run): refused wherever a diff is read or written."""
+    return bool(t.is_floating_point() and t.numel() and not bool(t.isfinite().all()))
+
+
 @dataclass
 class TensorDiff:
     """δ for one base tensor: sparse (sorted flat `indices` + `values`), dense (`values` of `shape`) or
@@ -155,6 +160,11 @@ class Diff:
     def density(self) -> float:
         n = self.budget_numel
         return self.nnz / n if n else 0.0
+
+    @property
+    def nonfinite_extra(self) -> str | None:
+        """The first extra holding NaN or ±Inf (a diverged head), or None."""
+        return next((k for k, t in self.extras.items() if nonfinite(t)), None)
 
     @property
     def base_digests(self) -> dict[str, str]:

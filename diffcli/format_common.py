@@ -9,7 +9,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
-from diffcli.diff import Diff, TensorDiff
+from diffcli.diff import Diff, TensorDiff, nonfinite
 from diffcli.errors import FormatError, InvalidValueError
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def check_extra(name: str, t: "torch.Tensor") -> tuple[str, tuple[int, ...]]:
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in DTYPE_SIZES:
         raise InvalidValueError(f"extra {name!r} has dtype {dtype}, which the format cannot store")
-    if t.is_floating_point() and not bool(t.isfinite().all()):  # a diverged head: refused as a NaN δ is
+    if nonfinite(t):  # a diverged head: refused as a NaN δ is
         raise InvalidValueError(f"extra {name!r} holds NaN or infinite values")
     return dtype, check_shape(t.shape, f"extra {name!r}")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from diffcli.diff import Diff, TensorDiff
+from diffcli.diff import Diff, TensorDiff, nonfinite
 from diffcli.errors import BaseMismatchError, InvalidValueError
 from diffcli.report import _layer_sort, layer_of
 
@@ -312,7 +312,7 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
                 parts[b] = []
                 nnz_in[b] = [0] * len(diffs)
             idx, val = _sparse_nonzero(td)
-            if not bool(val.isfinite().all()):  # a diverged run's checkpoint: the input, not the weights
+            if nonfinite(val):  # a diverged run's checkpoint: the input, not the weights
                 raise InvalidValueError(f"{names[i]}: diff {target!r} holds NaN or infinite values")
             nnz_in[b][i] = int(idx.numel())
             if idx.numel():
@@ -323,7 +323,7 @@ def merge(diffs: Sequence[Diff], weights: Sequence[float] | None = None, *, meth
     for b in order:
         target, td = first_td[b]
         idx, val, stats = _merge_tensor(parts[b], w, method)
-        if not bool(val.isfinite().all()):  # finite inputs (checked above): weights that overflow float32
+        if nonfinite(val):  # finite inputs (checked above): weights that overflow float32
             raise InvalidValueError(f"the merged δ of {target!r} is not finite: the weights {w} overflow float32",
                                     hint="use smaller --weights")
         tensors[target] = TensorDiff(b, td.shape, td.dtype, td.digest, val, idx)

@@ -190,6 +190,13 @@ def check_output(path: Path, force: bool) -> None:
     clean_stale(path)
 
 
+def check_file_output(path: Path, force: bool) -> None:
+    """check_output for a destination that must be a file: an existing folder is refused even with --force."""
+    check_output(path, force)
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a folder", hint="name a file path for the output")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -197,12 +204,14 @@ def _umask() -> int:
 
 
 def _refuse_special(path: Path) -> None:
-    """A device, pipe or socket (`-o /dev/null`) is never replaced, --force or not: only files, folders and links."""
+    """A device, pipe or socket (`-o /dev/null`), or a link to one (`/dev/stdout`), is never replaced, --force or not."""
     try:
         mode = path.lstat().st_mode
-    except FileNotFoundError:
+        if stat.S_ISLNK(mode):
+            mode = path.stat().st_mode  # what the link names: a link to a device is refused like the device
+    except (FileNotFoundError, RuntimeError):  # nothing there, a dangling link or a loop of links: replaceable
         return
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InvalidValueError(f"{path} is a device, pipe or socket, not a file or folder: it is never replaced",
                                 hint="name a file or folder to write")
 
@@ -254,9 +263,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
 def atomic_file(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; it becomes `path` only if the block succeeds."""
     path = Path(path)
-    check_output(path, force)
-    if path.is_dir():
-        raise OutputExistsError(f"{path} is a folder", hint="name a file path for the output")
+    check_file_output(path, force)
     prefix, parent = _temp_prefix(path)
     fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
     os.close(fd)

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 from diffcli import artifact, quantize
-from diffcli.errors import OutputExistsError
 from diffcli.sources import load_diff, trained_values
 
 log = logging.getLogger(__name__)
@@ -21,9 +20,7 @@ def pack_checkpoint(ckpt_path: str | Path, out: str | Path, values: str | None =
     """
     if values is not None:
         quantize.check_spec(values, block)
-    artifact.check_destination(out, force)
-    if str(out) != "-" and Path(out).is_dir():  # a file is written: refused before the checkpoint is read
-        raise OutputExistsError(f"{out} is a folder", hint="name a file path for the output")
+    artifact.check_destination(out, force)  # a folder too, before the checkpoint is read
     diff = load_diff(ckpt_path, as_trained=False)  # the full-precision δ: the trained format is one choice of many
     trained = trained_values(diff)
     if values is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from diffcli import checkpoint
-from diffcli.diff import Diff, TensorDiff
+from diffcli.diff import Diff, TensorDiff, nonfinite
 from diffcli.errors import FormatError, InvalidValueError, NotFoundError
 from diffcli.outputs import check_output
 
@@ -101,7 +101,7 @@ def project(diff: Diff, sparsity: float, scope: str = "global") -> Projection:
     names = sorted(n for n, t in diff.tensors.items() if t.is_float)  # canonical order for ties
     sparse = {n: diff.tensors[n].sparse() for n in names}
     for name, s in sparse.items():  # zeros in δ are never kept
-        if not bool(torch.isfinite(s.values).all()):  # a NaN threshold would keep nothing (and say nothing)
+        if nonfinite(s.values):  # a NaN threshold would keep nothing (and say nothing)
             raise FormatError(f"δ of {name!r} holds NaN or infinite values", hint="the finetuned model is broken")
         keep = s.values != 0
         if not bool(keep.all()):
@@ -159,7 +159,7 @@ def prune(source: str | Path, sparsity: float, out: str | Path, *, base: str | N
             raise InvalidValueError(f"{source} is not a diff checkpoint; pass --base to extract a diff "
                                     "from a full finetuned model")
         diff = extract_diff(base, str(source), on_tensor=on_tensor)
-    bad = next((k for k, t in diff.extras.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+    bad = diff.nonfinite_extra
     if bad is not None:  # a diverged head: refused here as apply and pack refuse it, not kept for them to find
         raise FormatError(f"extra tensor {bad!r} of {source} has non-finite values (NaN or Inf)")
     result = project(diff, sparsity, scope)

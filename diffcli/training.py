@@ -112,8 +112,10 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if not task_data.eval or not any(task_data.eval.values()):
         raise DataError("training needs evaluation data to pick the best checkpoint",
                         hint="pass --validation-file")
+    identity = None
     if interrupted is not None:
-        check_resume_source(interrupted, task_data.spec.name, model, work, data_identity(task_data))
+        identity = data_identity(task_data)
+        check_resume_source(interrupted, task_data.spec.name, model, work, identity)
 
     if launched_world() > 1 and not _group_joined():  # ours to leave: a caller's own group stays theirs
         atexit.register(_leave_group)
@@ -127,7 +129,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     tm.model.to(dev)
     train_set = kind.encode(task_data.train, tm.tokenizer, task_data.spec, opts.max_seq_length,
                             padding_id(tm.model.config))
-    run = Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end)
+    run = Run(opts, rep, dist, dev, tm, task_data, train_set, work, model, on_epoch_end, identity)
 
     pruner = method.setup(run)  # the run's DiffPruner (every method's); sets run.flat and run.sparse
     run.ddp = wrap_ddp(tm.model, dist, dev)

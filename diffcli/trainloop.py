@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
@@ -159,7 +158,8 @@ class Run:
     """One `train` call's shared state: options, model, data, the record, per-epoch saving, one epoch's loop."""
 
     def __init__(self, opts: TrainOptions, rep: Reporter, dist: Dist, dev, tm: TaskModel, task_data, train_set,
-                 work: Path, model_ref: str, on_epoch_end: Callable[[str, int], None] | None):
+                 work: Path, model_ref: str, on_epoch_end: Callable[[str, int], None] | None,
+                 identity: dict | None = None):
         self.opts, self.rep, self.dist, self.dev, self.tm = opts, rep, dist, dev, tm
         self.task_data, self.spec, self.train_set = task_data, task_data.spec, train_set
         self.work, self.model_ref, self.on_epoch_end = work, model_ref, on_epoch_end
@@ -169,15 +169,18 @@ class Run:
         self.flat = None  # the shared tensors' layout (`FlatParams`, or `trained_diff.Layout`), set by the method
         self.sparse = False  # the fixed phase keeps δ at the k kept entries only (`fixmask.SparseEngine`)
         self.steps_per_epoch = steps_per_epoch(len(train_set), opts.batch_size, dist.world)
+        self._identity = identity  # the data's digest where the caller made it already (a resume's check)
 
     @property
     def history(self) -> list[dict[str, Any]]:
         return self.record["history"]
 
-    @cached_property
+    @property
     def data_identity(self) -> dict:
         """The data this run trains on (`train_state.data_identity`), digested once, not at every save."""
-        return data_identity(self.task_data)
+        if self._identity is None:
+            self._identity = data_identity(self.task_data)
+        return self._identity
 
     def save(self, tensors: dict, state: dict) -> None:
         """The resumable state after an epoch, with every rank's RNG states (rank 0 writes; every rank waits)."""

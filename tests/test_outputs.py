@@ -204,6 +204,31 @@ def test_a_device_pipe_or_socket_is_never_replaced_even_with_force(tmp_path):
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
+def test_a_link_to_a_pipe_is_refused_but_a_link_to_a_file_or_nothing_is_replaced(tmp_path):
+    """`-o /dev/stdout --force` replaced the link /dev/stdout: a link is judged by what it names."""
+    from diffcli.errors import InvalidValueError
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    to_pipe = tmp_path / "to-pipe"
+    to_pipe.symlink_to(fifo)
+    with pytest.raises(InvalidValueError, match="device, pipe or socket"):
+        outputs.check_output(to_pipe, True)
+    with pytest.raises(InvalidValueError, match="device, pipe or socket"):
+        with atomic_dir(to_pipe, force=True) as tmp:
+            (tmp / "a").write_text("1")
+    assert to_pipe.is_symlink() and os.readlink(to_pipe) == str(fifo)
+    (tmp_path / "file").write_text("old")
+    for name, target in (("to-file", tmp_path / "file"), ("dangling", tmp_path / "gone")):
+        link = tmp_path / name
+        link.symlink_to(target)
+        outputs.check_output(link, True)
+        with atomic_dir(link, force=True) as tmp:
+            (tmp / "a").write_text("1")
+        assert not link.is_symlink() and (link / "a").read_text() == "1"
+    assert (tmp_path / "file").read_text() == "old"  # the link was replaced, not what it named
+
+
 def test_written_files_get_the_usual_mode_not_safetensors_owner_only(tmp_path):
     """safetensors' save_file makes 0600 files: a checkpoint's diff.safetensors was unreadable to the group."""
     import torch

@@ -273,10 +273,12 @@ def test_custom_float_labels_are_regression(tmp_path):
 
 def test_files_and_a_glue_folder_together_are_refused(tmp_path):
     train = write(tmp_path / "t.csv", "sentence,label\na,1\n")
-    with pytest.raises(InvalidValueError, match="give one or the other"):
+    with pytest.raises(InvalidValueError, match="and --train-file/--validation-file read your files: give one or"):
         load_task("sst2", data_dir=tmp_path, train_file=train)
-    with pytest.raises(InvalidValueError, match="give one or the other"):
-        load_task(validation_file=train, data_dir=tmp_path, need_train=False)
+    with pytest.raises(InvalidValueError, match="folder and --validation-file reads your files: give one or"):
+        load_task(validation_file=train, data_dir=tmp_path, need_train=False)  # eval, which has no --train-file
+    with pytest.raises(InvalidValueError, match="apply only to --validation-file$"):
+        load_task("rte", label_field="x", need_train=False)
 
 
 def test_custom_explicit_labels_and_eval_only(tmp_path):

@@ -283,12 +283,24 @@ def test_resume_names_other_text_fields_and_takes_a_state_whose_fields_were_misr
 
 
 def test_the_data_is_digested_once_per_run_not_at_every_save(tmp_path, tiny_base, monkeypatch):
-    from diffcli import trainloop
+    """Once per run, a resumed one included: its check before training digests it, and the saves reuse that."""
+    from diffcli import trainloop, training
 
     calls = []
     real = trainloop.data_identity
-    monkeypatch.setattr(trainloop, "data_identity", lambda data: calls.append(1) or real(data))
+    for module in (trainloop, training):
+        monkeypatch.setattr(module, "data_identity", lambda data: calls.append(1) or real(data))
     _run(tmp_path, tiny_base, "out", epochs=2, fixmask_epochs=2)
+    assert len(calls) == 1
+
+    def interrupt(phase, epoch):
+        if (phase, epoch) == ("l0", 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_base, "cut", epochs=2, fixmask_epochs=2, on_epoch_end=interrupt)
+    calls.clear()
+    _run(tmp_path, tiny_base, "cut", epochs=2, fixmask_epochs=2, resume=True)
     assert len(calls) == 1
 
 
