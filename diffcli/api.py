@@ -69,7 +69,7 @@ class DiffPruner:
     trains it too. `total_steps` counts the first phase's steps (its learning-rate decay and schedules).
     """
 
-    def __init__(self, model: "torch.nn.Module", base: str | Path, *, method: str = "l0", total_steps: int = 1,
+    def __init__(self, model: "torch.nn.Module", base: str | Path, *, method: str = "magnitude", total_steps: int = 1,
                  own_head: bool = True, **options: Any):
         from diffcli.taskmodel import attach_base
         from diffcli.weights import resolve_model

@@ -42,7 +42,7 @@ from diffcli.errors import InvalidValueError
 class DiffPruningCallback(TrainerCallback):
     """Drive a `DiffPruner` from `Trainer` hooks; the trained diff is `self.diff` after `train()`."""
 
-    def __init__(self, base: str, *, method: str = "l0", switch: float = 0.5, fisher_batches: int = 32,
+    def __init__(self, base: str, *, method: str = "magnitude", switch: float = 0.5, fisher_batches: int = 32,
                  **options: Any):
         at_start = method in ("fisher", "random")  # they choose their mask before any step
         if not 0 <= switch < 1 or (switch == 0 and not at_start):

@@ -28,7 +28,8 @@ def test_train_json_summary_and_checkpoint(tmp_path, tiny_base, data):
     train, dev = data
     out = tmp_path / "ckpt"
     result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
-                     "--sparsity", "2%", "--no-structured", "--l0-lambda", "1e-6", *FAST, "-o", str(out), "--json")
+                     "--method", "l0", "--sparsity", "2%", "--no-structured", "--l0-lambda", "1e-6", *FAST,
+                     "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     diff = checkpoint.load(out)
@@ -40,10 +41,35 @@ def test_train_json_summary_and_checkpoint(tmp_path, tiny_base, data):
     assert hp["structured"] is False and hp["l0_lambda"] == 1e-6 and hp["sparsity"] == 0.02
 
 
+def test_the_default_method_is_the_magnitude_mask_after_5_dense_epochs(tmp_path, tiny_base, data):
+    """What the equal-compute table made the default (README: Quality at equal compute): 5 dense, 3 fixed epochs."""
+    from diffcli.train_options import TrainOptions
+
+    train, dev = data
+    out = tmp_path / "ckpt"
+    result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                     "--sparsity", "2%", "--batch-size", "8", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "magnitude" and summary["epochs"] == {"dense": 5, "fixmask": 3}
+    assert summary["after_l0"] is None and "L0 epoch" not in result.stderr
+    diff = checkpoint.load(out)
+    assert diff.meta["method"] == "magnitude-mask" and diff.nnz <= round(0.02 * diff.budget_numel)
+    assert (TrainOptions().method, TrainOptions().epochs, TrainOptions().fixmask_epochs) == ("magnitude", 5, 3)
+    import inspect
+
+    from diffcli import DiffPruner, DiffPruningCallback
+    for api in (DiffPruner.__init__, DiffPruningCallback.__init__):  # the library's default is train's
+        assert inspect.signature(api).parameters["method"].default == "magnitude"
+    refused = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                      "--alpha-lr", "0.1", "-o", str(tmp_path / "c"))  # an L0 flag names the default it meets
+    assert refused.exit_code == 2 and "--method magnitude does not take --alpha-lr" in refused.stderr
+
+
 def test_train_human_output_has_epoch_lines(tmp_path, tiny_base, data):
     train, dev = data
     result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
-                     "--sparsity", "0.02", *FAST, "-o", str(tmp_path / "ckpt"))
+                     "--method", "l0", "--sparsity", "0.02", *FAST, "-o", str(tmp_path / "ckpt"))
     assert result.exit_code == 0, result.output
     assert "L0 epoch 1/1" in result.stderr and "fixed-mask epoch 1/1" in result.stderr
     diff = checkpoint.load(tmp_path / "ckpt")
@@ -85,7 +111,7 @@ def test_missing_column_exits_7(tmp_path, tiny_base, data):
 def test_bad_option_value_exits_2(tmp_path, tiny_base, data):
     train, dev = data
     result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
-                     "--gate-l", "0.5", "-o", str(tmp_path / "c"))
+                     "--method", "l0", "--gate-l", "0.5", "-o", str(tmp_path / "c"))
     assert result.exit_code == 2
     assert "l < 0" in result.stderr
 
@@ -128,7 +154,7 @@ def test_leftover_partial_run_needs_resume_or_force(tmp_path, tiny_base, data):
 def test_no_l0_epochs_warns_that_the_budget_is_not_filled(tmp_path, tiny_base, data):
     train, dev = data
     result = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
-                     "--epochs", "0", "--fixmask-epochs", "1", "-o", str(tmp_path / "c"))
+                     "--method", "l0", "--epochs", "0", "--fixmask-epochs", "1", "-o", str(tmp_path / "c"))
     assert result.exit_code == 0, result.output
     assert "fewer than the budget" in result.stderr
     assert checkpoint.load(tmp_path / "c").nnz == 0

@@ -30,7 +30,8 @@ def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_resume")
     train, dev = write_task(root / "data", n_train=64)
     base = make_base(root / "base")
-    args = ["train", "--train-file", str(train), "--validation-file", str(dev), "--model", str(base), "--epochs", "2",
+    args = ["train", "--method", "l0", "--train-file", str(train), "--validation-file", str(dev), "--model", str(base),
+            "--epochs", "2",
             "--fixmask-epochs", "2", "--batch-size", "8", "--sparsity", "2%", "--lr", "1e-3", "--device", "cpu",
             "--json"]
     full = _torchrun([*args, "-o", str(root / "full")])

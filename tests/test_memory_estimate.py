@@ -51,7 +51,7 @@ def test_check_memory_refuses_only_what_does_not_fit(tiny_base, monkeypatch):
     from diffcli.train_options import TrainOptions
 
     tm = _tm(tiny_base)
-    opts = TrainOptions(sparsity=0.02, batch_size=8, max_seq_length=16)
+    opts = TrainOptions(method="l0", sparsity=0.02, batch_size=8, max_seq_length=16)
     need = training.memory_needs(tm, opts, torch.device("cpu"))["l0"]
     monkeypatch.setattr(training, "_rss", lambda: 0)
     for free in (None, need):  # unknown free memory, or exactly enough: no refusal

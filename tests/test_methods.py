@@ -199,8 +199,8 @@ def test_a_run_the_device_cannot_hold_stops_first_naming_the_methods_that_fit(tm
     monkeypatch.setattr(memory_estimate, "available_bytes", lambda device: free)
     monkeypatch.setattr("diffcli.training._rss", lambda: 0)
     out = tmp_path / "ckpt"
-    result = _cli("train", "--train-file", str(train_file), "--validation-file", str(dev_file), "--model",
-                  str(tiny_base), "--sparsity", "2%", "--batch-size", "8", "-o", str(out))
+    result = _cli("train", "--method", "l0", "--train-file", str(train_file), "--validation-file", str(dev_file),
+                  "--model", str(tiny_base), "--sparsity", "2%", "--batch-size", "8", "-o", str(out))
     assert result.exit_code == 2, result.output
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: --method l0 needs about") and "is free" in line

@@ -99,3 +99,52 @@ def test_the_readmes_benchmark_progress_is_the_committed_tables():
     assert held and counted, "the README's quality paragraph no longer says how many runs each table holds"
     assert (int(held[1]), int(held[2])) == (quality["finished"], quality["planned"])
     assert (int(counted[1]), int(counted[2])) == (methods["finished"], methods["planned"])
+
+
+QUALITY_ROWS = {"full finetuning": "full", "LoRA q,v r=8": "lora-qv", "LoRA all-linear (.diff bytes)": "lora-all",
+                "BitFit": "bitfit", "head only": "head", "diffprune 0.5%, L0 mask (`--method l0`)": "dp-l0",
+                "diffprune 0.5%, magnitude mask (the default)": "dp-magnitude",
+                "diffprune 0.5%, random mask": "dp-random", "diffprune 0.5%, Fisher mask": "dp-fisher"}
+TRAINER = {"dp-l0": "l0", "dp-magnitude": "magnitude", "dp-random": "random", "dp-fisher": "fisher"}
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def test_the_readmes_quality_table_and_the_trainers_default_are_the_committed_tables():
+    """Every score and file size the README's quality table quotes is the JSON's, and `train`'s default method is the
+    mask the table's rule chose: when a rerun changes the verdict, this fails until the default follows it."""
+    import json
+    import statistics
+
+    from diffcli.train_options import TrainOptions
+
+    report = json.loads((README.parent / "bench" / "results" / "quality-v2.json").read_text())
+    table, tasks = report["table"], ("rte", "mrpc", "stsb", "cola")
+    rows = {}
+    for line in README.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in QUALITY_ROWS:
+            rows[QUALITY_ROWS[cells[0]]] = cells[1:]
+    assert set(rows) == set(QUALITY_ROWS.values()), "the README's quality table lost a method"
+    for method, cells in rows.items():
+        means = [table[t][method]["mean"] for t in tasks]
+        want = [f"{m:.2f}" for m in means] + [f"{statistics.mean(means):.2f}", _size(table["rte"][method]["bytes"])]
+        assert cells == want, (method, cells, want)
+    chosen = report["default_mask"]["mask"]
+    assert chosen in TRAINER and TrainOptions().method == TRAINER[chosen]
+    assert "mask (the default)" in next(k for k, v in QUALITY_ROWS.items() if v == chosen)
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    mag, l0 = table["cola"]["dp-magnitude"], table["cola"]["dp-l0"]
+    [(_, m_s), *_] = mag["train_seconds_by_machine"]
+    [(_, l_s), *_] = l0["train_seconds_by_machine"]
+    cost = (f"it trained in {m_s / 60:.1f} min at {mag['peak_rss_bytes'] / 1e6:.2f} MB peak RSS against the L0 mask's "
+            f"{l_s / 60:.1f} min and {l0['peak_rss_bytes'] / 1e6:.2f} MB")
+    assert cost in text, cost
+    gpu = (f"it peaked at {table['stsb']['dp-magnitude']['cuda_peak_allocated'] / 1e6:.2f} MB of cuda memory against "
+           f"{table['stsb']['dp-l0']['cuda_peak_allocated'] / 1e6:.2f} MB")
+    assert gpu in text, gpu
+    gaps = report["cheaper_masks_vs_l0"]
+    assert f"the magnitude mask {abs(gaps['dp-magnitude']):.2f} pt behind" in text
+    assert f"{abs(gaps['dp-random']):.2f} pt on the average" in text and f"{abs(gaps['dp-fisher']):.2f} pt behind L0" in text

@@ -20,7 +20,7 @@ FAST = ["--fixmask-epochs", "1", "--batch-size", "2", "--fixmask-lr", "2e-2", "-
         "--max-seq-length", "32"]
 METHOD = {"fisher": ["--method", "fisher", "--fill-samples", "4"], "random": ["--method", "random"],
           "magnitude": ["--method", "magnitude", "--epochs", "1", "--lr", "1e-2"],
-          "l0": ["--epochs", "1", "--lr", "1e-2", "--no-structured"],
+          "l0": ["--method", "l0", "--epochs", "1", "--lr", "1e-2", "--no-structured"],
           "swr": ["--method", "swr", "--epochs", "1", "--lr", "1e-2", "--rank", "2"],
           "basis": ["--method", "basis", "--epochs", "1", "--basis-lr", "1e-2"]}
 CASES = {"token-classification": ("bert", write_tagged, "AutoModelForTokenClassification"),
@@ -225,7 +225,7 @@ def test_trains_pruner_in_a_plain_loop_gives_the_cli_l0_diff(bases, tmp_path):
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(data_seed)).tolist()
         return [ds.collate([ds[i] for i in order[j:j + 2]]) for j in range(0, len(order), 2)]
 
-    opts = TrainOptions(epochs=1, lr=1e-2, structured=False, fixmask_epochs=1, batch_size=2, fixmask_lr=2e-2,
+    opts = TrainOptions(method="l0", epochs=1, lr=1e-2, structured=False, fixmask_epochs=1, batch_size=2, fixmask_lr=2e-2,
                         sparsity=0.2, max_seq_length=32)
     steps = batches(42)  # the L0 epoch's order (seed), then the fixed epoch's (seed + 1)
     pruner = DiffPruner.for_task_model(tm, opts, torch.device("cpu"), len(steps), base_ref=str(bases["gpt2"]),

@@ -27,7 +27,7 @@ def _spec():
 
 
 def _opts(**kw) -> TrainOptions:
-    base = dict(epochs=1, fixmask_epochs=1, batch_size=8, sparsity=0.02, lr=1e-3, fixmask_lr=1e-3, seed=5)
+    base = dict(method="l0", epochs=1, fixmask_epochs=1, batch_size=8, sparsity=0.02, lr=1e-3, fixmask_lr=1e-3, seed=5)
     base.update(kw)
     return TrainOptions(**base)
 

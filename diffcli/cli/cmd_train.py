@@ -27,9 +27,9 @@ def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model: folder, alias or hub id.")] = "minilm",
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Train on the first N examples only.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on the first N examples of each split.")] = None,
-    method: Annotated[str, typer.Option("--method", help="How the mask is chosen: l0 (learned gates, the default), fisher, random, magnitude, swr (a budgeted choice of low-rank/dense updates per tensor), or basis (SVD basis scaling; with --sparsity also a sparse diff); see docs/METHODS.md.", rich_help_panel=_M)] = "l0",
+    method: Annotated[str, typer.Option("--method", help="How the mask is chosen: magnitude (largest |δ| of a dense run, the default), l0 (learned gates), fisher, random, swr (a budgeted choice of low-rank/dense updates per tensor), or basis (SVD basis scaling; with --sparsity also a sparse diff); see docs/METHODS.md.", rich_help_panel=_M)] = "magnitude",
     sparsity: Annotated[str, typer.Option("--sparsity", "-s", help="Fraction of shared entries the diff keeps: 0.5% or 0.005.")] = "0.5%",
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the first phase: l0's gates, magnitude's dense run, swr's gated phase, basis's scales.")] = 3,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the first phase: magnitude's dense run, l0's gates, swr's gated phase, basis's scales.")] = 5,
     fixmask_epochs: Annotated[int, typer.Option("--fixmask-epochs", help="Epochs of finetuning the kept entries after the projection.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training examples per step (per process).")] = 32,
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Examples per evaluation forward pass.")] = 64,
@@ -69,7 +69,7 @@ def train(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Learn a diff: choose a mask (--method: L0 gates by default), finetune its entries; keep the best dev epoch."""
+    """Learn a diff: choose a mask (--method: the magnitude of a dense run by default), finetune its entries; keep the best dev epoch."""
     from diffcli.projection import parse_sparsity
     from diffcli.training import Reporter, TrainOptions, check_method_flags, train as run_train
 
