@@ -207,10 +207,13 @@ def _refuse_special(path: Path) -> None:
     """A device, pipe or socket (`-o /dev/null`), or a link to one (`/dev/stdout`), is never replaced, --force or not."""
     try:
         mode = path.lstat().st_mode
-        if stat.S_ISLNK(mode):
-            mode = path.stat().st_mode  # what the link names: a link to a device is refused like the device
-    except (FileNotFoundError, RuntimeError):  # nothing there, a dangling link or a loop of links: replaceable
+    except FileNotFoundError:
         return
+    if stat.S_ISLNK(mode):
+        try:
+            mode = path.stat().st_mode  # what the link names: a link to a device is refused like the device
+        except OSError:  # a dangling link or a loop of links: replaced like a file
+            return
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InvalidValueError(f"{path} is a device, pipe or socket, not a file or folder: it is never replaced",
                                 hint="name a file or folder to write")

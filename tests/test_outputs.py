@@ -219,9 +219,12 @@ def test_a_link_to_a_pipe_is_refused_but_a_link_to_a_file_or_nothing_is_replaced
             (tmp / "a").write_text("1")
     assert to_pipe.is_symlink() and os.readlink(to_pipe) == str(fifo)
     (tmp_path / "file").write_text("old")
-    for name, target in (("to-file", tmp_path / "file"), ("dangling", tmp_path / "gone")):
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    for name, target in (("to-file", tmp_path / "file"), ("dangling", tmp_path / "gone"), ("loop-a", None)):
         link = tmp_path / name
-        link.symlink_to(target)
+        if target is not None:
+            link.symlink_to(target)
         outputs.check_output(link, True)
         with atomic_dir(link, force=True) as tmp:
             (tmp / "a").write_text("1")
