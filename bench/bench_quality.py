@@ -161,8 +161,8 @@ class Suite:
         return result
 
     def train_command(self, s: dict, ckpt: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "diffcli", "train", "--task", s["task"], "--data-dir", self.data_dir,
-               "--model", s["model"], "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
+        cmd = [sys.executable, "-m", "diffcli", "train", "--method", "l0", "--task", s["task"],  # the L0 table
+               "--data-dir", self.data_dir, "--model", s["model"], "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
                "--max-seq-length", str(s["max_seq_length"]), "--seed", str(s["seed"]), "--sparsity", s["sparsity"],
                "-o", str(ckpt), "--json", "--force"]
         if s["fixmask_epochs"] is not None:

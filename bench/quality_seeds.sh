@@ -2,7 +2,7 @@
 # Several seeds of bench_quality.py at once (made for one GPU; 12 runs at a time), then one report per
 # configuration and seed, then bench/results/quality-gpu.md over the seeds. Usage:
 #   GLUE_DIR=../shared/glue bash bench/quality_seeds.sh [parallel runs, default 12]
-# Configurations: new3 = the trainer's defaults (3 L0 + 3 fixed-mask epochs), new6 = the same with 6 L0
+# Configurations: new3 = the trainer's defaults of the time (--method l0, 3 L0 + 3 fixed-mask epochs), new6 = the same with 6 L0
 # epochs (the gates reach the target in the L0 phase), old3 = the earlier defaults (--lr 5e-4 --alpha-lr 0.1).
 set -u
 cd "$(dirname "$0")/.."

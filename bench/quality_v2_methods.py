@@ -42,7 +42,7 @@ class MethodsProtocol(q.Protocol):
     def split(self, method: str) -> tuple[int, int]:
         """(first-phase epochs, fixed-phase epochs): l0 L0 + fixed, swr gated + fixed, basis scales + fixed;
         basis+double runs two fixed phases of --fixmask-epochs each (scales, then the sparse δ): first + 2·fixed = E,
-        with at least one scale epoch (a --quick E of 2 runs 3 passes: 0 would leave the trainer's default of 3)."""
+        with at least one scale epoch (a --quick E of 2 runs 3 passes: 0 would leave the trainer's default of 5)."""
         first = self.l0_epochs
         if method in DOUBLE:
             fixed = max(1, (self.epochs - first) // 2)

@@ -209,14 +209,15 @@ def _refuse_special(path: Path) -> None:
         mode = path.lstat().st_mode
     except FileNotFoundError:
         return
-    if stat.S_ISLNK(mode):
+    link = stat.S_ISLNK(mode)
+    if link:
         try:
             mode = path.stat().st_mode  # what the link names: a link to a device is refused like the device
         except OSError:  # a dangling link or a loop of links: replaced like a file
             return
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise InvalidValueError(f"{path} is a device, pipe or socket, not a file or folder: it is never replaced",
-                                hint="name a file or folder to write")
+        raise InvalidValueError(f"{path} {'links to' if link else 'is'} a device, pipe or socket, not a file or folder: "
+                                "it is never replaced", hint="name a file or folder to write")
 
 
 def _replace(tmp: Path, path: Path) -> None:

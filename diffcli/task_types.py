@@ -163,11 +163,12 @@ class _FileTaskType(TaskType):
         return importlib.import_module(self.module)
 
     def load(self, task: str | None = None, **kw) -> "TaskData":
+        from diffcli.data_sources import _check_limit, _file_options
+
         for key in ("data_dir", "text_fields", "label_field"):  # GLUE-layout options: refused, not ignored
             if kw.pop(key, None) is not None:
                 raise InvalidValueError(f"--{key.replace('_', '-')} applies only to --task-type {DEFAULT}; "
-                                        f"{self.name} reads --train-file/--validation-file")
-        from diffcli.data_sources import _check_limit
+                                        f"{self.name} reads {_file_options(kw.get('need_train', True))}")
 
         for key in ("max_train_samples", "max_eval_samples"):
             _check_limit(key, kw.get(key))

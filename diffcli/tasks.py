@@ -84,7 +84,7 @@ def task_spec(task: str) -> TaskSpec:
     key = _norm_name(task)
     if key not in GLUE_TASKS:
         raise InvalidValueError(f"unknown task '{task}'; known tasks: {', '.join(GLUE_TASKS)}, or custom",
-                                hint="use --train-file/--validation-file for your own data")
+                                hint="for your own data: --train-file/--validation-file (eval: --validation-file)")
     return GLUE_TASKS[key]
 
 

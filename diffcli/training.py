@@ -1,6 +1,7 @@
 """`diffprune train`: choose a mask with a method of `diffcli.methods`, finetune its entries, write the best diff.
 
-Phases: (1) the method's own (for `l0`, the default: gated training and the exact top-k projection), which
+Phases: (1) the method's own (for `magnitude`, the default: a dense run, then its k largest |δ|; for `l0`: gated
+training and the exact top-k projection), which
 yields exactly k = round(S·N) kept entries and their start values; (2) the shared fixed-mask phase — only the
 kept entries (and the dense new head) are finetuned; the best dev epoch is written. Resumable after every
 epoch; under torchrun every rank trains and rank 0 alone evaluates and writes. The steps, the projection,
@@ -22,6 +23,7 @@ from diffcli.errors import DataError, InvalidValueError, OutputExistsError
 from diffcli.fisher import fisher_diagonal
 from diffcli.fixmask import fixmask_phase
 from diffcli.methods import get_method
+from diffcli.methods.registry import SHARED_OPTIONS
 from diffcli.methods.l0 import DensityController, L0Trainer
 from diffcli.positions import DEFAULT_MAX_SEQ_LENGTH, seq_length_for
 from diffcli.task_types import build_task_model
@@ -95,7 +97,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if interrupted is not None:
         if opts.max_seq_length is None:  # not given: the length the interrupted run resolved (same model, checked)
             opts = replace(opts, max_seq_length=interrupted["options"].get("max_seq_length"))
-        check_resume_options(interrupted["options"], asdict(opts))
+        check_resume_options(interrupted["options"], asdict(opts), {*SHARED_OPTIONS, *method.options})
         check_resume_world(interrupted, launched_world(), work)
     base_dir = resolve_model(model)
     opts = replace(opts, max_seq_length=seq_length_for(load_config(base_dir), opts.max_seq_length, f"model {model}"))
@@ -210,13 +212,15 @@ def method_options(opts: TrainOptions) -> dict[str, Any]:
 
 def check_method_flags(method: str, given: list[str]) -> None:
     """Refuse, before any work, an unknown method or a flag given to a method that does not take it."""
-    from diffcli.methods.registry import SHARED_OPTIONS, foreign_message
+    from diffcli.methods.registry import foreign_message
 
     m = get_method(method)
     foreign = [n for n in given if n in option_names() and n not in SHARED_OPTIONS and n not in m.options]
     if foreign:
+        default = "method" not in given  # the user never named it: say which method they got
         raise InvalidValueError(foreign_message(method, foreign),
-                                hint="drop them, or pick a method that takes them")
+                                hint=(f"--method {method} is the default; " if default else "")
+                                + "drop them, or pick a method that takes them")
 
 
 def memory_needs(tm: TaskModel, opts: TrainOptions, device, checkpoint_every: int | None = None,

@@ -174,7 +174,7 @@ def test_trainer_callback_trains_a_diff_with_the_users_training_arguments(tmp_pa
 
 
 def test_checked_options_refuses_a_foreign_option_even_at_its_default():
-    """`train --method random --epochs 3` is refused; the library let epochs=3 (its default) through."""
+    """`train --method random --epochs 5` is refused; the library let epochs=5 (its default) through."""
     from diffcli.api import checked_options
     from diffcli.train_options import TrainOptions
 

@@ -64,6 +64,10 @@ def test_the_default_method_is_the_magnitude_mask_after_5_dense_epochs(tmp_path,
     refused = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
                       "--alpha-lr", "0.1", "-o", str(tmp_path / "c"))  # an L0 flag names the default it meets
     assert refused.exit_code == 2 and "--method magnitude does not take --alpha-lr" in refused.stderr
+    assert "--method magnitude is the default" in refused.stderr  # said only when --method was not typed
+    named = _invoke("--train-file", str(train), "--validation-file", str(dev), "--model", str(tiny_base),
+                    "--method", "random", "--alpha-lr", "0.1", "-o", str(tmp_path / "c"))
+    assert named.exit_code == 2 and "is the default" not in named.stderr
 
 
 def test_train_human_output_has_epoch_lines(tmp_path, tiny_base, data):

@@ -23,7 +23,7 @@ def test_torchrun_two_processes_write_one_complete_checkpoint(tmp_path, tiny_bas
     exits.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO, "tests", "ddp_exit_probe.py"), str(exits),  # `diffprune` itself, plus an exit record
-           "train", "--train-file", str(train), "--validation-file", str(dev),
+           "train", "--method", "l0", "--train-file", str(train), "--validation-file", str(dev),
            "--model", str(tiny_base), "--epochs", "1", "--fixmask-epochs", "1", "--batch-size", "8",
            "--sparsity", "2%", "--lr", "1e-3", "--device", "cpu", "-o", str(out), "--json", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")

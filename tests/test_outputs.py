@@ -212,7 +212,7 @@ def test_a_link_to_a_pipe_is_refused_but_a_link_to_a_file_or_nothing_is_replaced
     os.mkfifo(fifo)
     to_pipe = tmp_path / "to-pipe"
     to_pipe.symlink_to(fifo)
-    with pytest.raises(InvalidValueError, match="device, pipe or socket"):
+    with pytest.raises(InvalidValueError, match="to-pipe links to a device, pipe or socket"):
         outputs.check_output(to_pipe, True)
     with pytest.raises(InvalidValueError, match="device, pipe or socket"):
         with atomic_dir(to_pipe, force=True) as tmp:

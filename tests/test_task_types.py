@@ -97,8 +97,12 @@ def test_architectures_that_cannot_serve_a_type(bases, tmp_path):
 
 
 def test_glue_options_are_refused_for_file_types(tmp_path):
-    with pytest.raises(InvalidValueError, match="--text-fields applies only to --task-type sequence-classification"):
+    with pytest.raises(InvalidValueError, match="--text-fields applies only to --task-type sequence-classification"
+                                                "; causal-lm reads --train-file/--validation-file$"):
         task_types.get("causal-lm").load("lm", train_file=write_lm(tmp_path / "d.jsonl"), text_fields=["text"])
+    with pytest.raises(InvalidValueError, match="token-classification reads --validation-file$"):  # eval's options
+        task_types.get("token-classification").load("t", validation_file=tmp_path / "d.jsonl", data_dir=tmp_path,
+                                                     need_train=False)
 
 
 @pytest.mark.parametrize("kind_name, base, writer", [("token-classification", "bert", write_tagged),

@@ -1,4 +1,4 @@
-"""`--method l0` (the default): diff pruning's L0 phase (Guo et al. 2021), then the exact top-k projection.
+"""`--method l0`: diff pruning's L0 phase (Guo et al. 2021), then the exact top-k projection.
 
 θ = θ₀ + z⊙z_g⊙w with w, log α trained by separate AdamW optimisers and the penalty weight λ steered by
 `DensityController` so that the expected density of the gates reaches the target; then the deterministic δ
