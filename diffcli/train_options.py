@@ -17,6 +17,22 @@ FIXMASK_STARTS = ("delta", "w")
 # How the budget fill ranks the entries the gates closed: P(z≠0)·|w| from the L0 phase, or the diagonal of the
 # empirical Fisher Σ(dL/dθ)² at the L0 model over --fill-samples training examples (Sung et al. 2021).
 FILLS = ("gates", "fisher")
+# --epochs left unset: a method with a first phase (magnitude's dense run, l0's gates, swr, basis) trains 5 epochs of
+# it, with --fixmask-epochs 3 the 8-epoch split bench/results/quality-v2.md measured; a method without one records
+# 3, the default before that table, so that its checkpoints and their files stay byte for byte what they were.
+FIRST_PHASE_EPOCHS = 5
+UNUSED_EPOCHS = 3
+
+
+def default_epochs(method: str) -> int:
+    """What `epochs` is when not given: FIRST_PHASE_EPOCHS for a method that takes --epochs, else UNUSED_EPOCHS."""
+    from diffcli.methods.registry import CATALOG
+
+    if method not in CATALOG:  # refused by validate(); any number will do until then
+        return FIRST_PHASE_EPOCHS
+    from diffcli.methods import get_method
+
+    return FIRST_PHASE_EPOCHS if "epochs" in get_method(method).options else UNUSED_EPOCHS
 
 
 @dataclass
@@ -29,7 +45,7 @@ class TrainOptions:
 
     method: str = "magnitude"  # what bench/results/quality-v2.md's rule chose (README: Quality at equal compute)
     sparsity: float = 0.005
-    epochs: int = 5  # with fixmask_epochs 3: the 8-epoch split the quality table measured
+    epochs: int | None = None  # None: `default_epochs(method)`, 5 for a method with a first phase
     fixmask_epochs: int = 3
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -61,6 +77,10 @@ class TrainOptions:
     double_prune: bool = False  # basis: add a sparse δ of --sparsity on top of the scales (`train --sparsity`)
     values: str | None = None  # quantization-aware fixed phase: θ = θ₀ + δ as `pack --values` stores it (`qat`)
     activation_checkpointing: int = 0  # recompute every n-th layer's activations in backward (0: off; `activations`)
+
+    def __post_init__(self) -> None:
+        if self.epochs is None:
+            self.epochs = default_epochs(self.method)
 
     def validate(self) -> None:
         for name in ("sparsity", "lr", "alpha_lr", "fixmask_lr", "l0_lambda", "weight_decay", "controller_rate",

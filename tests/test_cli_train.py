@@ -279,3 +279,14 @@ def test_regression_with_a_task_of_its_own_labels_exits_2(tmp_path, tiny_base, d
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_epochs_default_to_5_where_a_method_has_a_first_phase_and_stay_3_in_the_record_elsewhere():
+    """5 is the table's split for the first phase; random and fisher have none, and record the old 3 so that their
+    checkpoints (and the benchmark's cached .diff files) keep the same bytes."""
+    from diffcli.train_options import TrainOptions
+
+    assert [TrainOptions(method=m).epochs for m in ("magnitude", "l0", "swr", "basis")] == [5, 5, 5, 5]
+    assert [TrainOptions(method=m).epochs for m in ("random", "fisher")] == [3, 3]
+    assert TrainOptions(method="random", epochs=0).epochs == 0  # given is kept
+    TrainOptions(method="fisher").validate()  # its recorded 3 is its default, not a foreign option

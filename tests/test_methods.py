@@ -273,8 +273,8 @@ def test_mask_methods_under_torchrun_write_one_complete_checkpoint(tmp_path, tin
 
 
 def test_a_resume_ignores_options_its_method_does_not_take_and_checks_the_rest(tmp_path, tiny_base):
-    """A random-mask run interrupted under an older default (--epochs 3, which it never used) resumes under today's
-    default (5); a changed option it does take is still refused."""
+    """A random-mask run whose record holds other values of options it never uses (another version's defaults)
+    resumes; a changed option it does take is still refused."""
     def interrupt(phase, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
@@ -284,8 +284,8 @@ def test_a_resume_ignores_options_its_method_does_not_take_and_checks_the_rest(t
         _run(tmp_path, tiny_base, "cut", "random", fixmask_epochs=2, on_epoch_end=interrupt)
     state_file = partial_dir(tmp_path / "cut") / "state.json"
     state = json.loads(state_file.read_text())
-    assert state["options"]["epochs"] == TrainOptions().epochs
-    state["options"].update(epochs=3, alpha_lr=0.1)  # options of other methods, at other values
+    assert state["options"]["epochs"] == 3  # a method without a first phase records the pre-table default
+    state["options"].update(epochs=7, alpha_lr=0.1)  # options of other methods, at other values
     state_file.write_text(json.dumps(state))
     with pytest.raises(InvalidValueError, match=r"--fixmask-lr 0.01 \(now 0.02\)"):
         _run(tmp_path, tiny_base, "cut", "random", fixmask_epochs=2, fixmask_lr=2e-2, resume=True)

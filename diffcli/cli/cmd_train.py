@@ -29,7 +29,7 @@ def train(
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on the first N examples of each split.")] = None,
     method: Annotated[str, typer.Option("--method", help="How the mask is chosen: magnitude (largest |δ| of a dense run, the default), l0 (learned gates), fisher, random, swr (a budgeted choice of low-rank/dense updates per tensor), or basis (SVD basis scaling; with --sparsity also a sparse diff); see docs/METHODS.md.", rich_help_panel=_M)] = "magnitude",
     sparsity: Annotated[str, typer.Option("--sparsity", "-s", help="Fraction of shared entries the diff keeps: 0.5% or 0.005.")] = "0.5%",
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the first phase: magnitude's dense run, l0's gates, swr's gated phase, basis's scales.")] = 5,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="First-phase epochs (default 5): magnitude's dense run, l0's gates, swr's gates, basis's scales.", show_default=False)] = None,
     fixmask_epochs: Annotated[int, typer.Option("--fixmask-epochs", help="Epochs of finetuning the kept entries after the projection.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training examples per step (per process).")] = 32,
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Examples per evaluation forward pass.")] = 64,

@@ -45,7 +45,7 @@ class TrainMethod(ABC):
 
     def check(self, opts: "TrainOptions") -> None:
         """Refuse options that this method does not take but that were changed from their default."""
-        defaults = type(opts)()  # TrainOptions, taken from the instance: this package never imports train_options
+        defaults = type(opts)(method=opts.method)  # TrainOptions, from the instance: this package never imports it
         foreign = [f.name for f in fields(opts) if f.name not in SHARED_OPTIONS and f.name not in self.options
                    and getattr(opts, f.name) != getattr(defaults, f.name)]
         if foreign:
