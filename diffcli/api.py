@@ -45,13 +45,13 @@ def checked_options(method: str, options: dict[str, Any]) -> TrainOptions:
     """`TrainOptions` for `method`, refused with one line as `train` refuses its flags (an unknown option, a value
     out of range, an option the method does not take); for basis, giving `sparsity` implies `double_prune`."""
     from diffcli.methods import get_method
-    from diffcli.methods.registry import SHARED_OPTIONS, foreign_message
+    from diffcli.methods.registry import foreign_message
 
     unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__) - {"method"})
     if unknown:
         raise InvalidValueError(f"unknown option {unknown[0]!r}; the options are TrainOptions' fields")
-    taken = get_method(method).options  # every option it does not take is refused, even at its default (as train)
-    foreign = sorted(n for n in options if n not in SHARED_OPTIONS and n not in taken)
+    m = get_method(method)  # every option it does not take is refused, even at its default (as train)
+    foreign = sorted(n for n in options if not m.takes(n))
     if foreign:
         raise InvalidValueError(foreign_message(method, foreign), hint="drop them, or pick a method that takes them")
     if method == "basis" and "sparsity" in options and "double_prune" not in options:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from diffcli.errors import InvalidValueError
 
@@ -206,10 +206,10 @@ def load_state(folder: Path) -> tuple[dict[str, "torch.Tensor"], dict]:
 _RESUME_FREE = {"eval_batch_size", "activation_checkpointing"}  # memory and speed only, not the maths
 
 
-def check_resume_options(saved: dict, now: dict, taken: set[str] | None = None) -> None:
-    """Refuse a resume whose options differ; only the `taken` ones (the shared and the method's) when given: another
-    method's option sits at its default, and a default a later version changed must not block a run that ignores it."""
-    diffs = [k for k in now if k not in _RESUME_FREE and (taken is None or k in taken) and saved.get(k) != now[k]]
+def check_resume_options(saved: dict, now: dict, takes: Callable[[str], bool] | None = None) -> None:
+    """Refuse a resume whose options differ; only those the method `takes` when given: another method's option sits
+    at its default, and a default a later version changed must not block a run that ignores it."""
+    diffs = [k for k in now if k not in _RESUME_FREE and (takes is None or takes(k)) and saved.get(k) != now[k]]
     if diffs:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in diffs[:4])
         raise InvalidValueError(f"the interrupted run used other options: {shown}",

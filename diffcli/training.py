@@ -23,7 +23,6 @@ from diffcli.errors import DataError, InvalidValueError, OutputExistsError
 from diffcli.fisher import fisher_diagonal
 from diffcli.fixmask import fixmask_phase
 from diffcli.methods import get_method
-from diffcli.methods.registry import SHARED_OPTIONS
 from diffcli.methods.l0 import DensityController, L0Trainer
 from diffcli.positions import DEFAULT_MAX_SEQ_LENGTH, seq_length_for
 from diffcli.task_types import build_task_model
@@ -97,7 +96,7 @@ def train(*, task: str | None = None, data_dir: str | None = None, train_file: s
     if interrupted is not None:
         if opts.max_seq_length is None:  # not given: the length the interrupted run resolved (same model, checked)
             opts = replace(opts, max_seq_length=interrupted["options"].get("max_seq_length"))
-        check_resume_options(interrupted["options"], asdict(opts), {*SHARED_OPTIONS, *method.options})
+        check_resume_options(interrupted["options"], asdict(opts), method.takes)
         check_resume_world(interrupted, launched_world(), work)
     base_dir = resolve_model(model)
     opts = replace(opts, max_seq_length=seq_length_for(load_config(base_dir), opts.max_seq_length, f"model {model}"))
@@ -215,7 +214,7 @@ def check_method_flags(method: str, given: list[str]) -> None:
     from diffcli.methods.registry import foreign_message
 
     m = get_method(method)
-    foreign = [n for n in given if n in option_names() and n not in SHARED_OPTIONS and n not in m.options]
+    foreign = [n for n in given if n in option_names() and not m.takes(n)]
     if foreign:
         default = "method" not in given  # the user never named it: say which method they got
         raise InvalidValueError(foreign_message(method, foreign),

@@ -43,10 +43,15 @@ class TrainMethod(ABC):
     own_fixed_phase: ClassVar[bool] = False  # `select` trains the fixed phase itself and `build` makes the diff
     memory: ClassVar[str]               # its peak, as `memory_estimate.estimate` names it: full, l0 or sparse
 
+    @classmethod
+    def takes(cls, name: str) -> bool:
+        """Whether a run of this method reads option `name`: a shared one or one of its own."""
+        return name in SHARED_OPTIONS or name in cls.options
+
     def check(self, opts: "TrainOptions") -> None:
         """Refuse options that this method does not take but that were changed from their default."""
         defaults = type(opts)(method=opts.method)  # TrainOptions, from the instance: this package never imports it
-        foreign = [f.name for f in fields(opts) if f.name not in SHARED_OPTIONS and f.name not in self.options
+        foreign = [f.name for f in fields(opts) if not self.takes(f.name)
                    and getattr(opts, f.name) != getattr(defaults, f.name)]
         if foreign:
             raise InvalidValueError(foreign_message(self.name, foreign))
