@@ -399,6 +399,7 @@ class Suite(RunStore, RunTimes):
         a machine lease ends there; an unfinished run is lost, a cheaper one that fits still runs).
         """
         stop_at = None if hours is None else time.time() + 3600 * hours
+        trained: list[Run] = []
 
         def fits(run: Run, done: list) -> bool:
             expected = self.expected_seconds(run, done) if stop_at is not None else None
@@ -410,8 +411,9 @@ class Suite(RunStore, RunTimes):
                     return
                 done = self.finished_times() if stop_at is not None else []  # read the store once per look
                 ready = [r for r in self.plan() if fits(r, done)]
-                took = any(self.run_one(r) for r in ready)
-                if took:
+                took = next((r for r in ready if self.run_one(r)), None)
+                if took is not None:
+                    trained.append(took)
                     continue
                 if not ready and not self.others_running():
                     return
@@ -423,6 +425,23 @@ class Suite(RunStore, RunTimes):
             time.sleep(0.2)
         for t in threads:
             t.join()
+        print(self.end_note(len(trained)), flush=True)
+
+    def end_note(self, trained: int) -> str:
+        """Why a lane stopped, in one line: so a lane whose filters leave it nothing to run does not end silently."""
+        left = self.plan()
+        waits = sorted({f"{t} {m} waits for {w}" for t in self.p.tasks for m in self.p.methods
+                        if self.available(m) for w in [self.waiting(t, m)] if w})
+        parts = [f"lane ends: {trained} run(s) trained"]
+        if left:
+            parts.append(f"{len(left)} run(s) left that would not finish before the deadline or that other lanes hold")
+        parts += waits
+        if not left and not waits:
+            parts.append("nothing else to run for these --tasks/--methods/--seeds")
+        if waits and self.p.seeds[0] != Protocol().seeds[0]:
+            parts.append(f"lrs are tuned on the first of --seeds ({self.p.seeds[0]}), and what the others wait "
+                         "for is made at that seed")
+        return "; ".join(parts)
 
     def others_running(self) -> bool:
         """Whether a live process holds a run's lock (its result may make more runs ready)."""

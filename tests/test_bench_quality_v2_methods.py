@@ -95,6 +95,28 @@ def test_methods_table_runs_basis_first_then_sizes_every_run_to_its_target(tmp_p
     assert sized[-1] == (kept[0].name, "swr", False, 9000)
 
 
+def test_a_lane_says_why_it_ends_even_with_nothing_to_run(tmp_path, monkeypatch, capsys):
+    """Seeds that skip the tuning seed leave the sized methods waiting for a basis .diff no lane makes: the lane says
+    so in its last line instead of ending silently."""
+    q, mt, _, suite, executed, _ = _methods_suite(tmp_path, monkeypatch)
+    suite.p.methods = ["l0@basis"]
+    suite.p.seeds = [43]
+    suite.lane(wait_s=0)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert executed == [] and last.startswith("lane ends: 0 run(s) trained")
+    assert "rte l0@basis waits for the basis .diff bytes" in last and "first of --seeds (43)" in last
+    suite.p.methods, suite.p.seeds = ["basis"], [42]
+    suite.lane(wait_s=0)
+    assert [m for m, _ in executed] == ["basis"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "lane ends: 1 run(s) trained; nothing else to run for these --tasks/--methods/--seeds")
+    suite.p.methods = list(mt.METHODS)
+    suite.lane(wait_s=0, hours=1e-9)  # nothing fits in the time left
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"lane ends: 0 run(s) trained; {len(mt.METHODS) - 1} run(s) left that would not finish before " \
+        "the deadline or that other lanes hold"
+
+
 def test_a_reference_basis_run_whose_file_is_gone_or_another_runs_is_run_again(tmp_path, monkeypatch):
     """Every sized run is fitted to the reference basis file: an entry without it (a device run that did not bring
     its refs/ back, over an earlier run's kept copy) must not size runs from the wrong file."""
