@@ -193,7 +193,7 @@ def _brief(r: dict | None) -> dict | None:
 
 INTERIM_NOTE = ("*Interim* (the row in italics above, and here): the same means averaged over the tasks whose every "
                 "cell has all its seeds ({tasks}), while the others ({left}) are short of runs. It judges nothing: "
-                "the targets, the averages and the default mask wait for every task. Ablation masks vs the L0 mask "
+                "the targets, the averages and the default mask wait for every task. Cheaper masks vs the L0 mask "
                 "on those tasks: {gaps}.")
 def _by_machine(runs: list[dict], key: str) -> list:
     """[machine_text, mean of key] for each machine that ran some of `runs` (times do not average across machines)."""
@@ -321,7 +321,8 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
     title = "# Quality v2: diffprune 0.5% vs full finetuning, LoRA, BitFit and a linear probe at equal compute"
     L = preamble(p, doc, commands, title,
                  f"What it compares: on {model_name(p)} and GLUE dev, a diffprune {p.sparsity} diff "
-                 "(the L0 mask, and random / magnitude / Fisher masks as ablations) against full finetuning, LoRA r=8 "
+                 "under four masks (L0, the paper's; random, magnitude and Fisher, the cheaper masks the default may go "
+                 "to) against full finetuning, LoRA r=8 "
                  "on query+value, LoRA on every linear layer at the .diff's bytes, BitFit and the head alone, every "
                  f"method with {p.epochs} epochs over the train set, its best dev epoch, and {len(p.grid('full'))} "
                  f"learning rate(s) tuned on seed {p.seeds[0]}.")
@@ -409,7 +410,7 @@ def render(suite: Suite, doc: dict, commands: list[str]) -> str:
           "win at equal bytes. A target is '—' while a cell it needs lacks a seed's run: targets, averages and the "
           "default are judged on means over all seeds only.", ""]
     cm = doc["cheaper_masks_vs_l0"]
-    L += ["Ablation masks vs the L0 mask (task average of the means): " + gaps_text(cm), ""]
+    L += ["Cheaper masks vs the L0 mask (task average of the means): " + gaps_text(cm), ""]
     if part:
         left = ", ".join(t for t in tasks if t not in part["tasks"])
         L += [INTERIM_NOTE.format(tasks=", ".join(part["tasks"]), left=left,
